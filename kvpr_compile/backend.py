@@ -1,0 +1,105 @@
+"""The Dynamo backend ``kvpr``: options -> find sites -> extract slices -> plan -> rewrite -> inner.
+
+Registered through the ``torch_dynamo_backends`` entry point (setup.cfg), so
+``torch.compile(model, backend="kvpr", options={...})`` works without importing this package.
+
+Options:
+- ``ratio``: float in [0, 1], forces the split ratio of every layer (l = floor(ratio * past)).
+  Without it the scheduler picks per-layer ratios from the hardware profile.
+- ``profile``: preset name, JSON path or HardwareProfile for the scheduler (see profiler.py).
+- ``inner``: ``"eager"`` (default: run the rewritten FX graph directly, which keeps the kvpr ops
+  in program order) or ``"inductor"``.
+``mode=`` (e.g. HF's ``"reduce-overhead"``) is accepted; CUDA-graph modes are ignored with a warning.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from . import report as rep
+from .passes.find_sites import find_sites
+from .passes.graph_utils import example_value, param_derived, to_networkx
+from .passes.recompute_slice import Unsupported, extract_slice
+from .passes.rewrite import check_rewritable, rewrite_site
+from .runtime import ops  # noqa: F401  (registers kvpr:: ops before any graph runs)
+
+INNER = ("eager", "inductor")
+_KNOWN = {"ratio", "inner", "profile", "gpu_budget_bytes"}
+
+
+def parse_options(options: dict | None) -> dict:
+    options = dict(options or {})
+    unknown = set(options) - _KNOWN
+    if unknown:
+        raise ValueError(f"kvpr: unknown option(s) {sorted(unknown)}; known: {sorted(_KNOWN)}")
+    ratio = options.get("ratio")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
+            raise ValueError(f"kvpr: options['ratio'] must be a number in [0, 1], got {ratio!r}")
+        options["ratio"] = float(ratio)
+    inner = options.setdefault("inner", "eager")
+    if inner not in INNER:
+        raise ValueError(f"kvpr: options['inner'] must be one of {INNER}, got {inner!r}")
+    return options
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
+    if inner == "inductor":
+        return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+    return gm.forward
+
+
+def _choose_ratios(options, slices, layers_in_graph):
+    if options.get("ratio") is not None:
+        return {layer: options["ratio"] for layer in layers_in_graph}, "options['ratio']", None
+    from .scheduler import choose_ratios  # local: keeps mip out of import time
+    sl = next(iter(slices.values()))
+    k_new = example_value(next(iter(slices)).args[1])
+    x = example_value(sl.x)
+    b, hkv, _, d = k_new.shape
+    ratios, source, plan = choose_ratios(
+        options, num_layers=len(layers_in_graph), batch_size=int(b), hidden_size=int(x.shape[-1]),
+        kv_hidden_size=int(hkv * d), dtype=x.dtype, device=x.device)
+    return dict(zip(sorted(layers_in_graph), ratios)), source, plan
+
+
+def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
+    options = parse_options(kwargs.get("options"))
+    mode = kwargs.get("mode")
+    if mode in ("reduce-overhead", "max-autotune"):
+        rep.warn_once(f"kvpr: mode={mode!r} asks for CUDA graphs, which cannot capture host-to-device "
+                      "streaming of a growing cache; ignored")
+    report = rep.Report(rep.next_graph_index(), options["inner"])
+    graph = gm.graph
+    scan = find_sites(graph)
+    report.skipped.extend(scan.skipped)
+    if not scan.sites:
+        report.notes.append("no attention reads an OffloadedKVCache; graph compiled unchanged")
+        rep.warn_once("kvpr: graph has no attention that reads an OffloadedKVCache "
+                      "(kvpr cache_update); it is compiled unchanged")
+        rep.add_report(report)
+        return _inner_compile(gm, example_inputs, options["inner"])
+
+    params, nxg = param_derived(graph), to_networkx(graph)
+    slices = {}
+    for site in scan.sites:
+        try:
+            check_rewritable(site.cache_node)
+            slices[site.cache_node] = extract_slice(nxg, site.cache_node, params)
+        except Unsupported as err:
+            reason = f"layer {site.layer}: {err}; left as a plain offloaded-cache read"
+            report.skipped.append((site.cache_node.name, reason))
+            rep.warn_once(f"kvpr: {reason}")
+    if slices:
+        layers = [node.args[3] for node in slices]
+        ratios, report.ratio_source, report.plan = _choose_ratios(options, slices, layers)
+        for node, sl in slices.items():
+            layer = node.args[3]
+            effective = rewrite_site(graph, node, sl, ratios[layer])
+            note = "" if sl.single_token else "multi-token graph: stores X, loads the whole past"
+            report.layers.append(rep.LayerEntry(layer, effective, ratios[layer], sl.x.name,
+                                                [s.name for s in sl.token_inputs[1:]], note))
+        graph.lint()
+        gm.recompile()
+    rep.add_report(report)
+    return _inner_compile(gm, example_inputs, options["inner"])

@@ -1,0 +1,83 @@
+"""OffloadedKVCache: the user-facing KV cache whose contents live in CPU memory.
+
+Uncompiled, ``update`` is an ordinary offloaded cache (store the new K,V in CPU memory, return
+the full K,V on the compute device): slow and exactly right, the reference for every test.
+Compiled with ``backend="kvpr"``, the same call site is rewritten into partial recompute plus
+loads; see ``kvpr_compile.passes``.
+
+Storage layout, per layer (``k_cpu[i]``, ``v_cpu[i]``): ``(max_seq_len, batch, num_kv_heads,
+head_dim)``, sequence-major, pinned when ``device`` is CUDA. Positions ``[0, seq_len(i))`` are valid.
+"""
+from __future__ import annotations
+
+import torch
+
+from .runtime import ops  # noqa: F401  (registers the kvpr:: ops)
+from .runtime.store import KVStore
+
+
+class OffloadedKVCache:
+    def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32, device="cpu"):
+        for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
+                            ("max_seq_len", max_seq_len), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"OffloadedKVCache: {name} must be a positive int, got {value!r}")
+        self.num_layers = num_layers
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._store = KVStore(num_layers, batch_size, max_seq_len, num_kv_heads, head_dim,
+                              dtype, self.device)
+        self._lengths = [0] * num_layers
+
+    @property
+    def k_cpu(self) -> list[torch.Tensor]:
+        return self._store.k
+
+    @property
+    def v_cpu(self) -> list[torch.Tensor]:
+        return self._store.v
+
+    @property
+    def handle(self) -> torch.Tensor:
+        return self._store.handle
+
+    def seq_len(self, layer_idx: int = 0) -> int:
+        return self._lengths[layer_idx]
+
+    def reset(self) -> None:
+        self._lengths = [0] * self.num_layers
+        self._store.reset()
+
+    def _check(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not 0 <= layer_idx < self.num_layers:
+            raise IndexError(f"OffloadedKVCache: layer {layer_idx} out of range [0, {self.num_layers})")
+        want = (self.batch_size, self.num_kv_heads, k.shape[2] if k.dim() == 4 else -1, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if t.dim() != 4 or tuple(t.shape) != want:
+                raise ValueError(
+                    f"OffloadedKVCache.update: {name} must be (batch={self.batch_size}, "
+                    f"num_kv_heads={self.num_kv_heads}, n_new, head_dim={self.head_dim}) like k, "
+                    f"got {tuple(t.shape)}")
+            if t.dtype != self.dtype:
+                raise TypeError(f"OffloadedKVCache.update: {name} has dtype {t.dtype}, cache holds {self.dtype}")
+            if t.device.type != self.device.type or (
+                    self.device.index is not None and t.device.index != self.device.index):
+                raise ValueError(f"OffloadedKVCache.update: {name} is on {t.device}, cache computes on {self.device}")
+        pos, n = self._lengths[layer_idx], k.shape[2]
+        if pos + n > self.max_seq_len:
+            raise ValueError(f"OffloadedKVCache: layer {layer_idx} holds {pos} tokens; {n} more exceed "
+                             f"max_seq_len={self.max_seq_len}")
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Append ``k, v`` ``(batch, num_kv_heads, n_new, head_dim)``; return the full K, V."""
+        self._check(layer_idx, k, v)
+        pos = self._lengths[layer_idx]
+        k_all, v_all = torch.ops.kvpr.cache_update(self._store.handle, k, v, layer_idx, pos)
+        self._lengths[layer_idx] = pos + k.shape[2]
+        return k_all, v_all

@@ -1,0 +1,1 @@
+"""FX passes on Dynamo graphs: find attention sites, extract recompute slices, rewrite."""

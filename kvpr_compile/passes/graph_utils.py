@@ -1,0 +1,98 @@
+"""Small facts about nodes of Dynamo's torch-level FX graph, shared by the passes."""
+from __future__ import annotations
+
+import operator
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+LINEAR = {torch._C._nn.linear, F.linear}
+ADDMM = {torch.addmm}
+MATMUL = {torch.matmul, operator.matmul, torch.mm}
+SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
+SOFTMAX = {torch.softmax, F.softmax, torch.nn.functional.softmax}
+
+CACHE_UPDATE = torch.ops.kvpr.cache_update.default
+
+
+def is_call(node: fx.Node, targets=(), methods=()) -> bool:
+    if node.op == "call_function":
+        return node.target in targets or getattr(node.target, "overloadpacket", None) in targets
+    return node.op == "call_method" and node.target in methods
+
+
+def is_cache_update(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (CACHE_UPDATE, torch.ops.kvpr.cache_update)
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return is_call(node, SDPA)
+
+
+def is_softmax(node: fx.Node) -> bool:
+    return is_call(node, SOFTMAX, ("softmax",))
+
+
+def is_matmul(node: fx.Node) -> bool:
+    return is_call(node, MATMUL, ("matmul", "mm"))
+
+
+def example_value(node):
+    """The fake tensor (or SymInt) Dynamo recorded for ``node``; plain values pass through."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def input_nodes(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp, node)
+    return g
+
+
+def _placeholder_is_param(node: fx.Node) -> bool:
+    """Whether a Dynamo placeholder is a module parameter or buffer (not a user input)."""
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None:
+        return False
+    example = getattr(grapharg, "example", None)
+    if isinstance(example, torch.nn.Parameter):
+        return True
+    source = getattr(grapharg, "source", None)
+    guard_source = getattr(source, "guard_source", None)
+    guard_source = guard_source() if callable(guard_source) else guard_source
+    for check in ("is_unspecialized_nn_module", "is_specialized_nn_module"):
+        fn = getattr(guard_source, check, None)
+        if fn is not None and fn():
+            return True
+    name = getattr(source, "name", "")
+    name = name() if callable(name) else name
+    return "._parameters[" in str(name) or "._buffers[" in str(name)
+
+
+def param_derived(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes computed from module parameters/buffers alone (no user input, no factory op such
+    as arange): the same for every token and every step. One pass in graph (topological) order."""
+    out: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            ok = _placeholder_is_param(n)
+        elif n.op == "get_attr":
+            ok = True
+        elif n.op in ("call_function", "call_method"):
+            ins = n.all_input_nodes
+            ok = bool(ins) and all(i in out for i in ins)
+        else:
+            ok = False
+        if ok:
+            out.add(n)
+    return out

@@ -1,0 +1,166 @@
+"""Extract the recompute slice of an attention site: X (the K/V projection input) and the nodes
+that turn X into the new tokens' K and V (projection, bias, head reshapes, fused-QKV split, RoPE
+or any other position-dependent step).
+
+Inputs of the slice other than X are classified as
+- *constants*: computed from parameters/buffers alone (weights, biases, inverse frequencies), or
+  non-tensor shape values; passed to the recompute unchanged;
+- *per-token side inputs*: anything else (RoPE cos/sin, ...); stored per token next to X, exactly
+  as the program computed them, so recomputing K for positions 0..l-1 uses those positions' values.
+
+X is found by walking back from V (which has no positional step in any common architecture) to
+the first projection with a parameter weight; the walk stops there and never crosses into earlier
+layers. The slice itself is everything between X and the cache read's K and V.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .graph_utils import (ADDMM, LINEAR, MATMUL, example_value, is_cache_update, is_call,
+                          is_sdpa, is_softmax)
+
+
+class Unsupported(Exception):
+    """This site cannot be rewritten; the message is the reason shown to the user."""
+
+
+@dataclass
+class RecomputeSlice:
+    x: fx.Node
+    proj: fx.Node
+    token_inputs: list[fx.Node]   # X first, then per-token side inputs
+    tdims: list[int]              # token dim of each in this graph; -1: one record per call
+    consts: list                  # other slice inputs (nodes or values), passed unchanged
+    nodes: list[fx.Node]          # the slice, in graph order
+    single_token: bool            # this graph adds one token per call: recompute runs here
+    module: fx.GraphModule | None = None  # (token records..., consts...) -> (k_new, v_new)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return statically_known_true(a == b)
+    except Exception:  # noqa: BLE001 - mixed symbolic types: not provably equal
+        return False
+
+
+def is_tensor_node(node) -> bool:
+    return isinstance(node, fx.Node) and isinstance(example_value(node), torch.Tensor)
+
+
+def _projection_input(node: fx.Node, params: set):
+    """The activation operand if ``node`` is a projection with a parameter weight."""
+    if is_call(node, LINEAR) and len(node.args) >= 2:
+        act, weight = node.args[0], node.args[1]
+    elif is_call(node, ADDMM) and len(node.args) >= 3:
+        act, weight = node.args[1], node.args[2]
+    elif is_call(node, MATMUL, ("matmul", "mm")) and len(node.args) >= 2:
+        act, weight = node.args[0], node.args[1]
+    else:
+        return None
+    if isinstance(weight, fx.Node) and weight in params and isinstance(act, fx.Node) and act not in params:
+        return act
+    return None
+
+
+def _unflatten_x(act: fx.Node) -> fx.Node:
+    """GPT-2 style projections see X flattened to (b*n, h): use the 3-D tensor behind the view."""
+    val = example_value(act)
+    if val is not None and val.dim() == 2 and (
+            (act.op == "call_method" and act.target in ("view", "reshape"))
+            or is_call(act, {torch.reshape})):
+        src = act.args[0]
+        if is_tensor_node(src) and example_value(src).dim() == 3:
+            return src
+    return act
+
+
+def _find_x(v_new: fx.Node, params: set) -> tuple[fx.Node, fx.Node]:
+    found, stack, seen = {}, [v_new], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        act = _projection_input(node, params)
+        if act is not None:
+            found[_unflatten_x(act)] = node
+            continue
+        if node.op == "placeholder" or is_cache_update(node) or is_sdpa(node) or is_softmax(node):
+            raise Unsupported(f"no K/V projection with a parameter weight found above V "
+                              f"(reached {node.op} {node.name})")
+        stack.extend(i for i in node.all_input_nodes if i not in params and is_tensor_node(i))
+    if len(found) != 1:
+        raise Unsupported(f"V does not come from exactly one projection input (found {len(found)})")
+    (x, proj), = found.items()
+    return x, proj
+
+
+def _side_tdim(node: fx.Node, n) -> int:
+    shape = example_value(node).shape
+    dims = [i for i, s in enumerate(shape) if _same(s, n)]
+    if len(dims) > 1:
+        raise Unsupported(f"side input {node.name} {tuple(shape)} has several dims of the token "
+                          f"count {n}; its token dim is ambiguous")
+    return dims[0] if dims else -1
+
+
+def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> RecomputeSlice:
+    k_new, v_new = cache_node.args[1], cache_node.args[2]
+    if not (is_tensor_node(k_new) and is_tensor_node(v_new)):
+        raise Unsupported("K/V passed to the cache are not graph tensors")
+    kv = example_value(k_new)
+    b, n = kv.shape[0], kv.shape[2]
+    x, proj = _find_x(v_new, params)
+    xv = example_value(x)
+    if xv is None or xv.dim() != 3 or not _same(xv.shape[0], b) or not _same(xv.shape[1], n):
+        raise Unsupported(f"projection input {x.name} is not (batch, tokens, hidden) "
+                          f"(got {None if xv is None else tuple(xv.shape)})")
+    if x not in nx.ancestors(nxg, k_new):
+        raise Unsupported(f"K is not computed from the V projection's input {x.name}")
+    below_x = nx.descendants(nxg, x)
+    wanted = nx.ancestors(nxg, k_new) | nx.ancestors(nxg, v_new) | {k_new, v_new}
+    members = below_x & wanted
+    nodes = [nd for nd in x.graph.nodes if nd in members]
+    for nd in nodes:
+        bad = nd.op not in ("call_function", "call_method") or is_cache_update(nd) or is_sdpa(nd) \
+            or (nd.op == "call_method" and nd.target.endswith("_") and not nd.target.startswith("_")) \
+            or str(getattr(nd.target, "namespace", "")) == "kvpr"
+        if bad:
+            raise Unsupported(f"recompute slice contains {nd.op} {nd.target} ({nd.name})")
+
+    sides, consts = [], []
+    for nd in nodes:
+        for inp in nd.all_input_nodes:
+            if inp in members or inp is x or inp in sides or inp in consts:
+                continue
+            if not is_tensor_node(inp) and not isinstance(example_value(inp), (int, torch.SymInt)):
+                raise Unsupported(f"recompute slice reads {inp.name}, neither a tensor nor an int")
+            (consts if inp in params or not is_tensor_node(inp) else sides).append(inp)
+    order = {nd: i for i, nd in enumerate(x.graph.nodes)}
+    sides.sort(key=order.__getitem__)
+    single = isinstance(n, int) and n == 1
+    tdims = [-1 if single else 1] + [-1 if single else _side_tdim(s, n) for s in sides]
+    sl = RecomputeSlice(x, proj, [x, *sides], tdims, consts, nodes, single)
+    if single:
+        sl.module = _build_module(sl, k_new, v_new)
+    return sl
+
+
+def _build_module(sl: RecomputeSlice, k_new: fx.Node, v_new: fx.Node) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, t in enumerate(sl.token_inputs):
+        env[t] = g.placeholder(f"token_input_{i}")
+    for i, c in enumerate(sl.consts):
+        env[c] = g.placeholder(f"const_{i}")
+    for nd in sl.nodes:
+        env[nd] = g.node_copy(nd, lambda a: env[a])
+    g.output((env[k_new], env[v_new]))
+    return fx.GraphModule(torch.nn.Module(), g, class_name="KVRecomputeSlice")

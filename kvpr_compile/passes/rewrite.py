@@ -1,0 +1,80 @@
+"""Rewrite one cache read into split load + recompute.
+
+Before:  k_all, v_all = kvpr.cache_update(handle, k_new, v_new, layer, past)
+After:   l            = floor(ratio * past)                       (SymInt arithmetic)
+         x, sides     = kvpr.load_tokens(handle, layer, l, ...)   (X[:l] and side inputs[:l])
+         k_ld, v_ld   = kvpr.load_kv(handle, layer, l, past)      (K,V[l:past])
+         kvpr.wait([...])
+         k_rc, v_rc   = kvpr.recompute(slice, x, sides, consts...)  (K,V[:l], vmapped slice)
+         kvpr.store_tokens(handle, layer, past, k_new, v_new, [X, sides], tdims)
+         k_all, v_all = kvpr.assemble(handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new)
+
+Graphs that add several tokens per call (prefill) store X and load the whole past (l = 0).
+Every inserted node carries ``meta["custom"] = {"kvpr_ratio": r, "kvpr_layer": i, "kvpr_role": ...}``.
+"""
+from __future__ import annotations
+
+import operator
+from fractions import Fraction
+
+import torch
+from torch import fx
+
+from ..runtime.recompute import Recompute, empty_past, split_len
+from .recompute_slice import RecomputeSlice, Unsupported, is_tensor_node
+
+ops = torch.ops.kvpr
+
+
+def check_rewritable(cache_node: fx.Node) -> None:
+    for user in cache_node.users:
+        if not (user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1)):
+            raise Unsupported(f"cache read result used by {user.op} {user.target} ({user.name}); "
+                              "expected tuple unpacking")
+
+
+def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio: float) -> float:
+    """Rewrite in place; returns the ratio that applies in this graph (0 for multi-token graphs)."""
+    check_rewritable(cache_node)
+    handle, k_new, v_new, layer, past = cache_node.args
+    frac = Fraction(ratio).limit_denominator(1000)
+    recompute = sl.single_token and frac > 0
+    effective = float(frac) if recompute else 0.0
+
+    def call(target, args, role):
+        node = graph.call_function(target, args)
+        node.meta["custom"] = {"kvpr_ratio": effective, "kvpr_layer": layer, "kvpr_role": role}
+        return node
+
+    def items(node, count, role):
+        return [call(operator.getitem, (node, i), role) for i in range(count)]
+
+    with graph.inserting_before(cache_node):
+        if recompute:
+            l = split_len(past, frac.numerator, frac.denominator) if isinstance(past, int) else \
+                call(split_len, (past, frac.numerator, frac.denominator), "split")
+            tokens = items(call(ops.load_tokens.default, (handle, layer, l, list(sl.token_inputs)),
+                                "load_tokens"), len(sl.token_inputs), "load_tokens")
+        else:
+            l, tokens = 0, []
+        k_ld, v_ld = items(call(ops.load_kv.default, (handle, layer, l, past, k_new), "load_kv"),
+                           2, "load_kv")
+        call(ops.wait.default, ([*tokens, k_ld, v_ld],), "wait")
+        if recompute:
+            is_tensor = [is_tensor_node(c) for c in sl.consts]
+            fn = Recompute(sl.module, len(sl.token_inputs), is_tensor)
+            args = (fn.id, k_new, v_new, tokens, [c for c, t in zip(sl.consts, is_tensor) if t],
+                    [c for c, t in zip(sl.consts, is_tensor) if not t])
+            k_rc, v_rc = items(call(ops.recompute.default, args, "recompute"), 2, "recompute")
+        else:
+            k_rc, v_rc = call(empty_past, (k_new,), "recompute"), call(empty_past, (v_new,), "recompute")
+        call(ops.store_tokens.default,
+             (handle, layer, past, k_new, v_new, list(sl.token_inputs), list(sl.tdims)), "store")
+        k_all, v_all = items(call(ops.assemble.default,
+                                  (handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new), "assemble"),
+                             2, "assemble")
+    for user in list(cache_node.users):
+        user.replace_all_uses_with(k_all if user.args[1] == 0 else v_all)
+        graph.erase_node(user)
+    graph.erase_node(cache_node)
+    return effective

@@ -1,0 +1,1 @@
+"""Runtime of compiled graphs: the CPU store, the kvpr:: custom ops, the recompute runner."""

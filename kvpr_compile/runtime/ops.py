@@ -1,0 +1,120 @@
+"""The ``kvpr::`` custom ops: the only places where compiled graphs touch the CPU store.
+
+Op boundaries (the CUDA runtime fills in the same ones with streams and events):
+
+- ``cache_update``: the uncompiled contract; store new K,V, return the full K,V on the device.
+- ``load_kv``: K,V for positions ``[start, end)`` (the streamed part).
+- ``load_tokens``: per-token recompute inputs (X and side inputs) for positions ``[0, end)``.
+- ``wait``: the loaded tensors are ready for use (declared as mutating them so that nothing
+  reorders a read before it, under functionalization too).
+- ``recompute``: K,V[:l] from the loaded records through a registered slice (opaque to inductor).
+- ``store_tokens``: append new tokens' K, V and recompute inputs.
+- ``assemble``: recomputed ``[0, l)`` ++ loaded ``[l, past)`` ++ new tokens, with a fallback to
+  stored K,V where the recompute inputs were never stored (cache filled by uncompiled code).
+
+Every op takes the cache's handle tensor; ops with side effects declare it mutated.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .recompute import get_slice
+from .store import lookup
+
+
+def _records(t: Tensor, tdim: int, n: int) -> Tensor:
+    """Per-token records ``(n, *record_shape)`` of a recompute input with token dim ``tdim``."""
+    if tdim < 0:  # no token dimension: the same record for every token
+        return t.unsqueeze(0).expand(n, *t.shape)
+    return t.movedim(tdim, 0).unsqueeze(tdim + 1)
+
+
+@torch.library.custom_op("kvpr::cache_update", mutates_args=("handle",))
+def cache_update(handle: Tensor, k: Tensor, v: Tensor, layer: int, pos: int) -> tuple[Tensor, Tensor]:
+    store = lookup(handle)
+    n = k.shape[2]
+    store.write_kv(layer, pos, k, v)
+    store.invalidate_tokens(layer, pos)
+    handle[1] += 1
+    k_all, v_all = store.read_kv(layer, 0, pos + n, k.device)
+    return k_all.contiguous(), v_all.contiguous()
+
+
+@cache_update.register_fake
+def _(handle, k, v, layer, pos):
+    b, h, n, d = k.shape
+    return k.new_empty(b, h, pos + n, d), v.new_empty(b, h, pos + n, d)
+
+
+@torch.library.custom_op("kvpr::load_kv", mutates_args=())
+def load_kv(handle: Tensor, layer: int, start: int, end: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    k, v = lookup(handle).read_kv(layer, start, end, like.device)
+    return k.contiguous(), v.contiguous()
+
+
+@load_kv.register_fake
+def _(handle, layer, start, end, like):
+    b, h, _, d = like.shape
+    return like.new_empty(b, h, end - start, d), like.new_empty(b, h, end - start, d)
+
+
+@torch.library.custom_op("kvpr::load_tokens", mutates_args=())
+def load_tokens(handle: Tensor, layer: int, end: int, likes: list[Tensor]) -> list[Tensor]:
+    device = likes[0].device
+    return [t.clone() if t.device == torch.device("cpu") else t
+            for t in lookup(handle).read_tokens(layer, end, likes, device)]
+
+
+@load_tokens.register_fake
+def _(handle, layer, end, likes):
+    return [like.new_empty(end, *like.shape) for like in likes]
+
+
+@torch.library.custom_op("kvpr::wait", mutates_args=("tensors",))
+def wait(tensors: list[Tensor]) -> None:
+    """Synchronous loads (CPU) are ready as soon as they return."""
+
+
+@torch.library.custom_op("kvpr::store_tokens", mutates_args=("handle",))
+def store_tokens(handle: Tensor, layer: int, pos: int, k: Tensor, v: Tensor,
+                 inputs: list[Tensor], tdims: list[int]) -> None:
+    store = lookup(handle)
+    n = k.shape[2]
+    store.write_kv(layer, pos, k, v)
+    store.write_tokens(layer, pos, [_records(t, d, n) for t, d in zip(inputs, tdims)])
+    handle[1] += 1
+
+
+@torch.library.custom_op("kvpr::assemble", mutates_args=())
+def assemble(handle: Tensor, layer: int, k_rec: Tensor, v_rec: Tensor, k_load: Tensor,
+             v_load: Tensor, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+    l = k_rec.shape[2]
+    store = lookup(handle)
+    covered = store.token_len[layer]
+    if covered < l:  # no stored X for [covered, l): use the stored K,V there instead
+        k_fix, v_fix = store.read_kv(layer, covered, l, k_new.device)
+        k_rec = torch.cat([k_rec[:, :, :covered], k_fix], dim=2)
+        v_rec = torch.cat([v_rec[:, :, :covered], v_fix], dim=2)
+    return torch.cat([k_rec, k_load, k_new], dim=2), torch.cat([v_rec, v_load, v_new], dim=2)
+
+
+@assemble.register_fake
+def _(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new):
+    b, h, _, d = k_new.shape
+    s = k_rec.shape[2] + k_load.shape[2] + k_new.shape[2]
+    return k_new.new_empty(b, h, s, d), v_new.new_empty(b, h, s, d)
+
+
+@torch.library.custom_op("kvpr::recompute", mutates_args=())
+def recompute(slice_id: int, k_like: Tensor, v_like: Tensor, tokens: list[Tensor],
+              tensor_consts: list[Tensor], int_consts: list[int]) -> tuple[Tensor, Tensor]:
+    k, v = get_slice(slice_id)(tokens, tensor_consts, int_consts)
+    return k.contiguous(), v.contiguous()
+
+
+@recompute.register_fake
+def _(slice_id, k_like, v_like, tokens, tensor_consts, int_consts):
+    b, h, _, d = k_like.shape
+    l = tokens[0].shape[0]
+    return k_like.new_empty(b, h, l, d), v_like.new_empty(b, h, l, d)
