@@ -38,7 +38,7 @@ class RecomputeSlice:
     consts: list                  # other slice inputs (nodes or values), passed unchanged
     nodes: list[fx.Node]          # the slice, in graph order
     single_token: bool            # this graph adds one token per call: recompute runs here
-    module: fx.GraphModule | None = None  # (token records..., consts...) -> (k_new, v_new)
+    module: fx.GraphModule | None = None  # (records[l, ...]..., consts...) -> K,V (b, hkv, l, d)
 
 
 def _same(a, b) -> bool:
@@ -52,6 +52,13 @@ def _same(a, b) -> bool:
 
 def is_tensor_node(node) -> bool:
     return isinstance(node, fx.Node) and isinstance(example_value(node), torch.Tensor)
+
+
+def _carries_tensor(node) -> bool:
+    """A tensor, or a tuple of tensors such as the result of split()."""
+    val = example_value(node) if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) or (
+        isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val))
 
 
 def _projection_input(node: fx.Node, params: set):
@@ -95,7 +102,7 @@ def _find_x(v_new: fx.Node, params: set) -> tuple[fx.Node, fx.Node]:
         if node.op == "placeholder" or is_cache_update(node) or is_sdpa(node) or is_softmax(node):
             raise Unsupported(f"no K/V projection with a parameter weight found above V "
                               f"(reached {node.op} {node.name})")
-        stack.extend(i for i in node.all_input_nodes if i not in params and is_tensor_node(i))
+        stack.extend(i for i in node.all_input_nodes if i not in params and _carries_tensor(i))
     if len(found) != 1:
         raise Unsupported(f"V does not come from exactly one projection input (found {len(found)})")
     (x, proj), = found.items()
@@ -140,7 +147,7 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
         for inp in nd.all_input_nodes:
             if inp in members or inp is x or inp in sides or inp in consts:
                 continue
-            if not is_tensor_node(inp) and not isinstance(example_value(inp), (int, torch.SymInt)):
+            if not _carries_tensor(inp) and not isinstance(example_value(inp), (int, torch.SymInt)):
                 raise Unsupported(f"recompute slice reads {inp.name}, neither a tensor nor an int")
             (consts if inp in params or not is_tensor_node(inp) else sides).append(inp)
     order = {nd: i for i, nd in enumerate(x.graph.nodes)}
@@ -149,7 +156,8 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
     tdims = [-1 if single else 1] + [-1 if single else _side_tdim(s, n) for s in sides]
     sl = RecomputeSlice(x, proj, [x, *sides], tdims, consts, nodes, single)
     if single:
-        sl.module = _build_module(sl, k_new, v_new)
+        from .batch_tokens import batch_over_tokens
+        sl.module = batch_over_tokens(_build_module(sl, k_new, v_new), len(sl.token_inputs))
     return sl
 
 

@@ -5,7 +5,7 @@ After:   l            = floor(ratio * past)                       (SymInt arithm
          x, sides     = kvpr.load_tokens(handle, layer, l, ...)   (X[:l] and side inputs[:l])
          k_ld, v_ld   = kvpr.load_kv(handle, layer, l, past)      (K,V[l:past])
          kvpr.wait([...])
-         k_rc, v_rc   = kvpr.recompute(slice, x, sides, consts...)  (K,V[:l], vmapped slice)
+         k_rc, v_rc   = <slice batched over l tokens>(x, sides, consts) (K,V[:l], inlined)
          kvpr.store_tokens(handle, layer, past, k_new, v_new, [X, sides], tdims)
          k_all, v_all = kvpr.assemble(handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new)
 
@@ -20,8 +20,8 @@ from fractions import Fraction
 import torch
 from torch import fx
 
-from ..runtime.recompute import Recompute, empty_past, split_len
-from .recompute_slice import RecomputeSlice, Unsupported, is_tensor_node
+from ..runtime.recompute import empty_past, split_len
+from .recompute_slice import RecomputeSlice, Unsupported
 
 ops = torch.ops.kvpr
 
@@ -31,6 +31,17 @@ def check_rewritable(cache_node: fx.Node) -> None:
         if not (user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1)):
             raise Unsupported(f"cache read result used by {user.op} {user.target} ({user.name}); "
                               "expected tuple unpacking")
+
+
+def _inline(graph: fx.Graph, module: fx.GraphModule, inputs: list, ratio: float, layer: int):
+    """Copy the batched recompute graph in at the insertion point; returns its (K, V) outputs."""
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    val_map: dict = dict(zip(placeholders, inputs))
+    out = graph.graph_copy(module.graph, val_map)
+    for old, new in val_map.items():
+        if old.op != "placeholder" and isinstance(new, fx.Node):
+            new.meta["custom"] = {"kvpr_ratio": ratio, "kvpr_layer": layer, "kvpr_role": "recompute"}
+    return out
 
 
 def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio: float) -> float:
@@ -61,11 +72,7 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
                            2, "load_kv")
         call(ops.wait.default, ([*tokens, k_ld, v_ld],), "wait")
         if recompute:
-            is_tensor = [is_tensor_node(c) for c in sl.consts]
-            fn = Recompute(sl.module, len(sl.token_inputs), is_tensor)
-            args = (fn.id, k_new, v_new, tokens, [c for c, t in zip(sl.consts, is_tensor) if t],
-                    [c for c, t in zip(sl.consts, is_tensor) if not t])
-            k_rc, v_rc = items(call(ops.recompute.default, args, "recompute"), 2, "recompute")
+            k_rc, v_rc = _inline(graph, sl.module, [*tokens, *sl.consts], effective, layer)
         else:
             k_rc, v_rc = call(empty_past, (k_new,), "recompute"), call(empty_past, (v_new,), "recompute")
         call(ops.store_tokens.default,

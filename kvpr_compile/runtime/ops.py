@@ -7,7 +7,6 @@ Op boundaries (the CUDA runtime fills in the same ones with streams and events):
 - ``load_tokens``: per-token recompute inputs (X and side inputs) for positions ``[0, end)``.
 - ``wait``: the loaded tensors are ready for use (declared as mutating them so that nothing
   reorders a read before it, under functionalization too).
-- ``recompute``: K,V[:l] from the loaded records through a registered slice (opaque to inductor).
 - ``store_tokens``: append new tokens' K, V and recompute inputs.
 - ``assemble``: recomputed ``[0, l)`` ++ loaded ``[l, past)`` ++ new tokens, with a fallback to
   stored K,V where the recompute inputs were never stored (cache filled by uncompiled code).
@@ -19,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .recompute import get_slice
 from .store import lookup
 
 
@@ -105,16 +103,3 @@ def _(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new):
     s = k_rec.shape[2] + k_load.shape[2] + k_new.shape[2]
     return k_new.new_empty(b, h, s, d), v_new.new_empty(b, h, s, d)
 
-
-@torch.library.custom_op("kvpr::recompute", mutates_args=())
-def recompute(slice_id: int, k_like: Tensor, v_like: Tensor, tokens: list[Tensor],
-              tensor_consts: list[Tensor], int_consts: list[int]) -> tuple[Tensor, Tensor]:
-    k, v = get_slice(slice_id)(tokens, tensor_consts, int_consts)
-    return k.contiguous(), v.contiguous()
-
-
-@recompute.register_fake
-def _(slice_id, k_like, v_like, tokens, tensor_consts, int_consts):
-    b, h, _, d = k_like.shape
-    l = tokens[0].shape[0]
-    return k_like.new_empty(b, h, l, d), v_like.new_empty(b, h, l, d)

@@ -1,0 +1,86 @@
+"""KVPRCache: a transformers ``Cache`` over an OffloadedKVCache, for ``model.generate()``.
+
+Usage (compile the model's forward, not the module: a compiled ``OptimizedModule``'s
+``.generate`` calls the original, uncompiled forward)::
+
+    from kvpr_compile.hf import KVPRCache
+    cache = KVPRCache(model.config, batch_size=b, max_seq_len=prompt + new, dtype=model.dtype,
+                      device=model.device)
+    model.forward = torch.compile(model.forward, backend="kvpr")
+    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=new)   # or cache=cache
+
+Every attention layer's ``cache.update(k, v, layer_idx)`` becomes ``OffloadedKVCache.update``, the
+call the kvpr backend recognises and rewrites. Uncompiled, it is a plain CPU-offloaded cache.
+Beam search (reorder) and cropping are not supported: they raise instead of corrupting the cache.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .cache import OffloadedKVCache
+
+
+class KVPRLayer(CacheLayerMixin):
+    is_compileable = False   # generate() must not auto-compile it; the user compiles with kvpr
+    is_sliding = False
+
+    def __init__(self, store: OffloadedKVCache, layer_idx: int):
+        super().__init__()
+        self.store = store
+        self.layer_idx = layer_idx
+        self.device = store.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.store.update(self.layer_idx, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.store.seq_len(self.layer_idx) + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.store.seq_len(self.layer_idx)
+
+    def get_max_length(self) -> int:
+        return self.store.max_seq_len
+
+    def reset(self) -> None:
+        self.store.reset()
+
+    def offload(self):
+        pass  # always offloaded
+
+    def prefetch(self):
+        pass  # the kvpr runtime loads what each layer needs
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("KVPRCache does not support beam search reordering")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("KVPRCache does not support cropping")
+
+
+def _dims(config):
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim, cfg
+
+
+class KVPRCache(Cache):
+    def __init__(self, config, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                 device=None):
+        num_layers, kv_heads, head_dim, cfg = _dims(config)
+        if dtype is None:
+            dtype = getattr(cfg, "dtype", None) or torch.float32
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.offloaded = OffloadedKVCache(num_layers, batch_size, max_seq_len, kv_heads, head_dim,
+                                          dtype=dtype, device=device or "cpu")
+        super().__init__(layers=[KVPRLayer(self.offloaded, i) for i in range(num_layers)])
+
+    def reset(self):
+        self.offloaded.reset()

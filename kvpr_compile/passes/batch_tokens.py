@@ -1,0 +1,233 @@
+"""Batch a single-token recompute slice over past tokens by adding a leading token axis.
+
+The slice captured from a decode graph maps one token's records (X as ``(b, 1, h)``, side inputs
+as the program computed them) to that token's ``(b, hkv, 1, d)`` K and V, with every shape baked
+in for one token. Re-emitting each op with a leading axis of size l (the number of tokens to
+recompute) gives one batched computation: the projection becomes a single GEMM over l·b rows and
+RoPE a broadcast over the stored cos/sin. This is what ``vmap`` does, written as a graph transform
+over a known op set so that the result is plain FX that inductor traces with a symbolic l (vmap's
+own batching rules add guards on l, which would recompile every decode step). An op without a
+rule raises Unsupported, and the site is left as a plain cache read.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .graph_utils import ADDMM, LINEAR, MATMUL, example_value
+from .recompute_slice import Unsupported
+
+_UNARY_METHODS = {"contiguous", "float", "half", "bfloat16", "double", "to", "type", "type_as",
+                  "neg", "exp", "sigmoid", "tanh", "relu", "sqrt", "rsqrt", "abs", "clone",
+                  "detach", "reciprocal", "sin", "cos", "square"}
+_UNARY_FUNCTIONS = {torch.neg, operator.neg, F.silu, F.gelu, F.relu, torch.sigmoid, torch.tanh,
+                    torch.rsqrt, torch.sqrt, torch.exp, torch.clone, torch.abs, torch.square,
+                    torch.view_as_real, torch.view_as_complex, torch.reciprocal}
+_TRAILING_FUNCTIONS = {F.rms_norm, F.layer_norm}  # act on trailing dims only
+_BINARY_METHODS = {"add", "sub", "mul", "div", "pow", "maximum", "minimum", "__add__", "__mul__",
+                   "__sub__", "__truediv__", "__radd__", "__rmul__"}
+_BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
+                     torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.maximum,
+                     torch.minimum, torch.where}
+_DIM_REDUCTIONS = {"sum", "mean", "amax", "amin", "var", "norm", "softmax", "cumsum"}
+
+
+def _rank(node: fx.Node) -> int:
+    val = example_value(node)
+    if not isinstance(val, torch.Tensor):
+        raise Unsupported(f"{node.name}: no tensor metadata")
+    return val.dim()
+
+
+def _shift(dim: int) -> int:
+    return dim + 1 if dim >= 0 else dim
+
+
+class _Batcher:
+    def __init__(self, module: fx.GraphModule, num_token_inputs: int):
+        self.src = module
+        self.g = fx.Graph()
+        self.env: dict[fx.Node, object] = {}
+        self.batched: dict[fx.Node, bool] = {}
+        self.num_token_inputs = num_token_inputs
+        self.L = None
+
+    def _emit(self, kind, target, args, kwargs=None):
+        return self.g.create_node(kind, target, tuple(args), dict(kwargs or {}))
+
+    def _m(self, a):
+        return fx.node.map_arg(a, lambda n: self.env[n])
+
+    def _is_b(self, a) -> bool:
+        return isinstance(a, fx.Node) and self.batched.get(a, False)
+
+    def _align(self, new, old, rank: int):
+        """Give a tensor operand the leading token axis at logical rank ``rank``."""
+        if not self._is_b(old) or not isinstance(example_value(old), torch.Tensor):
+            return new  # scalars and shared tensors broadcast right-aligned, below the token axis
+        r = _rank(old)
+        if r < rank:  # lift to the output rank so its token axis lines up with the others'
+            return self._emit("call_method", "reshape",
+                              (new, self.L, *([1] * (rank - r)), *self._emit_shape(new, r)))
+        return new
+
+    def _emit_shape(self, new, r):
+        return [self._emit("call_method", "size", (new, i + 1)) for i in range(r)]
+
+    def run(self):
+        src_nodes = list(self.src.graph.nodes)
+        placeholders = [n for n in src_nodes if n.op == "placeholder"]
+        for i, ph in enumerate(placeholders):
+            self.env[ph] = self.g.placeholder(ph.name)
+            self.batched[ph] = i < self.num_token_inputs
+        self.L = self._emit("call_method", "size", (self.env[placeholders[0]], 0))
+        for nd in src_nodes:
+            if nd.op == "placeholder":
+                continue
+            if nd.op == "output":
+                k, v = nd.args[0]
+                outs = []
+                for t in (k, v):
+                    if not self._is_b(t):
+                        raise Unsupported("recomputed K/V do not depend on the stored X")
+                    moved = self._emit("call_method", "movedim", (self.env[t], 0, 2))
+                    outs.append(self._emit("call_method", "squeeze", (moved, 3)))
+                self.g.output(tuple(outs))
+                continue
+            if not any(self._is_b(a) for a in nd.all_input_nodes):
+                self.env[nd] = self.g.node_copy(nd, lambda a: self.env[a])
+                self.batched[nd] = False
+                continue
+            self.env[nd] = self._rule(nd)
+            self.batched[nd] = not self._is_size(nd)
+        gm = fx.GraphModule(self.src, self.g, class_name="KVRecomputeBatched")
+        return gm
+
+    @staticmethod
+    def _is_size(nd) -> bool:
+        return (nd.op == "call_method" and nd.target in ("size", "dim")) or (
+            nd.op == "call_function" and nd.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size))
+
+    def _rule(self, nd: fx.Node):
+        t, args, kwargs = nd.target, list(nd.args), dict(nd.kwargs)
+        m = self._m
+        method = nd.op == "call_method"
+        x = args[0] if args else None
+
+        if self._is_size(nd):
+            if method and t == "dim":
+                return _rank(x)
+            if len(args) > 1 or "dim" in kwargs:
+                d = args[1] if len(args) > 1 else kwargs["dim"]
+                return self._emit("call_method", "size", (m(x), _shift(d)))
+            full = self._emit("call_method", "size", (m(x),))
+            return self._emit("call_function", operator.getitem, (full, slice(1, None)))
+
+        if (method and t in _UNARY_METHODS) or (not method and t in _UNARY_FUNCTIONS | _TRAILING_FUNCTIONS):
+            if t in _TRAILING_FUNCTIONS and any(self._is_b(a) for a in nd.all_input_nodes if a is not x):
+                raise Unsupported(f"{t} with a per-token weight")
+            return self._emit(nd.op, t, m(args), m(kwargs))
+
+        if (method and t in _BINARY_METHODS) or (not method and t in _BINARY_FUNCTIONS):
+            rank = _rank(nd)
+            operands = [self._align(m(a), a, rank) for a in args]
+            return self._emit(nd.op, t, operands, m(kwargs))
+
+        if not method and t in LINEAR:
+            if any(self._is_b(a) for a in args[1:]) or any(self._is_b(a) for a in kwargs.values()):
+                raise Unsupported("projection weight depends on the token")
+            return self._emit(nd.op, t, m(args), m(kwargs))
+
+        if not method and t in ADDMM:
+            bias, m1, m2 = args[:3]
+            if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or self._is_b(m2) or self._is_b(bias):
+                raise Unsupported("addmm with scaling or a per-token weight")
+            mm = self._emit("call_function", torch.matmul, (m(m1), m(m2)))
+            return self._emit("call_function", torch.add, (mm, m(bias)))
+
+        if (not method and t in MATMUL) or (method and t in ("matmul", "mm")):
+            if self._is_b(args[1]):
+                raise Unsupported("matmul of two per-token operands")
+            return self._emit("call_function", torch.matmul, (m(args[0]), m(args[1])))
+
+        if (method and t in ("view", "reshape")) or (not method and t is torch.reshape):
+            shape = args[1:] if method else [args[1]]
+            if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+                shape = list(shape[0])
+            return self._emit("call_method", "reshape", (m(x), self.L, *m(list(shape))))
+
+        if t in ("transpose",) or t is torch.transpose:
+            return self._emit("call_method", "transpose", (m(x), _shift(args[1]), _shift(args[2])))
+
+        if t == "permute" or t is torch.permute:
+            dims = args[1:] if method else args[1]
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = dims[0]
+            r = _rank(x)
+            return self._emit("call_method", "permute", (m(x), 0, *[(d % r) + 1 for d in dims]))
+
+        if t in ("unsqueeze", "squeeze", "flatten", "movedim", "split", "chunk", "tensor_split",
+                 "expand", *_DIM_REDUCTIONS) or t in (torch.unsqueeze, torch.squeeze, torch.flatten,
+                                                      torch.split, torch.chunk, torch.softmax,
+                                                      F.softmax, torch.sum, torch.mean):
+            return self._dim_rule(nd, t if method else t.__name__, args, kwargs)
+
+        if t is operator.getitem:
+            idx = args[1]
+            if not isinstance(example_value(x), torch.Tensor):
+                return self._emit("call_function", operator.getitem, (m(x), idx))
+            idx = idx if isinstance(idx, tuple) else (idx,)
+            if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in idx):
+                raise Unsupported("advanced indexing in the recompute slice")
+            return self._emit("call_function", operator.getitem, (m(x), (slice(None), *idx)))
+
+        if t in (torch.cat, torch.stack, torch.concat):
+            tensors = args[0]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            parts = []
+            for a in tensors:
+                if self._is_b(a):
+                    parts.append(m(a))
+                else:
+                    u = self._emit("call_method", "unsqueeze", (m(a), 0))
+                    parts.append(self._emit("call_method", "expand", (u, self.L, *([-1] * _rank(a)))))
+            return self._emit("call_function", t, (parts, _shift(dim)))
+
+        raise Unsupported(f"no token-batching rule for {nd.op} {getattr(t, '__name__', t)} ({nd.name})")
+
+    def _dim_rule(self, nd, name, args, kwargs):
+        m = self._m
+        x = args[0]
+        rest, kw = list(args[1:]), dict(kwargs)
+        if name == "expand":
+            sizes = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            if len(sizes) != _rank(x):
+                raise Unsupported("expand that adds dimensions")
+            return self._emit("call_method", "expand", (m(x), -1, *m(list(sizes))))
+        if name == "movedim":
+            return self._emit("call_method", "movedim", (m(x), _shift(rest[0]), _shift(rest[1])))
+        if name == "flatten":
+            start = rest[0] if rest else kw.pop("start_dim", 0)
+            end = rest[1] if len(rest) > 1 else kw.pop("end_dim", -1)
+            return self._emit("call_method", "flatten", (m(x), _shift(start), _shift(end)))
+        if name in ("split", "chunk", "tensor_split"):
+            size = rest[0]
+            dim = rest[1] if len(rest) > 1 else kw.pop("dim", 0)
+            return self._emit("call_method", name, (m(x), m(size)), {"dim": _shift(dim)})
+        # unsqueeze / squeeze / reductions: the dim is the first extra argument or `dim=`
+        if rest:
+            dim, rest = rest[0], rest[1:]
+        elif "dim" in kw:
+            dim = kw.pop("dim")
+        else:
+            raise Unsupported(f"{name} without an explicit dim would reach the token axis")
+        dim = tuple(_shift(d) for d in dim) if isinstance(dim, (tuple, list)) else _shift(dim)
+        return self._emit("call_method", name, (m(x), dim, *m(rest)), m(kw))
+
+
+def batch_over_tokens(module: fx.GraphModule, num_token_inputs: int) -> fx.GraphModule:
+    """(token records with a leading axis l, consts...) -> K, V ``(b, hkv, l, d)``."""
+    return _Batcher(module, num_token_inputs).run()
