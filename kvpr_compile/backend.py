@@ -24,7 +24,7 @@ from .passes.rewrite import check_rewritable, rewrite_site
 from .runtime import ops  # noqa: F401  (registers kvpr:: ops before any graph runs)
 
 INNER = ("eager", "inductor")
-_KNOWN = {"ratio", "inner", "profile", "gpu_budget_bytes"}
+_KNOWN = {"ratio", "inner", "profile", "overlap"}
 
 
 def parse_options(options: dict | None) -> dict:

@@ -2,15 +2,16 @@
 
 Before:  k_all, v_all = kvpr.cache_update(handle, k_new, v_new, layer, past)
 After:   l            = floor(ratio * past)                       (SymInt arithmetic)
-         x, sides     = kvpr.load_tokens(handle, layer, l, ...)   (X[:l] and side inputs[:l])
-         k_ld, v_ld   = kvpr.load_kv(handle, layer, l, past)      (K,V[l:past])
+         x, sides     = kvpr.load_tokens(handle, layer, l, specs)   (X[:l] and side inputs[:l])
+         k_ld, v_ld   = kvpr.load_kv(handle, layer, l, past, shape) (K,V[l:past])
          kvpr.wait([...])
          k_rc, v_rc   = <slice batched over l tokens>(x, sides, consts) (K,V[:l], inlined)
          kvpr.store_tokens(handle, layer, past, k_new, v_new, [X, sides], tdims)
          k_all, v_all = kvpr.assemble(handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new)
 
 Graphs that add several tokens per call (prefill) store X and load the whole past (l = 0).
-Every inserted node carries ``meta["custom"] = {"kvpr_ratio": r, "kvpr_layer": i, "kvpr_role": ...}``.
+Loads take shapes, dtypes and the device as arguments (not tensors of the layer), so a placement
+pass can hoist them above earlier layers. Every inserted node carries ``meta["custom"] = {"kvpr_ratio": r, "kvpr_layer": i, "kvpr_role": ...}``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from fractions import Fraction
 import torch
 from torch import fx
 
+from ..runtime.ops import record_specs
 from ..runtime.recompute import empty_past, split_len
+from .graph_utils import example_value
 from .recompute_slice import RecomputeSlice, Unsupported
 
 ops = torch.ops.kvpr
@@ -48,6 +51,7 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
     """Rewrite in place; returns the ratio that applies in this graph (0 for multi-token graphs)."""
     check_rewritable(cache_node)
     handle, k_new, v_new, layer, past = cache_node.args
+    kv = example_value(k_new)
     frac = Fraction(ratio).limit_denominator(1000)
     recompute = sl.single_token and frac > 0
     effective = float(frac) if recompute else 0.0
@@ -64,12 +68,15 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
         if recompute:
             l = split_len(past, frac.numerator, frac.denominator) if isinstance(past, int) else \
                 call(split_len, (past, frac.numerator, frac.denominator), "split")
-            tokens = items(call(ops.load_tokens.default, (handle, layer, l, list(sl.token_inputs)),
+            specs = record_specs([example_value(t) for t in sl.token_inputs])
+            tokens = items(call(ops.load_tokens.default, (handle, layer, l, *specs, kv.device),
                                 "load_tokens"), len(sl.token_inputs), "load_tokens")
         else:
             l, tokens = 0, []
-        k_ld, v_ld = items(call(ops.load_kv.default, (handle, layer, l, past, k_new), "load_kv"),
-                           2, "load_kv")
+        b, heads, _, head_dim = kv.shape
+        k_ld, v_ld = items(call(ops.load_kv.default,
+                                (handle, layer, l, past, b, heads, head_dim, kv.dtype, kv.device),
+                                "load_kv"), 2, "load_kv")
         call(ops.wait.default, ([*tokens, k_ld, v_ld],), "wait")
         if recompute:
             k_rc, v_rc = _inline(graph, sl.module, [*tokens, *sl.consts], effective, layer)

@@ -46,27 +46,54 @@ def _(handle, k, v, layer, pos):
 
 
 @torch.library.custom_op("kvpr::load_kv", mutates_args=())
-def load_kv(handle: Tensor, layer: int, start: int, end: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    k, v = lookup(handle).read_kv(layer, start, end, like.device)
+def load_kv(handle: Tensor, layer: int, start: int, end: int, batch: int, heads: int,
+            head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    k, v = lookup(handle).read_kv(layer, start, end, device)
     return k.contiguous(), v.contiguous()
 
 
 @load_kv.register_fake
-def _(handle, layer, start, end, like):
-    b, h, _, d = like.shape
-    return like.new_empty(b, h, end - start, d), like.new_empty(b, h, end - start, d)
+def _(handle, layer, start, end, batch, heads, head_dim, dtype, device):
+    shape = (batch, heads, end - start, head_dim)
+    return (torch.empty(shape, dtype=dtype, device=device),
+            torch.empty(shape, dtype=dtype, device=device))
+
+
+# Record dtypes travel as small ints (schemas have no list-of-dtype type).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+          torch.bool, torch.complex64)
+
+
+def record_specs(likes) -> tuple[list, list[int], list[int]]:
+    """(flat shapes, ranks, dtype codes) describing per-token records shaped like ``likes``."""
+    shapes, ranks, codes = [], [], []
+    for t in likes:
+        shapes.extend(t.shape)
+        ranks.append(t.dim())
+        codes.append(DTYPES.index(t.dtype))
+    return shapes, ranks, codes
+
+
+def _split_specs(shapes, ranks, codes):
+    out, i = [], 0
+    for r, c in zip(ranks, codes):
+        out.append((tuple(shapes[i:i + r]), DTYPES[c]))
+        i += r
+    return out
 
 
 @torch.library.custom_op("kvpr::load_tokens", mutates_args=())
-def load_tokens(handle: Tensor, layer: int, end: int, likes: list[Tensor]) -> list[Tensor]:
-    device = likes[0].device
-    return [t.clone() if t.device == torch.device("cpu") else t
-            for t in lookup(handle).read_tokens(layer, end, likes, device)]
+def load_tokens(handle: Tensor, layer: int, end: int, shapes: list[int], ranks: list[int],
+                dtypes: list[int], device: torch.device) -> list[Tensor]:
+    specs = _split_specs(shapes, ranks, dtypes)
+    loaded = lookup(handle).read_tokens(layer, end, specs, device)
+    return [t.clone() if t.device.type == "cpu" else t for t in loaded]
 
 
 @load_tokens.register_fake
-def _(handle, layer, end, likes):
-    return [like.new_empty(end, *like.shape) for like in likes]
+def _(handle, layer, end, shapes, ranks, dtypes, device):
+    return [torch.empty((end, *shape), dtype=dtype, device=device)
+            for shape, dtype in _split_specs(shapes, ranks, dtypes)]
 
 
 @torch.library.custom_op("kvpr::wait", mutates_args=("tensors",))

@@ -79,11 +79,12 @@ class KVStore:
         if pos <= self.token_len[layer]:
             self.token_len[layer] = pos + n
 
-    def read_tokens(self, layer: int, end: int, likes: list[torch.Tensor], device: torch.device):
+    def read_tokens(self, layer: int, end: int, specs: list[tuple[tuple, torch.dtype]],
+                    device: torch.device):
         """Records for positions ``[0, end)``; zeros where nothing was stored (see token_len)."""
         stores = self.tokens[layer]
         if not stores:
-            return [torch.zeros((end, *like.shape), dtype=like.dtype, device=device) for like in likes]
+            return [torch.zeros((end, *shape), dtype=dtype, device=device) for shape, dtype in specs]
         return [s[:end].to(device, non_blocking=self.pin) for s in stores]
 
     def invalidate_tokens(self, layer: int, pos: int) -> None:

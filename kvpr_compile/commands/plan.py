@@ -1,0 +1,116 @@
+"""`kvpr plan`: the scheduler's per-layer split for a model shape, batch, length and profile."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .. import cost_model as cm
+from ..arch_presets import ARCH_PRESETS, Arch
+from ..profiler import HardwareProfile, resolve_profile
+from ..scheduler import Plan, plan_split
+
+MB = 1e6
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "plan", help="print the per-layer recompute/transfer split and its predicted time",
+        description="Solve the split LP for one decode step and print, per layer, the split "
+                    "ratio, recomputed tokens, bytes over PCIe and predicted time, against "
+                    "full-KV prefetch (ratio 0) and the link's physical limit.")
+    parser.add_argument("--arch", required=True, choices=sorted(ARCH_PRESETS),
+                        help="model shape")
+    parser.add_argument("--batch", type=int, required=True, help="batch size")
+    parser.add_argument("--seq", type=int, required=True, help="cached tokens per sequence")
+    parser.add_argument("--profile", default=None,
+                        help="preset name, profile JSON path or 'measure' (default: $KVPR_PROFILE, "
+                             "else this GPU's cached measurement, else the h200-pcie5 preset)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="plan only this many layers (default: the model's)")
+    parser.add_argument("--gpu-budget-gb", type=float, default=None,
+                        help="GPU memory for the KV path in GB (1e9 bytes): staging slots and "
+                             "resident prefixes; default: no resident prefix")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--overlap", default=cm.DEFAULT_OVERLAP, choices=cm.OVERLAPS,
+                        help="schedule model: 'row' (the paper's) or 'stream' (deeper pipelining)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    arch = ARCH_PRESETS[args.arch]
+    layers = arch.num_layers if args.layers is None else args.layers
+    budget = None if args.gpu_budget_gb is None else args.gpu_budget_gb * 1e9
+    try:
+        profile = resolve_profile(args.profile)
+        plan = plan_split(profile, num_layers=layers, batch_size=args.batch, seq_len=args.seq,
+                          hidden_size=arch.hidden_size, kv_hidden_size=arch.kv_hidden_size,
+                          dtype=args.dtype, gpu_budget_bytes=budget, mlp_params=arch.mlp_params,
+                          overlap=args.overlap)
+    except (ValueError, RuntimeError) as exc:
+        print(f"kvpr plan: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(format_plan(plan, arch, profile))
+    return 0
+
+
+def format_plan(plan: Plan, arch: Arch, profile: HardwareProfile) -> str:
+    c = plan.coefficients
+    ms = 1e3
+    p = cm.bytes_per_element(plan.dtype)
+    paper = cm.closed_form_recompute_tokens(plan.seq_len, plan.hidden_size, plan.kv_hidden_size, p,
+                                            profile.h2d_bytes_per_s, profile.flops(plan.dtype))
+    lines = [
+        f"kvpr plan: {arch.name} (h={arch.hidden_size}, h_kv={arch.kv_hidden_size}, "
+        f"{arch.attention_kind}), {plan.num_layers} of {arch.num_layers} layers, "
+        f"batch {plan.batch_size}, {plan.seq_len} cached tokens, {plan.dtype}, "
+        f"{plan.overlap} schedule",
+        f"profile: {profile.summary()}",
+        f"         {profile.source}",
+        f"paper closed form l*/s = {paper / plan.seq_len:.3f}; "
+        f"LP solved in {plan.solve_s * ms:.1f} ms",
+        "",
+    ]
+    header = (f"{'layer':>5} {'ratio':>6} {'recompute':>9} {'resident':>8} {'H2D MB':>8} "
+              f"{'D2H MB':>7} {'link ms':>8} {'predicted ms':>12} {'full-KV ms':>10} "
+              f"{'full-KV link ms':>15}")
+    lines += [header, "-" * len(header)]
+    base_link = plan.baseline_h2d_bytes / profile.h2d_bytes_per_s + c.store_s
+    for i in range(plan.num_layers):
+        link = (plan.h2d_bytes[i] / profile.h2d_bytes_per_s
+                + plan.d2h_bytes[i] / profile.d2h_bytes_per_s)
+        lines.append(
+            f"{i:>5} {plan.ratios[i]:>6.3f} {plan.recompute_tokens[i]:>9} "
+            f"{plan.resident_tokens[i]:>8} {plan.h2d_bytes[i] / MB:>8.1f} "
+            f"{plan.d2h_bytes[i] / MB:>7.2f} {link * ms:>8.3f} {plan.layer_times_s[i] * ms:>12.3f} "
+            f"{plan.baseline_layer_times_s[i] * ms:>10.3f} {base_link * ms:>15.3f}")
+    base_tail = plan.baseline_step_s - sum(plan.baseline_layer_times_s)
+    lines.append(f"{'tail':>5} {'':>6} {'':>9} {'':>8} {'':>8} {'':>7} {'':>8} "
+                 f"{plan.tail_s * ms:>12.3f} {base_tail * ms:>10.3f}")
+    lines.append("-" * len(header))
+    mean_ratio = sum(plan.ratios) / plan.num_layers
+    lines.append(
+        f"{'total':>5} {mean_ratio:>6.3f} {sum(plan.recompute_tokens):>9} "
+        f"{sum(plan.resident_tokens):>8} {sum(plan.h2d_bytes) / MB:>8.1f} "
+        f"{sum(plan.d2h_bytes) / MB:>7.2f} {plan.link_limit_s * ms:>8.3f} "
+        f"{plan.predicted_step_s * ms:>12.3f} {plan.baseline_step_s * ms:>10.3f} "
+        f"{plan.baseline_link_limit_s * ms:>15.3f}")
+    lines += [
+        "",
+        f"predicted step {plan.predicted_step_s * ms:.3f} ms vs full-KV prefetch "
+        f"{plan.baseline_step_s * ms:.3f} ms ({plan.speedup:.2f}x); link limit for full KV "
+        f"{plan.baseline_link_limit_s * ms:.3f} ms, for this plan's bytes "
+        f"{plan.link_limit_s * ms:.3f} ms",
+    ]
+    if plan.gpu_budget_bytes is not None:
+        used = plan.working_set_bytes + sum(plan.resident_tokens) * c.kv_bytes_per_token
+        lines.append(f"GPU budget {plan.gpu_budget_bytes / 1e9:.2f} GB: working set "
+                     f"{plan.working_set_bytes / 1e9:.2f} GB + resident "
+                     f"{sum(plan.resident_tokens) * c.kv_bytes_per_token / 1e9:.2f} GB = "
+                     f"{used / 1e9:.2f} GB")
+    return "\n".join(lines)

@@ -1,0 +1,273 @@
+"""Closed-form per-layer cost model of one KVPR decode step (DESIGN.md, "cost model").
+
+Symbols: batch b, cached length s, hidden h, KV width h_kv (= kv heads * head_dim), p bytes per
+element, n new tokens per step (1 when decoding), host->device bandwidth v_h2d, device->host v_d2h
+(bytes/s), GEMM rate v_gpu (FLOP/s). Per layer, with l recomputed tokens and r resident tokens
+(token order: resident prefix [0, r), recomputed [r, r+l), streamed [r+l, s)):
+
+    A(l)    = b*l*h*p / v_h2d                   ship X[:, r:r+l]
+    R(l)    = 4*b*l*h*h_kv / v_gpu              recompute K,V there: two [b*l, h] x [h, h_kv] GEMMs
+    K(l, r) = 2*b*(s-l-r)*h_kv*p / v_h2d        ship K,V[:, r+l:]
+    D       = b*n*(h + 2*h_kv)*p / v_d2h        append the new tokens' X, K, V to CPU memory
+    rest    = (2*b*n*P + 4*b*n*(s+n)*h) / v_gpu the rest of the layer: its GEMMs for the new tokens
+                                                (P = 2h^2 + 2*h*h_kv + mlp, mlp = 8h^2 by default)
+                                                plus attention (QK^T and AV) over s+n positions
+
+Schedule. The host link and the GPU are each one serial resource; the append shares the link with
+the loads (one copy queue):
+
+    link:  X_0 KV_0 X_1 KV_1 ST_0 X_2 KV_2 ST_1 ... X_{L-1} KV_{L-1} ST_{L-2} ST_{L-1}
+    GPU:   RC_0 ATT_0 RC_1 ATT_1 ...                 (ATT_i = attention + rest of layer i)
+    data:  X_i -> RC_i;  RC_i, KV_i -> ATT_i;  ATT_i -> ST_i
+    when layer i+1's loads may start (`overlap`):
+      "row"    (default; the paper's row-by-row schedule): RC_i -> X_{i+1}. Layer i+1's loads are
+               issued once layer i's loads and recompute are done, so they overlap layer i's
+               attention and store, never its recompute. Steady state (A >= rest), per layer:
+                   A + max(R, K + D)        (layer 0: A + max(R, K): no append before it)
+               With D = rest = 0 this is the paper's max(A + R, A + K), balanced at
+               l* = s*p*v_gpu / (2*h*v_h2d + p*v_gpu); with D at R = K + D.
+      "stream" (deeper pipelining): ATT_{i-1} -> X_{i+1} only (two device slots). The link runs
+               ahead as far as the slots allow, so layer i's recompute overlaps layer i+1's loads.
+               Steady state: max(A + K + D, R + rest); for MHA on an H200 this gives l = s, which
+               is what the project measured (ship-X-only 5.11 ms/layer against a 4.87 ms line
+               rate, b=32, s=1024), where "row" would predict 8.3 ms for l = s and pick l = 0.74 s.
+      Both give l = 0 when h >= 2*h_kv (X is then no smaller than K+V).
+
+`schedule()` evaluates this task graph forward (finish = max over predecessors + duration);
+taskgraph.py builds the same graph in networkx (its longest path is the same number) and the LP
+in scheduler.py encodes it with finish-time variables.
+
+D sharing the link is conservative (PCIe is full duplex). rest counts FLOPs only; decode GEMMs
+are really weight-bandwidth bound, so it is a lower bound, but it is small next to the transfers.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from .profiler import dtype_key
+
+_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+OVERLAPS = ("row", "stream")
+DEFAULT_OVERLAP = "stream"
+
+
+def bytes_per_element(dtype: torch.dtype | str) -> int:
+    return _BYTES[dtype_key(dtype)]
+
+
+def x_bytes_per_token(batch: int, hidden: int, p: int) -> int:
+    """Bytes of X (the K/V projections' input) per cached token position, whole batch."""
+    return batch * hidden * p
+
+
+def kv_bytes_per_token(batch: int, kv_hidden: int, p: int) -> int:
+    """Bytes of K and V per cached token position, whole batch (also the resident cost)."""
+    return 2 * batch * kv_hidden * p
+
+
+def store_bytes(batch: int, hidden: int, kv_hidden: int, p: int, new_tokens: int = 1) -> int:
+    """Bytes appended to CPU memory per layer per step: the new tokens' X, K and V."""
+    return batch * new_tokens * (hidden + 2 * kv_hidden) * p
+
+
+def recompute_flops_per_token(batch: int, hidden: int, kv_hidden: int) -> int:
+    """FLOPs to rebuild K and V of one token position from X: 2 GEMMs of 2*b*h*h_kv."""
+    return 4 * batch * hidden * kv_hidden
+
+
+def layer_params(hidden: int, kv_hidden: int, mlp_params: int | None = None) -> int:
+    """Weights of one decoder layer: Q and O (h^2 each), K and V (h*h_kv each), MLP (8h^2 unless
+    given, i.e. two h x 4h matrices)."""
+    mlp = 8 * hidden * hidden if mlp_params is None else mlp_params
+    return 2 * hidden * hidden + 2 * hidden * kv_hidden + mlp
+
+
+def rest_flops(batch: int, seq_len: int, hidden: int, kv_hidden: int, new_tokens: int = 1,
+               mlp_params: int | None = None) -> int:
+    """FLOPs of the layer besides recompute: GEMMs for the new tokens + attention over s+n."""
+    gemms = 2 * batch * new_tokens * layer_params(hidden, kv_hidden, mlp_params)
+    attention = 4 * batch * new_tokens * (seq_len + new_tokens) * hidden
+    return gemms + attention
+
+
+@dataclass(frozen=True)
+class LayerCoefficients:
+    """Everything the schedule needs about one layer, as linear coefficients in (l, r).
+
+    Bytes are per layer; times in seconds. Layers of a decoder are identical, so one instance
+    describes all of them.
+    """
+
+    seq_len: int
+    x_bytes_per_token: int
+    kv_bytes_per_token: int
+    store_bytes: int
+    x_s_per_token: float          # A = x_s_per_token * l
+    kv_s_per_token: float         # K = kv_s_per_token * (s - l - r)
+    recompute_s_per_token: float  # R = recompute_s_per_token * l
+    store_s: float                # D
+    rest_s: float                 # rest
+
+    def x_load_s(self, l: float) -> float:
+        return self.x_s_per_token * l
+
+    def recompute_s(self, l: float) -> float:
+        return self.recompute_s_per_token * l
+
+    def kv_load_s(self, l: float, r: float = 0) -> float:
+        return self.kv_s_per_token * (self.seq_len - l - r)
+
+    def h2d_bytes(self, l: int, r: int = 0) -> int:
+        return self.x_bytes_per_token * l + self.kv_bytes_per_token * (self.seq_len - l - r)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def layer_coefficients(profile, *, batch_size: int, seq_len: int, hidden_size: int,
+                       kv_hidden_size: int, dtype: torch.dtype | str, new_tokens: int = 1,
+                       mlp_params: int | None = None) -> LayerCoefficients:
+    """Coefficients of the model above for `profile` (anything with h2d_bytes_per_s,
+    d2h_bytes_per_s and flops(dtype))."""
+    p = bytes_per_element(dtype)
+    v_h2d, v_d2h, v_gpu = profile.h2d_bytes_per_s, profile.d2h_bytes_per_s, profile.flops(dtype)
+    xb = x_bytes_per_token(batch_size, hidden_size, p)
+    kvb = kv_bytes_per_token(batch_size, kv_hidden_size, p)
+    stb = store_bytes(batch_size, hidden_size, kv_hidden_size, p, new_tokens)
+    return LayerCoefficients(
+        seq_len=seq_len,
+        x_bytes_per_token=xb,
+        kv_bytes_per_token=kvb,
+        store_bytes=stb,
+        x_s_per_token=xb / v_h2d,
+        kv_s_per_token=kvb / v_h2d,
+        recompute_s_per_token=recompute_flops_per_token(batch_size, hidden_size,
+                                                        kv_hidden_size) / v_gpu,
+        store_s=stb / v_d2h,
+        rest_s=rest_flops(batch_size, seq_len, hidden_size, kv_hidden_size, new_tokens,
+                          mlp_params) / v_gpu,
+    )
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Finish times (seconds from the step's start) of every task of `schedule()`."""
+
+    x_load: list[float]
+    recompute: list[float]
+    kv_load: list[float]
+    attention: list[float]
+    store: list[float]
+
+    @property
+    def total(self) -> float:
+        return self.store[-1]  # the last append ends the step: it follows every link task and ATT
+
+    @property
+    def layer_times(self) -> list[float]:
+        """Layer i's share: the gap between consecutive attention finishes."""
+        return [b - a for a, b in zip([0.0] + self.attention[:-1], self.attention)]
+
+    @property
+    def tail(self) -> float:
+        return self.total - self.attention[-1]
+
+
+def check_overlap(overlap: str) -> str:
+    if overlap not in OVERLAPS:
+        raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
+    return overlap
+
+
+def schedule(c: LayerCoefficients, recompute_tokens: Sequence[float],
+             resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP
+             ) -> Schedule:
+    """Run the schedule above forward for per-layer l_i (recompute) and r_i (resident)."""
+    check_overlap(overlap)
+    n = len(recompute_tokens)
+    resident_tokens = list(resident_tokens) if resident_tokens is not None else [0] * n
+    if len(resident_tokens) != n or n == 0:
+        raise ValueError("need one recompute and one resident count per layer (at least one layer)")
+    for l, r in zip(recompute_tokens, resident_tokens):
+        if l < 0 or r < 0 or l + r > c.seq_len:
+            raise ValueError(f"need 0 <= l, r and l + r <= s={c.seq_len}; got l={l}, r={r}")
+    fx, frc, fkv, fatt, fst = ([0.0] * n for _ in range(5))
+    for i, (l, r) in enumerate(zip(recompute_tokens, resident_tokens)):
+        link_free = 0.0 if i == 0 else (fkv[0] if i == 1 else fst[i - 2])
+        if overlap == "row":
+            window = frc[i - 1] if i else 0.0
+        else:
+            window = fatt[i - 2] if i >= 2 else 0.0
+        fx[i] = max(link_free, window) + c.x_load_s(l)
+        frc[i] = max(fx[i], fatt[i - 1] if i else 0.0) + c.recompute_s(l)
+        fkv[i] = fx[i] + c.kv_load_s(l, r)
+        fatt[i] = max(frc[i], fkv[i]) + c.rest_s
+        if i:
+            fst[i - 1] = max(fatt[i - 1], fkv[i]) + c.store_s
+    fst[n - 1] = max(fatt[n - 1], fst[n - 2] if n > 1 else fkv[0]) + c.store_s
+    return Schedule(fx, frc, fkv, fatt, fst)
+
+
+def step_times(c: LayerCoefficients, recompute_tokens: Sequence[float],
+               resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP
+               ) -> tuple[list[float], float]:
+    """Per-layer times and the tail (after the last attention); they sum to the step time."""
+    sched = schedule(c, recompute_tokens, resident_tokens, overlap)
+    return sched.layer_times, sched.tail
+
+
+def step_time(c: LayerCoefficients, recompute_tokens: Sequence[float],
+              resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP
+              ) -> float:
+    return schedule(c, recompute_tokens, resident_tokens, overlap).total
+
+
+def link_time(c: LayerCoefficients, profile, recompute_tokens: Sequence[int],
+              resident_tokens: Sequence[int] | None = None) -> float:
+    """The physical limit: all bytes the step moves over the link divided by its bandwidths."""
+    if resident_tokens is None:
+        resident_tokens = [0] * len(recompute_tokens)
+    h2d = sum(c.h2d_bytes(l, r) for l, r in zip(recompute_tokens, resident_tokens))
+    d2h = c.store_bytes * len(recompute_tokens)
+    return h2d / profile.h2d_bytes_per_s + d2h / profile.d2h_bytes_per_s
+
+
+def closed_form_recompute_tokens(seq_len: int, hidden: int, kv_hidden: int, p: int,
+                                 h2d_bytes_per_s: float, flops_per_s: float) -> float:
+    """The paper's l* = s*p*v_gpu / (2*h*v_h2d + p*v_gpu), clamped to [0, s]; 0 when
+    h >= 2*h_kv (X is then no smaller than K+V, so shipping X never pays)."""
+    if hidden >= 2 * kv_hidden:
+        return 0.0
+    l = seq_len * p * flops_per_s / (2 * hidden * h2d_bytes_per_s + p * flops_per_s)
+    return min(max(l, 0.0), float(seq_len))
+
+
+def balanced_recompute_tokens(c: LayerCoefficients, resident: float = 0,
+                              after_store: bool = True, overlap: str = DEFAULT_OVERLAP) -> float:
+    """The steady-state optimum of one layer in closed form, clamped to [0, s - r], 0 when X
+    costs no less than K+V per token (a, k, g: per-token A, K, R costs; f = s - r):
+      "row":    R = K + D             -> l = (D + k*f) / (g + k)   (valid while A >= rest;
+                layer 0 has no append before it, `after_store=False`: the paper's l*)
+      "stream": A + K + D = R + rest  -> l = (k*f + D - rest) / (g + k - a)
+    Layers 0 < i < L-1 of the LP's plan sit at this point (within rounding)."""
+    check_overlap(overlap)
+    free = c.seq_len - resident
+    a, k, g = c.x_s_per_token, c.kv_s_per_token, c.recompute_s_per_token
+    if a >= k:
+        return 0.0
+    d = c.store_s if after_store else 0.0
+    if overlap == "row":
+        l = (d + k * free) / (g + k)
+    else:
+        l = (k * free + d - c.rest_s) / (g + k - a)
+    return min(max(l, 0.0), float(free))
+
+
+def working_set_bytes(c: LayerCoefficients, x_tokens: int, new_tokens: int = 1) -> int:
+    """Device memory the double-buffered pipeline needs outside resident prefixes: two slots of
+    K,V for s+n positions (attention reads the whole length) and two X staging slots of
+    `x_tokens` positions."""
+    return 2 * c.kv_bytes_per_token * (c.seq_len + new_tokens) + 2 * c.x_bytes_per_token * x_tokens

@@ -1,0 +1,380 @@
+"""Hardware profile: the two rates the KVPR cost model needs, and where they come from.
+
+Owns `HardwareProfile` (host<->device bandwidth and GEMM rate per dtype), `measure()` (CUDA
+only: pinned copies and GEMMs timed with CUDA events), the cited `PRESETS`, the per-device JSON
+cache (`load_or_measure`) and `resolve_profile`, which turns whatever a user passed (a profile, a
+preset name, a JSON path, "measure", or nothing) into a profile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MiB = 1 << 20
+DTYPE_KEYS = ("float16", "bfloat16", "float32")
+# Without TF32 (torch's default for fp32 matmul) an fp32 GEMM runs on the CUDA cores, about 1/16 of
+# the dense fp16 tensor-core rate on A100 (19.5 vs 312 TFLOP/s) and H100 (67 vs 989).
+FP32_FALLBACK_DIVISOR = 16.0
+ENV_PROFILE = "KVPR_PROFILE"
+ENV_CACHE_DIR = "KVPR_CACHE_DIR"
+MEASURE_SPEC = "measure"
+
+
+@dataclass
+class HardwareProfile:
+    """Rates of one GPU + host link. Bandwidths in bytes/s, GEMM rates in FLOP/s."""
+
+    name: str
+    device_name: str
+    h2d_bytes_per_s: float
+    d2h_bytes_per_s: float
+    flops_per_s: dict[str, float]
+    torch_version: str
+    date: str
+    source: str  # "measured" | "preset: <cite>" | "file: <path>"
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        for what in ("h2d_bytes_per_s", "d2h_bytes_per_s"):
+            value = getattr(self, what)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+        if not self.flops_per_s:
+            raise ValueError("flops_per_s needs at least one of " + ", ".join(DTYPE_KEYS))
+        for key, value in self.flops_per_s.items():
+            if key not in DTYPE_KEYS:
+                raise ValueError(f"flops_per_s key {key!r} is not one of {DTYPE_KEYS}")
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"flops_per_s[{key!r}] must be positive and finite, got {value!r}")
+
+    def flops(self, dtype: torch.dtype | str) -> float:
+        """GEMM rate for `dtype`; a missing fp16/bf16 entry borrows the other one, a missing fp32
+        entry is the half-precision rate / 16 (CUDA cores, no TF32)."""
+        key = dtype_key(dtype)
+        rates = self.flops_per_s
+        if key in rates:
+            return float(rates[key])
+        half = rates.get("float16", rates.get("bfloat16"))
+        if key in ("float16", "bfloat16") and half is not None:
+            return float(half)
+        if key == "float32" and half is not None:
+            return float(half) / FP32_FALLBACK_DIVISOR
+        raise ValueError(f"profile {self.name!r} has no GEMM rate usable for {key} "
+                         f"(has {sorted(rates)})")
+
+    def summary(self) -> str:
+        rates = ", ".join(f"{k} {v / 1e12:.0f}" for k, v in self.flops_per_s.items())
+        return (f"{self.name}: H2D {self.h2d_bytes_per_s / 1e9:.1f} GB/s, "
+                f"D2H {self.d2h_bytes_per_s / 1e9:.1f} GB/s, GEMM TFLOP/s {rates}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HardwareProfile":
+        if not isinstance(data, dict):
+            raise ValueError(f"a hardware profile is a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - data.keys())
+        if missing:
+            raise ValueError(f"hardware profile JSON lacks {missing}")
+        kwargs = {k: v for k, v in data.items() if k in names}
+        kwargs["flops_per_s"] = {str(k): float(v) for k, v in dict(kwargs["flops_per_s"]).items()}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HardwareProfile":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write JSON atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_json() + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "HardwareProfile":
+        return cls.from_json(Path(path).read_text())
+
+
+def dtype_key(dtype: torch.dtype | str) -> str:
+    """'float16' | 'bfloat16' | 'float32' for a torch dtype or its name ('torch.float16' too)."""
+    name = str(dtype).removeprefix("torch.")
+    name = {"half": "float16", "fp16": "float16", "bf16": "bfloat16",
+            "float": "float32", "fp32": "float32"}.get(name, name)
+    if name not in DTYPE_KEYS:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {DTYPE_KEYS}")
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Presets. Datasheet figures are peak numbers; "achievable" figures are estimates unless a
+# project measurement is named.
+# --------------------------------------------------------------------------------------------
+PRESETS: dict[str, HardwareProfile] = {
+    "a100-pcie4": HardwareProfile(
+        name="a100-pcie4",
+        device_name="NVIDIA A100 80GB on PCIe 4.0 x16",
+        h2d_bytes_per_s=25e9,
+        d2h_bytes_per_s=25e9,
+        flops_per_s={"float16": 218e12, "bfloat16": 218e12, "float32": 17.5e12},
+        torch_version="n/a (preset)",
+        date="2026-11-26",
+        source=("preset: PCIe 4.0 x16 is 31.5 GB/s per direction theoretical (PCI-SIG spec: 16 "
+                "GT/s, 128b/130b); 25 GB/s pinned H2D/D2H is an estimate of the achievable rate "
+                "(~80%), not measured by this project. A100 dense fp16/bf16 tensor 312 TFLOP/s and "
+                "fp32 19.5 TFLOP/s are NVIDIA datasheet peaks; 218 (70%) and 17.5 (90%) TFLOP/s "
+                "are estimates of achievable GEMM rates."),
+    ),
+    "h100-pcie5": HardwareProfile(
+        name="h100-pcie5",
+        device_name="NVIDIA H100 SXM5 80GB with a PCIe 5.0 x16 host link",
+        h2d_bytes_per_s=52e9,
+        d2h_bytes_per_s=52e9,
+        flops_per_s={"float16": 660e12, "bfloat16": 660e12, "float32": 60e12},
+        torch_version="n/a (preset)",
+        date="2026-11-26",
+        source=("preset: PCIe 5.0 x16 is 63 GB/s per direction theoretical (PCI-SIG spec: 32 GT/s, "
+                "128b/130b); 52 GB/s pinned H2D/D2H is an estimate (~83%; this project measured 55 "
+                "GB/s H2D on an H200 over Gen5), not an H100 measurement. H100 SXM5 dense "
+                "fp16/bf16 tensor 989 TFLOP/s and fp32 67 TFLOP/s are NVIDIA datasheet peaks; 660 "
+                "(~67%) and 60 (90%) TFLOP/s are estimates of achievable GEMM rates."),
+    ),
+    "h200-pcie5": HardwareProfile(
+        name="h200-pcie5",
+        device_name="NVIDIA H200 with a PCIe 5.0 x16 host link",
+        h2d_bytes_per_s=55e9,
+        d2h_bytes_per_s=55e9,
+        flops_per_s={"float16": 650e12, "bfloat16": 650e12, "float32": 60e12},
+        torch_version="2.11 (lent H200 image)",
+        date="2026-11-26",
+        source=("preset: measured on an H200 by the kvpr_compile project (DESIGN.md): 55 GB/s "
+                "pinned H2D and fp16 GEMM at 600-700 TFLOP/s (650 used). D2H is assumed equal to "
+                "H2D and bf16 equal to fp16 (not measured); fp32 60 TFLOP/s is an estimate (90% of "
+                "the 67 TFLOP/s datasheet fp32 peak)."),
+    ),
+}
+DEFAULT_PRESET = "h200-pcie5"
+
+
+def preset(name: str) -> HardwareProfile:
+    """A copy of PRESETS[name] (so callers may edit it); ValueError listing presets if unknown."""
+    try:
+        base = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
+    return dataclasses.replace(base, flops_per_s=dict(base.flops_per_s))
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement (CUDA only)
+# --------------------------------------------------------------------------------------------
+def _cuda_device(device: str | torch.device | int) -> torch.device:
+    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if dev.type != "cuda":
+        raise RuntimeError(f"measure() times PCIe copies and GEMMs on a CUDA device; got {dev}. "
+                           f"Use a preset instead: {', '.join(PRESETS)}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("measure() needs a CUDA device and torch.cuda.is_available() is False; "
+                           f"nothing was measured. Use a preset instead: {', '.join(PRESETS)}")
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _time_ms(fn, repeats: int, warmup: int, stream: torch.cuda.Stream) -> float:
+    """Median CUDA-event time of `fn()` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        fn()
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _copy_rates(dev: torch.device, size: int, repeats: int, warmup: int) -> tuple[float, float]:
+    """(H2D, D2H) bytes/s for one pinned-host <-> device copy of `size` random bytes."""
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    host.random_(0, 256)
+    gpu = torch.empty(size, dtype=torch.uint8, device=dev)
+    stream = torch.cuda.current_stream(dev)
+    h2d_ms = _time_ms(lambda: gpu.copy_(host, non_blocking=True), repeats, warmup, stream)
+    d2h_ms = _time_ms(lambda: host.copy_(gpu, non_blocking=True), repeats, warmup, stream)
+    del host, gpu
+    return size / (h2d_ms / 1e3), size / (d2h_ms / 1e3)
+
+
+def _gemm_rate(dev: torch.device, dtype: torch.dtype, shape: tuple[int, int, int],
+               repeats: int, warmup: int) -> float:
+    m, k, n = shape
+    a = torch.randn(m, k, device=dev, dtype=dtype)
+    b = torch.randn(k, n, device=dev, dtype=dtype)
+    out = torch.empty(m, n, device=dev, dtype=dtype)
+    stream = torch.cuda.current_stream(dev)
+    ms = _time_ms(lambda: torch.matmul(a, b, out=out), repeats, warmup, stream)
+    del a, b, out
+    return 2.0 * m * k * n / (ms / 1e3)
+
+
+def measure(device: str | torch.device | int = "cuda", *, repeats: int = 10, warmup: int = 3,
+            sizes: tuple[int, ...] = (64 * MiB, 256 * MiB),
+            gemm_shape: tuple[int, int, int] = (16384, 4096, 8192),
+            dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32),
+            ) -> HardwareProfile:
+    """Measure pinned H2D/D2H bandwidth and GEMM rates on a CUDA device.
+
+    Copies: random bytes in pinned host memory, each size timed with CUDA events (median of
+    `repeats` after `warmup`), the best size taken as the plateau. GEMMs: [m, k] x [k, n] at a
+    recompute-like shape ([b*l, h] x [h, 2*h_kv]), one rate per dtype (bf16 skipped where the
+    device lacks it; fp32 runs with whatever TF32 setting torch has). Raises RuntimeError without
+    CUDA: nothing is ever made up.
+    """
+    dev = _cuda_device(device)
+    if repeats < 1 or warmup < 0 or not sizes:
+        raise ValueError("measure() needs repeats >= 1, warmup >= 0 and at least one size")
+    with torch.cuda.device(dev):
+        rates = [_copy_rates(dev, int(size), repeats, warmup) for size in sizes]
+        h2d = max(r[0] for r in rates)
+        d2h = max(r[1] for r in rates)
+        flops = {}
+        for dtype in dtypes:
+            if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+                continue
+            flops[dtype_key(dtype)] = _gemm_rate(dev, dtype, gemm_shape, repeats, warmup)
+        torch.cuda.empty_cache()
+    device_name = torch.cuda.get_device_name(dev)
+    m, k, n = gemm_shape
+    return HardwareProfile(
+        name=_slug(device_name).lower(),
+        device_name=device_name,
+        h2d_bytes_per_s=h2d,
+        d2h_bytes_per_s=d2h,
+        flops_per_s=flops,
+        torch_version=torch.__version__,
+        date=datetime.date.today().isoformat(),
+        source="measured",
+        notes=(f"CUDA events, median of {repeats} after {warmup} warm-up; pinned copies of "
+               f"{[s // MiB for s in sizes]} MiB (best size kept); GEMM {m}x{k}x{n}; "
+               f"fp32 matmul precision {torch.get_float32_matmul_precision()!r}"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "device"
+
+
+def cache_dir() -> Path:
+    """$KVPR_CACHE_DIR, else $XDG_CACHE_HOME/kvpr_compile, else ~/.cache/kvpr_compile."""
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "kvpr_compile"
+    return Path.home() / ".cache" / "kvpr_compile"
+
+
+def cache_path(device_name: str) -> Path:
+    return cache_dir() / f"profile-{_slug(device_name)}.json"
+
+
+def _device_name(device: str | torch.device | int) -> str:
+    return torch.cuda.get_device_name(_cuda_device(device))
+
+
+def load_or_measure(device: str | torch.device | int = "cuda", refresh: bool = False
+                    ) -> HardwareProfile:
+    """The cached measured profile of this CUDA device, measuring (and caching) it if there is
+    none, if the cached file is unreadable, or if `refresh`."""
+    path = cache_path(_device_name(device))
+    if not refresh and path.is_file():
+        try:
+            profile = HardwareProfile.load(path)
+        except (OSError, ValueError, TypeError):
+            profile = None  # unreadable cache: measure again and overwrite it
+        if profile is not None:
+            profile.notes = (profile.notes + "; " if profile.notes else "") + f"cached at {path}"
+            return profile
+    profile = measure(device)
+    profile.save(path)
+    return profile
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution of user input
+# --------------------------------------------------------------------------------------------
+def _is_cuda(device) -> bool:
+    if device is None:
+        return torch.cuda.is_available()
+    if isinstance(device, int):
+        return True
+    return torch.device(device).type == "cuda"
+
+
+def _from_file(path: str | os.PathLike) -> HardwareProfile:
+    try:
+        profile = HardwareProfile.load(path)
+    except FileNotFoundError:
+        raise ValueError(f"hardware profile file {str(path)!r} does not exist") from None
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"hardware profile file {str(path)!r} is not a valid profile: "
+                         f"{exc}") from None
+    original = profile.source
+    profile.source = f"file: {path}"
+    profile.notes = f"original source: {original}" + (f"; {profile.notes}" if profile.notes else "")
+    return profile
+
+
+def resolve_profile(spec: HardwareProfile | str | os.PathLike | None = None,
+                    device: str | torch.device | int | None = None) -> HardwareProfile:
+    """Turn `spec` into a HardwareProfile.
+
+    spec: a HardwareProfile (returned as is); a preset name (see PRESETS); a path to a profile
+    JSON file; or "measure" (the cached measurement of `device`, see load_or_measure). None means
+    $KVPR_PROFILE (same forms), and if that is unset too: the cached measurement on a CUDA
+    device, else the "h200-pcie5" preset (its `source` says it is a preset).
+    """
+    if spec is None:
+        spec = os.environ.get(ENV_PROFILE) or None
+    if spec is None:
+        return load_or_measure(device if device is not None else "cuda") if _is_cuda(device) \
+            else preset(DEFAULT_PRESET)
+    if isinstance(spec, HardwareProfile):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec).strip()
+        if text.lower() in PRESETS:
+            return preset(text.lower())
+        if text.lower() == MEASURE_SPEC:
+            return load_or_measure(device if device is not None else "cuda")
+        if os.path.isfile(text) or text.endswith(".json"):
+            return _from_file(text)
+        raise ValueError(f"unknown hardware profile {text!r}: use a preset "
+                         f"({', '.join(PRESETS)}), a JSON file path, or {MEASURE_SPEC!r}")
+    raise ValueError(f"a hardware profile spec is a HardwareProfile, a preset name or a path; "
+                     f"got {type(spec).__name__}")
