@@ -69,7 +69,7 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     if mode in ("reduce-overhead", "max-autotune"):
         rep.warn_once(f"kvpr: mode={mode!r} asks for CUDA graphs, which cannot capture host-to-device "
                       "streaming of a growing cache; ignored")
-    report = rep.Report(rep.next_graph_index(), options["inner"])
+    report = rep.Report(rep.next_graph_index(), options["inner"], graph_module=gm)
     graph = gm.graph
     scan = find_sites(graph)
     report.skipped.extend(scan.skipped)

@@ -24,6 +24,7 @@ class Report:
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (node, reason)
     notes: list[str] = field(default_factory=list)
     plan: object = None     # scheduler Plan for this graph's shapes, when one was made
+    graph_module: object = field(default=None, repr=False)  # the rewritten Dynamo graph
 
     @property
     def ratios(self) -> dict[int, float]:

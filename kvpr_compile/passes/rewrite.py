@@ -64,26 +64,33 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
     def items(node, count, role):
         return [call(operator.getitem, (node, i), role) for i in range(count)]
 
+    # complex inputs (e.g. RoPE as a complex rotation) are stored as their real view
+    is_complex = [example_value(t).is_complex() for t in sl.token_inputs]
+    real_specs = record_specs([torch.view_as_real(example_value(t)) if c else example_value(t)
+                               for t, c in zip(sl.token_inputs, is_complex)])
     with graph.inserting_before(cache_node):
+        stored = [call(torch.view_as_real, (t,), "store") if c else t
+                  for t, c in zip(sl.token_inputs, is_complex)]
         if recompute:
             l = split_len(past, frac.numerator, frac.denominator) if isinstance(past, int) else \
                 call(split_len, (past, frac.numerator, frac.denominator), "split")
-            specs = record_specs([example_value(t) for t in sl.token_inputs])
-            tokens = items(call(ops.load_tokens.default, (handle, layer, l, *specs, kv.device),
+            loaded = items(call(ops.load_tokens.default, (handle, layer, l, *real_specs, kv.device),
                                 "load_tokens"), len(sl.token_inputs), "load_tokens")
         else:
-            l, tokens = 0, []
+            l, loaded = 0, []
         b, heads, _, head_dim = kv.shape
         k_ld, v_ld = items(call(ops.load_kv.default,
                                 (handle, layer, l, past, b, heads, head_dim, kv.dtype, kv.device),
                                 "load_kv"), 2, "load_kv")
-        call(ops.wait.default, ([*tokens, k_ld, v_ld],), "wait")
+        call(ops.wait.default, ([*loaded, k_ld, v_ld],), "wait")
         if recompute:
+            tokens = [call(torch.view_as_complex, (t,), "recompute") if c else t
+                      for t, c in zip(loaded, is_complex)]
             k_rc, v_rc = _inline(graph, sl.module, [*tokens, *sl.consts], effective, layer)
         else:
             k_rc, v_rc = call(empty_past, (k_new,), "recompute"), call(empty_past, (v_new,), "recompute")
         call(ops.store_tokens.default,
-             (handle, layer, past, k_new, v_new, list(sl.token_inputs), list(sl.tdims)), "store")
+             (handle, layer, past, k_new, v_new, stored, list(sl.tdims)), "store")
         k_all, v_all = items(call(ops.assemble.default,
                                   (handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new), "assemble"),
                              2, "assemble")

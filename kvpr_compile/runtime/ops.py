@@ -61,7 +61,7 @@ def _(handle, layer, start, end, batch, heads, head_dim, dtype, device):
 
 # Record dtypes travel as small ints (schemas have no list-of-dtype type).
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-          torch.bool, torch.complex64)
+          torch.bool)
 
 
 def record_specs(likes) -> tuple[list, list[int], list[int]]:

@@ -1,0 +1,144 @@
+"""Compiled vs eager on decoders that are not from transformers: the built-in Llama, a fused-QKV
+nanoGPT-style model and a gpt-fast-style model with complex RoPE and explicit attention.
+Tolerance: max relative error of logits <= 1e-5 (fp32), greedy tokens identical."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvpr_compile
+from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
+from custom_models import ComplexRopeModel, FusedQKVModel, make_cache
+from conftest import max_rel_err, worst_rel_err
+
+TOL = 1e-5
+STEPS = 16
+
+
+def _tiny_llama(kv_heads):
+    cfg = TinyLlamaConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=4,
+                          num_kv_heads=kv_heads, intermediate_size=96, max_seq_len=128)
+    model = build_tiny_llama(cfg, seed=1)
+    return model, lambda b: model.make_cache(b, 128)
+
+
+def _custom(cls):
+    torch.manual_seed(2)
+    model = cls().eval()
+    return model, lambda b: make_cache(model, b, 128)
+
+
+MODELS = {
+    "llama-mha": lambda: _tiny_llama(4),
+    "llama-gqa": lambda: _tiny_llama(2),
+    "fused-qkv": lambda: _custom(FusedQKVModel),
+    "complex-rope": lambda: _custom(ComplexRopeModel),
+}
+
+
+@torch.no_grad()
+def decode(model, prompt, cache, steps, poison_after_prefill=False):
+    """Prefill logits (all positions), then `steps` greedy steps; returns (prefill, steps, tokens)."""
+    prefill = model(prompt, cache)
+    if poison_after_prefill:
+        for k, v in zip(cache.k_cpu, cache.v_cpu):
+            k.fill_(float("nan"))
+            v.fill_(float("nan"))
+    logits, tokens = [], []
+    nxt = prefill[:, -1].argmax(-1, keepdim=True)
+    for _ in range(steps):
+        tokens.append(nxt)
+        out = model(nxt, cache)[:, -1]
+        logits.append(out)
+        nxt = out.argmax(-1, keepdim=True)
+    return prefill, logits, torch.cat(tokens, 1)
+
+
+def compare(name, ratio, inner, batch=2, prompt_len=7):
+    model, new_cache = MODELS[name]()
+    prompt = torch.randint(0, 89, (batch, prompt_len), generator=torch.Generator().manual_seed(3))
+    ref = decode(model, prompt, new_cache(batch), STEPS)
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": ratio, "inner": inner})
+    out = decode(compiled, prompt, new_cache(batch), STEPS)
+    return ref, out
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.37, 1.0])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiled_matches_eager(name, ratio):
+    ref, out = compare(name, ratio, "eager")
+    assert max_rel_err(out[0], ref[0]) <= TOL                 # prefill
+    assert worst_rel_err(out[1], ref[1]) <= TOL               # 16 decode steps
+    assert torch.equal(out[2], ref[2])                        # greedy tokens
+    report = kvpr_compile.last_report()
+    assert sorted(report.ratios) == [0, 1] and not report.skipped
+    assert all(r == pytest.approx(ratio, abs=1e-3) for r in report.ratios.values())
+
+
+@pytest.mark.parametrize("name", ["fused-qkv", "complex-rope"])
+def test_compiled_matches_eager_inductor(name):
+    ref, out = compare(name, 0.37, "inductor")
+    assert max_rel_err(out[0], ref[0]) <= TOL
+    assert worst_rel_err(out[1], ref[1]) <= TOL
+    assert torch.equal(out[2], ref[2])
+    assert kvpr_compile.last_report().ratios == {0: pytest.approx(0.37), 1: pytest.approx(0.37)}
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "complex-rope", "fused-qkv"])
+def test_recompute_is_real_poisoned_kv(name):
+    """NaN in every stored K/V after prefill: ratio 1.0 rebuilds K,V from stored X and still
+    matches the clean eager run; ratio 0 (which reads the stored K/V) must not."""
+    model, new_cache = MODELS[name]()
+    prompt = torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(4))
+    ref = decode(model, prompt, new_cache(2), 6)
+    full = torch.compile(model, backend="kvpr", options={"ratio": 1.0})
+    out = decode(full, prompt, new_cache(2), 6, poison_after_prefill=True)
+    assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
+    torch._dynamo.reset()
+    none = torch.compile(model, backend="kvpr", options={"ratio": 0.0})
+    bad = decode(none, prompt, new_cache(2), 6, poison_after_prefill=True)
+    assert torch.isnan(bad[1][0]).all()
+
+
+def test_decode_loop_compiles_at_most_three_graphs():
+    model, new_cache = MODELS["llama-gqa"]()
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.5})
+    before = len(kvpr_compile.reports())
+    prompt = torch.randint(0, 89, (2, 5), generator=torch.Generator().manual_seed(5))
+    decode(compiled, prompt, new_cache(2), 64)
+    assert len(kvpr_compile.reports()) - before <= 3
+
+
+def test_ratio_is_annotated_on_the_graph():
+    model, new_cache = MODELS["llama-mha"]()
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.25})
+    decode(compiled, torch.zeros(1, 4, dtype=torch.long), new_cache(1), 3)
+    report = kvpr_compile.last_report()
+    nodes = [n for n in report.graph_module.graph.nodes if "kvpr_ratio" in n.meta.get("custom", {})]
+    ops = {n.target for n in nodes if n.op == "call_function"}
+    assert {torch.ops.kvpr.load_kv.default, torch.ops.kvpr.load_tokens.default,
+            torch.ops.kvpr.store_tokens.default, torch.ops.kvpr.assemble.default} <= ops
+    assert all(n.meta["custom"]["kvpr_ratio"] == 0.25 for n in nodes)
+    assert {n.meta["custom"]["kvpr_layer"] for n in nodes} == {0, 1}
+    assert not any(n.target == torch.ops.kvpr.cache_update.default for n in report.graph_module.graph.nodes)
+    text = str(report)
+    assert "layer" in text and "0.250" in text
+
+
+def test_cache_filled_uncompiled_then_compiled_decode_falls_back_to_stored_kv():
+    """X is only stored by compiled graphs: an eager prefill leaves nothing to recompute from,
+    and the compiled decode must then load those positions instead (still exact)."""
+    model, new_cache = MODELS["llama-mha"]()
+    prompt = torch.randint(0, 89, (2, 6), generator=torch.Generator().manual_seed(6))
+    ref = decode(model, prompt, new_cache(2), 5)
+    cache = new_cache(2)
+    with torch.no_grad():
+        prefill = model(prompt, cache)                        # uncompiled
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 1.0})
+    nxt, logits = prefill[:, -1].argmax(-1, keepdim=True), []
+    with torch.no_grad():
+        for _ in range(5):
+            out = compiled(nxt, cache)[:, -1]
+            logits.append(out)
+            nxt = out.argmax(-1, keepdim=True)
+    assert worst_rel_err(logits, ref[1]) <= TOL
