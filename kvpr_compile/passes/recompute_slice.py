@@ -54,6 +54,12 @@ def is_tensor_node(node) -> bool:
     return isinstance(node, fx.Node) and isinstance(example_value(node), torch.Tensor)
 
 
+def _is_shape_value(val) -> bool:
+    if isinstance(val, (tuple, list, torch.Size)):
+        return all(_is_shape_value(v) for v in val)
+    return isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool)
+
+
 def _carries_tensor(node) -> bool:
     """A tensor, or a tuple of tensors such as the result of split()."""
     val = example_value(node) if isinstance(node, fx.Node) else None
@@ -147,8 +153,8 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
         for inp in nd.all_input_nodes:
             if inp in members or inp is x or inp in sides or inp in consts:
                 continue
-            if not _carries_tensor(inp) and not isinstance(example_value(inp), (int, torch.SymInt)):
-                raise Unsupported(f"recompute slice reads {inp.name}, neither a tensor nor an int")
+            if not _carries_tensor(inp) and not _is_shape_value(example_value(inp)):
+                raise Unsupported(f"recompute slice reads {inp.name}, neither a tensor nor a size")
             (consts if inp in params or not is_tensor_node(inp) else sides).append(inp)
     order = {nd: i for i, nd in enumerate(x.graph.nodes)}
     sides.sort(key=order.__getitem__)
