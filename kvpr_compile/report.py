@@ -45,7 +45,9 @@ class Report:
             lines.append(f"  skipped {name}: {reason}")
         lines.extend(f"  note: {n}" for n in self.notes)
         if self.plan is not None:
-            lines.append(str(self.plan))
+            from .plan_table import format_layers
+            lines.append(f"  scheduler: {self.plan}")
+            lines.append(format_layers(self.plan))
         return "\n".join(lines)
 
 

@@ -60,6 +60,8 @@ class Plan:
     baseline_step_s: float              # same model, ratio 0, nothing resident (full-KV prefetch)
     profile_name: str
     profile_source: str = ""
+    h2d_bytes_per_s: float = 0.0
+    d2h_bytes_per_s: float = 0.0
     layer_times_s: list[float] = field(default_factory=list)
     baseline_layer_times_s: list[float] = field(default_factory=list)
     tail_s: float = 0.0                 # after the last attention (the last append)
@@ -259,6 +261,8 @@ def plan_split(profile: HardwareProfile, *, num_layers: int, batch_size: int, se
         baseline_step_s=sum(base_times) + base_tail,
         profile_name=profile.name,
         profile_source=profile.source,
+        h2d_bytes_per_s=profile.h2d_bytes_per_s,
+        d2h_bytes_per_s=profile.d2h_bytes_per_s,
         layer_times_s=times,
         baseline_layer_times_s=base_times,
         tail_s=tail,

@@ -142,3 +142,21 @@ def test_cache_filled_uncompiled_then_compiled_decode_falls_back_to_stored_kv():
             logits.append(out)
             nxt = out.argmax(-1, keepdim=True)
     assert worst_rel_err(logits, ref[1]) <= TOL
+
+
+def test_scheduler_ratios_reach_the_graph_and_the_report(monkeypatch):
+    """Without a forced ratio the scheduler picks per-layer ratios from the profile (GQA 2:1 here
+    would be 0, MHA on the H200 preset recomputes), and the report prints its per-layer plan."""
+    monkeypatch.delenv("KVPR_PROFILE", raising=False)
+    model, new_cache = MODELS["llama-mha"]()
+    compiled = torch.compile(model, backend="kvpr", options={"profile": "h200-pcie5", "overlap": "row"})
+    prompt = torch.randint(0, 89, (2, 5), generator=torch.Generator().manual_seed(7))
+    ref = decode(model, prompt, new_cache(2), 4)
+    out = decode(compiled, prompt, new_cache(2), 4)
+    assert worst_rel_err(out[1], ref[1]) <= TOL
+    report = kvpr_compile.last_report()
+    assert report.plan is not None and "h200-pcie5" in report.ratio_source
+    assert [report.ratios[i] for i in sorted(report.ratios)] == pytest.approx(report.plan.ratios, abs=1e-3)
+    assert 0 < min(report.plan.ratios) < 1          # the row schedule's interior optimum
+    text = str(report)
+    assert "predicted step" in text and "full-KV" in text

@@ -8,9 +8,8 @@ import sys
 from .. import cost_model as cm
 from ..arch_presets import ARCH_PRESETS, Arch
 from ..profiler import HardwareProfile, resolve_profile
+from ..plan_table import format_layers
 from ..scheduler import Plan, plan_split
-
-MB = 1e6
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -76,37 +75,7 @@ def format_plan(plan: Plan, arch: Arch, profile: HardwareProfile) -> str:
         f"LP solved in {plan.solve_s * ms:.1f} ms",
         "",
     ]
-    header = (f"{'layer':>5} {'ratio':>6} {'recompute':>9} {'resident':>8} {'H2D MB':>8} "
-              f"{'D2H MB':>7} {'link ms':>8} {'predicted ms':>12} {'full-KV ms':>10} "
-              f"{'full-KV link ms':>15}")
-    lines += [header, "-" * len(header)]
-    base_link = plan.baseline_h2d_bytes / profile.h2d_bytes_per_s + c.store_s
-    for i in range(plan.num_layers):
-        link = (plan.h2d_bytes[i] / profile.h2d_bytes_per_s
-                + plan.d2h_bytes[i] / profile.d2h_bytes_per_s)
-        lines.append(
-            f"{i:>5} {plan.ratios[i]:>6.3f} {plan.recompute_tokens[i]:>9} "
-            f"{plan.resident_tokens[i]:>8} {plan.h2d_bytes[i] / MB:>8.1f} "
-            f"{plan.d2h_bytes[i] / MB:>7.2f} {link * ms:>8.3f} {plan.layer_times_s[i] * ms:>12.3f} "
-            f"{plan.baseline_layer_times_s[i] * ms:>10.3f} {base_link * ms:>15.3f}")
-    base_tail = plan.baseline_step_s - sum(plan.baseline_layer_times_s)
-    lines.append(f"{'tail':>5} {'':>6} {'':>9} {'':>8} {'':>8} {'':>7} {'':>8} "
-                 f"{plan.tail_s * ms:>12.3f} {base_tail * ms:>10.3f}")
-    lines.append("-" * len(header))
-    mean_ratio = sum(plan.ratios) / plan.num_layers
-    lines.append(
-        f"{'total':>5} {mean_ratio:>6.3f} {sum(plan.recompute_tokens):>9} "
-        f"{sum(plan.resident_tokens):>8} {sum(plan.h2d_bytes) / MB:>8.1f} "
-        f"{sum(plan.d2h_bytes) / MB:>7.2f} {plan.link_limit_s * ms:>8.3f} "
-        f"{plan.predicted_step_s * ms:>12.3f} {plan.baseline_step_s * ms:>10.3f} "
-        f"{plan.baseline_link_limit_s * ms:>15.3f}")
-    lines += [
-        "",
-        f"predicted step {plan.predicted_step_s * ms:.3f} ms vs full-KV prefetch "
-        f"{plan.baseline_step_s * ms:.3f} ms ({plan.speedup:.2f}x); link limit for full KV "
-        f"{plan.baseline_link_limit_s * ms:.3f} ms, for this plan's bytes "
-        f"{plan.link_limit_s * ms:.3f} ms",
-    ]
+    lines.append(format_layers(plan))
     if plan.gpu_budget_bytes is not None:
         used = plan.working_set_bytes + sum(plan.resident_tokens) * c.kv_bytes_per_token
         lines.append(f"GPU budget {plan.gpu_budget_bytes / 1e9:.2f} GB: working set "
