@@ -64,17 +64,23 @@ class KVPRLayer(CacheLayerMixin):
 
 
 def _dims(config):
+    """(layers, kv heads, head dim, text config) as the model's attention stores K/V."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_kv_heads", None) or heads
+    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", True):
+        kv_heads = 1  # Falcon-7B style multi-query attention
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return cfg.num_hidden_layers, kv_heads, head_dim, cfg
 
 
 class KVPRCache(Cache):
     def __init__(self, config, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
-                 device=None):
-        num_layers, kv_heads, head_dim, cfg = _dims(config)
+                 device=None, *, num_kv_heads: int | None = None, head_dim: int | None = None):
+        """K/V geometry comes from the config; ``num_kv_heads`` / ``head_dim`` override it for
+        architectures that store K/V with another layout than their config names."""
+        num_layers, kv_heads, cfg_head_dim, cfg = _dims(config)
+        kv_heads, head_dim = num_kv_heads or kv_heads, head_dim or cfg_head_dim
         if dtype is None:
             dtype = getattr(cfg, "dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

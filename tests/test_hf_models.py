@@ -108,3 +108,58 @@ def test_kvpr_cache_storage_follows_the_config():
     assert tuple(cache.offloaded.k_cpu[0].shape) == (20, 3, 2, 16)
     with pytest.raises(NotImplementedError):
         cache.reorder_cache(torch.tensor([0, 1, 2]))
+
+
+EXTRA = {  # more layouts: q/k norms, interleaved fused QKV, multi-query, partial/interleaved RoPE, ALiBi
+    "qwen3": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4),
+    "falcon": dict(hidden_size=64, num_attention_heads=4, multi_query=True, new_decoder_architecture=False),
+    "gemma2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "stablelm": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+    "cohere": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+    "olmo2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+    "gptj": dict(n_embd=64, n_head=4, rotary_dim=8),
+    "bloom": dict(hidden_size=64, n_head=4),
+    "gpt_bigcode": dict(n_embd=64, n_head=4, multi_query=True),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(EXTRA))
+def test_more_architectures_full_recompute(arch):
+    cfg = transformers.AutoConfig.for_model(arch, **SMALL, **EXTRA[arch])
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    ref = generate(model, ids)
+    first_report = len(kvpr_compile.reports())
+    model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": 1.0})
+    out = generate(model, ids)
+    assert worst_rel_err(out.logits, ref.logits) <= TOL and torch.equal(out.sequences, ref.sequences)
+    mine = kvpr_compile.reports()[first_report:]
+    assert all(sorted(r.ratios) == [0, 1] and not r.skipped for r in mine)
+    assert any(r.ratios == {0: 1.0, 1: 1.0} for r in mine)
+
+
+def test_hf_poisoned_kv_full_recompute():
+    """Stored K/V poisoned with NaN after a compiled prefill; ratio 1.0 decode still exact."""
+    model = build("llama-gqa")
+    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(3))
+
+    @torch.no_grad()
+    def run(m, poison):
+        cache = KVPRCache(model.config, 2, 64)
+        logits = m(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        if poison:
+            for t in cache.offloaded.k_cpu + cache.offloaded.v_cpu:
+                t.fill_(float("nan"))
+        outs = []
+        for _ in range(5):
+            nxt = logits.argmax(-1, keepdim=True)
+            logits = m(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+            outs.append(logits)
+        return outs
+
+    ref = run(model, poison=False)
+    model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": 1.0})
+    assert worst_rel_err(run(model, poison=True), ref) <= TOL

@@ -180,7 +180,10 @@ class _Batcher:
             if not isinstance(example_value(x), torch.Tensor):
                 return self._emit("call_function", operator.getitem, (m(x), idx))
             idx = idx if isinstance(idx, tuple) else (idx,)
-            if any(isinstance(i, (fx.Node, torch.Tensor, list)) for i in idx):
+            lists = [i for i in idx if isinstance(i, list)]
+            if any(isinstance(i, (fx.Node, torch.Tensor)) for i in idx) or len(lists) > 1 or any(
+                    not all(isinstance(j, int) for j in lst) for lst in lists):
+                # one constant list index keeps its dim in place; anything else may move dims
                 raise Unsupported("advanced indexing in the recompute slice")
             return self._emit("call_function", operator.getitem, (m(x), (slice(None), *idx)))
 
