@@ -160,3 +160,17 @@ def test_scheduler_ratios_reach_the_graph_and_the_report(monkeypatch):
     assert 0 < min(report.plan.ratios) < 1          # the row schedule's interior optimum
     text = str(report)
     assert "predicted step" in text and "full-KV" in text
+
+
+@pytest.mark.parametrize("name,prompt_len", [("llama-mha", 16), ("complex-rope", 8)])
+def test_prompt_as_long_as_a_feature_dim_still_stores_x(name, prompt_len):
+    """RoPE tables then have two dims of the token count; the token axis is traced from the
+    cache's K instead, so the prefill still stores X and later steps recompute it."""
+    model, new_cache = MODELS[name]()
+    prompt = torch.randint(0, 89, (2, prompt_len), generator=torch.Generator().manual_seed(8))
+    ref = decode(model, prompt, new_cache(2), 4)
+    cache = new_cache(2)
+    out = decode(torch.compile(model, backend="kvpr", options={"ratio": 1.0}), prompt, cache, 4)
+    assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
+    assert all(not r.skipped for r in kvpr_compile.reports()[-2:])
+    assert cache._store.token_len == [prompt_len + 4] * 2     # X stored from the prefill on

@@ -21,6 +21,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .token_dims import token_dims
 from .graph_utils import (ADDMM, LINEAR, MATMUL, example_value, is_cache_update, is_call,
                           is_sdpa, is_softmax)
 
@@ -115,8 +116,15 @@ def _find_x(v_new: fx.Node, params: set) -> tuple[fx.Node, fx.Node]:
     return x, proj
 
 
-def _side_tdim(node: fx.Node, n) -> int:
+def _side_tdim(node: fx.Node, n, traced: dict) -> int:
+    """Token dim of a side input in a multi-token graph; -1 if it has none (broadcast)."""
     shape = example_value(node).shape
+    if node in traced:  # aligned with the cache's token axis through the slice's ops
+        d = traced[node]
+        if _same(shape[d], n):
+            return d
+        if shape[d] == 1:
+            return -1
     dims = [i for i, s in enumerate(shape) if _same(s, n)]
     if len(dims) > 1:
         raise Unsupported(f"side input {node.name} {tuple(shape)} has several dims of the token "
@@ -159,7 +167,8 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
     order = {nd: i for i, nd in enumerate(x.graph.nodes)}
     sides.sort(key=order.__getitem__)
     single = isinstance(n, int) and n == 1
-    tdims = [-1 if single else 1] + [-1 if single else _side_tdim(s, n) for s in sides]
+    traced = {} if single else token_dims([k_new, v_new], members | set(sides), order)
+    tdims = [-1 if single else 1] + [-1 if single else _side_tdim(s, n, traced) for s in sides]
     sl = RecomputeSlice(x, proj, [x, *sides], tdims, consts, nodes, single)
     if single:
         from .batch_tokens import batch_over_tokens

@@ -1,0 +1,68 @@
+"""Where the token axis is in the recompute slice, traced back from the cache's K/V (whose token
+dim is 2 by the cache contract) through layout and elementwise ops.
+
+Used to find a side input's token dim when its sizes alone are ambiguous (a prompt as long as
+head_dim makes RoPE's cos (1, 1, n, d) have two dims of size n). Ops without a rule end the walk.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .graph_utils import example_value
+
+_POINTWISE_METHODS = {"add", "sub", "mul", "div", "pow", "neg", "float", "half", "bfloat16", "to",
+                      "type", "type_as", "contiguous", "clone", "sigmoid", "tanh", "exp", "rsqrt"}
+_POINTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+                        torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.where,
+                        F.silu, torch.sigmoid, torch.tanh, torch.clone}
+
+
+def _rank(node) -> int | None:
+    val = example_value(node) if isinstance(node, fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def operand_dim(node: fx.Node, operand: fx.Node, dim: int) -> int | None:
+    """The dim of ``operand`` that becomes dim ``dim`` of ``node``'s output, if a rule knows it."""
+    r, ra = _rank(node), _rank(operand)
+    if r is None or ra is None:
+        return None
+    t, args, method = node.target, node.args, node.op == "call_method"
+    if (method and t in _POINTWISE_METHODS) or (not method and t in _POINTWISE_FUNCTIONS) \
+            or t in (torch.view_as_real, torch.view_as_complex):
+        idx = dim - (r - ra) if t is not torch.view_as_real else dim
+        return idx if 0 <= idx < ra else None
+    if operand is not args[0]:
+        return None
+    if t == "transpose" or t is torch.transpose:
+        i, j = (a % r for a in args[1:3])
+        return j if dim == i else i if dim == j else dim
+    if t == "permute" or t is torch.permute:
+        dims = args[1:] if method else args[1]
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        return dims[dim] % r
+    if t == "flatten" or t is torch.flatten:
+        start = (args[1] if len(args) > 1 else 0) % ra
+        end = (args[2] if len(args) > 2 else -1) % ra
+        return dim if dim < start else dim + (end - start) if dim > start else None
+    if t == "unsqueeze" or t is torch.unsqueeze:
+        u = args[1] % r
+        return None if dim == u else dim if dim < u else dim - 1
+    return None
+
+
+def token_dims(outputs: list[fx.Node], members: set[fx.Node], order: dict) -> dict[fx.Node, int]:
+    """Token dim of every slice node (and side input) the walk from ``outputs`` reaches."""
+    tdim = {o: 2 for o in outputs}
+    for node in sorted(members, key=order.__getitem__, reverse=True):
+        if node not in tdim or node.op not in ("call_function", "call_method"):
+            continue
+        for inp in node.all_input_nodes:
+            d = operand_dim(node, inp, tdim[node])
+            if d is not None:
+                tdim.setdefault(inp, d)
+    return tdim
