@@ -1,0 +1,110 @@
+"""pytest-benchmark suites: one greedy decode step per round, per contender.
+
+- ``test_cpu_decode_step``: a toy Llama (2 layers, width 64) compiled with ``backend="kvpr"`` at
+  the scheduler's ratio on the CPU. Runs everywhere, including CI with ``--benchmark-disable``
+  (the step then runs once), and checks the tokens against eager decoding so the path cannot rot.
+- ``test_gpu_decode_step``: 8-layer fp16 OPT-6.7B / Llama-7B / Llama-3-8B shapes, each contender
+  of the one-run comparison (resident, HF offloaded, kvpr ratio 0, kvpr scheduled); marked
+  ``cuda`` and skipped without a CUDA device. Each round is one decode step with a device sync.
+
+    pytest benchmarks -m cuda --benchmark-columns=median,iqr,rounds   # on a GPU box
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from kvpr_compile import reports
+from kvpr_compile.bench import configs as cf
+from kvpr_compile.bench.runners import (CONTENDERS, HF_OFFLOADED, KVPR_R0, KVPR_SCHED, RESIDENT,
+                                        BenchEnv, decode_graph_report, hf_offloaded_decoder,
+                                        kvpr_decoder, resident_decoder)
+from kvpr_compile.profiler import preset, resolve_profile
+
+CUDA = torch.cuda.is_available()
+ROUNDS, WARMUP_ROUNDS, COMPILE_STEPS = 10, 2, 2
+GPU_CASES = [("llama-7b", 16, 1024), ("opt-6.7b", 32, 256), ("llama-3-8b", 16, 1024)]
+
+
+def _decoder(name: str, model, env: BenchEnv, batch: int, max_seq_len: int):
+    if name == RESIDENT:
+        return resident_decoder(model)
+    if name == HF_OFFLOADED:
+        return hf_offloaded_decoder(model)
+    return kvpr_decoder(model, env, 0.0 if name == KVPR_R0 else None, batch, max_seq_len)
+
+
+def _prompt(vocab: int, batch: int, prompt: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(batch * 7919 + prompt)
+    return torch.randint(0, vocab, (batch, prompt), generator=gen).to(device)
+
+
+def test_cpu_decode_step(benchmark):
+    torch.compiler.reset()
+    spec = cf.CPU_MODELS["llama-7b"]
+    model = cf.build_model(spec, 2, dtype=torch.float32, device="cpu", max_positions=64)
+    env = BenchEnv(device=torch.device("cpu"), dtype=torch.float32,
+                   profile=preset("h200-pcie5"), h2d_bytes_per_s=55e9)
+    prompt = 24  # not head_dim (16): a prompt that long makes RoPE's token dim ambiguous
+    ids = _prompt(spec.vocab_size, 2, prompt, "cpu")
+    first = len(reports())
+    decoder = _decoder(KVPR_SCHED, model, env, 2, prompt + 1 + COMPILE_STEPS + 2 * ROUNDS)
+    decoder.prefill(ids)
+    for _ in range(COMPILE_STEPS):
+        decoder.step()
+    benchmark.pedantic(decoder.step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    got = decoder.tokens()
+    decode_graph = decode_graph_report(reports()[first:])
+    assert decode_graph is not None and any(e.ratio > 0 for e in decode_graph.layers)
+    reference = _decoder(RESIDENT, model, env, 2, 0)
+    reference.prefill(ids)
+    for _ in range(got.shape[1] - 1):
+        reference.step()
+    torch.compiler.reset()
+    assert torch.equal(got, reference.tokens())
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_model(name: str):
+    return cf.build_model(cf.GPU_MODELS[name], cf.DEFAULT_LAYERS, dtype=torch.float16,
+                          device="cuda", max_positions=8192)
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_profile():
+    return resolve_profile("measure", device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("contender", CONTENDERS)
+@pytest.mark.parametrize("model_name,batch,prompt", GPU_CASES,
+                         ids=[f"{m}-b{b}-p{p}" for m, b, p in GPU_CASES])
+def test_gpu_decode_step(benchmark, model_name, batch, prompt, contender):
+    torch.compiler.reset()
+    model = _gpu_model(model_name)
+    profile = _gpu_profile()
+    env = BenchEnv(device=torch.device("cuda"), dtype=torch.float16, profile=profile,
+                   h2d_bytes_per_s=profile.h2d_bytes_per_s)
+    room = 1 + COMPILE_STEPS + WARMUP_ROUNDS + ROUNDS + 2
+    decoder = _decoder(contender, model, env, batch, prompt + room)
+    decoder.prefill(_prompt(model.config.vocab_size, batch, prompt, "cuda"))
+    for _ in range(COMPILE_STEPS):
+        decoder.step()
+
+    def step():
+        decoder.step()
+        torch.cuda.synchronize()
+
+    benchmark.group = f"{model_name} b{batch} p{prompt}"
+    benchmark.extra_info.update(model=model_name, batch=batch, prompt=prompt,
+                                layers=cf.DEFAULT_LAYERS, contender=contender,
+                                device=torch.cuda.get_device_name())
+    try:
+        benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+    finally:
+        del decoder
+        torch.compiler.reset()
+        torch.cuda.empty_cache()

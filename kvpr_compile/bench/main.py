@@ -1,0 +1,186 @@
+"""Command line of the decode comparison: ``kvpr bench`` and ``python -m benchmarks.decode``.
+
+``add_arguments(parser)`` declares the flags, ``run(args)`` does the work (progress to stderr, the
+table to stdout, ``--json`` and ``--trace`` files), ``main(argv)`` wraps both. Modes:
+
+- CUDA, default: the paper's case plus the batch x prompt sweep for OPT-6.7B, Llama-7B (MHA) and
+  Llama-3-8B (GQA) shapes, ``--layers`` (8) layers, fp16;
+- ``--quick``: one small case per model at full width, 2 layers;
+- no CUDA (or ``--cpu``): the same three families at toy width, 2 layers, fp32, on the CPU, so the
+  command is testable anywhere; labelled as meaningless for GPU claims, HF offloaded skipped.
+
+Exit status 1 if any contender failed, 0 otherwise (missed targets are reported, not fatal).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import configs as cf
+from .runners import CONTENDERS, BenchEnv
+from .suite import run_suite
+from .table import environment, format_report, write_json
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("what to run")
+    g.add_argument("--models", nargs="+", default=list(cf.DEFAULT_MODELS), metavar="MODEL",
+                   choices=sorted(cf.GPU_MODELS),
+                   help=f"model shapes (default: {' '.join(cf.DEFAULT_MODELS)}; "
+                        f"any of {', '.join(sorted(cf.GPU_MODELS))})")
+    g.add_argument("--batch", nargs="+", type=int, default=None, metavar="B",
+                   help=f"sweep batch sizes (default {' '.join(map(str, cf.DEFAULT_BATCHES))})")
+    g.add_argument("--prompt", nargs="+", type=int, default=None, metavar="P",
+                   help=f"sweep prompt lengths (default {' '.join(map(str, cf.DEFAULT_PROMPTS))})")
+    g.add_argument("--new-tokens", type=int, default=None, metavar="N",
+                   help=f"tokens generated per sweep case, the first by the prefill (default "
+                        f"{cf.DEFAULT_NEW_TOKENS}; the paper's case always generates "
+                        f"{cf.PAPER[2]})")
+    g.add_argument("--no-paper", action="store_true",
+                   help=f"leave out the paper's case (batch {cf.PAPER[0]}, prompt {cf.PAPER[1]}, "
+                        f"{cf.PAPER[2]} new tokens)")
+    g.add_argument("--paper-only", action="store_true", help="run only the paper's case")
+    g.add_argument("--layers", type=int, default=None,
+                   help=f"decoder layers per model (default {cf.DEFAULT_LAYERS}; 2 with --quick "
+                        "or on the CPU)")
+    g.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS,
+                   metavar="NAME", help=f"subset of {', '.join(CONTENDERS)} (default: all)")
+    g.add_argument("--quick", action="store_true",
+                   help="one small case per model (batch 4, prompt 256, 8 new tokens, 2 layers)")
+    g.add_argument("--cpu", action="store_true",
+                   help="run the toy CPU configuration even where CUDA is available")
+    h = parser.add_argument_group("how")
+    h.add_argument("--device", default=None,
+                   help="cuda, cuda:N or cpu (default: cuda if available)")
+    h.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights and cache dtype (default float16 on CUDA, float32 on the CPU)")
+    h.add_argument("--warmup", type=int, default=2,
+                   help="decode steps run before timing starts (Dynamo compiles there; default 2)")
+    h.add_argument("--profile", default=None,
+                   help="hardware profile for the scheduler: preset, JSON path or 'measure' "
+                        "(default: measured now on CUDA, the h200-pcie5 preset on the CPU); the "
+                        "physical limit always uses the H2D bandwidth measured now")
+    h.add_argument("--inner", choices=("eager", "inductor"), default="eager",
+                   help="kvpr backend option 'inner' (default eager)")
+    h.add_argument("--overlap", choices=("row", "stream"), default=None,
+                   help="kvpr backend option 'overlap' (scheduler's schedule model)")
+    h.add_argument("--seed", type=int, default=0, help="seed of weights and prompts")
+    o = parser.add_argument_group("output")
+    o.add_argument("--json", metavar="PATH", default=None,
+                   help="write every number, the device and the versions as JSON")
+    o.add_argument("--trace", metavar="DIR", default=None,
+                   help="after timing, profile a few kvpr decode steps per case: chrome trace "
+                        "JSON + PNG timeline of the CUDA streams in DIR")
+    o.add_argument("--trace-steps", type=int, default=3, help="decode steps traced (default 3)")
+    return parser
+
+
+def _device(args) -> torch.device:
+    if args.cpu:
+        return torch.device("cpu")
+    if args.device:
+        return torch.device(args.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def plan_cases(args, cpu: bool) -> tuple[list[cf.Case], dict[str, cf.ModelSpec], int, str]:
+    """(cases, model specs by key, layers, note) for the mode the arguments select."""
+    if cpu:
+        base, kind, specs = cf.CPU, "cpu", cf.CPU_MODELS
+    elif args.quick:
+        base, kind, specs = cf.QUICK, "quick", cf.GPU_MODELS
+    else:
+        base = dict(batches=cf.DEFAULT_BATCHES, prompts=cf.DEFAULT_PROMPTS,
+                    new_tokens=cf.DEFAULT_NEW_TOKENS, layers=cf.DEFAULT_LAYERS)
+        kind, specs = "sweep", cf.GPU_MODELS
+    models = [m for m in args.models if m in specs]
+    note = cf.CPU_NOTE if cpu else ""
+    dropped = [m for m in args.models if m not in specs]
+    if dropped:
+        note += f"; no toy CPU shape for {', '.join(dropped)} (left out)"
+    paper = kind == "sweep" and not args.no_paper
+    batches = [] if args.paper_only else (args.batch or base["batches"])
+    new_tokens = base["new_tokens"] if args.new_tokens is None else args.new_tokens
+    cases = cf.build_cases(models, batches, args.prompt or base["prompts"], new_tokens,
+                           paper=paper or args.paper_only, kind=kind)
+    return cases, specs, base["layers"] if args.layers is None else args.layers, note
+
+
+def _check(args, cases: list[cf.Case], layers: int) -> str:
+    """Why the arguments cannot run, or ""."""
+    if not cases:
+        return "nothing to run (check --models/--batch/--prompt)"
+    if args.warmup < 0 or args.trace_steps < 1 or layers < 1:
+        return "--warmup must be >= 0, --trace-steps and --layers >= 1"
+    if any(c.batch < 1 or c.prompt < 1 for c in cases):
+        return "batch sizes and prompt lengths must be >= 1"
+    short = sorted({c.new_tokens for c in cases if c.new_tokens - 1 <= args.warmup})
+    if short:
+        return (f"{short[0]} new tokens leave no timed decode step after the prefill and "
+                f"{args.warmup} warm-up steps; raise --new-tokens or lower --warmup")
+    return ""
+
+
+def _profiles(args, device: torch.device):
+    """(scheduler profile, H2D bytes/s for the limit, where that number comes from)."""
+    from ..profiler import DEFAULT_PRESET, measure, resolve_profile
+    if device.type == "cuda":
+        print("measuring pinned H2D bandwidth and GEMM rates ...", file=sys.stderr, flush=True)
+        measured = measure(device)
+        sched = resolve_profile(args.profile, device=device) if args.profile else measured
+        return sched, measured.h2d_bytes_per_s, "measured now, pinned"
+    sched = resolve_profile(args.profile or DEFAULT_PRESET, device=device)
+    return sched, sched.h2d_bytes_per_s, f"{sched.name}: not measured, no CUDA"
+
+
+def run(args: argparse.Namespace) -> int:
+    device = _device(args)
+    cpu = device.type != "cuda"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("kvpr bench: error: CUDA is not available", file=sys.stderr)
+        return 2
+    cases, specs, layers, note = plan_cases(args, cpu)
+    problem = _check(args, cases, layers)
+    if problem:
+        print(f"kvpr bench: error: {problem}", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype or ("float32" if cpu else "float16")]
+    try:
+        profile, h2d, h2d_source = _profiles(args, device)
+    except (ValueError, RuntimeError) as exc:
+        print(f"kvpr bench: error: {exc}", file=sys.stderr)
+        return 2
+    env = BenchEnv(device=device, dtype=dtype, profile=profile, h2d_bytes_per_s=h2d,
+                   h2d_source=h2d_source, warmup=args.warmup, inner=args.inner,
+                   overlap=args.overlap, trace_dir=Path(args.trace) if args.trace else None,
+                   trace_steps=args.trace_steps, seed=args.seed)
+    if note:
+        print(f"kvpr bench: {note}", file=sys.stderr)
+    results = run_suite(cases, specs, env, layers=layers, contenders=args.contenders)
+    meta = {**environment(device), "dtype": str(dtype).removeprefix("torch."), "cpu": cpu,
+            "layers": layers, "warmup": args.warmup, "note": note, "profile": profile.to_dict(),
+            "profile_summary": profile.summary(), "h2d_gbps": h2d / 1e9, "h2d_source": h2d_source,
+            "inner": args.inner, "overlap": args.overlap, "argv": sys.argv[1:]}
+    print(format_report(results, meta))
+    if args.json:
+        write_json(args.json, results, meta)
+        print(f"kvpr bench: wrote {args.json}", file=sys.stderr)
+    return 1 if any(r.errors for r in results) else 0
+
+
+def build_parser(prog: str = "python -m benchmarks.decode") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    return add_arguments(parser)
+
+
+DESCRIPTION = ("Decode-step comparison of GPU-resident eager, HF offloaded, kvpr at ratio 0 and "
+               "kvpr at the scheduler's ratio against the physical host-to-device limit.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
