@@ -1,4 +1,5 @@
-"""The Dynamo backend ``kvpr``: options -> find sites -> extract slices -> plan -> rewrite -> inner.
+"""The Dynamo backend ``kvpr``: options -> find sites -> extract slices -> plan -> rewrite ->
+layer-ahead placement of loads -> inner compiler.
 
 Registered through the ``torch_dynamo_backends`` entry point (setup.cfg), so
 ``torch.compile(model, backend="kvpr", options={...})`` works without importing this package.
@@ -19,6 +20,7 @@ from torch import fx
 from . import report as rep
 from .passes.find_sites import find_sites
 from .passes.graph_utils import example_value, param_derived, to_networkx
+from .passes.prefetch import hoist_loads
 from .passes.recompute_slice import Unsupported, extract_slice
 from .passes.rewrite import check_rewritable, rewrite_site
 from .runtime import ops  # noqa: F401  (registers kvpr:: ops before any graph runs)
@@ -95,10 +97,12 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         ratios, report.ratio_source, report.plan = _choose_ratios(options, slices, layers)
         for node, sl in slices.items():
             layer = node.args[3]
-            effective = rewrite_site(graph, node, sl, ratios[layer])
+            effective = rewrite_site(graph, node, sl, ratios[layer],
+                                     owned_loads=options["inner"] == "inductor")
             note = "" if sl.single_token else "multi-token graph: stores X, loads the whole past"
             report.layers.append(rep.LayerEntry(layer, effective, ratios[layer], sl.x.name,
                                                 [s.name for s in sl.token_inputs[1:]], note))
+        hoist_loads(graph)  # layer i+1's loads are issued before layer i's assemble
         graph.lint()
         gm.recompile()
     rep.add_report(report)

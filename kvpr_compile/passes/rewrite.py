@@ -47,7 +47,8 @@ def _inline(graph: fx.Graph, module: fx.GraphModule, inputs: list, ratio: float,
     return out
 
 
-def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio: float) -> float:
+def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio: float,
+                 owned_loads: bool = False) -> float:
     """Rewrite in place; returns the ratio that applies in this graph (0 for multi-token graphs)."""
     check_rewritable(cache_node)
     handle, k_new, v_new, layer, past = cache_node.args
@@ -74,13 +75,13 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
         if recompute:
             l = split_len(past, frac.numerator, frac.denominator) if isinstance(past, int) else \
                 call(split_len, (past, frac.numerator, frac.denominator), "split")
-            loaded = items(call(ops.load_tokens.default, (handle, layer, l, *real_specs, kv.device),
+            loaded = items(call(ops.load_tokens.default, (handle, layer, l, *real_specs, kv.device, owned_loads),
                                 "load_tokens"), len(sl.token_inputs), "load_tokens")
         else:
             l, loaded = 0, []
         b, heads, _, head_dim = kv.shape
         k_ld, v_ld = items(call(ops.load_kv.default,
-                                (handle, layer, l, past, b, heads, head_dim, kv.dtype, kv.device),
+                                (handle, layer, l, past, b, heads, head_dim, kv.dtype, kv.device, owned_loads),
                                 "load_kv"), 2, "load_kv")
         call(ops.wait.default, ([*loaded, k_ld, v_ld],), "wait")
         if recompute:

@@ -3,7 +3,8 @@
 Op boundaries (the CUDA runtime fills in the same ones with streams and events):
 
 - ``cache_update``: the uncompiled contract; store new K,V, return the full K,V on the device.
-- ``load_kv``: K,V for positions ``[start, end)`` (the streamed part).
+- ``load_kv``: K,V for positions ``[start, end)`` (the streamed part). ``owned=True`` (graphs run
+  by inductor, which may recycle op outputs' memory) loads into fresh tensors, not device slots.
 - ``load_tokens``: per-token recompute inputs (X and side inputs) for positions ``[0, end)``.
 - ``wait``: the loaded tensors are ready for use (declared as mutating them so that nothing
   reorders a read before it, under functionalization too).
@@ -12,12 +13,15 @@ Op boundaries (the CUDA runtime fills in the same ones with streams and events):
   stored K,V where the recompute inputs were never stored (cache filled by uncompiled code).
 
 Every op takes the cache's handle tensor; ops with side effects declare it mutated.
+On CUDA each op hands over to ``cuda_runtime`` (side streams, events, device slots); the CPU
+path below is synchronous and uses no streams.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from . import cuda_runtime
 from .store import lookup
 
 
@@ -31,6 +35,9 @@ def _records(t: Tensor, tdim: int, n: int) -> Tensor:
 @torch.library.custom_op("kvpr::cache_update", mutates_args=("handle",))
 def cache_update(handle: Tensor, k: Tensor, v: Tensor, layer: int, pos: int) -> tuple[Tensor, Tensor]:
     store = lookup(handle)
+    if cuda_runtime.handles(k.device):
+        handle[1] += 1
+        return cuda_runtime.runtime(store, k.device).cache_update(store, k, v, layer, pos)
     n = k.shape[2]
     store.write_kv(layer, pos, k, v)
     store.invalidate_tokens(layer, pos)
@@ -47,13 +54,23 @@ def _(handle, k, v, layer, pos):
 
 @torch.library.custom_op("kvpr::load_kv", mutates_args=())
 def load_kv(handle: Tensor, layer: int, start: int, end: int, batch: int, heads: int,
-            head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+            head_dim: int, dtype: torch.dtype, device: torch.device,
+            owned: bool = False) -> tuple[Tensor, Tensor]:
+    if cuda_runtime.handles(device):  # views (b, heads, n, d) of a sequence-major device slot
+        store = lookup(handle)
+        rt = cuda_runtime.runtime(store, device)
+        load = rt.load_kv_owned if owned else rt.load_kv
+        return load(store, layer, start, end, batch, heads, head_dim, dtype)
     k, v = lookup(handle).read_kv(layer, start, end, device)
     return k.contiguous(), v.contiguous()
 
 
 @load_kv.register_fake
-def _(handle, layer, start, end, batch, heads, head_dim, dtype, device):
+def _(handle, layer, start, end, batch, heads, head_dim, dtype, device, owned=False):
+    if cuda_runtime.handles(device):  # same strides as the real slot views
+        shape = (end - start, batch, heads, head_dim)
+        return (torch.empty(shape, dtype=dtype, device=device).permute(1, 2, 0, 3),
+                torch.empty(shape, dtype=dtype, device=device).permute(1, 2, 0, 3))
     shape = (batch, heads, end - start, head_dim)
     return (torch.empty(shape, dtype=dtype, device=device),
             torch.empty(shape, dtype=dtype, device=device))
@@ -84,21 +101,27 @@ def _split_specs(shapes, ranks, codes):
 
 @torch.library.custom_op("kvpr::load_tokens", mutates_args=())
 def load_tokens(handle: Tensor, layer: int, end: int, shapes: list[int], ranks: list[int],
-                dtypes: list[int], device: torch.device) -> list[Tensor]:
+                dtypes: list[int], device: torch.device, owned: bool = False) -> list[Tensor]:
     specs = _split_specs(shapes, ranks, dtypes)
+    if cuda_runtime.handles(device):  # views (end, *record) of a device slot
+        store = lookup(handle)
+        rt = cuda_runtime.runtime(store, device)
+        return (rt.load_tokens_owned if owned else rt.load_tokens)(store, layer, end, specs)
     loaded = lookup(handle).read_tokens(layer, end, specs, device)
     return [t.clone() if t.device.type == "cpu" else t for t in loaded]
 
 
 @load_tokens.register_fake
-def _(handle, layer, end, shapes, ranks, dtypes, device):
+def _(handle, layer, end, shapes, ranks, dtypes, device, owned=False):
     return [torch.empty((end, *shape), dtype=dtype, device=device)
             for shape, dtype in _split_specs(shapes, ranks, dtypes)]
 
 
 @torch.library.custom_op("kvpr::wait", mutates_args=("tensors",))
 def wait(tensors: list[Tensor]) -> None:
-    """Synchronous loads (CPU) are ready as soon as they return."""
+    """Synchronous loads (CPU) are ready as soon as they return; on CUDA the current stream
+    waits for the copy events of the slots the tensors are views of."""
+    cuda_runtime.wait(tensors)
 
 
 @torch.library.custom_op("kvpr::store_tokens", mutates_args=("handle",))
@@ -106,16 +129,23 @@ def store_tokens(handle: Tensor, layer: int, pos: int, k: Tensor, v: Tensor,
                  inputs: list[Tensor], tdims: list[int]) -> None:
     store = lookup(handle)
     n = k.shape[2]
-    store.write_kv(layer, pos, k, v)
-    store.write_tokens(layer, pos, [_records(t, d, n) for t, d in zip(inputs, tdims)])
+    records = [_records(t, d, n) for t, d in zip(inputs, tdims)]
+    if cuda_runtime.handles(k.device):  # asynchronous, on the D2H stream
+        cuda_runtime.runtime(store, k.device).store_tokens(store, layer, pos, k, v, records, inputs)
+    else:
+        store.write_kv(layer, pos, k, v)
+        store.write_tokens(layer, pos, records)
     handle[1] += 1
 
 
 @torch.library.custom_op("kvpr::assemble", mutates_args=())
 def assemble(handle: Tensor, layer: int, k_rec: Tensor, v_rec: Tensor, k_load: Tensor,
              v_load: Tensor, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
-    l = k_rec.shape[2]
     store = lookup(handle)
+    if cuda_runtime.handles(k_new.device):
+        return cuda_runtime.runtime(store, k_new.device).assemble(store, layer, k_rec, v_rec, k_load,
+                                                                  v_load, k_new, v_new)
+    l = k_rec.shape[2]
     covered = store.token_len[layer]
     if covered < l:  # no stored X for [covered, l): use the stored K,V there instead
         k_fix, v_fix = store.read_kv(layer, covered, l, k_new.device)

@@ -1,0 +1,244 @@
+"""CUDA implementation of the kvpr:: ops: side streams, events and device slots.
+
+One ``CudaRuntime`` per cache per device owns
+- ``h2d``: the copy stream for loads (pinned store -> device slot, one contiguous copy per tensor),
+- ``d2h``: the stream for stores (device -> pinned store), so storing never blocks compute,
+- the slot pool (``slots.py``): two device slots when loads are issued one layer ahead,
+- ``stored[layer]``: event after the latest write of the layer's pinned store; the next load of the
+  layer makes the copy stream wait on it,
+- ``in_flight``: device tensors a store copy still reads, held until its event completes
+  (instead of ``record_stream``).
+
+Order of one layer i, loads issued one layer ahead (compute = the current stream):
+
+    compute: ... assemble(i-1) -> record free[s(i-1)]    (slot s(i-1) may now be refilled)
+    h2d:     wait free[s(i+1)] (= s(i-1)), wait stored[i+1]; copy X, K, V of layer i+1 -> record ready
+    compute: wait ready[s(i)]; recompute(i) from the token slot
+    d2h:     wait compute; copy layer i's new K, V, X into the pinned store -> record stored[i]
+    compute: assemble(i) (concatenate into a fresh tensor) -> record free[s(i)]
+
+Nothing here waits on the host: every dependency is an event between streams. Graphs handed to
+inductor load into fresh tensors instead of slots (``owned=True``; see ``_fill_owned``). All stream and event
+calls go through ``API`` so tests can run this logic on CPU with simulated streams.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import deque
+
+import torch
+
+from .slots import SlotPool, slot_of
+
+
+class CudaApi:
+    """The few stream/event calls the runtime makes (public torch.cuda API only)."""
+    device_type = "cuda"
+
+    def normalize(self, device) -> torch.device:
+        device = torch.device(device)
+        if device.index is None:
+            device = torch.device(device.type, torch.cuda.current_device())
+        return device
+
+    def current_stream(self, device):
+        return torch.cuda.current_stream(device)
+
+    def new_stream(self, device):
+        return torch.cuda.Stream(device=device)
+
+    def use(self, stream):
+        return torch.cuda.stream(stream)
+
+    def new_event(self):
+        return torch.cuda.Event()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src, non_blocking=True)
+
+
+API = CudaApi()
+_RUNTIMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # store -> {device: runtime}
+_LIVE: "weakref.WeakSet[CudaRuntime]" = weakref.WeakSet()
+
+
+def handles(device) -> bool:
+    """Whether ops on ``device`` run here (CUDA) rather than on the synchronous CPU path."""
+    return torch.device(device).type == API.device_type
+
+
+def runtime(store, device) -> "CudaRuntime":
+    device = API.normalize(device)
+    per_device = _RUNTIMES.get(store)
+    if per_device is None:
+        per_device = _RUNTIMES[store] = {}
+    rt = per_device.get(device)
+    if rt is None:
+        rt = per_device[device] = CudaRuntime(store, device)
+    return rt
+
+
+def wait(tensors: list[torch.Tensor]) -> None:
+    """The current stream waits for the copies that filled ``tensors``."""
+    seen: set[int] = set()
+    for t in tensors:
+        if not handles(t.device):
+            continue
+        current = API.current_stream(t.device)
+        slot = slot_of(t)
+        if slot is None:   # not a slot view (e.g. copied by functionalization): wait for all loads
+            device = API.normalize(t.device)
+            for rt in list(_LIVE):
+                if rt.device == device:
+                    current.wait_stream(rt.h2d)
+        elif id(slot) not in seen:
+            seen.add(id(slot))
+            current.wait_event(slot.ready)
+
+
+class CudaRuntime:
+    def __init__(self, store, device: torch.device):
+        # no reference to the store: _RUNTIMES is keyed weakly by it
+        self.device = device
+        self.h2d = API.new_stream(device)
+        self.d2h = API.new_stream(device)
+        self.slots = SlotPool(device, API.new_event)
+        self.stored: list = [None] * store.num_layers
+        self.in_flight: deque = deque()
+        _LIVE.add(self)
+
+    def __del__(self):
+        try:   # slot memory returns to the allocator only after the copies into it are done
+            self.h2d.synchronize()
+            self.d2h.synchronize()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to protect
+            pass
+        self.slots.close()
+
+    # ---- loads ---------------------------------------------------------------------------
+    def _fill(self, layer: int, slot, after_free: bool, new_memory: bool, current, pairs) -> None:
+        """On the copy stream, once the slot is free and the layer's stores landed: dst <- src
+        (src None: zeros), then record the slot's ready event."""
+        if after_free:
+            self.h2d.wait_event(slot.free)
+        if new_memory:   # fresh blocks may still be in use by work queued on the compute stream
+            self.h2d.wait_stream(current)
+        if self.stored[layer] is not None:
+            self.h2d.wait_event(self.stored[layer])
+        with API.use(self.h2d):
+            for dst, src in pairs:
+                if src is None:
+                    dst.zero_()
+                elif dst.numel():
+                    API.copy(dst, src)
+            slot.ready.record(self.h2d)
+
+    def load_kv(self, store, layer: int, start: int, end: int, batch: int, heads: int,
+                head_dim: int, dtype: torch.dtype):
+        if dtype != store.dtype:
+            raise RuntimeError(f"kvpr: load_kv of layer {layer} asks for {dtype}; the cache holds {store.dtype}")
+        current = API.current_stream(self.device)
+        slot, after_free = self.slots.take(layer, "kv", current)
+        (k, v), new_memory = slot.kv_buffers((store.max_seq_len, batch, heads, head_dim), dtype)
+        n = end - start
+        self._fill(layer, slot, after_free, new_memory, current,
+                   [(k[:n], store.k[layer][start:end]), (v[:n], store.v[layer][start:end])])
+        return k[:n].permute(1, 2, 0, 3), v[:n].permute(1, 2, 0, 3)
+
+    def load_tokens(self, store, layer: int, end: int, specs: list[tuple[tuple, torch.dtype]]):
+        stores = store.tokens[layer]
+        if stores and [(tuple(s.shape[1:]), s.dtype) for s in stores] != \
+                [(tuple(shape), dtype) for shape, dtype in specs]:
+            raise RuntimeError(
+                f"kvpr: layer {layer}: recompute inputs {[tuple(s) for s, _ in specs]} do not match the "
+                f"ones stored {[tuple(s.shape[1:]) for s in stores]}; call cache.reset() first")
+        current = API.current_stream(self.device)
+        slot, after_free = self.slots.take(layer, "tokens", current)
+        buffers, new_memory = slot.token_buffers(specs, store.max_seq_len)
+        sources = [s[:end] for s in stores] if stores else [None] * len(buffers)
+        self._fill(layer, slot, after_free, new_memory, current,
+                   [(b[:end], s) for b, s in zip(buffers, sources)])
+        return [b[:end] for b in buffers]
+
+    # ---- loads into fresh tensors (inner="inductor") -------------------------------------
+    def _fill_owned(self, layer: int, current, pairs) -> None:
+        """Copy into tensors the caller owns: inductor may recycle the memory of any op output
+        after its last use, which slot views must never be. Fresh memory may be a block the
+        compute stream just released, so the copy waits for the compute stream (no overlap with
+        work already queued: the price of handing the graph to inductor)."""
+        self.h2d.wait_stream(current)
+        if self.stored[layer] is not None:
+            self.h2d.wait_event(self.stored[layer])
+        with API.use(self.h2d):
+            for dst, src in pairs:
+                if src is None:
+                    dst.zero_()
+                elif dst.numel():
+                    API.copy(dst, src)
+
+    def load_kv_owned(self, store, layer, start, end, batch, heads, head_dim, dtype):
+        current = API.current_stream(self.device)
+        n = end - start
+        k, v = (torch.empty((n, batch, heads, head_dim), dtype=dtype, device=self.device)
+                for _ in range(2))
+        self._fill_owned(layer, current, [(k, store.k[layer][start:end]), (v, store.v[layer][start:end])])
+        return k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+
+    def load_tokens_owned(self, store, layer, end, specs):
+        current = API.current_stream(self.device)
+        out = [torch.empty((end, *shape), dtype=dtype, device=self.device) for shape, dtype in specs]
+        stores = store.tokens[layer]
+        sources = [s[:end] for s in stores] if stores else [None] * len(out)
+        self._fill_owned(layer, current, list(zip(out, sources)))
+        return out
+
+    # ---- stores --------------------------------------------------------------------------
+    def _retire(self) -> None:
+        while self.in_flight and self.in_flight[0][0].query():
+            self.in_flight.popleft()
+
+    def store_tokens(self, store, layer: int, pos: int, k, v, records, keep) -> None:
+        """Copy the new tokens' K, V and records into the pinned store on the D2H stream."""
+        self.d2h.wait_stream(API.current_stream(self.device))
+        with API.use(self.d2h):
+            store.write_kv(layer, pos, k, v)
+            store.write_tokens(layer, pos, records)
+            done = API.new_event()
+            done.record(self.d2h)
+        self.stored[layer] = done
+        self.in_flight.append((done, (k, v, *records, *keep)))
+        self._retire()
+
+    def cache_update(self, store, k, v, layer: int, pos: int):
+        """The uncompiled contract, stream-ordered on the compute stream (the reference path)."""
+        current = API.current_stream(self.device)
+        if self.stored[layer] is not None:
+            current.wait_event(self.stored[layer])
+        store.write_kv(layer, pos, k, v)
+        store.invalidate_tokens(layer, pos)
+        done = API.new_event()
+        done.record(current)
+        self.stored[layer] = done
+        k_all, v_all = store.read_kv(layer, 0, pos + k.shape[2], k.device)
+        return k_all.contiguous(), v_all.contiguous()
+
+    # ---- assemble ------------------------------------------------------------------------
+    def assemble(self, store, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):
+        """Recomputed ++ loaded ++ new into fresh tensors; then the layer's slot is free."""
+        current = API.current_stream(self.device)
+        l, covered = k_rec.shape[2], store.token_len[layer]
+        if covered < l:   # no stored X for [covered, l): read the stored K,V (rare, synchronous-ish)
+            if self.stored[layer] is not None:
+                current.wait_event(self.stored[layer])
+            k_fix, v_fix = store.read_kv(layer, covered, l, k_new.device)
+            k_rec = torch.cat([k_rec[:, :, :covered], k_fix], dim=2)
+            v_rec = torch.cat([v_rec[:, :, :covered], v_fix], dim=2)
+        b, h, _, d = k_new.shape
+        s = k_rec.shape[2] + k_load.shape[2] + k_new.shape[2]
+        k_all = k_new.new_empty(b, h, s, d)
+        v_all = v_new.new_empty(b, h, s, d)
+        torch.cat([k_rec, k_load, k_new], dim=2, out=k_all)
+        torch.cat([v_rec, v_load, v_new], dim=2, out=v_all)
+        self.slots.give_back(layer, current)
+        self._retire()
+        return k_all, v_all

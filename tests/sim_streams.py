@@ -1,0 +1,134 @@
+"""Simulated streams and events for running the CUDA runtime's logic on CPU, with a race check.
+
+``SimApi`` replaces ``cuda_runtime.API``: copies run synchronously on CPU tensors, while every
+stream keeps a vector clock (an entry per stream: how far into that stream's queue it is known
+to have run). Recording an event snapshots the stream's clock; ``wait_event`` / ``wait_stream``
+merge a snapshot in. An access to a storage at (stream S, tick t) happens-before a later access
+on stream R iff R's clock has ``clock[S] >= t`` at that point.
+
+``Races`` logs accesses to storages (reads and writes, with their stream's clock) and collects
+every pair of conflicting accesses (write/write, read/write, write/read) to overlapping bytes that
+is not ordered: on a real GPU those could run in either order. CPU memory is reused by the
+allocator like device memory is, so a buffer released too early shows up as a race too.
+``SimEvent.query`` never reports completion (a device far behind the host).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+
+
+class SimStream:
+    def __init__(self, api: "SimApi", name: str):
+        self.api, self.name = api, name
+        self.clock: dict[str, int] = {name: 0}
+
+    def tick(self) -> int:
+        self.clock[self.name] += 1
+        return self.clock[self.name]
+
+    def _merge(self, other: dict[str, int]) -> None:
+        for k, t in other.items():
+            if k != self.name:
+                self.clock[k] = max(self.clock.get(k, 0), t)
+
+    def wait_event(self, event: "SimEvent") -> None:
+        if event.snapshot is not None:
+            self._merge(event.snapshot)
+
+    def wait_stream(self, other: "SimStream") -> None:
+        self.api.stream_waits[(self.name, other.name)] += 1
+        self._merge(other.clock)
+
+    def synchronize(self) -> None:
+        pass
+
+
+class SimEvent:
+    def __init__(self, api: "SimApi"):
+        self.api = api
+        self.snapshot: dict[str, int] | None = None
+
+    def record(self, stream: SimStream) -> None:
+        stream.tick()
+        self.snapshot = dict(stream.clock)
+
+    def query(self) -> bool:
+        """Never observed done: the worst case of a device far behind the host (nothing held
+        for an in-flight copy is released, and no ordering is learned from the host)."""
+        return False
+
+
+def _span(t: torch.Tensor) -> tuple[int, int, int]:
+    """(storage, first byte, end byte) that ``t`` covers."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    extent = 0 if t.numel() == 0 else 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return t.untyped_storage().data_ptr(), start, start + extent * size
+
+
+class Races:
+    def __init__(self):
+        self.log: dict[int, list[tuple[str, int, int, SimStream, int, str]]] = defaultdict(list)
+        self.found: list[str] = []
+        self.accesses = 0
+
+    def _access(self, kind: str, stream: SimStream, t: torch.Tensor, what: str) -> None:
+        key, lo, hi = _span(t)
+        if hi <= lo:
+            return
+        tick = stream.tick()
+        self.accesses += 1
+        for k, a, b, s, when, w in self.log[key]:
+            if (kind == "read" and k == "read") or b <= lo or hi <= a:
+                continue
+            if s is not stream and stream.clock.get(s.name, 0) < when:
+                self.found.append(f"{kind} of {what} on {stream.name} not ordered after "
+                                  f"{k} of {w} on {s.name}")
+        self.log[key].append((kind, lo, hi, stream, tick, what))
+
+    def read(self, stream: SimStream, t: torch.Tensor, what: str) -> None:
+        self._access("read", stream, t, what)
+
+    def write(self, stream: SimStream, t: torch.Tensor, what: str) -> None:
+        self._access("write", stream, t, what)
+
+
+class SimApi:
+    """Drop-in for ``cuda_runtime.CudaApi`` on the CPU device."""
+    device_type = "cpu"
+
+    def __init__(self):
+        self.races = Races()
+        self.compute = SimStream(self, "compute")
+        self.current = self.compute
+        self.streams: list[SimStream] = [self.compute]
+        self.stream_waits: dict[tuple[str, str], int] = defaultdict(int)
+
+    def normalize(self, device) -> torch.device:
+        return torch.device(device)
+
+    def current_stream(self, device) -> SimStream:
+        return self.current
+
+    def new_stream(self, device) -> SimStream:
+        self.streams.append(SimStream(self, f"side{len(self.streams)}"))
+        return self.streams[-1]
+
+    @contextlib.contextmanager
+    def use(self, stream: SimStream):
+        saved, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = saved
+
+    def new_event(self) -> SimEvent:
+        return SimEvent(self)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.races.read(self.current, src, "copy source")
+        self.races.write(self.current, dst, "copy destination")
+        dst.copy_(src)

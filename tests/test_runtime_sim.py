@@ -1,0 +1,198 @@
+"""The CUDA runtime's stream/event/slot logic, run on CPU with simulated streams (sim_streams.py).
+
+Copies run synchronously, so values must match eager exactly; the race checker then proves the
+ordering a real GPU would need: slot copies after the slot's last reader, reads after the copies,
+loads after the stores of the same positions, stores after the compute that produced their data.
+Negative controls drop one wait each and must be caught."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import worst_rel_err
+from kvpr_compile.runtime import cuda_runtime
+from kvpr_compile.runtime.slots import SlotPool
+from kvpr_compile.runtime.store import KVStore
+from sim_streams import SimApi
+from test_prefetch_placement import hoisting_backend, tiny_llama
+
+TOL = 1e-5
+
+
+@pytest.fixture
+def sim(monkeypatch):
+    """Call the returned function to route CPU ops through the CUDA runtime on SimApi."""
+    api = SimApi()
+
+    def enable():
+        monkeypatch.setattr(cuda_runtime, "API", api)
+        races = api.races
+        cur = lambda: api.current  # noqa: E731
+
+        write_kv, write_tokens, read_kv = KVStore.write_kv, KVStore.write_tokens, KVStore.read_kv
+        wait, give_back = cuda_runtime.wait, SlotPool.give_back
+        store_tokens = cuda_runtime.CudaRuntime.store_tokens
+
+        def logged_write_kv(self, layer, pos, k, v):
+            n = k.shape[2]
+            for src, dst in ((k, self.k[layer]), (v, self.v[layer])):
+                races.read(cur(), src, "new K/V")
+                races.write(cur(), dst[pos:pos + n], f"stored K/V {layer}")
+            write_kv(self, layer, pos, k, v)
+
+        def logged_write_tokens(self, layer, pos, records):
+            write_tokens(self, layer, pos, records)
+            for src, dst in zip(records, self.tokens[layer]):
+                races.read(cur(), src, "new record")
+                races.write(cur(), dst[pos:pos + src.shape[0]], f"stored record {layer}")
+
+        def logged_read_kv(self, layer, start, end, device):
+            for src in (self.k[layer], self.v[layer]):
+                races.read(cur(), src[start:end], f"stored K/V {layer}")
+            return read_kv(self, layer, start, end, device)
+
+        produced = {}   # storage -> a tensor on it, kept alive so the storage is not reused
+
+        def logged_store_tokens(self, store, layer, pos, k, v, records, keep):
+            for t in (k, v, *records):   # compute produced them just before (once: cos/sin are
+                ptr = t.untyped_storage().data_ptr()   # shared by every layer)
+                if ptr not in produced:
+                    produced[ptr] = t
+                    races.write(api.compute, t, "compute output")
+            return store_tokens(self, store, layer, pos, k, v, records, keep)
+
+        def logged_wait(tensors):
+            wait(tensors)
+            for t in tensors:
+                races.read(cur(), t, "loaded (after wait)")
+
+        def logged_give_back(self, layer, stream):
+            slot = self.held.get(layer)
+            for buf in ([*(slot.kv or ()), *slot.tokens] if slot else []):
+                races.read(stream, buf, "slot (recompute/assemble)")
+            give_back(self, layer, stream)
+
+        monkeypatch.setattr(KVStore, "write_kv", logged_write_kv)
+        monkeypatch.setattr(KVStore, "write_tokens", logged_write_tokens)
+        monkeypatch.setattr(KVStore, "read_kv", logged_read_kv)
+        monkeypatch.setattr(cuda_runtime.CudaRuntime, "store_tokens", logged_store_tokens)
+        monkeypatch.setattr(cuda_runtime, "wait", logged_wait)
+        monkeypatch.setattr(SlotPool, "give_back", logged_give_back)
+        return api
+    return enable
+
+
+PROMPT = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(11))
+
+
+def decode(model, cache, steps, compiled=None, poison=False, eager_prefill=False):
+    run = model if compiled is None else compiled
+    with torch.no_grad():
+        first = (model if eager_prefill else run)(PROMPT, cache)
+        if poison:
+            for k, v in zip(cache.k_cpu, cache.v_cpu):
+                k.fill_(float("nan"))
+                v.fill_(float("nan"))
+        nxt, logits, tokens = first[:, -1].argmax(-1, keepdim=True), [], []
+        for _ in range(steps):
+            tokens.append(nxt)
+            out = run(nxt, cache)[:, -1]
+            logits.append(out)
+            nxt = out.argmax(-1, keepdim=True)
+    return logits, torch.cat(tokens, 1)
+
+
+def compiled_run(sim, ratio, distance=1, steps=10, **kw):
+    model = tiny_llama()
+    ref = decode(model, model.make_cache(2, 96), steps)         # plain CPU path
+    api = sim()
+    compiled = torch.compile(model, backend=hoisting_backend([], distance), options={"ratio": ratio})
+    cache = model.make_cache(2, 96)
+    out = decode(model, cache, steps, compiled, **kw)
+    return api, cache, ref, out
+
+
+def check(api, ref, out):
+    assert worst_rel_err(out[0], ref[0]) <= TOL
+    assert torch.equal(out[1], ref[1])
+    assert api.races.accesses > 100
+    assert api.races.found == []
+    assert api.stream_waits[("compute", "side1")] == 0   # every wait found its slot's event
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_layer_ahead_uses_two_slots_without_races(sim, ratio):
+    api, cache, ref, out = compiled_run(sim, ratio)
+    check(api, ref, out)
+    rt = cuda_runtime.runtime(cache._store, "cpu")
+    assert len(rt.slots.slots) == 2 and not rt.slots.held
+
+
+def test_two_layers_ahead(sim):
+    api, cache, ref, out = compiled_run(sim, 0.5, distance=2)
+    check(api, ref, out)
+    assert len(cuda_runtime.runtime(cache._store, "cpu").slots.slots) == 3
+
+
+def test_poisoned_kv_is_never_read_at_ratio_one(sim):
+    api, cache, ref, out = compiled_run(sim, 1.0, poison=True)
+    check(api, ref, out)
+
+
+def test_eager_prefill_then_compiled_decode_falls_back(sim):
+    """cache_update (uncompiled) on the compute stream, then compiled loads on the copy stream
+    and the assemble fallback (no stored X for the prompt)."""
+    api, cache, ref, out = compiled_run(sim, 1.0, eager_prefill=True)
+    check(api, ref, out)
+
+
+def test_wait_maps_tensors_to_slots(sim):
+    api = sim()
+    cache = tiny_llama().make_cache(2, 96)
+    handle = cache.handle
+    k, v = torch.ops.kvpr.load_kv(handle, 1, 0, 5, 2, 4, 16, torch.float32, torch.device("cpu"))
+    assert k.shape == (2, 4, 5, 16) and k.stride() == (64, 16, 2 * 64, 1)   # sequence-major slot
+    torch.ops.kvpr.wait([k, v])
+    assert api.stream_waits[("compute", "side1")] == 0
+    torch.ops.kvpr.wait([k.clone()])                     # not a slot: waits for all copies
+    assert api.stream_waits[("compute", "side1")] == 1
+
+
+@pytest.mark.parametrize("dropped", ["free", "stored", "compute"])
+def test_race_checker_catches_a_missing_wait(sim, monkeypatch, dropped):
+    """Negative controls: without each wait the checker reports a race."""
+    rt_cls = cuda_runtime.CudaRuntime
+    if dropped == "free":      # copy into a slot before its previous reader is done
+        fill = rt_cls._fill
+        monkeypatch.setattr(rt_cls, "_fill", lambda self, layer, slot, after_free, *a:
+                            fill(self, layer, slot, False, *a))
+    elif dropped == "stored":  # load positions before their store has landed
+        fill = rt_cls._fill
+
+        def no_store_wait(self, layer, *a):
+            saved, self.stored = self.stored, [None] * len(self.stored)
+            try:
+                fill(self, layer, *a)
+            finally:
+                self.stored = saved
+        monkeypatch.setattr(rt_cls, "_fill", no_store_wait)
+    else:                      # store copies data the compute stream may not have produced yet
+        from sim_streams import SimStream
+        monkeypatch.setattr(SimStream, "wait_stream", lambda self, other: None)
+    api, _, _, _ = compiled_run(sim, 0.5, steps=4)
+    assert api.races.found
+
+
+def test_inductor_graphs_load_into_owned_tensors(sim):
+    """inner="inductor": loads land in fresh tensors (inductor may recycle op outputs' memory,
+    which slot views must never be); still exact and race-free, and no slot is used."""
+    model = tiny_llama()
+    ref = decode(model, model.make_cache(2, 96), 6)
+    api = sim()
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.5, "inner": "inductor"})
+    cache = model.make_cache(2, 96)
+    out = decode(model, cache, 6, compiled)
+    assert worst_rel_err(out[0], ref[0]) <= TOL and torch.equal(out[1], ref[1])
+    assert api.races.found == [] and api.races.accesses > 100
+    assert not cuda_runtime.runtime(cache._store, "cpu").slots.slots
+    assert api.stream_waits[("compute", "side1")] > 0      # waits cover the copy stream
