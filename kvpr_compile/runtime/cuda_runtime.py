@@ -18,7 +18,7 @@ Order of one layer i, loads issued one layer ahead (compute = the current stream
     compute: assemble(i) (concatenate into a fresh tensor) -> record free[s(i)]
 
 Nothing here waits on the host: every dependency is an event between streams. Graphs handed to
-inductor load into fresh tensors instead of slots (``owned=True``; see ``_fill_owned``). All stream and event
+inductor load into fresh tensors instead of slots (``owned=True``; see ``load_kv``). All stream and event
 calls go through ``API`` so tests can run this logic on CPU with simulated streams.
 """
 from __future__ import annotations
@@ -118,7 +118,8 @@ class CudaRuntime:
     # ---- loads ---------------------------------------------------------------------------
     def _fill(self, layer: int, slot, after_free: bool, new_memory: bool, current, pairs) -> None:
         """On the copy stream, once the slot is free and the layer's stores landed: dst <- src
-        (src None: zeros), then record the slot's ready event."""
+        (src None: zeros), then record the slot's ready event. ``slot`` None: the destinations
+        are fresh tensors the caller owns (see ``load_kv(owned=True)``)."""
         if after_free:
             self.h2d.wait_event(slot.free)
         if new_memory:   # fresh blocks may still be in use by work queued on the compute stream
@@ -131,21 +132,33 @@ class CudaRuntime:
                     dst.zero_()
                 elif dst.numel():
                     API.copy(dst, src)
-            slot.ready.record(self.h2d)
+            if slot is not None:
+                slot.ready.record(self.h2d)
 
     def load_kv(self, store, layer: int, start: int, end: int, batch: int, heads: int,
-                head_dim: int, dtype: torch.dtype):
+                head_dim: int, dtype: torch.dtype, owned: bool = False):
+        """K,V[start:end] as (b, heads, n, d) views of a sequence-major slot, or, ``owned``, of
+        fresh tensors: inductor may recycle the memory of any op output after its last use,
+        which slot memory must never be; the copy then also waits for the compute stream (no
+        overlap with work already queued: the price of handing the graph to inductor)."""
         if dtype != store.dtype:
             raise RuntimeError(f"kvpr: load_kv of layer {layer} asks for {dtype}; the cache holds {store.dtype}")
         current = API.current_stream(self.device)
-        slot, after_free = self.slots.take(layer, "kv", current)
-        (k, v), new_memory = slot.kv_buffers((store.max_seq_len, batch, heads, head_dim), dtype)
         n = end - start
+        if owned:
+            slot, after_free, new_memory = None, False, True
+            k, v = (torch.empty((n, batch, heads, head_dim), dtype=dtype, device=self.device)
+                    for _ in range(2))
+        else:
+            slot, after_free = self.slots.take(layer, "kv", current)
+            (k, v), new_memory = slot.kv_buffers((store.max_seq_len, batch, heads, head_dim), dtype)
         self._fill(layer, slot, after_free, new_memory, current,
                    [(k[:n], store.k[layer][start:end]), (v[:n], store.v[layer][start:end])])
         return k[:n].permute(1, 2, 0, 3), v[:n].permute(1, 2, 0, 3)
 
-    def load_tokens(self, store, layer: int, end: int, specs: list[tuple[tuple, torch.dtype]]):
+    def load_tokens(self, store, layer: int, end: int, specs: list[tuple[tuple, torch.dtype]],
+                    owned: bool = False):
+        """Records [0, end) as (end, *record) views of a slot (or fresh tensors, ``owned``)."""
         stores = store.tokens[layer]
         if stores and [(tuple(s.shape[1:]), s.dtype) for s in stores] != \
                 [(tuple(shape), dtype) for shape, dtype in specs]:
@@ -153,44 +166,16 @@ class CudaRuntime:
                 f"kvpr: layer {layer}: recompute inputs {[tuple(s) for s, _ in specs]} do not match the "
                 f"ones stored {[tuple(s.shape[1:]) for s in stores]}; call cache.reset() first")
         current = API.current_stream(self.device)
-        slot, after_free = self.slots.take(layer, "tokens", current)
-        buffers, new_memory = slot.token_buffers(specs, store.max_seq_len)
+        if owned:
+            slot, after_free, new_memory = None, False, True
+            buffers = [torch.empty((end, *shape), dtype=dtype, device=self.device) for shape, dtype in specs]
+        else:
+            slot, after_free = self.slots.take(layer, "tokens", current)
+            buffers, new_memory = slot.token_buffers(specs, store.max_seq_len)
         sources = [s[:end] for s in stores] if stores else [None] * len(buffers)
         self._fill(layer, slot, after_free, new_memory, current,
                    [(b[:end], s) for b, s in zip(buffers, sources)])
         return [b[:end] for b in buffers]
-
-    # ---- loads into fresh tensors (inner="inductor") -------------------------------------
-    def _fill_owned(self, layer: int, current, pairs) -> None:
-        """Copy into tensors the caller owns: inductor may recycle the memory of any op output
-        after its last use, which slot views must never be. Fresh memory may be a block the
-        compute stream just released, so the copy waits for the compute stream (no overlap with
-        work already queued: the price of handing the graph to inductor)."""
-        self.h2d.wait_stream(current)
-        if self.stored[layer] is not None:
-            self.h2d.wait_event(self.stored[layer])
-        with API.use(self.h2d):
-            for dst, src in pairs:
-                if src is None:
-                    dst.zero_()
-                elif dst.numel():
-                    API.copy(dst, src)
-
-    def load_kv_owned(self, store, layer, start, end, batch, heads, head_dim, dtype):
-        current = API.current_stream(self.device)
-        n = end - start
-        k, v = (torch.empty((n, batch, heads, head_dim), dtype=dtype, device=self.device)
-                for _ in range(2))
-        self._fill_owned(layer, current, [(k, store.k[layer][start:end]), (v, store.v[layer][start:end])])
-        return k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
-
-    def load_tokens_owned(self, store, layer, end, specs):
-        current = API.current_stream(self.device)
-        out = [torch.empty((end, *shape), dtype=dtype, device=self.device) for shape, dtype in specs]
-        stores = store.tokens[layer]
-        sources = [s[:end] for s in stores] if stores else [None] * len(out)
-        self._fill_owned(layer, current, list(zip(out, sources)))
-        return out
 
     # ---- stores --------------------------------------------------------------------------
     def _retire(self) -> None:

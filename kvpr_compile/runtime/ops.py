@@ -58,9 +58,8 @@ def load_kv(handle: Tensor, layer: int, start: int, end: int, batch: int, heads:
             owned: bool = False) -> tuple[Tensor, Tensor]:
     if cuda_runtime.handles(device):  # views (b, heads, n, d) of a sequence-major device slot
         store = lookup(handle)
-        rt = cuda_runtime.runtime(store, device)
-        load = rt.load_kv_owned if owned else rt.load_kv
-        return load(store, layer, start, end, batch, heads, head_dim, dtype)
+        return cuda_runtime.runtime(store, device).load_kv(store, layer, start, end, batch, heads,
+                                                            head_dim, dtype, owned)
     k, v = lookup(handle).read_kv(layer, start, end, device)
     return k.contiguous(), v.contiguous()
 
@@ -105,8 +104,7 @@ def load_tokens(handle: Tensor, layer: int, end: int, shapes: list[int], ranks: 
     specs = _split_specs(shapes, ranks, dtypes)
     if cuda_runtime.handles(device):  # views (end, *record) of a device slot
         store = lookup(handle)
-        rt = cuda_runtime.runtime(store, device)
-        return (rt.load_tokens_owned if owned else rt.load_tokens)(store, layer, end, specs)
+        return cuda_runtime.runtime(store, device).load_tokens(store, layer, end, specs, owned)
     loaded = lookup(handle).read_tokens(layer, end, specs, device)
     return [t.clone() if t.device.type == "cpu" else t for t in loaded]
 
