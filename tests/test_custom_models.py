@@ -174,3 +174,15 @@ def test_prompt_as_long_as_a_feature_dim_still_stores_x(name, prompt_len):
     assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
     assert all(not r.skipped for r in kvpr_compile.reports()[-2:])
     assert cache._store.token_len == [prompt_len + 4] * 2     # X stored from the prefill on
+
+
+def test_ratio_zero_layers_keep_no_x():
+    """A layer planned at ratio 0 never reads X, so none is shipped or kept (for GQA 4:1, X
+    would take twice the memory of the K/V cache itself)."""
+    model, new_cache = MODELS["llama-gqa"]()
+    prompt = torch.randint(0, 89, (2, 5), generator=torch.Generator().manual_seed(9))
+    ref = decode(model, prompt, new_cache(2), 4)
+    cache = new_cache(2)
+    out = decode(torch.compile(model, backend="kvpr", options={"ratio": 0.0}), prompt, cache, 4)
+    assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
+    assert cache._store.tokens == [[], []] and cache._store.token_len == [0, 0]

@@ -10,6 +10,8 @@ After:   l            = floor(ratio * past)                       (SymInt arithm
          k_all, v_all = kvpr.assemble(handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new)
 
 Graphs that add several tokens per call (prefill) store X and load the whole past (l = 0).
+Layers planned at ratio 0 (e.g. grouped-query attention, where X is not smaller than K+V) store
+no X at all: no D2H traffic and no CPU memory for it.
 Loads take shapes, dtypes and the device as arguments (not tensors of the layer), so a placement
 pass can hoist them above earlier layers. Every inserted node carries ``meta["custom"] = {"kvpr_ratio": r, "kvpr_layer": i, "kvpr_role": ...}``.
 """
@@ -90,8 +92,10 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
             k_rc, v_rc = _inline(graph, sl.module, [*tokens, *sl.consts], effective, layer)
         else:
             k_rc, v_rc = call(empty_past, (k_new,), "recompute"), call(empty_past, (v_new,), "recompute")
-        call(ops.store_tokens.default,
-             (handle, layer, past, k_new, v_new, stored, list(sl.tdims)), "store")
+        keep_x = frac > 0   # a layer planned at ratio 0 never reads X: do not ship or keep it
+        call(ops.store_tokens.default, (handle, layer, past, k_new, v_new,
+                                        stored if keep_x else [], list(sl.tdims) if keep_x else []),
+             "store")
         k_all, v_all = items(call(ops.assemble.default,
                                   (handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new), "assemble"),
                              2, "assemble")

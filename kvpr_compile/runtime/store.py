@@ -63,7 +63,11 @@ class KVStore:
 
     # ---- per-token recompute inputs ------------------------------------------------------
     def write_tokens(self, layer: int, pos: int, records: list[torch.Tensor]) -> None:
-        """Store per-token records ``(n, *record_shape)`` for positions ``[pos, pos + n)``."""
+        """Store per-token records ``(n, *record_shape)`` for positions ``[pos, pos + n)``.
+        No records (a layer that never recomputes): the valid prefix ends at ``pos``."""
+        if not records:
+            self.invalidate_tokens(layer, pos)
+            return
         stores = self.tokens[layer]
         if not stores:
             stores.extend(self._alloc((self.max_seq_len, *r.shape[1:]), r.dtype) for r in records)
