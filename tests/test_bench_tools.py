@@ -291,3 +291,18 @@ def test_cpu_end_to_end(tmp_path, capsys):
     assert case["runs"][KVPR_SCHED]["ratios"] == [0.0, 0.0]   # GQA 4:1: l* = 0
     assert case["ms_per_step"][KVPR_R0] > 0
     assert (tmp_path / "trace" / "llama-3-8b-b2-p24-n8-kvpr-sched.json").is_file()
+
+
+def test_predicted_ms_is_the_schedulers_prediction_for_its_split():
+    from kvpr_compile.bench.prediction import predicted_ms
+    from kvpr_compile.profiler import preset
+    from kvpr_compile.scheduler import plan_split
+    prof = preset("h200-pcie5")
+    plan = plan_split(prof, num_layers=4, batch_size=16, seq_len=1000, hidden_size=4096,
+                      kv_hidden_size=4096, dtype=torch.float16, overlap="row")
+    got = predicted_ms(prof, plan.ratios, [1000], batch=16, hidden=4096, kv_hidden=4096,
+                       dtype=torch.float16, overlap="row")
+    assert got == pytest.approx(plan.predicted_step_s * 1e3, rel=2e-3)
+    r0 = predicted_ms(prof, [0.0] * 4, [1000], batch=16, hidden=4096, kv_hidden=4096,
+                      dtype=torch.float16, overlap="row")
+    assert r0 == pytest.approx(plan.baseline_step_s * 1e3, rel=1e-6) and got < r0

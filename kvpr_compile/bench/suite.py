@@ -18,6 +18,7 @@ import torch
 from . import targets as tg
 from .configs import Case, ModelSpec, build_model
 from .limits import Limit, limit
+from .prediction import predicted_ms
 from .runners import (KVPR_R0, KVPR_SCHED, RESIDENT, HF_OFFLOADED, BenchEnv, RunResult,
                       free_memory, run_contender)
 
@@ -29,6 +30,7 @@ class CaseResult:
     layers: int
     runs: dict[str, RunResult]
     limits: dict[str, Limit] = field(default_factory=dict)   # KVPR_R0 / KVPR_SCHED
+    predicted_ms: dict[str, float] = field(default_factory=dict)  # task graph, per kvpr run
     agreement: dict[str, float] = field(default_factory=dict)
     reference: str | None = None
     targets: list[tg.Target] = field(default_factory=list)
@@ -51,6 +53,7 @@ class CaseResult:
             "new_tokens": c.new_tokens, "kind": c.kind,
             "ms_per_step": {name: run.ms for name, run in self.runs.items()},
             "limits": {name: lim.to_dict() for name, lim in self.limits.items()},
+            "predicted_ms": self.predicted_ms,
             "token_agreement": self.agreement, "reference": self.reference,
             "targets": [t.to_dict() for t in self.targets],
             "runs": {name: run.to_dict() for name, run in self.runs.items()},
@@ -84,6 +87,11 @@ def finish(case: Case, spec: ModelSpec, layers: int, runs: dict[str, RunResult],
         sched = runs.get(KVPR_SCHED)
         if sched is not None and sched.ok and sched.ratios:
             result.limits[KVPR_SCHED] = limit(sched.ratios, pasts, **dims)
+        shape = dict(batch=case.batch, hidden=spec.hidden_size, kv_hidden=spec.kv_hidden_size,
+                     dtype=env.dtype, overlap=env.overlap)
+        result.predicted_ms[KVPR_R0] = predicted_ms(env.profile, [0.0] * layers, pasts, **shape)
+        if sched is not None and sched.ok and sched.ratios:
+            result.predicted_ms[KVPR_SCHED] = predicted_ms(env.profile, sched.ratios, pasts, **shape)
     result.reference, result.agreement = _agreement(runs)
     sched_limit = result.limits.get(KVPR_SCHED)
     if not env.cuda:

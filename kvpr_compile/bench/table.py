@@ -67,7 +67,8 @@ def row_cells(result: CaseResult) -> list[str]:
     r0, sch, hf = result.ms(KVPR_R0), result.ms(KVPR_SCHED), result.ms(HF_OFFLOADED)
     return [s.name, s.attention, str(c.batch), str(c.prompt), str(c.new_tokens),
             *(_run_cell(result, name) for name in CONTENDERS),
-            _num(mean_ratio), _ms(lim_r0.ms if lim_r0 else None),
+            _num(mean_ratio), _ms(result.predicted_ms.get(KVPR_SCHED)),
+            _ms(lim_r0.ms if lim_r0 else None),
             _ms(lim_s.ms if lim_s else None),
             _num(_div(r0, lim_r0.ms if lim_r0 else None)),
             _num(_div(sch, lim_s.ms if lim_s else None)),
@@ -76,7 +77,7 @@ def row_cells(result: CaseResult) -> list[str]:
 
 
 HEADER = ["model", "attn", "b", "prompt", "new", *(HEADS[n] for n in CONTENDERS), "l/s",
-          "lim-r0", "lim-sch", "r0/lim", "sch/lim", "r0/sch", "HF/sch", "tokens",
+          "pred-sch", "lim-r0", "lim-sch", "r0/lim", "sch/lim", "r0/sch", "HF/sch", "tokens",
           "limit", "vs_r0", "vs_hf"]
 
 
@@ -116,7 +117,8 @@ def format_report(results: list[CaseResult], meta: dict) -> str:
               f"steps after {meta['warmup']} warm-up steps, prefill excluded",
               ""]
     lines += format_rows(HEADER, [row_cells(r) for r in results])
-    lines += ["l/s: the scheduler's mean split ratio; lim-r0, lim-sch: physical limits (ms/step)"
+    lines += ["pred-sch: the task graph's predicted ms/step for the scheduler's split (profile above);",
+              "l/s: the scheduler's mean split ratio; lim-r0, lim-sch: physical limits (ms/step)"
               " of ratio 0 and of the scheduler's split; r0/lim, sch/lim: measured / limit;",
               "r0/sch, HF/sch: speed-ups of kvpr-sched; tokens: lowest share of greedy tokens "
               "equal to the reference run's (resident); limit, vs_r0, vs_hf: targets below"]
