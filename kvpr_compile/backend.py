@@ -8,6 +8,8 @@ Options:
 - ``ratio``: float in [0, 1], forces the split ratio of every layer (l = floor(ratio * past)).
   Without it the scheduler picks per-layer ratios from the hardware profile.
 - ``profile``: preset name, JSON path or HardwareProfile for the scheduler (see profiler.py).
+- ``overlap``: the schedule the scheduler models, ``"stream"`` (default; layer-ahead loads) or
+  ``"row"`` (the paper's per-layer max(A+R, A+K)); see cost_model.py.
 - ``inner``: ``"eager"`` (default: run the rewritten FX graph directly, which keeps the kvpr ops
   in program order) or ``"inductor"``.
 ``mode=`` (e.g. HF's ``"reduce-overhead"``) is accepted; CUDA-graph modes are ignored with a warning.

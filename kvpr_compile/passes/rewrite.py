@@ -71,9 +71,10 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
     is_complex = [example_value(t).is_complex() for t in sl.token_inputs]
     real_specs = record_specs([torch.view_as_real(example_value(t)) if c else example_value(t)
                                for t, c in zip(sl.token_inputs, is_complex)])
+    keep_x = frac > 0   # a layer planned at ratio 0 never reads X: do not ship or keep it
     with graph.inserting_before(cache_node):
         stored = [call(torch.view_as_real, (t,), "store") if c else t
-                  for t, c in zip(sl.token_inputs, is_complex)]
+                  for t, c in zip(sl.token_inputs, is_complex)] if keep_x else []
         if recompute:
             l = split_len(past, frac.numerator, frac.denominator) if isinstance(past, int) else \
                 call(split_len, (past, frac.numerator, frac.denominator), "split")
@@ -92,10 +93,8 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
             k_rc, v_rc = _inline(graph, sl.module, [*tokens, *sl.consts], effective, layer)
         else:
             k_rc, v_rc = call(empty_past, (k_new,), "recompute"), call(empty_past, (v_new,), "recompute")
-        keep_x = frac > 0   # a layer planned at ratio 0 never reads X: do not ship or keep it
-        call(ops.store_tokens.default, (handle, layer, past, k_new, v_new,
-                                        stored if keep_x else [], list(sl.tdims) if keep_x else []),
-             "store")
+        call(ops.store_tokens.default,
+             (handle, layer, past, k_new, v_new, stored, list(sl.tdims) if keep_x else []), "store")
         k_all, v_all = items(call(ops.assemble.default,
                                   (handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new), "assemble"),
                              2, "assemble")
