@@ -120,3 +120,27 @@ def test_cuda_graph_modes_are_ignored_with_a_warning():
     with pytest.warns(UserWarning, match="reduce-overhead"):
         out = torch.compile(model, backend="kvpr", mode="reduce-overhead")(x)
     assert torch.equal(out, model(x))
+
+
+class DropoutOnK(nn.Module):
+    """Training-mode dropout between the projection and the cache: not reproducible."""
+    def __init__(self, dim=16):
+        super().__init__()
+        self.emb, self.wk, self.wv = nn.Embedding(50, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, tokens, cache):
+        x = self.emb(tokens)
+        b, n, c = x.shape
+        k = F.dropout(self.wk(x), 0.5, training=True).view(b, n, 1, c).transpose(1, 2)
+        v = self.wv(x).view(b, n, 1, c).transpose(1, 2)
+        k, v = cache.update(0, k, v)
+        return (k.sum() + v.sum()).expand(1)
+
+
+def test_random_ops_in_the_slice_are_not_recomputed():
+    model = DropoutOnK()
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 1.0})
+    cache = OffloadedKVCache(1, 1, 8, 1, 16)
+    with pytest.warns(UserWarning, match="random numbers"):
+        compiled(torch.zeros(1, 3, dtype=torch.long), cache)
+    assert "random numbers" in kvpr_compile.last_report().skipped[0][1]

@@ -116,6 +116,38 @@ def _find_x(v_new: fx.Node, params: set) -> tuple[fx.Node, fx.Node]:
     return x, proj
 
 
+_RANDOM = {"rand", "randn", "rand_like", "randn_like", "randint", "bernoulli", "multinomial",
+           "normal", "uniform_", "normal_", "bernoulli_"}
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _random(node: fx.Node) -> bool:
+    name = _name(node)
+    if "dropout" in name:  # F.dropout(x, p, training, inplace): random only when training
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        return bool(training) and p != 0
+    return name in _RANDOM
+
+
+def _signature(side: fx.Node, members: set) -> str:
+    """How a side input is made (the op chain above it) and used (its consumers in the slice)."""
+    chain, node = [], side
+    for _ in range(8):
+        chain.append(_name(node))
+        ins = [i for i in node.all_input_nodes if is_tensor_node(i)]
+        if node.op not in ("call_function", "call_method") or not ins:
+            break
+        node = ins[0]
+    uses = sorted(f"{_name(u)}:{u.args.index(side) if side in u.args else -1}"
+                  for u in side.users if u in members)
+    val = example_value(side)
+    return "|".join(chain) + "/" + ",".join(uses) + f"/{val.dtype}/{val.dim()}"
+
+
 def _side_tdim(node: fx.Node, n, traced: dict) -> int:
     """Token dim of a side input in a multi-token graph; -1 if it has none (broadcast)."""
     shape = example_value(node).shape
@@ -155,6 +187,9 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
             or str(getattr(nd.target, "namespace", "")) == "kvpr"
         if bad:
             raise Unsupported(f"recompute slice contains {nd.op} {nd.target} ({nd.name})")
+        if _random(nd):
+            raise Unsupported(f"recompute slice draws random numbers ({nd.name}): recomputing "
+                              "would not reproduce the stored K/V")
 
     sides, consts = [], []
     for nd in nodes:
@@ -165,7 +200,9 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
                 raise Unsupported(f"recompute slice reads {inp.name}, neither a tensor nor a size")
             (consts if inp in params or not is_tensor_node(inp) else sides).append(inp)
     order = {nd: i for i, nd in enumerate(x.graph.nodes)}
-    sides.sort(key=order.__getitem__)
+    # Records are matched across graphs (prefill stores, decode loads) by position: order them
+    # by how they are made and used, not by where the tracer happened to put them.
+    sides.sort(key=lambda sd: (_signature(sd, members), order[sd]))
     single = isinstance(n, int) and n == 1
     traced = {} if single else token_dims([k_new, v_new], members | set(sides), order)
     tdims = [-1 if single else 1] + [-1 if single else _side_tdim(s, n, traced) for s in sides]
