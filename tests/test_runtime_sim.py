@@ -164,15 +164,15 @@ def test_race_checker_catches_a_missing_wait(sim, monkeypatch, dropped):
     rt_cls = cuda_runtime.CudaRuntime
     if dropped == "free":      # copy into a slot before its previous reader is done
         fill = rt_cls._fill
-        monkeypatch.setattr(rt_cls, "_fill", lambda self, layer, slot, after_free, *a:
-                            fill(self, layer, slot, False, *a))
+        monkeypatch.setattr(rt_cls, "_fill", lambda self, layer, slot, after_free, *a, **kw:
+                            fill(self, layer, slot, False, *a, **kw))
     elif dropped == "stored":  # load positions before their store has landed
         fill = rt_cls._fill
 
-        def no_store_wait(self, layer, *a):
+        def no_store_wait(self, layer, *a, **kw):
             saved, self.stored = self.stored, [None] * len(self.stored)
             try:
-                fill(self, layer, *a)
+                fill(self, layer, *a, **kw)
             finally:
                 self.stored = saved
         monkeypatch.setattr(rt_cls, "_fill", no_store_wait)
@@ -196,3 +196,21 @@ def test_inductor_graphs_load_into_owned_tensors(sim):
     assert api.races.found == [] and api.races.accesses > 100
     assert not cuda_runtime.runtime(cache._store, "cpu").slots.slots
     assert api.stream_waits[("compute", "side1")] > 0      # waits cover the copy stream
+
+
+def test_recompute_waits_for_x_only(sim, monkeypatch):
+    """Row-by-row inside a layer: waiting for the loaded X must not wait for K,V[l:]."""
+    api = sim()
+    cache = tiny_llama().make_cache(2, 96)
+    cpu = torch.device("cpu")
+    x, = torch.ops.kvpr.load_tokens(cache.handle, 0, 4, [2, 1, 64], [3], [0], cpu)
+    k, v = torch.ops.kvpr.load_kv(cache.handle, 0, 4, 9, 2, 4, 16, torch.float32, cpu)
+    waited = []
+    stream = api.current
+    original = type(stream).wait_event
+    monkeypatch.setattr(type(stream), "wait_event", lambda self, ev: (waited.append(ev), original(self, ev))[1])
+    slot = cuda_runtime.runtime(cache._store, "cpu").slots.held[0]
+    torch.ops.kvpr.wait([x])
+    assert waited == [slot.ready["tokens"]]
+    torch.ops.kvpr.wait([k, v])
+    assert waited == [slot.ready["tokens"], slot.ready["kv"]]

@@ -4,8 +4,9 @@ Before:  k_all, v_all = kvpr.cache_update(handle, k_new, v_new, layer, past)
 After:   l            = floor(ratio * past)                       (SymInt arithmetic)
          x, sides     = kvpr.load_tokens(handle, layer, l, specs)   (X[:l] and side inputs[:l])
          k_ld, v_ld   = kvpr.load_kv(handle, layer, l, past, shape) (K,V[l:past])
-         kvpr.wait([...])
+         kvpr.wait([x, sides])
          k_rc, v_rc   = <slice batched over l tokens>(x, sides, consts) (K,V[:l], inlined)
+         kvpr.wait([k_ld, v_ld])
          kvpr.store_tokens(handle, layer, past, k_new, v_new, [X, sides], tdims)
          k_all, v_all = kvpr.assemble(handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new)
 
@@ -86,13 +87,14 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
         k_ld, v_ld = items(call(ops.load_kv.default,
                                 (handle, layer, l, past, b, heads, head_dim, kv.dtype, kv.device, owned_loads),
                                 "load_kv"), 2, "load_kv")
-        call(ops.wait.default, ([*loaded, k_ld, v_ld],), "wait")
-        if recompute:
+        if recompute:  # recompute as soon as X is in; K,V[l:] may still be on the way
+            call(ops.wait.default, (loaded,), "wait")
             tokens = [call(torch.view_as_complex, (t,), "recompute") if c else t
                       for t, c in zip(loaded, is_complex)]
             k_rc, v_rc = _inline(graph, sl.module, [*tokens, *sl.consts], effective, layer)
         else:
             k_rc, v_rc = call(empty_past, (k_new,), "recompute"), call(empty_past, (v_new,), "recompute")
+        call(ops.wait.default, ([k_ld, v_ld],), "wait")
         call(ops.store_tokens.default,
              (handle, layer, past, k_new, v_new, stored, list(sl.tdims) if keep_x else []), "store")
         k_all, v_all = items(call(ops.assemble.default,

@@ -12,8 +12,10 @@ One ``CudaRuntime`` per cache per device owns
 Order of one layer i, loads issued one layer ahead (compute = the current stream):
 
     compute: ... assemble(i-1) -> record free[s(i-1)]    (slot s(i-1) may now be refilled)
-    h2d:     wait free[s(i+1)] (= s(i-1)), wait stored[i+1]; copy X, K, V of layer i+1 -> record ready
-    compute: wait ready[s(i)]; recompute(i) from the token slot
+    h2d:     wait free[s(i+1)] (= s(i-1)), wait stored[i+1]; copy X of layer i+1 -> record
+             ready[tokens]; copy K,V[l:] of layer i+1 -> record ready[kv]
+    compute: wait ready[tokens] of s(i); recompute(i) from the token slot (K,V[l:] may still be
+             in flight); wait ready[kv] of s(i)
     d2h:     wait compute; copy layer i's new K, V, X into the pinned store -> record stored[i]
     compute: assemble(i) (concatenate into a fresh tensor) -> record free[s(i)]
 
@@ -85,15 +87,16 @@ def wait(tensors: list[torch.Tensor]) -> None:
         if not handles(t.device):
             continue
         current = API.current_stream(t.device)
-        slot = slot_of(t)
-        if slot is None:   # not a slot view (e.g. copied by functionalization): wait for all loads
+        found = slot_of(t)
+        if found is None:   # not a slot view (e.g. copied by functionalization): wait for all loads
             device = API.normalize(t.device)
             for rt in list(_LIVE):
                 if rt.device == device:
                     current.wait_stream(rt.h2d)
-        elif id(slot) not in seen:
-            seen.add(id(slot))
-            current.wait_event(slot.ready)
+        elif id(found[0].ready[found[1]]) not in seen:
+            event = found[0].ready[found[1]]
+            seen.add(id(event))
+            current.wait_event(event)
 
 
 class CudaRuntime:
@@ -116,7 +119,8 @@ class CudaRuntime:
         self.slots.close()
 
     # ---- loads ---------------------------------------------------------------------------
-    def _fill(self, layer: int, slot, after_free: bool, new_memory: bool, current, pairs) -> None:
+    def _fill(self, layer: int, slot, after_free: bool, new_memory: bool, current, pairs,
+              part: str = "kv") -> None:
         """On the copy stream, once the slot is free and the layer's stores landed: dst <- src
         (src None: zeros), then record the slot's ready event. ``slot`` None: the destinations
         are fresh tensors the caller owns (see ``load_kv(owned=True)``)."""
@@ -133,7 +137,7 @@ class CudaRuntime:
                 elif dst.numel():
                     API.copy(dst, src)
             if slot is not None:
-                slot.ready.record(self.h2d)
+                slot.ready[part].record(self.h2d)
 
     def load_kv(self, store, layer: int, start: int, end: int, batch: int, heads: int,
                 head_dim: int, dtype: torch.dtype, owned: bool = False):
@@ -174,7 +178,7 @@ class CudaRuntime:
             buffers, new_memory = slot.token_buffers(specs, store.max_seq_len)
         sources = [s[:end] for s in stores] if stores else [None] * len(buffers)
         self._fill(layer, slot, after_free, new_memory, current,
-                   [(b[:end], s) for b, s in zip(buffers, sources)])
+                   [(b[:end], s) for b, s in zip(buffers, sources)], part="tokens")
         return [b[:end] for b in buffers]
 
     # ---- stores --------------------------------------------------------------------------

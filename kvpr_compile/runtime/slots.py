@@ -13,7 +13,8 @@ issued one layer ahead the pool holds two slots (double buffering: the slot bein
 and the one being filled for layer i+1); d layers ahead it holds d+1.
 
 ``wait`` receives only tensors, so every buffer's storage is registered here (``slot_of``) to
-find the slot, and with it the ``ready`` event of its copies.
+find the slot and the part it belongs to, and with them the ``ready`` event of that part's copy:
+the recompute waits for X only, while K,V[l:] may still be in flight.
 """
 from __future__ import annotations
 
@@ -21,40 +22,41 @@ from collections import deque
 
 import torch
 
-_BY_STORAGE: dict[tuple[str, int], "Slot"] = {}
+_BY_STORAGE: dict[tuple[str, int], tuple["Slot", str]] = {}
 
 
 def _key(t: torch.Tensor) -> tuple[str, int]:
     return str(t.device), t.untyped_storage().data_ptr()
 
 
-def slot_of(t: torch.Tensor) -> "Slot | None":
-    """The slot whose buffer ``t`` is a view of, if any."""
+def slot_of(t: torch.Tensor) -> "tuple[Slot, str] | None":
+    """(slot, part) whose buffer ``t`` is a view of, if any; part is "kv" or "tokens"."""
     return _BY_STORAGE.get(_key(t))
 
 
 class Slot:
     def __init__(self, device: torch.device, new_event):
         self.device = device
-        self.ready = new_event()   # copy stream: the last copy into this slot
+        # copy stream: the last copy of each part into this slot
+        self.ready = {"kv": new_event(), "tokens": new_event()}
         self.free = new_event()    # compute stream: the last reader of this slot was enqueued
         self.used = False          # free has been recorded at least once
         self.parts: set[str] = set()   # "kv", "tokens": what was loaded for the current layer
         self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self.tokens: list[torch.Tensor] = []
 
-    def _adopt(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
+    def _adopt(self, old: list[torch.Tensor], new: list[torch.Tensor], part: str = "") -> None:
         for t in old:
             _BY_STORAGE.pop(_key(t), None)
         for t in new:
-            _BY_STORAGE[_key(t)] = self
+            _BY_STORAGE[_key(t)] = (self, part)
 
     def kv_buffers(self, shape: tuple, dtype: torch.dtype) -> tuple[tuple, bool]:
         """(K, V) buffers of ``shape``; whether they were (re)allocated just now."""
         if self.kv is not None and tuple(self.kv[0].shape) == tuple(shape) and self.kv[0].dtype == dtype:
             return self.kv, False
         new = tuple(torch.empty(shape, dtype=dtype, device=self.device) for _ in range(2))
-        self._adopt(list(self.kv or ()), list(new))
+        self._adopt(list(self.kv or ()), list(new), "kv")
         self.kv = new
         return new, True
 
@@ -65,7 +67,7 @@ class Slot:
                 for b, (shape, dtype) in zip(self.tokens, specs)):
             return self.tokens, False
         new = [torch.empty((length, *shape), dtype=dtype, device=self.device) for shape, dtype in specs]
-        self._adopt(self.tokens, new)
+        self._adopt(self.tokens, new, "tokens")
         self.tokens = new
         return new, True
 
