@@ -186,3 +186,22 @@ def test_ratio_zero_layers_keep_no_x():
     out = decode(torch.compile(model, backend="kvpr", options={"ratio": 0.0}), prompt, cache, 4)
     assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
     assert cache._store.tokens == [[], []] and cache._store.token_len == [0, 0]
+
+
+def test_batch_size_change_reuses_a_dynamic_graph_and_keeps_layer_ahead_loads():
+    """A second batch size makes Dynamo's batch dim symbolic; the loads' sizes then come from
+    graph inputs (not raw symbols), stay exact, and can still be issued a layer ahead."""
+    model, new_cache = MODELS["llama-gqa"]()
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.5})
+    for batch, plen in [(2, 7), (3, 7), (4, 9)]:
+        prompt = torch.randint(0, 89, (batch, plen), generator=torch.Generator().manual_seed(batch))
+        ref = decode(model, prompt, new_cache(batch), 4)
+        out = decode(compiled, prompt, new_cache(batch), 4)
+        assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
+    graph = kvpr_compile.last_report().graph_module.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    kvpr = torch.ops.kvpr
+    load1 = [n for n in graph.nodes if n.target == kvpr.load_kv.default and n.args[1] == 1]
+    asm0 = [n for n in graph.nodes if n.target == kvpr.assemble.default and n.args[1] == 0]
+    assert load1 and asm0 and order[load1[0]] < order[asm0[0]]
+    assert any(isinstance(a, torch.fx.Node) for a in load1[0].args[4:7])   # symbolic batch

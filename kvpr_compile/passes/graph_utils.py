@@ -96,3 +96,19 @@ def param_derived(graph: fx.Graph) -> set[fx.Node]:
         if ok:
             out.add(n)
     return out
+
+
+def size_arg(graph: fx.Graph, value, tensor_node: fx.Node, dim: int):
+    """A size usable as a node argument: ints as they are; a symbolic size as the graph input
+    that carries it (available from the start, so loads using it can be hoisted), else as
+    ``sym_size(tensor_node, dim)`` inserted at the current insertion point."""
+    if not isinstance(value, torch.SymInt):
+        return value
+    expr = value.node.expr
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            break
+        val = example_value(node)
+        if isinstance(val, torch.SymInt) and val.node.expr == expr:
+            return node
+    return graph.call_function(torch.ops.aten.sym_size.int, (tensor_node, dim))

@@ -26,7 +26,7 @@ from torch import fx
 
 from ..runtime.ops import record_specs
 from ..runtime.recompute import empty_past, split_len
-from .graph_utils import example_value
+from .graph_utils import example_value, size_arg
 from .recompute_slice import RecomputeSlice, Unsupported
 
 ops = torch.ops.kvpr
@@ -70,8 +70,8 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
 
     # complex inputs (e.g. RoPE as a complex rotation) are stored as their real view
     is_complex = [example_value(t).is_complex() for t in sl.token_inputs]
-    real_specs = record_specs([torch.view_as_real(example_value(t)) if c else example_value(t)
-                               for t, c in zip(sl.token_inputs, is_complex)])
+    _, ranks, codes = record_specs([torch.view_as_real(example_value(t)) if c else example_value(t)
+                                    for t, c in zip(sl.token_inputs, is_complex)])
     keep_x = frac > 0   # a layer planned at ratio 0 never reads X: do not ship or keep it
     with graph.inserting_before(cache_node):
         stored = [call(torch.view_as_real, (t,), "store") if c else t
@@ -79,11 +79,15 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
         if recompute:
             l = split_len(past, frac.numerator, frac.denominator) if isinstance(past, int) else \
                 call(split_len, (past, frac.numerator, frac.denominator), "split")
-            loaded = items(call(ops.load_tokens.default, (handle, layer, l, *real_specs, kv.device, owned_loads),
+            shapes = [size_arg(graph, size, t, i) if i >= 0 else 2   # 2: a complex's real view
+                      for t, c in zip(sl.token_inputs, is_complex)
+                      for i, size in [*enumerate(example_value(t).shape), *([(-1, 2)] if c else [])]]
+            loaded = items(call(ops.load_tokens.default,
+                                (handle, layer, l, shapes, ranks, codes, kv.device, owned_loads),
                                 "load_tokens"), len(sl.token_inputs), "load_tokens")
         else:
             l, loaded = 0, []
-        b, heads, _, head_dim = kv.shape
+        b, heads, head_dim = (size_arg(graph, kv.shape[i], k_new, i) for i in (0, 1, 3))
         k_ld, v_ld = items(call(ops.load_kv.default,
                                 (handle, layer, l, past, b, heads, head_dim, kv.dtype, kv.device, owned_loads),
                                 "load_kv"), 2, "load_kv")
