@@ -163,3 +163,24 @@ def test_hf_poisoned_kv_full_recompute():
     ref = run(model, poison=False)
     model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": 1.0})
     assert worst_rel_err(run(model, poison=True), ref) <= TOL
+
+
+def test_left_padded_batch_recomputes_with_each_rows_positions():
+    """Left padding gives each row its own positions; the stored RoPE records carry them, so a
+    full recompute stays exact (regenerating cos/sin for 0..l-1 would not be)."""
+    model = build("llama")
+    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :3], ids[0, :3] = 0, 0
+
+    def run():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True,
+                                  past_key_values=KVPRCache(model.config, 2, 64))
+
+    ref = run()
+    model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": 1.0})
+    out = run()
+    assert worst_rel_err(out.logits, ref.logits) <= TOL and torch.equal(out.sequences, ref.sequences)
+    assert kvpr_compile.last_report().ratios == {0: 1.0, 1: 1.0}
