@@ -102,6 +102,8 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
             effective = rewrite_site(graph, node, sl, ratios[layer],
                                      owned_loads=options["inner"] == "inductor")
             note = "" if sl.single_token else "multi-token graph: stores X, loads the whole past"
+            if sl.narrowed and effective > 0:
+                note = "fused QKV: recomputes the K/V columns only"
             report.layers.append(rep.LayerEntry(layer, effective, ratios[layer], sl.x.name,
                                                 [s.name for s in sl.token_inputs[1:]], note))
         hoist_loads(graph)  # layer i+1's loads are issued before layer i's assemble

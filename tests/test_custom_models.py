@@ -3,6 +3,8 @@ nanoGPT-style model and a gpt-fast-style model with complex RoPE and explicit at
 Tolerance: max relative error of logits <= 1e-5 (fp32), greedy tokens identical."""
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 
@@ -205,3 +207,18 @@ def test_batch_size_change_reuses_a_dynamic_graph_and_keeps_layer_ahead_loads():
     asm0 = [n for n in graph.nodes if n.target == kvpr.assemble.default and n.args[1] == 0]
     assert load1 and asm0 and order[load1[0]] < order[asm0[0]]
     assert any(isinstance(a, torch.fx.Node) for a in load1[0].args[4:7])   # symbolic batch
+
+
+def test_fused_qkv_recomputes_only_the_kv_columns():
+    model, new_cache = MODELS["fused-qkv"]()
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 1.0})
+    decode(compiled, torch.zeros(2, 5, dtype=torch.long), new_cache(2), 3)
+    report = kvpr_compile.last_report()
+    assert all("K/V columns only" in e.note for e in report.layers)
+    recompute = [n for n in report.graph_module.graph.nodes
+                 if n.meta.get("custom", {}).get("kvpr_role") == "recompute"
+                 and n.target is torch._C._nn.linear]
+    weights = [n.args[1] for n in recompute]
+    # the weight is sliced to rows [dim, 3*dim) of c_attn (K and V), not all of q|k|v
+    assert weights and all(w.target is operator.getitem and w.args[1] == (slice(48, 144),)
+                           for w in weights)

@@ -40,6 +40,7 @@ class RecomputeSlice:
     nodes: list[fx.Node]          # the slice, in graph order
     single_token: bool            # this graph adds one token per call: recompute runs here
     module: fx.GraphModule | None = None  # (records[l, ...]..., consts...) -> K,V (b, hkv, l, d)
+    narrowed: bool = False        # a fused QKV projection recomputes only its K/V columns
 
 
 def _same(a, b) -> bool:
@@ -209,7 +210,10 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
     sl = RecomputeSlice(x, proj, [x, *sides], tdims, consts, nodes, single)
     if single:
         from .batch_tokens import batch_over_tokens
-        sl.module = batch_over_tokens(_build_module(sl, k_new, v_new), len(sl.token_inputs))
+        from .prune_projection import prune_fused_projection
+        per_token = _build_module(sl, k_new, v_new)
+        sl.narrowed = prune_fused_projection(per_token)
+        sl.module = batch_over_tokens(per_token, len(sl.token_inputs))
     return sl
 
 
