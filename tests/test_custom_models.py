@@ -222,3 +222,25 @@ def test_fused_qkv_recomputes_only_the_kv_columns():
     # the weight is sliced to rows [dim, 3*dim) of c_attn (K and V), not all of q|k|v
     assert weights and all(w.target is operator.getitem and w.args[1] == (slice(48, 144),)
                            for w in weights)
+
+
+def test_rows_past_the_stored_x_never_leak_into_results():
+    """Compiled prefill, then uncompiled steps (no X for them), then compiled steps at ratio 1.0:
+    the X rows past the stored prefix hold whatever memory held (NaN here); the recompute still
+    runs over them and assemble must replace every such row by the stored K/V."""
+    model, new_cache = MODELS["llama-mha"]()
+    prompt = torch.randint(0, 89, (2, 6), generator=torch.Generator().manual_seed(10))
+    ref = decode(model, prompt, new_cache(2), 6)
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 1.0})
+    cache = new_cache(2)
+    with torch.no_grad():
+        logits = [compiled(prompt, cache)[:, -1]]
+        store = cache._store
+        for layer in range(2):
+            for rows in store.tokens[layer]:
+                rows[store.token_len[layer]:] = float("nan")
+        for step in range(6):
+            run = model if step < 2 else compiled
+            logits.append(run(ref[2][:, step:step + 1], cache)[:, -1])
+    assert store.token_len == [6, 6]
+    assert worst_rel_err(logits[1:], ref[1]) <= TOL

@@ -45,8 +45,9 @@ class KVStore:
         self.handle = torch.tensor([self.uid, 0], dtype=torch.int64)
         _REGISTRY[self.uid] = self
 
-    def _alloc(self, shape, dtype) -> torch.Tensor:
-        return torch.zeros(shape, dtype=dtype, pin_memory=self.pin)
+    def _alloc(self, shape, dtype, zero: bool = True) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+        return t.zero_() if zero else t
 
     # ---- K / V ---------------------------------------------------------------------------
     def write_kv(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -70,7 +71,10 @@ class KVStore:
             return
         stores = self.tokens[layer]
         if not stores:
-            stores.extend(self._alloc((self.max_seq_len, *r.shape[1:]), r.dtype) for r in records)
+            # allocated during the first compiled forward: no memset of the whole buffer. Rows
+            # past token_len are never used (assemble takes stored K,V for them instead).
+            stores.extend(self._alloc((self.max_seq_len, *r.shape[1:]), r.dtype, zero=False)
+                          for r in records)
         if len(stores) != len(records) or any(
                 s.shape[1:] != r.shape[1:] or s.dtype != r.dtype for s, r in zip(stores, records)):
             raise RuntimeError(
@@ -85,7 +89,8 @@ class KVStore:
 
     def read_tokens(self, layer: int, end: int, specs: list[tuple[tuple, torch.dtype]],
                     device: torch.device):
-        """Records for positions ``[0, end)``; zeros where nothing was stored (see token_len)."""
+        """Records for positions ``[0, end)``; rows past ``token_len`` are unspecified (zeros if
+        nothing was ever stored): the assemble step replaces what they produce."""
         stores = self.tokens[layer]
         if not stores:
             return [torch.zeros((end, *shape), dtype=dtype, device=device) for shape, dtype in specs]
