@@ -54,12 +54,10 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
 
 
 def _choose_ratios(options, slices, layers_in_graph):
-    if options.get("ratio") is not None:
-        return {layer: options["ratio"] for layer in layers_in_graph}, "options['ratio']", None
+    """Per-layer ratios (forced, or the scheduler's for this graph's shapes), their source, plan."""
     from .scheduler import choose_ratios  # local: keeps mip out of import time
-    sl = next(iter(slices.values()))
-    k_new = example_value(next(iter(slices)).args[1])
-    x = example_value(sl.x)
+    cache_node, sl = next(iter(slices.items()))
+    k_new, x = example_value(cache_node.args[1]), example_value(sl.x)
     b, hkv, _, d = k_new.shape
     ratios, source, plan = choose_ratios(
         options, num_layers=len(layers_in_graph), batch_size=int(b), hidden_size=int(x.shape[-1]),

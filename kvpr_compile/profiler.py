@@ -128,49 +128,35 @@ def dtype_key(dtype: torch.dtype | str) -> str:
 # Presets. Datasheet figures are peak numbers; "achievable" figures are estimates unless a
 # project measurement is named.
 # --------------------------------------------------------------------------------------------
-PRESETS: dict[str, HardwareProfile] = {
-    "a100-pcie4": HardwareProfile(
-        name="a100-pcie4",
-        device_name="NVIDIA A100 80GB on PCIe 4.0 x16",
-        h2d_bytes_per_s=25e9,
-        d2h_bytes_per_s=25e9,
-        flops_per_s={"float16": 218e12, "bfloat16": 218e12, "float32": 17.5e12},
-        torch_version="n/a (preset)",
-        date="2026-11-26",
-        source=("preset: PCIe 4.0 x16 is 31.5 GB/s per direction theoretical (PCI-SIG spec: 16 "
-                "GT/s, 128b/130b); 25 GB/s pinned H2D/D2H is an estimate of the achievable rate "
-                "(~80%), not measured by this project. A100 dense fp16/bf16 tensor 312 TFLOP/s and "
-                "fp32 19.5 TFLOP/s are NVIDIA datasheet peaks; 218 (70%) and 17.5 (90%) TFLOP/s "
-                "are estimates of achievable GEMM rates."),
-    ),
-    "h100-pcie5": HardwareProfile(
-        name="h100-pcie5",
-        device_name="NVIDIA H100 SXM5 80GB with a PCIe 5.0 x16 host link",
-        h2d_bytes_per_s=52e9,
-        d2h_bytes_per_s=52e9,
-        flops_per_s={"float16": 660e12, "bfloat16": 660e12, "float32": 60e12},
-        torch_version="n/a (preset)",
-        date="2026-11-26",
-        source=("preset: PCIe 5.0 x16 is 63 GB/s per direction theoretical (PCI-SIG spec: 32 GT/s, "
-                "128b/130b); 52 GB/s pinned H2D/D2H is an estimate (~83%; this project measured 55 "
-                "GB/s H2D on an H200 over Gen5), not an H100 measurement. H100 SXM5 dense "
-                "fp16/bf16 tensor 989 TFLOP/s and fp32 67 TFLOP/s are NVIDIA datasheet peaks; 660 "
-                "(~67%) and 60 (90%) TFLOP/s are estimates of achievable GEMM rates."),
-    ),
-    "h200-pcie5": HardwareProfile(
-        name="h200-pcie5",
-        device_name="NVIDIA H200 with a PCIe 5.0 x16 host link",
-        h2d_bytes_per_s=55e9,
-        d2h_bytes_per_s=55e9,
-        flops_per_s={"float16": 650e12, "bfloat16": 650e12, "float32": 60e12},
-        torch_version="2.11 (lent H200 image)",
-        date="2026-11-26",
-        source=("preset: measured on an H200 by the kvpr_compile project (DESIGN.md): 55 GB/s "
-                "pinned H2D and fp16 GEMM at 600-700 TFLOP/s (650 used). D2H is assumed equal to "
-                "H2D and bf16 equal to fp16 (not measured); fp32 60 TFLOP/s is an estimate (90% of "
-                "the 67 TFLOP/s datasheet fp32 peak)."),
-    ),
-}
+def _preset(name: str, device_name: str, link: float, fp16: float, fp32: float, source: str,
+            torch_version: str = "n/a (preset)") -> HardwareProfile:
+    """A preset with the same rate both ways on the link and bf16 = fp16."""
+    return HardwareProfile(name=name, device_name=device_name, h2d_bytes_per_s=link,
+                           d2h_bytes_per_s=link,
+                           flops_per_s={"float16": fp16, "bfloat16": fp16, "float32": fp32},
+                           torch_version=torch_version, date="2026-11-26", source=source)
+
+
+PRESETS: dict[str, HardwareProfile] = {p.name: p for p in (
+    _preset("a100-pcie4", "NVIDIA A100 80GB on PCIe 4.0 x16", 25e9, 218e12, 17.5e12,
+            "preset: PCIe 4.0 x16 is 31.5 GB/s per direction theoretical (PCI-SIG spec: 16 "
+            "GT/s, 128b/130b); 25 GB/s pinned H2D/D2H is an estimate of the achievable rate "
+            "(~80%), not measured by this project. A100 dense fp16/bf16 tensor 312 TFLOP/s and "
+            "fp32 19.5 TFLOP/s are NVIDIA datasheet peaks; 218 (70%) and 17.5 (90%) TFLOP/s "
+            "are estimates of achievable GEMM rates."),
+    _preset("h100-pcie5", "NVIDIA H100 SXM5 80GB with a PCIe 5.0 x16 host link", 52e9, 660e12,
+            60e12,
+            "preset: PCIe 5.0 x16 is 63 GB/s per direction theoretical (PCI-SIG spec: 32 GT/s, "
+            "128b/130b); 52 GB/s pinned H2D/D2H is an estimate (~83%; this project measured 55 "
+            "GB/s H2D on an H200 over Gen5), not an H100 measurement. H100 SXM5 dense "
+            "fp16/bf16 tensor 989 TFLOP/s and fp32 67 TFLOP/s are NVIDIA datasheet peaks; 660 "
+            "(~67%) and 60 (90%) TFLOP/s are estimates of achievable GEMM rates."),
+    _preset("h200-pcie5", "NVIDIA H200 with a PCIe 5.0 x16 host link", 55e9, 650e12, 60e12,
+            "preset: measured on an H200 by the kvpr_compile project (DESIGN.md): 55 GB/s "
+            "pinned H2D and fp16 GEMM at 600-700 TFLOP/s (650 used). D2H is assumed equal to "
+            "H2D and bf16 equal to fp16 (not measured); fp32 60 TFLOP/s is an estimate (90% of "
+            "the 67 TFLOP/s datasheet fp32 peak).", torch_version="2.11 (lent H200 image)"),
+)}
 DEFAULT_PRESET = "h200-pcie5"
 
 
@@ -224,7 +210,6 @@ def _copy_rates(dev: torch.device, size: int, repeats: int, warmup: int) -> tupl
     stream = torch.cuda.current_stream(dev)
     h2d_ms = _time_ms(lambda: gpu.copy_(host, non_blocking=True), repeats, warmup, stream)
     d2h_ms = _time_ms(lambda: host.copy_(gpu, non_blocking=True), repeats, warmup, stream)
-    del host, gpu
     return size / (h2d_ms / 1e3), size / (d2h_ms / 1e3)
 
 
@@ -236,7 +221,6 @@ def _gemm_rate(dev: torch.device, dtype: torch.dtype, shape: tuple[int, int, int
     out = torch.empty(m, n, device=dev, dtype=dtype)
     stream = torch.cuda.current_stream(dev)
     ms = _time_ms(lambda: torch.matmul(a, b, out=out), repeats, warmup, stream)
-    del a, b, out
     return 2.0 * m * k * n / (ms / 1e3)
 
 

@@ -33,7 +33,7 @@ class Report:
     def __str__(self) -> str:
         lines = [f"kvpr graph {self.graph_index}: {len(self.layers)} layer(s) rewritten, "
                  f"{len(self.skipped)} skipped, inner={self.inner}"
-                 + (f", ratios from {self.ratio_source}" if self.ratio_source else "")]
+                 + (f", ratios: {self.ratio_source}" if self.ratio_source else "")]
         if self.layers:
             lines.append(f"  {'layer':>5}  {'ratio':>6}  {'asked':>6}  {'X':<24} side inputs / note")
             for e in self.layers:

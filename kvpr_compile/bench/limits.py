@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Sequence
+
+from ..runtime.recompute import recompute_tokens
 
 
 def split_tokens(ratio: float, past: int) -> int:
-    """Tokens recomputed (X shipped) out of ``past`` at ``ratio`` (the rewrite's floor)."""
-    frac = Fraction(ratio).limit_denominator(1000)
-    return (past * frac.numerator) // frac.denominator
+    """Tokens recomputed (X shipped) out of ``past`` at ``ratio`` (the rewrite's rule)."""
+    return recompute_tokens(ratio, past)
 
 
 def step_h2d_bytes(ratios: Sequence[float], past: int, *, batch: int, hidden: int,

@@ -83,10 +83,6 @@ def step_marks(trace: dict | list, prefix: str = "decode step") -> list[float]:
                   and str(ev.get("name", "")).startswith(prefix))
 
 
-def load_trace(path: str | Path) -> list[GpuEvent]:
-    return gpu_events(json.loads(Path(path).read_text()))
-
-
 def union(intervals) -> list[tuple[float, float]]:
     """Merged, sorted, disjoint (start, end) intervals."""
     merged: list[list[float]] = []

@@ -17,21 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .graph_utils import ADDMM, LINEAR, MATMUL, example_value
+from .graph_utils import (ADDMM, BINARY_FUNCTIONS, BINARY_METHODS, COMPLEX_VIEWS, LINEAR, MATMUL,
+                          UNARY_FUNCTIONS, UNARY_METHODS, example_value)
 from .recompute_slice import Unsupported
 
-_UNARY_METHODS = {"contiguous", "float", "half", "bfloat16", "double", "to", "type", "type_as",
-                  "neg", "exp", "sigmoid", "tanh", "relu", "sqrt", "rsqrt", "abs", "clone",
-                  "detach", "reciprocal", "sin", "cos", "square"}
-_UNARY_FUNCTIONS = {torch.neg, operator.neg, F.silu, F.gelu, F.relu, torch.sigmoid, torch.tanh,
-                    torch.rsqrt, torch.sqrt, torch.exp, torch.clone, torch.abs, torch.square,
-                    torch.view_as_real, torch.view_as_complex, torch.reciprocal}
 _TRAILING_FUNCTIONS = {F.rms_norm, F.layer_norm}  # act on trailing dims only
-_BINARY_METHODS = {"add", "sub", "mul", "div", "pow", "maximum", "minimum", "__add__", "__mul__",
-                   "__sub__", "__truediv__", "__radd__", "__rmul__"}
-_BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
-                     torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.maximum,
-                     torch.minimum, torch.where}
 _DIM_REDUCTIONS = {"sum", "mean", "amax", "amin", "var", "norm", "softmax", "cumsum"}
 
 
@@ -126,12 +116,12 @@ class _Batcher:
             full = self._emit("call_method", "size", (m(x),))
             return self._emit("call_function", operator.getitem, (full, slice(1, None)))
 
-        if (method and t in _UNARY_METHODS) or (not method and t in _UNARY_FUNCTIONS | _TRAILING_FUNCTIONS):
+        if (method and t in UNARY_METHODS) or (not method and t in UNARY_FUNCTIONS | COMPLEX_VIEWS | _TRAILING_FUNCTIONS):
             if t in _TRAILING_FUNCTIONS and any(self._is_b(a) for a in nd.all_input_nodes if a is not x):
                 raise Unsupported(f"{t} with a per-token weight")
             return self._emit(nd.op, t, m(args), m(kwargs))
 
-        if (method and t in _BINARY_METHODS) or (not method and t in _BINARY_FUNCTIONS):
+        if (method and t in BINARY_METHODS) or (not method and t in BINARY_FUNCTIONS):
             rank = _rank(nd)
             operands = [self._align(m(a), a, rank) for a in args]
             return self._emit(nd.op, t, operands, m(kwargs))

@@ -21,16 +21,14 @@ _LAYOUT_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.repeat
 
 @dataclass
 class Site:
-    """One rewritable cache read, with the attention it feeds (None if none was recognised)."""
+    """One rewritable cache read."""
     cache_node: fx.Node
     layer: int
-    attention: fx.Node | None = None
 
 
 @dataclass
 class SiteScan:
     sites: list[Site] = field(default_factory=list)
-    attention_nodes: list[fx.Node] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (node name, reason)
 
 
@@ -75,24 +73,15 @@ def _attention_kv(node: fx.Node):
 
 def find_sites(graph: fx.Graph) -> SiteScan:
     scan = SiteScan()
-    by_cache: dict[fx.Node, Site] = {}
-    for node in graph.nodes:
-        if is_cache_update(node):
-            layer = node.args[3]
-            site = Site(node, int(layer))
-            by_cache[node] = site
-            scan.sites.append(site)
+    scan.sites = [Site(node, int(node.args[3])) for node in graph.nodes if is_cache_update(node)]
     for node in graph.nodes:
         kv = _attention_kv(node) if node.op in ("call_function", "call_method") else None
         if kv is None:
             continue
-        scan.attention_nodes.append(node)
         k_src, v_src = (_cache_source(x) for x in kv)
         if k_src is None or v_src is None:
             scan.skipped.append((node.name, "K/V are not read from an OffloadedKVCache "
                                             "(no kvpr cache_update feeds this attention)"))
         elif k_src is not v_src:
             scan.skipped.append((node.name, "K and V come from different cache reads"))
-        else:
-            by_cache[k_src].attention = node
     return scan

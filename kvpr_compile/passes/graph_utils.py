@@ -16,6 +16,39 @@ SOFTMAX = {torch.softmax, F.softmax, torch.nn.functional.softmax}
 
 CACHE_UPDATE = torch.ops.kvpr.cache_update.default
 
+# Elementwise ops, as Dynamo records them (methods by name, functions by object).
+UNARY_METHODS = {"contiguous", "float", "half", "bfloat16", "double", "to", "type", "type_as",
+                 "neg", "exp", "sigmoid", "tanh", "relu", "sqrt", "rsqrt", "abs", "clone",
+                 "detach", "reciprocal", "sin", "cos", "square"}
+UNARY_FUNCTIONS = {torch.neg, operator.neg, F.silu, F.gelu, F.relu, torch.sigmoid, torch.tanh,
+                   torch.rsqrt, torch.sqrt, torch.exp, torch.clone, torch.abs, torch.square,
+                   torch.reciprocal}
+BINARY_METHODS = {"add", "sub", "mul", "div", "pow", "maximum", "minimum", "__add__", "__mul__",
+                  "__sub__", "__truediv__", "__radd__", "__rmul__"}
+BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
+                    torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.maximum,
+                    torch.minimum, torch.where}
+COMPLEX_VIEWS = {torch.view_as_real, torch.view_as_complex}   # change only the trailing dim
+
+
+def projection_args(node: fx.Node) -> tuple[int, int, int | None, int] | None:
+    """For a projection (``linear``, ``addmm``, ``x @ W``): argument positions of the activation,
+    the weight and the bias (None if it has none), and the weight dim that indexes outputs."""
+    if is_call(node, LINEAR) and len(node.args) >= 2:
+        return 0, 1, 2 if len(node.args) > 2 else None, 0
+    if is_call(node, ADDMM) and len(node.args) >= 3:
+        return 1, 2, 0, 1
+    if is_call(node, MATMUL, ("matmul", "mm")) and len(node.args) >= 2:
+        return 0, 1, None, 1
+    return None
+
+
+def is_pointwise(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in UNARY_METHODS or node.target in BINARY_METHODS
+    return node.op == "call_function" and (node.target in UNARY_FUNCTIONS
+                                           or node.target in BINARY_FUNCTIONS)
+
 
 def is_call(node: fx.Node, targets=(), methods=()) -> bool:
     if node.op == "call_function":
@@ -44,10 +77,6 @@ def example_value(node):
     if isinstance(node, fx.Node):
         return node.meta.get("example_value", node.meta.get("val"))
     return node
-
-
-def input_nodes(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:

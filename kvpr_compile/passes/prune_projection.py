@@ -14,7 +14,7 @@ import operator
 import torch
 from torch import fx
 
-from .graph_utils import ADDMM, LINEAR, MATMUL, example_value, is_call
+from .graph_utils import example_value, projection_args
 
 
 def _width(node) -> int | None:
@@ -39,14 +39,10 @@ def _last_dim(node: fx.Node, dim) -> bool:
 def prune_fused_projection(gm: fx.GraphModule) -> bool:
     """Narrow the first fused projection feeding a last-dim split; True if the graph changed."""
     for proj in gm.graph.nodes:
-        if is_call(proj, LINEAR):
-            w_arg, b_arg, w_slice = 1, 2, lambda c0, c1: (slice(c0, c1),)
-        elif is_call(proj, ADDMM):
-            w_arg, b_arg, w_slice = 2, 0, lambda c0, c1: (slice(None), slice(c0, c1))
-        elif is_call(proj, MATMUL, ("matmul", "mm")):
-            w_arg, b_arg, w_slice = 1, None, lambda c0, c1: (slice(None), slice(c0, c1))
-        else:
+        layout = projection_args(proj)
+        if layout is None:
             continue
+        _, w_arg, b_arg, out_dim = layout
         width = _width(proj)
         if width is None or not isinstance(proj.args[w_arg], fx.Node):
             continue
@@ -73,17 +69,18 @@ def prune_fused_projection(gm: fx.GraphModule) -> bool:
         if used != list(range(i0, i1 + 1)) or (i0 == 0 and i1 == len(sizes) - 1):
             continue
         c0, c1 = sum(sizes[:i0]), sum(sizes[:i1 + 1])
-        _narrow(gm.graph, proj, chain, split, getters, w_arg, b_arg, w_slice, c0, c1, width,
+        _narrow(gm.graph, proj, chain, split, getters, w_arg, b_arg, out_dim, c0, c1, width,
                 sizes[i0:i1 + 1], i0)
         gm.recompile()
         return True
     return False
 
 
-def _narrow(graph, proj, chain, split, getters, w_arg, b_arg, w_slice, c0, c1, width, sizes, i0):
+def _narrow(graph, proj, chain, split, getters, w_arg, b_arg, out_dim, c0, c1, width, sizes, i0):
     args = list(proj.args)
+    rows = (slice(None),) * out_dim + (slice(c0, c1),)   # the weight's output features c0..c1
     with graph.inserting_before(proj):
-        args[w_arg] = graph.call_function(operator.getitem, (args[w_arg], w_slice(c0, c1)))
+        args[w_arg] = graph.call_function(operator.getitem, (args[w_arg], rows))
         if b_arg is not None and isinstance(args[b_arg], fx.Node):
             args[b_arg] = graph.call_function(operator.getitem, (args[b_arg], slice(c0, c1)))
     proj.args = tuple(args)

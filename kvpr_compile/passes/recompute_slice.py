@@ -22,8 +22,8 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .token_dims import token_dims
-from .graph_utils import (ADDMM, LINEAR, MATMUL, example_value, is_cache_update, is_call,
-                          is_sdpa, is_softmax)
+from .graph_utils import (example_value, is_cache_update, is_call, is_sdpa, is_softmax,
+                          projection_args)
 
 
 class Unsupported(Exception):
@@ -33,7 +33,6 @@ class Unsupported(Exception):
 @dataclass
 class RecomputeSlice:
     x: fx.Node
-    proj: fx.Node
     token_inputs: list[fx.Node]   # X first, then per-token side inputs
     tdims: list[int]              # token dim of each in this graph; -1: one record per call
     consts: list                  # other slice inputs (nodes or values), passed unchanged
@@ -71,14 +70,10 @@ def _carries_tensor(node) -> bool:
 
 def _projection_input(node: fx.Node, params: set):
     """The activation operand if ``node`` is a projection with a parameter weight."""
-    if is_call(node, LINEAR) and len(node.args) >= 2:
-        act, weight = node.args[0], node.args[1]
-    elif is_call(node, ADDMM) and len(node.args) >= 3:
-        act, weight = node.args[1], node.args[2]
-    elif is_call(node, MATMUL, ("matmul", "mm")) and len(node.args) >= 2:
-        act, weight = node.args[0], node.args[1]
-    else:
+    layout = projection_args(node)
+    if layout is None:
         return None
+    act, weight = node.args[layout[0]], node.args[layout[1]]
     if isinstance(weight, fx.Node) and weight in params and isinstance(act, fx.Node) and act not in params:
         return act
     return None
@@ -96,8 +91,8 @@ def _unflatten_x(act: fx.Node) -> fx.Node:
     return act
 
 
-def _find_x(v_new: fx.Node, params: set) -> tuple[fx.Node, fx.Node]:
-    found, stack, seen = {}, [v_new], set()
+def _find_x(v_new: fx.Node, params: set) -> fx.Node:
+    found, stack, seen = set(), [v_new], set()
     while stack:
         node = stack.pop()
         if node in seen:
@@ -105,7 +100,7 @@ def _find_x(v_new: fx.Node, params: set) -> tuple[fx.Node, fx.Node]:
         seen.add(node)
         act = _projection_input(node, params)
         if act is not None:
-            found[_unflatten_x(act)] = node
+            found.add(_unflatten_x(act))
             continue
         if node.op == "placeholder" or is_cache_update(node) or is_sdpa(node) or is_softmax(node):
             raise Unsupported(f"no K/V projection with a parameter weight found above V "
@@ -113,8 +108,7 @@ def _find_x(v_new: fx.Node, params: set) -> tuple[fx.Node, fx.Node]:
         stack.extend(i for i in node.all_input_nodes if i not in params and _carries_tensor(i))
     if len(found) != 1:
         raise Unsupported(f"V does not come from exactly one projection input (found {len(found)})")
-    (x, proj), = found.items()
-    return x, proj
+    return found.pop()
 
 
 _RANDOM = {"rand", "randn", "rand_like", "randn_like", "randint", "bernoulli", "multinomial",
@@ -171,15 +165,16 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
         raise Unsupported("K/V passed to the cache are not graph tensors")
     kv = example_value(k_new)
     b, n = kv.shape[0], kv.shape[2]
-    x, proj = _find_x(v_new, params)
+    x = _find_x(v_new, params)
     xv = example_value(x)
     if xv is None or xv.dim() != 3 or not _same(xv.shape[0], b) or not _same(xv.shape[1], n):
         raise Unsupported(f"projection input {x.name} is not (batch, tokens, hidden) "
                           f"(got {None if xv is None else tuple(xv.shape)})")
-    if x not in nx.ancestors(nxg, k_new):
+    above_k = nx.ancestors(nxg, k_new)
+    if x not in above_k:
         raise Unsupported(f"K is not computed from the V projection's input {x.name}")
     below_x = nx.descendants(nxg, x)
-    wanted = nx.ancestors(nxg, k_new) | nx.ancestors(nxg, v_new) | {k_new, v_new}
+    wanted = above_k | nx.ancestors(nxg, v_new) | {k_new, v_new}
     members = below_x & wanted
     nodes = [nd for nd in x.graph.nodes if nd in members]
     for nd in nodes:
@@ -207,7 +202,7 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
     single = isinstance(n, int) and n == 1
     traced = {} if single else token_dims([k_new, v_new], members | set(sides), order)
     tdims = [-1 if single else 1] + [-1 if single else _side_tdim(s, n, traced) for s in sides]
-    sl = RecomputeSlice(x, proj, [x, *sides], tdims, consts, nodes, single)
+    sl = RecomputeSlice(x, [x, *sides], tdims, consts, nodes, single)
     if single:
         from .batch_tokens import batch_over_tokens
         from .prune_projection import prune_fused_projection

@@ -14,18 +14,19 @@ Graphs that add several tokens per call (prefill) store X and load the whole pas
 Layers planned at ratio 0 (e.g. grouped-query attention, where X is not smaller than K+V) store
 no X at all: no D2H traffic and no CPU memory for it.
 Loads take shapes, dtypes and the device as arguments (not tensors of the layer), so a placement
-pass can hoist them above earlier layers. Every inserted node carries ``meta["custom"] = {"kvpr_ratio": r, "kvpr_layer": i, "kvpr_role": ...}``.
+pass can hoist them above earlier layers. Every inserted node carries
+``meta["custom"] = {"kvpr_ratio": r, "kvpr_layer": i, "kvpr_role": ...}``.
+Precondition: ``check_rewritable(cache_node)`` passed (the backend checks it before extracting).
 """
 from __future__ import annotations
 
 import operator
-from fractions import Fraction
 
 import torch
 from torch import fx
 
 from ..runtime.ops import record_specs
-from ..runtime.recompute import empty_past, split_len
+from ..runtime.recompute import empty_past, ratio_fraction, split_len
 from .graph_utils import example_value, size_arg
 from .recompute_slice import RecomputeSlice, Unsupported
 
@@ -39,6 +40,10 @@ def check_rewritable(cache_node: fx.Node) -> None:
                               "expected tuple unpacking")
 
 
+def _annotation(ratio: float, layer: int, role: str) -> dict:
+    return {"kvpr_ratio": ratio, "kvpr_layer": layer, "kvpr_role": role}
+
+
 def _inline(graph: fx.Graph, module: fx.GraphModule, inputs: list, ratio: float, layer: int):
     """Copy the batched recompute graph in at the insertion point; returns its (K, V) outputs."""
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
@@ -46,23 +51,22 @@ def _inline(graph: fx.Graph, module: fx.GraphModule, inputs: list, ratio: float,
     out = graph.graph_copy(module.graph, val_map)
     for old, new in val_map.items():
         if old.op != "placeholder" and isinstance(new, fx.Node):
-            new.meta["custom"] = {"kvpr_ratio": ratio, "kvpr_layer": layer, "kvpr_role": "recompute"}
+            new.meta["custom"] = _annotation(ratio, layer, "recompute")
     return out
 
 
 def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio: float,
                  owned_loads: bool = False) -> float:
     """Rewrite in place; returns the ratio that applies in this graph (0 for multi-token graphs)."""
-    check_rewritable(cache_node)
     handle, k_new, v_new, layer, past = cache_node.args
     kv = example_value(k_new)
-    frac = Fraction(ratio).limit_denominator(1000)
+    frac = ratio_fraction(ratio)
     recompute = sl.single_token and frac > 0
     effective = float(frac) if recompute else 0.0
 
     def call(target, args, role):
         node = graph.call_function(target, args)
-        node.meta["custom"] = {"kvpr_ratio": effective, "kvpr_layer": layer, "kvpr_role": role}
+        node.meta["custom"] = _annotation(effective, layer, role)
         return node
 
     def items(node, count, role):

@@ -6,19 +6,10 @@ head_dim makes RoPE's cos (1, 1, n, d) have two dims of size n). Ops without a r
 """
 from __future__ import annotations
 
-import operator
-
 import torch
-import torch.nn.functional as F
 from torch import fx
 
-from .graph_utils import example_value
-
-_POINTWISE_METHODS = {"add", "sub", "mul", "div", "pow", "neg", "float", "half", "bfloat16", "to",
-                      "type", "type_as", "contiguous", "clone", "sigmoid", "tanh", "exp", "rsqrt"}
-_POINTWISE_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
-                        torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.where,
-                        F.silu, torch.sigmoid, torch.tanh, torch.clone}
+from .graph_utils import COMPLEX_VIEWS, example_value, is_pointwise
 
 
 def _rank(node) -> int | None:
@@ -32,9 +23,10 @@ def operand_dim(node: fx.Node, operand: fx.Node, dim: int) -> int | None:
     if r is None or ra is None:
         return None
     t, args, method = node.target, node.args, node.op == "call_method"
-    if (method and t in _POINTWISE_METHODS) or (not method and t in _POINTWISE_FUNCTIONS) \
-            or t in (torch.view_as_real, torch.view_as_complex):
-        idx = dim - (r - ra) if t is not torch.view_as_real else dim
+    if t in COMPLEX_VIEWS:   # only the trailing (real, imag) dim changes
+        return dim if dim < min(r, ra) else None
+    if is_pointwise(node):   # broadcasting aligns dims from the right
+        idx = dim - (r - ra)
         return idx if 0 <= idx < ra else None
     if operand is not args[0]:
         return None

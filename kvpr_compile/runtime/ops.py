@@ -35,13 +35,12 @@ def _records(t: Tensor, tdim: int, n: int) -> Tensor:
 @torch.library.custom_op("kvpr::cache_update", mutates_args=("handle",))
 def cache_update(handle: Tensor, k: Tensor, v: Tensor, layer: int, pos: int) -> tuple[Tensor, Tensor]:
     store = lookup(handle)
+    handle[1] += 1   # the cache's version: every op that writes the store bumps it
     if cuda_runtime.handles(k.device):
-        handle[1] += 1
         return cuda_runtime.runtime(store, k.device).cache_update(store, k, v, layer, pos)
     n = k.shape[2]
     store.write_kv(layer, pos, k, v)
     store.invalidate_tokens(layer, pos)
-    handle[1] += 1
     k_all, v_all = store.read_kv(layer, 0, pos + n, k.device)
     return k_all.contiguous(), v_all.contiguous()
 

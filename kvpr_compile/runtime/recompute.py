@@ -1,7 +1,21 @@
-"""Small helpers called from rewritten graphs (split length, empty recompute prefix)."""
+"""The split rule (how many past tokens a ratio recomputes) and small helpers called from
+rewritten graphs. The benchmarks' physical limit uses the same rule."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
+
+
+def ratio_fraction(ratio: float) -> Fraction:
+    """The ratio as the small fraction the rewrite bakes into the graph."""
+    return Fraction(ratio).limit_denominator(1000)
+
+
+def recompute_tokens(ratio: float, past: int) -> int:
+    """Tokens recomputed (X shipped) out of ``past`` at ``ratio``."""
+    frac = ratio_fraction(ratio)
+    return split_len(past, frac.numerator, frac.denominator)
 
 
 def split_len(past, num: int, den: int):
