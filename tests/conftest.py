@@ -27,10 +27,22 @@ def fresh_dynamo():
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| (b is the eager reference)."""
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+    """max |a - b| / max |b| (b is the eager reference); ``inf`` if either side has a NaN or an
+    inf, so that no comparison built on it can pass while a non-finite value leaks."""
+    a, b = a.float(), b.float()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf")
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def worst_rel_err(outs, refs) -> float:
-    assert len(outs) == len(refs)
-    return max(max_rel_err(a, b) for a, b in zip(outs, refs))
+    """The worst ``max_rel_err`` over paired outputs; ``inf`` as soon as any pair is non-finite
+    (a plain ``max()`` would skip a NaN that follows a finite value)."""
+    outs, refs = list(outs), list(refs)
+    assert len(outs) == len(refs) and outs, "compare at least one output, the same count on each side"
+    worst = 0.0
+    for a, b in zip(outs, refs):
+        err = max_rel_err(a, b)
+        if not err <= worst:   # also true for NaN, which then wins
+            worst = err
+    return worst
