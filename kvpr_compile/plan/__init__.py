@@ -1,0 +1,1 @@
+"""Planning for the throughput schedule: its task graph and its LP."""
