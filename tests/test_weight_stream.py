@@ -32,6 +32,11 @@ def _layer_storages(model):
     return {p.untyped_storage().data_ptr() for layer in model.layers for p in layer.parameters()}
 
 
+def _layer_storages_of(stream):
+    return {getattr(module, name).untyped_storage().data_ptr()
+            for entries in stream.entries for module, name, *_ in entries}
+
+
 def test_streamed_model_is_exact_and_holds_two_layers_on_the_device():
     ref = _model()
     model = copy.deepcopy(ref)
@@ -163,3 +168,32 @@ def test_reading_before_the_ready_event_is_caught(sim, monkeypatch):
     monkeypatch.setattr(sim.compute, "wait_event", lambda event: None)
     _sim_steps(model, stream, sim)
     assert any("weights of layer" in r for r in sim.races.found)
+
+
+@pytest.mark.parametrize("arch,ratio", [("opt", 1.0), ("llama-gqa", 0.0)])
+def test_hf_generate_with_streamed_weights_matches_the_resident_model(arch, ratio):
+    """HF decoder layers found by `decoder_layers`, streamed through two slots, compiled with
+    kvpr: generate() gives the resident model's logits and tokens (GQA: ratio 0, weights still
+    streamed)."""
+    pytest.importorskip("transformers")
+    import transformers
+    from test_hf_models import configs, generate
+
+    def build():   # three layers, so that two slots must be refilled every step
+        torch.manual_seed(0)
+        cfg = configs()[arch]
+        cfg.num_hidden_layers = 3
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        model.generation_config.pad_token_id = 0
+        return model
+
+    ref = build()
+    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    want = generate(ref, ids)
+    model = build()
+    stream = stream_weights(model)
+    assert stream.num_layers == 3 and len(_layer_storages_of(stream)) == 2
+    model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": ratio})
+    got = generate(model, ids)
+    assert worst_rel_err(got.logits, want.logits) <= TOL
+    assert torch.equal(got.sequences, want.sequences)
