@@ -276,12 +276,12 @@ def test_kvpr_bench_subcommand_parses():
 def test_cpu_end_to_end(tmp_path, capsys):
     torch.compiler.reset()
     out = tmp_path / "bench.json"
-    code = main(["--cpu", "--models", "llama-3-8b", "--json", str(out),
+    code = main(["--cpu-smoke", "--models", "llama-3-8b", "--json", str(out),
                  "--trace", str(tmp_path / "trace"), "--trace-steps", "2"])
     torch.compiler.reset()
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "CPU: timings meaningless for GPU claims" in captured.out
+    assert "CPU smoke run: timings meaningless for GPU claims" in captured.out
     assert "[1/1] llama-3-8b b2 p24" in captured.err
     doc = json.loads(out.read_text())
     assert doc["meta"]["cpu"] and doc["meta"]["torch"] == torch.__version__
@@ -306,3 +306,31 @@ def test_predicted_ms_is_the_schedulers_prediction_for_its_split():
     r0 = predicted_ms(prof, [0.0] * 4, [1000], batch=16, hidden=4096, kv_hidden=4096,
                       dtype=torch.float16, overlap="row")
     assert r0 == pytest.approx(plan.baseline_step_s * 1e3, rel=1e-6) and got < r0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_without_cuda_a_clear_message_and_exit_2(capsys):
+    assert main(["--models", "llama-7b"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""                                     # no table of CPU numbers
+    assert "no CUDA device" in captured.err and "--cpu-smoke" in captured.err
+    assert "kvpr demo" in captured.err
+
+
+def test_json_is_written_after_every_case(tmp_path, monkeypatch):
+    """A run cut short (a timeout on a GPU box) keeps every case it finished."""
+    from kvpr_compile.bench import main as bench_main
+    seen = []
+
+    def fake_suite(cases, specs, env, *, layers, contenders, on_case=None):
+        done = []
+        for case in cases:
+            done.append(finish(case, specs[case.model], layers, {}, env))
+            on_case(list(done))
+            seen.append(len(json.loads((tmp_path / "b.json").read_text())["cases"]))
+        return done
+
+    monkeypatch.setattr("kvpr_compile.bench.suite.run_suite", fake_suite)
+    code = bench_main.main(["--cpu-smoke", "--models", "llama-7b", "opt-6.7b", "--json",
+                            str(tmp_path / "b.json")])
+    assert code == 0 and seen == [1, 2]

@@ -147,3 +147,46 @@ def test_through_cli_main(capsys):
     assert main(["plan", "--arch", "llama-7b", "--batch", "32", "--seq", "1024", "--profile",
                  "h200-pcie5", "--layers", "4"]) == 0
     assert len(table_rows(capsys.readouterr().out)) == 4
+
+
+def test_preset_names_for_help_match_the_profiler():
+    assert profile_cmd.PRESET_NAMES == tuple(PRESETS)
+    from kvpr_compile import cost_model
+    assert set(plan_cmd.OVERLAPS) == set(cost_model.OVERLAPS)
+
+
+def test_profile_unknown_preset_is_an_error(capsys):
+    assert kvpr(["profile", "--preset", "rtx-9090"]) == 2
+    assert "h200-pcie5" in capsys.readouterr().err
+
+
+def test_plan_output_cites_no_file_outside_the_repo(capsys):
+    assert kvpr(["plan", "--arch", "llama-7b", "--batch", "8", "--seq", "512", "--profile",
+                 "h200-pcie5", "--layers", "2"]) == 0
+    assert "DESIGN.md" not in capsys.readouterr().out
+
+
+HELP_WITHOUT_TORCH = """
+import sys
+from kvpr_compile.cli import main
+try:
+    main({argv!r})
+except SystemExit as exc:
+    assert exc.code == 0, exc.code
+heavy = sorted(m for m in ("torch", "transformers", "mip", "numpy") if m in sys.modules)
+assert not heavy, heavy
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["plan", "--help"],
+                                  ["profile", "--help"], ["bench", "--help"]])
+def test_help_answers_without_importing_torch(argv):
+    """`kvpr --help` must be instant: no command module imports torch before `run`."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH.format(argv=argv)],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage: kvpr" in done.stdout
