@@ -21,7 +21,7 @@ ON = False
 _OPEN: list["Traffic"] = []
 
 
-@dataclass
+@dataclass(eq=False)   # counters are told apart by identity (see counting)
 class Traffic:
     by_kind: Counter = field(default_factory=Counter)
     loads: int = 0            # calls of a load path that moved bytes
