@@ -334,3 +334,28 @@ def test_json_is_written_after_every_case(tmp_path, monkeypatch):
     code = bench_main.main(["--cpu-smoke", "--models", "llama-7b", "opt-6.7b", "--json",
                             str(tmp_path / "b.json")])
     assert code == 0 and seen == [1, 2]
+
+
+# ---- the committed results file --------------------------------------------------------------
+def test_results_file_in_the_issue_schema(tmp_path):
+    from kvpr_compile.bench import results
+    meta = {"device": "NVIDIA H200", "torch": "2.11.0", "transformers": "5.17", "dtype": "float16",
+            "cpu": False, "note": "", "profile_summary": "p", "h2d_gbps": 55.0,
+            "h2d_source": "measured", "warmup": 2}
+    write_json(tmp_path / "cases" / "opt.json", [_case_result()], meta)
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="20" failures="1" errors="1" skipped="3">'
+        '</testsuite></testsuites>')
+    assert results.main(["--cases", str(tmp_path / "cases"), "--junit", str(tmp_path / "tests.xml"),
+                         "--date", "2026-11-26", "-o", str(tmp_path / "out")]) == 0
+    doc = json.loads((tmp_path / "out" / "2026-11-26-h200.json").read_text())
+    assert set(doc) == {"device", "torch", "tests", "rows"}
+    assert doc["device"] == "NVIDIA H200" and doc["tests"] == {"passed": 15, "failed": 2}
+    row = doc["rows"][0]
+    assert set(row) == {"model", "attention", "batch", "prompt", "resident_ms", "hf_offloaded_ms",
+                        "kvpr_ratio0_ms", "kvpr_ms", "limit_ms"}
+    assert (row["model"], row["attention"], row["batch"], row["prompt"]) == ("opt-6.7b", "MHA", 32, 256)
+    assert (row["resident_ms"], row["hf_offloaded_ms"], row["kvpr_ratio0_ms"], row["kvpr_ms"]) == \
+        (4.0, 26.0, 21.0, 11.0)
+    assert row["limit_ms"] == pytest.approx(8 * 257 * 32 * 4096 * 2 / 55e9 * 1e3)
+    assert results.card("NVIDIA H100 80GB HBM3") == "h100" and results.card("Tesla T4") == "t4"
