@@ -3,8 +3,10 @@
 #   install the checkout (and carried wheels) -> versions, backend="kvpr" by name -> measured
 #   H2D/D2H -> CUDA tests (quick selection) -> three table cases, one process each (trace PNG for
 #   the first) -> the results file benchmarks/results/<date>-<card>.json, written under OUT.
-# Usage, from the repo root on the GPU machine:  bash benchmarks/gpu_check.sh [OUT]
+# Usage, from the repo root on the GPU machine:  bash benchmarks/gpu_check.sh [OUT [STEPS]]
 #   OUT defaults to $OUT (the device tool's output folder), else /tmp/kvpr_gpu.
+#   STEPS: comma-separated subset of env,profile,tests,cases,results (default: all; the install
+#   always runs), e.g. "tests,results" for a short second run.
 #   KVPR_CHECK_BUDGET (seconds, default 470) is the deadline every step's timeout is cut to.
 # Every step writes its files as soon as it is done, so a step cut short loses only itself.
 # Wheels carried in .whl/ (mip==1.16rc0, cffi, pycparser; setuptools, wheel; .whl/plot/: matplotlib
@@ -13,6 +15,7 @@
 # root this works even if the install failed; the bench then passes the backend function).
 set -uo pipefail
 out="${1:-${OUT:-/tmp/kvpr_gpu}}"
+steps=",${2:-env,profile,tests,cases,results},"
 budget="${KVPR_CHECK_BUDGET:-470}"
 mkdir -p "$out/cases" "$out/trace" "$out/results"
 export PYTHONUNBUFFERED=1 KVPR_CACHE_DIR="$out/profile-cache"
@@ -32,6 +35,7 @@ run() {
     log "$name: rc=$rc"; tail -n 25 "$out/$name.log"
     return $rc
 }
+want() { [[ "$steps" == *",$1,"* ]]; }
 pip_install() {   # into the interpreter's environment; Debian-style pythons need the extra flag
     $py -m pip install -q --no-index --no-deps "$@" 2>/dev/null ||
         $py -m pip install -q --no-index --no-deps --break-system-packages "$@"
@@ -49,7 +53,7 @@ for pair in six:six packaging:packaging pyparsing:pyparsing python_dateutil:date
 done
 pip_install --no-build-isolation -e . > "$out/install.log" 2>&1 || { log "install failed"; cat "$out/install.log"; }
 
-run env 60 $py - "$out/env.json" <<'EOF'
+want env && run env 60 $py - "$out/env.json" <<'EOF'
 import json, platform, subprocess, sys
 import torch, transformers
 info = {"python": platform.python_version(), "torch": torch.__version__,
@@ -70,20 +74,21 @@ print(json.dumps(info, indent=2))
 open(sys.argv[1], "w").write(json.dumps(info, indent=2) + "\n")
 EOF
 
-run profile 60 $py -m kvpr_compile.cli profile --refresh -o "$out/profile.json"
+want profile && run profile 60 $py -m kvpr_compile.cli profile --refresh -o "$out/profile.json"
 
-run cuda_tests 150 $py -m pytest -q -p no:cacheprovider --junitxml="$out/cuda_tests.xml" \
+want tests && run cuda_tests 150 $py -m pytest -q -p no:cacheprovider --junitxml="$out/cuda_tests.xml" \
     tests/test_cuda_runtime.py tests/test_entry_point.py \
     tests/test_reset_and_fragments.py::test_a_forced_ratio_never_imports_mip
 
 # the reduced table: one process per case (its pinned memory goes back to the OS at exit)
-run case_llama-7b_b16_p1024 110 $py -m kvpr_compile.cli bench --models llama-7b --batch 16 --prompt 1024 --no-paper \
+want cases && run case_llama-7b_b16_p1024 110 $py -m kvpr_compile.cli bench --models llama-7b --batch 16 --prompt 1024 --no-paper \
     --json "$out/cases/llama-7b-b16-p1024.json" --trace "$out/trace" --trace-steps 2
-run case_opt-6.7b_paper 90 $py -m kvpr_compile.cli bench --models opt-6.7b --paper-only \
+want cases && run case_opt-6.7b_paper 90 $py -m kvpr_compile.cli bench --models opt-6.7b --paper-only \
     --json "$out/cases/opt-6.7b-b32-p256.json"
-run case_llama-3-8b_b16_p1024 90 $py -m kvpr_compile.cli bench --models llama-3-8b --batch 16 --prompt 1024 --no-paper \
+want cases && run case_llama-3-8b_b16_p1024 90 $py -m kvpr_compile.cli bench --models llama-3-8b --batch 16 --prompt 1024 --no-paper \
     --json "$out/cases/llama-3-8b-b16-p1024.json"
 
+want results || exit 0
 log "results"
 $py -m kvpr_compile.bench.results --cases "$out/cases" --junit "$out/cuda_tests.xml" \
     -o "$out/results" | tee "$out/results.md"

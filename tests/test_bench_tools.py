@@ -359,3 +359,20 @@ def test_results_file_in_the_issue_schema(tmp_path):
         (4.0, 26.0, 21.0, 11.0)
     assert row["limit_ms"] == pytest.approx(8 * 257 * 32 * 4096 * 2 / 55e9 * 1e3)
     assert results.card("NVIDIA H100 80GB HBM3") == "h100" and results.card("Tesla T4") == "t4"
+
+
+def test_empty_host_cache_uses_the_call_this_torch_has(monkeypatch):
+    """torch 2.11 has no torch.accelerator.empty_host_cache: the private call must be used."""
+    from kvpr_compile.bench import runners
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "empty_host_cache", lambda: calls.append("public"),
+                        raising=False)
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: calls.append("private"),
+                        raising=False)
+    assert runners.empty_host_cache() == "torch.accelerator.empty_host_cache"
+    monkeypatch.delattr(torch.accelerator, "empty_host_cache")
+    assert runners.empty_host_cache() == "torch._C._host_emptyCache"
+    assert calls == ["public", "private"]
+    monkeypatch.delattr(torch._C, "_host_emptyCache")
+    assert runners.empty_host_cache().startswith("none")

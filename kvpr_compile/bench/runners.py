@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,8 @@ def empty_host_cache() -> str:
     ``torch.accelerator.empty_host_cache`` is public from torch 2.13 on; torch 2.11 (the lent GPU
     image) lacks it, and there the same allocator is emptied by ``torch._C._host_emptyCache``
     (bound in CUDA builds since 2.5; absent from CPU wheels, where nothing is pinned)."""
+    if not torch.cuda.is_available():
+        return "nothing (no CUDA: nothing is pinned)"
     public = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
     if public is not None:
         public()
@@ -109,8 +112,7 @@ def pinned_bytes() -> int | None:
     stats = getattr(torch.cuda, "host_memory_stats", None)
     if stats is None or not torch.cuda.is_available():
         return None
-    values = stats()
-    return int(values.get("reserved_bytes.current", values.get("allocated_bytes.current", 0)))
+    return int(stats().get("allocated_bytes.current", 0))   # blocks the allocator holds
 
 
 def free_memory(device: torch.device, host: bool = False) -> None:
@@ -122,7 +124,11 @@ def free_memory(device: torch.device, host: bool = False) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         if host:
-            empty_host_cache()
+            how = empty_host_cache()
+            left = pinned_bytes()
+            if left is not None:
+                print(f"  pinned host memory after {how}: {left / 2**30:.2f} GiB",
+                      file=sys.stderr, flush=True)
 
 
 def _text_config(model):
