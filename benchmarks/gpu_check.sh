@@ -68,15 +68,21 @@ try:
     info["mip"] = mip.__version__ if hasattr(mip, "__version__") else "importable"
 except Exception as exc:  # noqa: BLE001
     info["mip"] = f"not importable: {exc}"
-info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                                     "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+try:
+    info["nvidia_smi"] = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+        capture_output=True, text=True, timeout=20).stdout.strip()
+except (OSError, subprocess.SubprocessError) as exc:
+    info["nvidia_smi"] = f"not run: {exc}"
 print(json.dumps(info, indent=2))
 open(sys.argv[1], "w").write(json.dumps(info, indent=2) + "\n")
 EOF
 
 want profile && run profile 60 $py -m kvpr_compile.cli profile --refresh -o "$out/profile.json"
 
-want tests && run cuda_tests 150 $py -m pytest -q -p no:cacheprovider --junitxml="$out/cuda_tests.xml" \
+# -o addopts=-ra: setup.cfg's --benchmark-disable needs pytest-benchmark, which the image may lack
+want tests && run cuda_tests 150 $py -m pytest -q -p no:cacheprovider -o addopts=-ra \
+    --junitxml="$out/cuda_tests.xml" \
     tests/test_cuda_runtime.py tests/test_entry_point.py \
     tests/test_reset_and_fragments.py::test_a_forced_ratio_never_imports_mip
 
@@ -90,6 +96,6 @@ want cases && run case_llama-3-8b_b16_p1024 90 $py -m kvpr_compile.cli bench --m
 
 want results || exit 0
 log "results"
-$py -m kvpr_compile.bench.results --cases "$out/cases" --junit "$out/cuda_tests.xml" \
+$py -m kvpr_compile.bench.results --cases "$out/cases" --junit "$out/cuda_tests.xml" --env "$out/env.json" \
     -o "$out/results" | tee "$out/results.md"
 log "done in $((SECONDS - start)) s"

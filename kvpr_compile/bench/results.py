@@ -11,7 +11,7 @@ case and the CUDA tests' junit XML. Schema (one row per case)::
 ``limit_ms`` is the scheduler's split's host-to-device bytes over the H2D rate measured in the
 same run; a number a contender did not produce is null. Also prints the table as Markdown.
 
-    python -m kvpr_compile.bench.results --cases DIR [--junit FILE] [--date YYYY-MM-DD] -o DIR
+    python -m kvpr_compile.bench.results --cases DIR [--junit FILE] [--env FILE] [--date D] -o DIR
 """
 from __future__ import annotations
 
@@ -62,8 +62,9 @@ def card(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "device"
 
 
-def build(case_docs: list[dict], tests: dict) -> dict:
-    metas = [d.get("meta", {}) for d in case_docs]
+def build(case_docs: list[dict], tests: dict, env: dict | None = None) -> dict:
+    """The results document; device and torch from the cases, else from ``env`` (env.json)."""
+    metas = [d.get("meta", {}) for d in case_docs] + [env or {}]
     device = next((m["device"] for m in metas if m.get("device")), "unknown")
     torch_version = next((m["torch"] for m in metas if m.get("torch")), "unknown")
     rows = [row for doc in case_docs for row in rows_from(doc)]
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", required=True, help="folder of `kvpr bench --json` files")
     parser.add_argument("--junit", default=None, help="the CUDA tests' junit XML")
+    parser.add_argument("--env", default=None,
+                        help="gpu_check.sh's env.json (device and torch when no case ran)")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("-o", "--out", required=True, help="folder for <date>-<card>.json")
     args = parser.parse_args(argv)
@@ -108,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             docs.append(json.loads(path.read_text()))
         except (OSError, ValueError) as exc:
             print(f"results: skipping {path}: {exc}", file=sys.stderr)
-    result = build(docs, test_counts(Path(args.junit) if args.junit else None))
+    env = None
+    if args.env and Path(args.env).is_file():
+        env = json.loads(Path(args.env).read_text())
+    result = build(docs, test_counts(Path(args.junit) if args.junit else None), env)
     out = Path(args.out) / f"{args.date}-{card(result['device'])}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
