@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole first-GPU check in one command, sized for <= 480 s on an H100/H200:
 #   install the checkout (and carried wheels) -> versions, backend="kvpr" by name -> measured
-#   H2D/D2H -> CUDA tests (quick selection) -> three table cases, one process each (trace PNG for
-#   the first) -> the results file benchmarks/results/<date>-<card>.json, written under OUT.
+#   H2D/D2H -> three table cases, one process each (trace PNG for the first) -> CUDA tests (quick
+#   selection, up to 150 s) -> the results file benchmarks/results/<date>-<card>.json, under OUT.
 # Usage, from the repo root on the GPU machine:  bash benchmarks/gpu_check.sh [OUT [STEPS]]
 #   OUT defaults to $OUT (the device tool's output folder), else /tmp/kvpr_gpu.
 #   STEPS: comma-separated subset of env,profile,tests,cases,results (default: all; the install
@@ -80,19 +80,19 @@ EOF
 
 want profile && run profile 60 $py -m kvpr_compile.cli profile --refresh -o "$out/profile.json"
 
+# the reduced table: one process per case (its pinned memory goes back to the OS at exit)
+want cases && run case_llama-7b_b16_p1024 100 $py -m kvpr_compile.cli bench --models llama-7b --batch 16 --prompt 1024 --no-paper \
+    --json "$out/cases/llama-7b-b16-p1024.json" --trace "$out/trace" --trace-steps 2
+want cases && run case_opt-6.7b_paper 80 $py -m kvpr_compile.cli bench --models opt-6.7b --paper-only \
+    --json "$out/cases/opt-6.7b-b32-p256.json"
+want cases && run case_llama-3-8b_b16_p1024 80 $py -m kvpr_compile.cli bench --models llama-3-8b --batch 16 --prompt 1024 --no-paper \
+    --json "$out/cases/llama-3-8b-b16-p1024.json"
+
 # -o addopts=-ra: setup.cfg's --benchmark-disable needs pytest-benchmark, which the image may lack
 want tests && run cuda_tests 150 $py -m pytest -q -p no:cacheprovider -o addopts=-ra \
     --junitxml="$out/cuda_tests.xml" \
     tests/test_cuda_runtime.py tests/test_entry_point.py \
     tests/test_reset_and_fragments.py::test_a_forced_ratio_never_imports_mip
-
-# the reduced table: one process per case (its pinned memory goes back to the OS at exit)
-want cases && run case_llama-7b_b16_p1024 110 $py -m kvpr_compile.cli bench --models llama-7b --batch 16 --prompt 1024 --no-paper \
-    --json "$out/cases/llama-7b-b16-p1024.json" --trace "$out/trace" --trace-steps 2
-want cases && run case_opt-6.7b_paper 90 $py -m kvpr_compile.cli bench --models opt-6.7b --paper-only \
-    --json "$out/cases/opt-6.7b-b32-p256.json"
-want cases && run case_llama-3-8b_b16_p1024 90 $py -m kvpr_compile.cli bench --models llama-3-8b --batch 16 --prompt 1024 --no-paper \
-    --json "$out/cases/llama-3-8b-b16-p1024.json"
 
 want results || exit 0
 log "results"
