@@ -190,3 +190,23 @@ def test_help_answers_without_importing_torch(argv):
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "usage: kvpr" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU wording")
+def test_demo_shows_exactness_bytes_per_step_and_the_plan(capsys):
+    from kvpr_compile.cli import main
+    assert main(["demo", "--layers", "2", "--hidden", "32", "--heads", "2", "--kv-heads", "2",
+                 "--batch", "2", "--prompt", "6", "--new", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("greedy tokens identical: True") == 2
+    import re
+    found = re.search(r"H2D per step: ([\d.]+) (\w+) kvpr vs ([\d.]+) (\w+) full K,V \(([\d.]+)x\)", out)
+    assert found, out
+    scale = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+    kvpr_b = float(found[1]) * scale[found[2]]
+    full_b = float(found[3]) * scale[found[4]]
+    # full K,V per step: 2 layers x K and V x batch 2 x hidden 32 x fp32, mean past 7 (6, 7, 8)
+    assert full_b == pytest.approx(2 * 2 * 2 * 32 * 4 * 7, rel=5e-3)
+    assert 0 < kvpr_b < full_b and float(found[5]) == pytest.approx(kvpr_b / full_b, abs=0.01)
+    assert "profile h200-pcie5 (preset)" in out and "tokens/s: not shown on a CPU" in out
+    assert "DESIGN" not in out

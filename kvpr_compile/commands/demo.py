@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import time
 
-MB = 1e6
-
-
 def add_parser(sub):
     p = sub.add_parser(
         "demo", help="exactness and bytes per decode step of kvpr on a small built-in model",
@@ -82,7 +79,11 @@ def _ratios_text(rep) -> str:
 
 
 def _mb(n: float) -> str:
-    return f"{n / MB:.2f} MB" if n < 10 * MB else f"{n / MB:.1f} MB"
+    """Bytes, three significant digits: 1.42 MB, 12.3 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
 
 
 def run(args) -> int:
@@ -107,7 +108,7 @@ def run(args) -> int:
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=gen).to(device)
     kind = "MHA" if cfg.num_kv_heads == cfg.num_heads else \
         f"GQA {cfg.num_heads // cfg.num_kv_heads}:1"
-    print(f"model: Llama-architecture, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+    print(f"model: Llama-architecture, {cfg.num_layers} layer{'s' if cfg.num_layers > 1 else ''}, hidden {cfg.hidden_size}, "
           f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads ({kind}), "
           f"{str(dtype).removeprefix('torch.')}, {device}; seeded random weights")
     print(f"batch {args.batch}, prompt {args.prompt}, {args.new} new tokens; KV cache in CPU memory")
