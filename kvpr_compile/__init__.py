@@ -2,9 +2,19 @@
 
 Partial KV recomputation (KVPR, Jiang et al., ACL Findings 2025): for the first l cached tokens
 of each layer ship the layer input X and recompute K,V on the device while the rest of K,V streams in.
+
+``OffloadedKVCache`` is imported on first use, so that ``import kvpr_compile`` (and with it the
+``kvpr`` command's ``--help``) does not import torch.
 """
-from .cache import OffloadedKVCache
 from .report import last_report, reports
 
 __all__ = ["OffloadedKVCache", "last_report", "reports"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "OffloadedKVCache":
+        from .cache import OffloadedKVCache
+        globals()[name] = OffloadedKVCache
+        return OffloadedKVCache
+    raise AttributeError(f"module 'kvpr_compile' has no attribute {name!r}")

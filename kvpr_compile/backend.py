@@ -55,6 +55,8 @@ def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
 
 def _choose_ratios(options, slices, layers_in_graph):
     """Per-layer ratios (forced, or the scheduler's for this graph's shapes), their source, plan."""
+    if options.get("ratio") is not None:   # forced: no scheduler, so mip is never imported
+        return {layer: options["ratio"] for layer in layers_in_graph}, "forced", None
     from .scheduler import choose_ratios  # local: keeps mip out of import time
     cache_node, sl = next(iter(slices.items()))
     k_new, x = example_value(cache_node.args[1]), example_value(sl.x)
@@ -76,9 +78,13 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     scan = find_sites(graph)
     report.skipped.extend(scan.skipped)
     if not scan.sites:
-        report.notes.append("no attention reads an OffloadedKVCache; graph compiled unchanged")
-        rep.warn_once("kvpr: graph has no attention that reads an OffloadedKVCache "
-                      "(kvpr cache_update); it is compiled unchanged")
+        if scan.skipped:   # attention that reads no OffloadedKVCache: worth a warning
+            report.notes.append("no attention reads an OffloadedKVCache; graph compiled unchanged")
+            rep.warn_once("kvpr: graph has attention that reads no OffloadedKVCache "
+                          "(kvpr cache_update); it is compiled unchanged")
+        else:              # e.g. a fragment between graph breaks: nothing to rewrite, no problem
+            report.notes.append("no attention in this graph (e.g. a fragment between graph "
+                                "breaks); compiled unchanged")
         rep.add_report(report)
         return _inner_compile(gm, example_inputs, options["inner"])
 

@@ -1,4 +1,4 @@
-"""Closed-form per-layer cost model of one KVPR decode step (DESIGN.md, "cost model").
+"""Closed-form per-layer cost model of one KVPR decode step (docs/design.md, "The cost model").
 
 Symbols: batch b, cached length s, hidden h, KV width h_kv (= kv heads * head_dim), p bytes per
 element, n new tokens per step (1 when decoding), host->device bandwidth v_h2d, device->host v_d2h

@@ -3,17 +3,23 @@
 Usage (compile the model's forward, not the module: a compiled ``OptimizedModule``'s
 ``.generate`` calls the original, uncompiled forward)::
 
-    from kvpr_compile.hf import KVPRCache
+    from kvpr_compile.hf import KVPRCache, cache_kwargs
     cache = KVPRCache(model.config, batch_size=b, max_seq_len=prompt + new, dtype=model.dtype,
                       device=model.device)
     model.forward = torch.compile(model.forward, backend="kvpr")
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=new)   # or cache=cache
+    out = model.generate(input_ids, **cache_kwargs(model, cache), max_new_tokens=new)
+
+``cache_kwargs`` names the keyword the installed transformers takes: ``cache=`` where the model's
+forward has it (recent 5.x releases, which deprecate ``past_key_values=``), ``past_key_values=``
+where it does not (5.17 rejects ``cache=``).
 
 Every attention layer's ``cache.update(k, v, layer_idx)`` becomes ``OffloadedKVCache.update``, the
 call the kvpr backend recognises and rewrites. Uncompiled, it is a plain CPU-offloaded cache.
 Beam search (reorder) and cropping are not supported: they raise instead of corrupting the cache.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -90,3 +96,15 @@ class KVPRCache(Cache):
 
     def reset(self):
         self.offloaded.reset()
+
+
+def cache_keyword(model) -> str:
+    """``"cache"`` if ``model``'s forward takes a ``cache`` argument, else ``"past_key_values"``."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{keyword: cache}`` for ``model.generate(...)`` and ``model(...)`` calls, with the keyword
+    the installed transformers accepts without a deprecation warning (see cache_keyword)."""
+    return {cache_keyword(model): cache}

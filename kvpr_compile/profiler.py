@@ -152,7 +152,7 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in (
             "fp16/bf16 tensor 989 TFLOP/s and fp32 67 TFLOP/s are NVIDIA datasheet peaks; 660 "
             "(~67%) and 60 (90%) TFLOP/s are estimates of achievable GEMM rates."),
     _preset("h200-pcie5", "NVIDIA H200 with a PCIe 5.0 x16 host link", 55e9, 650e12, 60e12,
-            "preset: measured on an H200 by the kvpr_compile project (DESIGN.md): 55 GB/s "
+            "preset: measured on an H200 by the kvpr_compile project (docs/design.md): 55 GB/s "
             "pinned H2D and fp16 GEMM at 600-700 TFLOP/s (650 used). D2H is assumed equal to "
             "H2D and bf16 equal to fp16 (not measured); fp32 60 TFLOP/s is an estimate (90% of "
             "the 67 TFLOP/s datasheet fp32 peak).", torch_version="2.11 (lent H200 image)"),

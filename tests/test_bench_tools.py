@@ -276,12 +276,12 @@ def test_kvpr_bench_subcommand_parses():
 def test_cpu_end_to_end(tmp_path, capsys):
     torch.compiler.reset()
     out = tmp_path / "bench.json"
-    code = main(["--cpu", "--models", "llama-3-8b", "--json", str(out),
+    code = main(["--cpu-smoke", "--models", "llama-3-8b", "--json", str(out),
                  "--trace", str(tmp_path / "trace"), "--trace-steps", "2"])
     torch.compiler.reset()
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "CPU: timings meaningless for GPU claims" in captured.out
+    assert "CPU smoke run: timings meaningless for GPU claims" in captured.out
     assert "[1/1] llama-3-8b b2 p24" in captured.err
     doc = json.loads(out.read_text())
     assert doc["meta"]["cpu"] and doc["meta"]["torch"] == torch.__version__
@@ -306,3 +306,73 @@ def test_predicted_ms_is_the_schedulers_prediction_for_its_split():
     r0 = predicted_ms(prof, [0.0] * 4, [1000], batch=16, hidden=4096, kv_hidden=4096,
                       dtype=torch.float16, overlap="row")
     assert r0 == pytest.approx(plan.baseline_step_s * 1e3, rel=1e-6) and got < r0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_without_cuda_a_clear_message_and_exit_2(capsys):
+    assert main(["--models", "llama-7b"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""                                     # no table of CPU numbers
+    assert "no CUDA device" in captured.err and "--cpu-smoke" in captured.err
+    assert "kvpr demo" in captured.err
+
+
+def test_json_is_written_after_every_case(tmp_path, monkeypatch):
+    """A run cut short (a timeout on a GPU box) keeps every case it finished."""
+    from kvpr_compile.bench import main as bench_main
+    seen = []
+
+    def fake_suite(cases, specs, env, *, layers, contenders, on_case=None):
+        done = []
+        for case in cases:
+            done.append(finish(case, specs[case.model], layers, {}, env))
+            on_case(list(done))
+            seen.append(len(json.loads((tmp_path / "b.json").read_text())["cases"]))
+        return done
+
+    monkeypatch.setattr("kvpr_compile.bench.suite.run_suite", fake_suite)
+    code = bench_main.main(["--cpu-smoke", "--models", "llama-7b", "opt-6.7b", "--json",
+                            str(tmp_path / "b.json")])
+    assert code == 0 and seen == [1, 2]
+
+
+# ---- the committed results file --------------------------------------------------------------
+def test_results_file_in_the_issue_schema(tmp_path):
+    from kvpr_compile.bench import results
+    meta = {"device": "NVIDIA H200", "torch": "2.11.0", "transformers": "5.17", "dtype": "float16",
+            "cpu": False, "note": "", "profile_summary": "p", "h2d_gbps": 55.0,
+            "h2d_source": "measured", "warmup": 2}
+    write_json(tmp_path / "cases" / "opt.json", [_case_result()], meta)
+    (tmp_path / "tests.xml").write_text(
+        '<testsuites><testsuite name="pytest" tests="20" failures="1" errors="1" skipped="3">'
+        '</testsuite></testsuites>')
+    assert results.main(["--cases", str(tmp_path / "cases"), "--junit", str(tmp_path / "tests.xml"),
+                         "--date", "2026-11-26", "-o", str(tmp_path / "out")]) == 0
+    doc = json.loads((tmp_path / "out" / "2026-11-26-h200.json").read_text())
+    assert set(doc) == {"device", "torch", "tests", "rows"}
+    assert doc["device"] == "NVIDIA H200" and doc["tests"] == {"passed": 15, "failed": 2}
+    row = doc["rows"][0]
+    assert set(row) == {"model", "attention", "batch", "prompt", "resident_ms", "hf_offloaded_ms",
+                        "kvpr_ratio0_ms", "kvpr_ms", "limit_ms"}
+    assert (row["model"], row["attention"], row["batch"], row["prompt"]) == ("opt-6.7b", "MHA", 32, 256)
+    assert (row["resident_ms"], row["hf_offloaded_ms"], row["kvpr_ratio0_ms"], row["kvpr_ms"]) == \
+        (4.0, 26.0, 21.0, 11.0)
+    assert row["limit_ms"] == pytest.approx(8 * 257 * 32 * 4096 * 2 / 55e9 * 1e3)
+    assert results.card("NVIDIA H100 80GB HBM3") == "h100" and results.card("Tesla T4") == "t4"
+
+
+def test_empty_host_cache_uses_the_call_this_torch_has(monkeypatch):
+    """torch 2.11 has no torch.accelerator.empty_host_cache: the private call must be used."""
+    from kvpr_compile.bench import runners
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "empty_host_cache", lambda: calls.append("public"),
+                        raising=False)
+    monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: calls.append("private"),
+                        raising=False)
+    assert runners.empty_host_cache() == "torch.accelerator.empty_host_cache"
+    monkeypatch.delattr(torch.accelerator, "empty_host_cache")
+    assert runners.empty_host_cache() == "torch._C._host_emptyCache"
+    assert calls == ["public", "private"]
+    monkeypatch.delattr(torch._C, "_host_emptyCache")
+    assert runners.empty_host_cache().startswith("none")

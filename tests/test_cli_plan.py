@@ -147,3 +147,66 @@ def test_through_cli_main(capsys):
     assert main(["plan", "--arch", "llama-7b", "--batch", "32", "--seq", "1024", "--profile",
                  "h200-pcie5", "--layers", "4"]) == 0
     assert len(table_rows(capsys.readouterr().out)) == 4
+
+
+def test_preset_names_for_help_match_the_profiler():
+    assert profile_cmd.PRESET_NAMES == tuple(PRESETS)
+    from kvpr_compile import cost_model
+    assert set(plan_cmd.OVERLAPS) == set(cost_model.OVERLAPS)
+
+
+def test_profile_unknown_preset_is_an_error(capsys):
+    assert kvpr(["profile", "--preset", "rtx-9090"]) == 2
+    assert "h200-pcie5" in capsys.readouterr().err
+
+
+def test_plan_output_cites_no_file_outside_the_repo(capsys):
+    assert kvpr(["plan", "--arch", "llama-7b", "--batch", "8", "--seq", "512", "--profile",
+                 "h200-pcie5", "--layers", "2"]) == 0
+    assert "DESIGN.md" not in capsys.readouterr().out
+
+
+HELP_WITHOUT_TORCH = """
+import sys
+from kvpr_compile.cli import main
+try:
+    main({argv!r})
+except SystemExit as exc:
+    assert exc.code == 0, exc.code
+heavy = sorted(m for m in ("torch", "transformers", "mip", "numpy") if m in sys.modules)
+assert not heavy, heavy
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["plan", "--help"],
+                                  ["profile", "--help"], ["bench", "--help"]])
+def test_help_answers_without_importing_torch(argv):
+    """`kvpr --help` must be instant: no command module imports torch before `run`."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH.format(argv=argv)],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage: kvpr" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU wording")
+def test_demo_shows_exactness_bytes_per_step_and_the_plan(capsys):
+    from kvpr_compile.cli import main
+    assert main(["demo", "--layers", "2", "--hidden", "32", "--heads", "2", "--kv-heads", "2",
+                 "--batch", "2", "--prompt", "6", "--new", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("greedy tokens identical: True") == 2
+    import re
+    found = re.search(r"H2D per step: ([\d.]+) (\w+) kvpr vs ([\d.]+) (\w+) full K,V \(([\d.]+)x\)", out)
+    assert found, out
+    scale = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+    kvpr_b = float(found[1]) * scale[found[2]]
+    full_b = float(found[3]) * scale[found[4]]
+    # full K,V per step: 2 layers x K and V x batch 2 x hidden 32 x fp32, mean past 7 (6, 7, 8)
+    assert full_b == pytest.approx(2 * 2 * 2 * 32 * 4 * 7, rel=5e-3)
+    assert 0 < kvpr_b < full_b and float(found[5]) == pytest.approx(kvpr_b / full_b, abs=0.01)
+    assert "profile h200-pcie5 (preset)" in out and "tokens/s: not shown on a CPU" in out
+    assert "DESIGN" not in out

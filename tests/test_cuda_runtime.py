@@ -1,11 +1,17 @@
 """The CUDA runtime on a real GPU (skipped without one): exactness against eager in fp32/fp16/bf16,
 the NaN-poison proof of recompute, that copies run on the side streams without blocking the host,
-and a 10,000-step soak with flat device and pinned memory.
+and a memory soak with flat device and pinned memory (2,000 steps; 10,000 with --run-slow).
 
 Tolerances (max |compiled - eager| / max |eager| over logits, eager = reference on the same GPU):
 fp32 1e-4, fp16 2e-2, bf16 6e-2. Logits are compared teacher-forced (both runs read the eager
-tokens, so one near-tie cannot make the sequences diverge); greedy tokens must be identical for
-fp32/fp16 free-running, and for bf16 wherever eager's top-2 margin exceeds the tolerance."""
+tokens, so one near-tie cannot make the sequences diverge). Greedy tokens: fp32 free-running
+runs must be identical; in fp16 and bf16 the batched recompute may round one ulp differently and
+flip a near-tie, so tokens must agree wherever eager's top-2 logit margin exceeds the tolerance
+(times the largest |logit|), and may differ only where it does not.
+
+Without --run-slow every model runs once in fp16 at a mixed split, plus fp32 and bf16 spot checks
+(benchmarks/gpu_check.sh's selection, sized for one GPU command); --run-slow runs the full
+model x dtype x ratio matrix."""
 from __future__ import annotations
 
 import time
@@ -64,25 +70,39 @@ def compiled(model, ratio, inner="eager"):
     return torch.compile(model, backend=hoisting_backend([]), options={"ratio": ratio, "inner": inner})
 
 
+def tokens_agree_except_near_ties(got_logits, want_logits, tol) -> None:
+    """Argmax equal wherever eager's top-2 margin exceeds ``tol * max |logit|``."""
+    for got, want in zip(got_logits, want_logits):
+        top2 = want.float().topk(2, dim=-1).values
+        sure = (top2[:, 0] - top2[:, 1]) > tol * want.float().abs().max()
+        assert torch.equal(got.argmax(-1)[sure], want.argmax(-1)[sure])
+
+
 def check_close(model, new_cache, fn, dtype, poison=False):
     tol = TOL[dtype]
     ref = decode(model, new_cache(), STEPS)
     forced = decode(fn, new_cache(), STEPS, forced=ref[2], poison=poison)
     assert max_rel_err(forced[0], ref[0]) <= tol
     assert worst_rel_err(forced[1], ref[1]) <= tol
-    if dtype == torch.bfloat16:
-        for got, want in zip(forced[1], ref[1]):
-            top2 = want.float().topk(2, dim=-1).values
-            sure = (top2[:, 0] - top2[:, 1]) > tol * want.float().abs().max()
-            assert torch.equal(got.argmax(-1)[sure], want.argmax(-1)[sure])
-    else:
+    if dtype == torch.float32:
         free = decode(fn, new_cache(), STEPS, poison=poison)
         assert torch.equal(free[2], ref[2])
+    else:
+        tokens_agree_except_near_ties(forced[1], ref[1], tol)
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.37, 1.0])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", sorted(MODELS))
+def _matrix():
+    """Every model in fp16 at a mixed split, fp32 and bf16 spot checks; the rest with --run-slow."""
+    quick = {(n, torch.float16, 0.37) for n in MODELS} | {
+        ("llama-mha", torch.float32, 0.0), ("llama-mha", torch.float32, 1.0),
+        ("llama-gqa", torch.bfloat16, 1.0), ("complex-rope", torch.bfloat16, 0.37)}
+    return [pytest.param(n, d, r, marks=() if (n, d, r) in quick else pytest.mark.slow,
+                         id=f"{n}-{str(d).removeprefix('torch.')}-{r}")
+            for n in sorted(MODELS) for d in (torch.float32, torch.float16, torch.bfloat16)
+            for r in (0.0, 0.37, 1.0)]
+
+
+@pytest.mark.parametrize("name,dtype,ratio", _matrix())
 def test_compiled_matches_eager_on_cuda(name, dtype, ratio):
     model, new_cache = build(name, dtype)
     check_close(model, new_cache, compiled(model, ratio), dtype)
@@ -95,8 +115,8 @@ def test_backend_by_name_on_cuda(dtype):
     check_close(model, new_cache, fn, dtype)
 
 
-@pytest.mark.parametrize("name", ["llama-mha", "complex-rope"])
-def test_inductor_inner_on_cuda(name):
+@pytest.mark.parametrize("name", ["llama-mha", pytest.param("complex-rope", marks=pytest.mark.slow)])
+def test_inductor_inner_on_cuda(name):   # inductor's first CUDA compile takes a while
     model, new_cache = build(name, torch.float16)
     check_close(model, new_cache, compiled(model, 0.37, inner="inductor"), torch.float16)
 
@@ -181,8 +201,8 @@ def _pinned_bytes() -> int:
     return max(stats.get("allocated_bytes.current", 0), stats.get("reserved_bytes.current", 0))
 
 
-@pytest.mark.slow
-def test_soak_memory_flat_over_10000_decode_steps():
+@pytest.mark.parametrize("steps", [2_000, pytest.param(10_000, marks=pytest.mark.slow)])
+def test_soak_memory_flat_over_many_decode_steps(steps):
     cfg = TinyLlamaConfig(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                           intermediate_size=96, max_seq_len=64)
     model = build_tiny_llama(cfg, seed=5, dtype=torch.float16, device=DEV)
@@ -191,17 +211,18 @@ def test_soak_memory_flat_over_10000_decode_steps():
     start = torch.randint(0, 97, (2, 4), device=DEV)
     nxt, marks = None, {}
     with torch.no_grad():
-        for step in range(10_000):
+        for step in range(steps):
             if nxt is None or cache.seq_len(0) >= cache.max_seq_len - 1:   # rolling reset
                 cache.reset()
                 nxt = fn(start, cache)[:, -1:].argmax(-1)
             nxt = fn(nxt, cache)[:, -1:].argmax(-1)
-            if step in (1_000, 9_999):
+            if step in (steps // 10, steps - 1):
                 torch.cuda.synchronize()
                 marks[step] = (torch.cuda.memory_allocated(), _pinned_bytes())
     rt = cuda_runtime.runtime(cache._store, DEV)
     # device: flat up to the few KiB of new-token tensors held for in-flight stores (a leak of
-    # 512 B per step would add 4.6 MB); pinned: flat
-    assert marks[9_999][0] <= marks[1_000][0] + (1 << 20)
-    assert 0 < marks[9_999][1] == marks[1_000][1]
+    # 512 B per step would add 0.9 MB over 1,800 steps, 4.6 MB over 9,000); pinned: flat
+    first, last = marks[steps // 10], marks[steps - 1]
+    assert last[0] <= first[0] + (256 << 10 if steps <= 2_000 else 1 << 20)
+    assert 0 < last[1] == first[1]
     assert len(rt.slots.slots) == 2 and len(rt.in_flight) < 64

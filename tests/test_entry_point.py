@@ -18,7 +18,9 @@ def test_backend_name_works_without_import():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert torch.equal(f(x), torch.sin(x) * 2)
-        assert any("compiled unchanged" in str(w.message) for w in caught)
+        assert not any("kvpr" in str(w.message) for w in caught)   # no attention: no problem
+        import kvpr_compile
+        assert any("compiled unchanged" in n for n in kvpr_compile.last_report().notes)
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

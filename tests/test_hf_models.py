@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import kvpr_compile  # noqa: E402
-from kvpr_compile.hf import KVPRCache  # noqa: E402
+from kvpr_compile.hf import KVPRCache, cache_kwargs  # noqa: E402
 from conftest import max_rel_err, worst_rel_err  # noqa: E402
 
 TOL = 1e-5
@@ -49,12 +49,12 @@ def generate(model, ids, **kw):
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
                               do_sample=False, output_logits=True, return_dict_in_generate=True,
-                              past_key_values=cache, **kw)
+                              **cache_kwargs(model, cache), **kw)
 
 
 @torch.no_grad()
 def prefill_logits(model, ids):
-    return model(input_ids=ids, past_key_values=KVPRCache(model.config, ids.shape[0], 64),
+    return model(input_ids=ids, **cache_kwargs(model, KVPRCache(model.config, ids.shape[0], 64)),
                  use_cache=True).logits
 
 
@@ -89,13 +89,21 @@ def test_hf_compiled_matches_eager_inductor(arch):
     check(arch, 0.37, "inductor")
 
 
-def test_generate_accepts_cache_keyword():
+def test_cache_kwargs_use_the_keyword_this_transformers_takes_without_warning():
+    """5.17 rejects generate(cache=...); later 5.x deprecate past_key_values=: cache_kwargs picks
+    by the model's forward signature, and neither generate nor forward warns."""
+    import inspect
+    import warnings
     model = build("llama")
     ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(2))
     cache = KVPRCache(model.config, 1, 64)
-    with torch.no_grad():
+    kwargs = cache_kwargs(model, cache)
+    takes_cache = "cache" in inspect.signature(type(model).forward).parameters
+    assert list(kwargs) == ["cache" if takes_cache else "past_key_values"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                             do_sample=False, cache=cache)
+                             do_sample=False, **kwargs)
     assert out.shape == (1, 9) and cache.get_seq_length() == 8   # last token not fed back
     ref = generate(build("llama"), ids)
     assert torch.equal(out, ref.sequences[:, :9])
@@ -149,14 +157,14 @@ def test_hf_poisoned_kv_full_recompute():
     @torch.no_grad()
     def run(m, poison):
         cache = KVPRCache(model.config, 2, 64)
-        logits = m(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = m(input_ids=ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
         if poison:
             for t in cache.offloaded.k_cpu + cache.offloaded.v_cpu:
                 t.fill_(float("nan"))
         outs = []
         for _ in range(5):
             nxt = logits.argmax(-1, keepdim=True)
-            logits = m(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = m(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
             outs.append(logits)
         return outs
 
@@ -177,7 +185,7 @@ def test_left_padded_batch_recomputes_with_each_rows_positions():
         with torch.no_grad():
             return model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                                   output_logits=True, return_dict_in_generate=True,
-                                  past_key_values=KVPRCache(model.config, 2, 64))
+                                  **cache_kwargs(model, KVPRCache(model.config, 2, 64)))
 
     ref = run()
     model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": 1.0})

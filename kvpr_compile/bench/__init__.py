@@ -15,4 +15,5 @@ measured pinned bandwidth). Modules, one idea each:
 - ``table``    the stdout table and the JSON record
 - ``timeline`` torch.profiler chrome trace -> CUDA stream timeline PNG and overlap numbers
 - ``main``     the command line (shared by both entry points)
+- ``results``  the committed record of a GPU run (``benchmarks/gpu_check.sh`` writes it)
 """

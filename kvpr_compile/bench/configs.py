@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..arch_presets import ARCH_PRESETS
 
 PAPER = (32, 256, 32)                      # batch, prompt, new tokens (KVPR paper, OPT-6.7B)
@@ -26,8 +24,14 @@ DEFAULT_NEW_TOKENS = 12                    # sweep cases: 1 from prefill, then w
 DEFAULT_LAYERS = 8
 QUICK = dict(batches=(4,), prompts=(256,), new_tokens=8, layers=2)
 CPU = dict(batches=(2,), prompts=(24,), new_tokens=8, layers=2)
-CPU_NOTE = "CPU: timings meaningless for GPU claims"
+CPU_NOTE = "CPU smoke run: timings meaningless for GPU claims"
 VOCAB = 32000
+
+# the contenders, in table order (runners.py runs them; named here so that the command line's
+# --help can list them without importing torch)
+RESIDENT, HF_OFFLOADED, KVPR_R0, KVPR_SCHED = "resident", "hf-offloaded", "kvpr-r0", "kvpr-sched"
+CONTENDERS = (RESIDENT, HF_OFFLOADED, KVPR_R0, KVPR_SCHED)
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -123,9 +127,10 @@ def hf_config(spec: ModelSpec, layers: int, max_positions: int):
                        head_dim=spec.head_dim, max_position_embeddings=max(2048, max_positions))
 
 
-def build_model(spec: ModelSpec, layers: int, *, dtype: torch.dtype, device, seed: int = 0,
+def build_model(spec: ModelSpec, layers: int, *, dtype, device, seed: int = 0,
                 max_positions: int = 2048):
     """Random-weight causal LM for ``spec``, created on ``device`` in ``dtype``, in eval mode."""
+    import torch
     from transformers import AutoModelForCausalLM
     config = hf_config(spec, layers, max_positions)
     torch.manual_seed(seed)

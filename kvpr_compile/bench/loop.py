@@ -2,8 +2,9 @@
 
 Each call is ``forward(input_ids=..., <cache kwarg>=cache, use_cache=True, logits_to_keep=1)``;
 the next token is the argmax of the last position, kept on the device (no host sync per step).
-The cache keyword is ``cache`` in recent transformers and ``past_key_values`` in older ones; it
-and ``logits_to_keep`` are looked up in the model's signature, so the loop runs on both.
+The cache keyword is ``cache`` in recent transformers and ``past_key_values`` in older ones
+(``kvpr_compile.hf.cache_keyword``); it and ``logits_to_keep`` are looked up in the model's
+signature, so the loop runs on both.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 
 def forward_kwargs(model) -> tuple[str, bool]:
     """(name of the cache keyword, whether ``logits_to_keep`` is accepted) for ``model.forward``."""
+    from ..hf import cache_keyword
     params = inspect.signature(type(model).forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+    return cache_keyword(model), "logits_to_keep" in params
 
 
 class GreedyDecoder:

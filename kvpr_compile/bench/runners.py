@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,9 @@ import torch
 
 from .. import report as kvpr_report
 from ..profiler import HardwareProfile
-from .configs import Case
+from .configs import CONTENDERS, HF_OFFLOADED, KVPR_R0, KVPR_SCHED, RESIDENT, Case  # noqa: F401
 from .loop import GreedyDecoder
 from .timing import step_timer, summarize
-
-RESIDENT, HF_OFFLOADED, KVPR_R0, KVPR_SCHED = "resident", "hf-offloaded", "kvpr-r0", "kvpr-sched"
-CONTENDERS = (RESIDENT, HF_OFFLOADED, KVPR_R0, KVPR_SCHED)
 
 
 @dataclass
@@ -90,6 +88,33 @@ def skipped(name: str, reason: str) -> RunResult:
     return RunResult(name, status="skipped", reason=reason)
 
 
+def empty_host_cache() -> str:
+    """Return the pinned host blocks torch's caching host allocator keeps; says which call did.
+
+    ``torch.accelerator.empty_host_cache`` is public from torch 2.13 on; torch 2.11 (the lent GPU
+    image) lacks it, and there the same allocator is emptied by ``torch._C._host_emptyCache``
+    (bound in CUDA builds since 2.5; absent from CPU wheels, where nothing is pinned)."""
+    if not torch.cuda.is_available():
+        return "nothing (no CUDA: nothing is pinned)"
+    public = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if public is not None:
+        public()
+        return "torch.accelerator.empty_host_cache"
+    private = getattr(torch._C, "_host_emptyCache", None)
+    if private is not None:
+        private()
+        return "torch._C._host_emptyCache"
+    return "none (this torch has no call that empties the pinned host cache)"
+
+
+def pinned_bytes() -> int | None:
+    """Pinned host bytes held by torch's caching host allocator (None where torch cannot say)."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None or not torch.cuda.is_available():
+        return None
+    return int(stats().get("allocated_bytes.current", 0))   # blocks the allocator holds
+
+
 def free_memory(device: torch.device, host: bool = False) -> None:
     """Collect garbage and return cached device memory; ``host=True`` also returns the pinned
     host blocks torch caches (sized in powers of two, so blocks of one case rarely fit the next;
@@ -98,9 +123,12 @@ def free_memory(device: torch.device, host: bool = False) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-        empty_host = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
-        if host and empty_host is not None:
-            empty_host()
+        if host:
+            how = empty_host_cache()
+            left = pinned_bytes()
+            if left is not None:
+                print(f"  pinned host memory after {how}: {left / 2**30:.2f} GiB",
+                      file=sys.stderr, flush=True)
 
 
 def _text_config(model):

@@ -109,7 +109,8 @@ def _short(name: str) -> str:
 
 
 def run_suite(cases: list[Case], specs: dict[str, ModelSpec], env: BenchEnv, *, layers: int,
-              contenders, progress=None) -> list[CaseResult]:
+              contenders, progress=None, on_case=None) -> list[CaseResult]:
+    """Every case in order; ``on_case(results so far)`` runs after each one (e.g. to save)."""
     progress = progress or sys.stderr
     results: list[CaseResult] = []
     total, index = len(cases), 0
@@ -155,6 +156,8 @@ def run_suite(cases: list[Case], specs: dict[str, ModelSpec], env: BenchEnv, *, 
             for text in failures:
                 print(text.rstrip(), file=progress)
             results.append(result)
+            if on_case is not None:
+                on_case(list(results))
         del model
         free_memory(env.device, host=True)
     return results

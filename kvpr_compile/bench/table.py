@@ -8,6 +8,7 @@ with the reference run; then one PASS/FAIL/- column per target (targets.py).
 from __future__ import annotations
 
 import json
+import os
 import platform
 from collections import Counter
 from pathlib import Path
@@ -156,4 +157,6 @@ def write_json(path: str | Path, results: list[CaseResult], meta: dict) -> None:
     counts = Counter(t.verdict for r in results for t in r.targets)
     doc = {"meta": meta, "cases": [r.to_dict() for r in results],
            "targets": {"pass": counts["PASS"], "fail": counts["FAIL"], "n/a": counts["n/a"]}}
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    tmp = path.with_name(path.name + ".tmp")   # rewritten after every case: never half a file
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    os.replace(tmp, path)

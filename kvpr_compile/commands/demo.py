@@ -1,16 +1,25 @@
-"""`kvpr demo`: eager vs kvpr-compiled greedy decoding on the built-in Llama-architecture model."""
+"""`kvpr demo`: what kvpr does to a small built-in Llama, shown in terms that hold on any machine.
+
+Three greedy generations from the same prompt: uncompiled (the reference), compiled with the
+scheduler's split, compiled at ratio 0 (full K,V loads). It prints
+- exactness: max relative error of logits against the reference, and whether tokens match;
+- the bytes each decode step loads from the CPU store, counted by the runtime
+  (runtime/traffic.py) for kvpr and for ratio 0, and their ratio: on a GPU, what crosses PCIe;
+- the scheduler's plan for the demo's own sizes, with the profile it used named;
+- tokens/s on a GPU only (on a CPU the cache and the compute share one memory, so no rate
+  measured there says anything about the link).
+"""
 from __future__ import annotations
 
 import time
 
-import torch
-
-from .. import last_report
-from ..models import TinyLlamaConfig, build_tiny_llama, greedy_generate
-
-
 def add_parser(sub):
-    p = sub.add_parser("demo", help="eager vs compiled decoding on a small built-in model")
+    p = sub.add_parser(
+        "demo", help="exactness and bytes per decode step of kvpr on a small built-in model",
+        description="Greedy decoding on a small built-in Llama (seeded random weights): eager, "
+                    "kvpr-compiled with the scheduler's split, and kvpr at ratio 0 (full K,V). "
+                    "Prints exactness against eager, the bytes each decode step loads from the "
+                    "CPU store (counted by the runtime) and the plan for these sizes.")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
@@ -27,54 +36,152 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def _timed_generate(model, tokens, cache, steps, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out, logits = greedy_generate(model, tokens, cache, steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, logits, time.perf_counter() - t0
+def _generate(model, tokens, cache, steps, device):
+    """Prefill, then ``steps`` greedy decode steps, only those counted and timed:
+    (new tokens, logits per step, decode seconds, traffic of the decode steps)."""
+    import torch
+
+    from ..runtime import traffic
+    with torch.no_grad():
+        logits = model(tokens, cache)[:, -1]
+        out, all_logits = [], []
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with traffic.counting() as counted:
+            for _ in range(steps):
+                nxt = logits.argmax(-1, keepdim=True)
+                out.append(nxt)
+                logits = model(nxt, cache)[:, -1]
+                all_logits.append(logits)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+    return torch.cat(out, dim=1), all_logits, seconds, counted
+
+
+def _decode_report(reports):
+    """The last report of a graph that decodes one token per call (not the prefill's)."""
+    for rep in reversed(reports):
+        if rep.layers and all(not entry.note for entry in rep.layers):
+            return rep
+    return None
+
+
+def _ratios_text(rep) -> str:
+    if rep is None:
+        return "no decode graph was rewritten (see the warnings above)"
+    ratios = sorted((e.layer, e.ratio) for e in rep.layers)
+    values = sorted({r for _, r in ratios})
+    per_layer = (f"ratio {values[0]:.3f} in every layer" if len(values) == 1 else
+                 "ratios " + ", ".join(f"layer {i}: {r:.3f}" for i, r in ratios))
+    return f"{per_layer} ({rep.ratio_source or 'forced'})"
+
+
+def _mb(n: float) -> str:
+    """Bytes, three significant digits: 1.42 MB, 12.3 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
 
 
 def run(args) -> int:
+    import torch
+
+    from .. import reports
+    from ..models import TinyLlamaConfig, build_tiny_llama
+    from ..plan_table import format_layers
+    from ..profiler import resolve_profile
+    from ..scheduler import plan_split
+
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("kvpr demo: --device cuda requested but CUDA is not available")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
     cfg = TinyLlamaConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                           num_kv_heads=args.kv_heads, intermediate_size=2 * args.hidden,
                           max_seq_len=args.prompt + args.new + 1)
     model = build_tiny_llama(cfg, seed=args.seed, dtype=dtype, device=device)
     gen = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=gen).to(device)
-    print(f"model: Llama-architecture, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads, {dtype}, {device}; seeded random weights")
+    kind = "MHA" if cfg.num_kv_heads == cfg.num_heads else \
+        f"GQA {cfg.num_heads // cfg.num_kv_heads}:1"
+    print(f"model: Llama-architecture, {cfg.num_layers} layer{'s' if cfg.num_layers > 1 else ''}, hidden {cfg.hidden_size}, "
+          f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads ({kind}), "
+          f"{str(dtype).removeprefix('torch.')}, {device}; seeded random weights")
     print(f"batch {args.batch}, prompt {args.prompt}, {args.new} new tokens; KV cache in CPU memory")
 
-    greedy_generate(model, tokens, model.make_cache(args.batch, device=device), 2)  # warm-up
-    ref_tokens, ref_logits, t_eager = _timed_generate(
-        model, tokens, model.make_cache(args.batch, device=device), args.new, device)
-    options = {"inner": args.inner}
-    if args.ratio is not None:
-        options["ratio"] = args.ratio
-    if args.profile is not None:
-        options["profile"] = args.profile
-    compiled = torch.compile(model, backend="kvpr", options=options)
-    greedy_generate(compiled, tokens, model.make_cache(args.batch, device=device), 2)  # compile
-    out_tokens, out_logits, t_kvpr = _timed_generate(
-        compiled, tokens, model.make_cache(args.batch, device=device), args.new, device)
+    def fresh_cache():
+        return model.make_cache(args.batch, device=device)
+
+    ref_tokens, ref_logits, t_eager, _ = _generate(model, tokens, fresh_cache(), args.new, device)
+
+    def compiled_run(ratio):
+        torch.compiler.reset()   # each run compiles its own graphs
+        options = {"inner": args.inner}
+        if ratio is not None:
+            options["ratio"] = ratio
+        if args.profile is not None:
+            options["profile"] = args.profile
+        first = len(reports())
+        compiled = torch.compile(model, backend="kvpr", options=options)
+        out = _generate(compiled, tokens, fresh_cache(), args.new, device)
+        return (*out, _decode_report(reports()[first:]))
+
+    runs = {"kvpr": compiled_run(args.ratio), "ratio 0": compiled_run(0.0)}
+    torch.compiler.reset()
+
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    ok = True
+    print()
+    print(f"exactness against the uncompiled model, {args.new} decode steps "
+          f"(tolerance {tol:g}):")
+    for name, label in (("kvpr", "kvpr"), ("ratio 0", "kvpr at ratio 0 (full K,V)")):
+        out_tokens, out_logits = runs[name][0], runs[name][1]
+        err = max(((a - b).abs().max() / b.abs().max()).item()
+                  for a, b in zip(out_logits, ref_logits))
+        same = torch.equal(out_tokens, ref_tokens)
+        ok = ok and same and err <= tol
+        print(f"  {label + ':':<28} max relative error of logits {err:.1e}, "
+              f"greedy tokens identical: {same}")
+
+    kvpr_traffic, full_traffic = runs["kvpr"][3], runs["ratio 0"][3]
+    steps = max(args.new, 1)
+    per_step, full_per_step = kvpr_traffic.bytes / steps, full_traffic.bytes / steps
+    print()
+    print(f"loaded from the CPU store per decode step (counted by the runtime, mean over "
+          f"{args.new} steps; on a GPU this is what crosses PCIe):")
+    share = f"{per_step / full_per_step:.2f}x" if full_per_step else "-"
+    print(f"  H2D per step: {_mb(per_step)} kvpr vs {_mb(full_per_step)} full K,V ({share})")
+    print(f"  kvpr: {_mb(kvpr_traffic.by_kind['tokens'] / steps)} X and side inputs (RoPE "
+          f"cos/sin) + {_mb(kvpr_traffic.by_kind['kv'] / steps)} K,V")
+    print(f"  split: {_ratios_text(runs['kvpr'][4])}")
+
+    profile = resolve_profile(args.profile, device=device)
+    past = args.prompt + args.new // 2
+    plan = plan_split(profile, num_layers=cfg.num_layers, batch_size=args.batch, seq_len=past,
+                      hidden_size=cfg.hidden_size,
+                      kv_hidden_size=cfg.num_kv_heads * cfg.head_dim, dtype=dtype)
+    where = profile.source if profile.source == "measured" else \
+        ("preset" if profile.source.startswith("preset: ") else profile.source)
+    print()
+    print(f"plan for this demo's sizes (b={args.batch}, s={past} cached tokens, the middle of "
+          f"the run; h={cfg.hidden_size}, h_kv={cfg.num_kv_heads * cfg.head_dim}, "
+          f"{plan.dtype}) with profile {profile.name} ({where}):")
+    if not cuda:
+        print(f"  (no CUDA here: {profile.name}'s rates are not this machine's; times below are "
+              "that profile's predictions)")
+    print("\n".join(("  " + line).rstrip() for line in format_layers(plan).splitlines()))
 
     print()
-    print(last_report())
-    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(out_logits, ref_logits))
-    same = torch.equal(out_tokens, ref_tokens)
     n = args.batch * args.new
-    print()
-    print(f"max relative error of logits vs eager: {err:.2e}   greedy tokens identical: {same}")
-    print(f"eager (offloaded cache):  {n / t_eager:10.1f} tokens/s")
-    print(f"kvpr compiled:            {n / t_kvpr:10.1f} tokens/s")
-    if device.type == "cpu":
-        print("(CPU run: the cache and compute share one memory, so these rates say nothing about PCIe)")
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    return 0 if same and err <= tol else 1
+    if cuda:
+        print(f"decode tokens/s on {torch.cuda.get_device_name(device)}: eager (offloaded "
+              f"cache) {n / t_eager:.1f}, kvpr {n / runs['kvpr'][2]:.1f}, kvpr at ratio 0 "
+              f"{n / runs['ratio 0'][2]:.1f}")
+    else:
+        print("tokens/s: not shown on a CPU (cache and compute share one memory here, so no "
+              "rate measured on it says anything about PCIe); run with --device cuda on a GPU")
+    return 0 if ok else 1

@@ -5,11 +5,10 @@ import argparse
 import json
 import sys
 
-from .. import cost_model as cm
 from ..arch_presets import ARCH_PRESETS, Arch
-from ..profiler import HardwareProfile, resolve_profile
-from ..plan_table import format_layers
-from ..scheduler import Plan, plan_split
+
+# choices of --overlap: cost_model.OVERLAPS (cost_model imports torch, which --help must not)
+OVERLAPS = ("stream", "row")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,14 +30,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="GPU memory for the KV path in GB (1e9 bytes): staging slots and "
                              "resident prefixes; default: no resident prefix")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
-    parser.add_argument("--overlap", default=cm.DEFAULT_OVERLAP, choices=cm.OVERLAPS,
-                        help="schedule model: 'row' (the paper's) or 'stream' (deeper pipelining)")
+    parser.add_argument("--overlap", default=None, choices=OVERLAPS,
+                        help="schedule model: 'stream' (layer-ahead loads, the backend's "
+                             "default) or 'row' (the paper's)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import cost_model as cm
+    from ..profiler import resolve_profile
+    from ..scheduler import plan_split
     arch = ARCH_PRESETS[args.arch]
     layers = arch.num_layers if args.layers is None else args.layers
     budget = None if args.gpu_budget_gb is None else args.gpu_budget_gb * 1e9
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_split(profile, num_layers=layers, batch_size=args.batch, seq_len=args.seq,
                           hidden_size=arch.hidden_size, kv_hidden_size=arch.kv_hidden_size,
                           dtype=args.dtype, gpu_budget_bytes=budget, mlp_params=arch.mlp_params,
-                          overlap=args.overlap)
+                          overlap=args.overlap or cm.DEFAULT_OVERLAP)
     except (ValueError, RuntimeError) as exc:
         print(f"kvpr plan: error: {exc}", file=sys.stderr)
         return 2
@@ -58,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_plan(plan: Plan, arch: Arch, profile: HardwareProfile) -> str:
+def format_plan(plan, arch: Arch, profile) -> str:
+    """The plan as text: header, profile, per-layer table (plan_table), GPU budget."""
+    from .. import cost_model as cm
+    from ..plan_table import format_layers
     c = plan.coefficients
     ms = 1e3
     p = cm.bytes_per_element(plan.dtype)

@@ -4,9 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from ..profiler import PRESETS, HardwareProfile, cache_path, load_or_measure, resolve_profile
+# preset names for --preset's help; profiler.PRESETS holds them (it imports torch, --help must not)
+PRESET_NAMES = ("a100-pcie4", "h100-pcie5", "h200-pcie5")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -15,7 +14,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Measure pinned H2D/D2H bandwidth and GEMM rates on this CUDA device (cached "
                     "per device; --refresh re-measures), or show a preset or a profile file.")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", choices=sorted(PRESETS), help="show this preset")
+    source.add_argument("--preset", metavar="NAME",
+                        help=f"show this preset ({', '.join(PRESET_NAMES)}; --list shows them)")
     source.add_argument("--file", metavar="PATH", help="show the profile in this JSON file")
     source.add_argument("--list", action="store_true", help="list the presets")
     parser.add_argument("--device", default="cuda", help="CUDA device to measure (default: cuda)")
@@ -27,7 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def format_profile(profile: HardwareProfile) -> str:
+def format_profile(profile) -> str:
     rows = [("name", profile.name), ("device", profile.device_name),
             ("H2D (pinned)", f"{profile.h2d_bytes_per_s / 1e9:.1f} GB/s"),
             ("D2H (pinned)", f"{profile.d2h_bytes_per_s / 1e9:.1f} GB/s")]
@@ -41,10 +41,17 @@ def format_profile(profile: HardwareProfile) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..profiler import PRESETS, cache_path, load_or_measure, resolve_profile
     if args.list:
         for name, profile in PRESETS.items():
             print(f"{name:<12} {profile.summary().split(': ', 1)[1]}")
         return 0
+    if args.preset and args.preset not in PRESETS:
+        print(f"kvpr profile: error: unknown preset {args.preset!r}; presets: "
+              f"{', '.join(PRESETS)}", file=sys.stderr)
+        return 2
     try:
         if args.preset or args.file:
             profile = resolve_profile(args.preset or args.file)

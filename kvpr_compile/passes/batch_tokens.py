@@ -147,6 +147,7 @@ class _Batcher:
             shape = args[1:] if method else [args[1]]
             if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
                 shape = list(shape[0])
+            shape = _explicit(shape, nd)   # a -1 cannot be resolved when l = 0 (no elements)
             return self._emit("call_method", "reshape", (m(x), self.L, *m(list(shape))))
 
         if t in ("transpose",) or t is torch.transpose:
@@ -224,3 +225,14 @@ class _Batcher:
 def batch_over_tokens(module: fx.GraphModule, num_token_inputs: int) -> fx.GraphModule:
     """(token records with a leading axis l, consts...) -> K, V ``(b, hkv, l, d)``."""
     return _Batcher(module, num_token_inputs).run()
+
+
+def _explicit(shape: list, nd: fx.Node) -> list:
+    """``shape`` with each ``-1`` replaced by the static size the traced single-token node had
+    there: the batched graph also runs with l = 0 tokens (a cached length under 1/ratio), where
+    reshape cannot infer a -1."""
+    value = nd.meta.get("example_value")
+    if value is None or -1 not in shape or len(shape) != value.dim():
+        return shape
+    return [value.shape[i] if s == -1 and isinstance(value.shape[i], int) else s
+            for i, s in enumerate(shape)]

@@ -30,6 +30,7 @@ from collections import deque
 
 import torch
 
+from . import traffic
 from .slots import SlotPool, slot_of
 
 
@@ -130,6 +131,7 @@ class CudaRuntime:
             self.h2d.wait_stream(current)
         if self.stored[layer] is not None:
             self.h2d.wait_event(self.stored[layer])
+        if traffic.ON: traffic.note(part, *(src for _, src in pairs))  # noqa: E701
         with API.use(self.h2d):
             for dst, src in pairs:
                 if src is None:

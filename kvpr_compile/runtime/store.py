@@ -21,6 +21,8 @@ import weakref
 
 import torch
 
+from . import traffic
+
 _REGISTRY: "weakref.WeakValueDictionary[int, KVStore]" = weakref.WeakValueDictionary()
 _UIDS = itertools.count(1)
 
@@ -58,6 +60,7 @@ class KVStore:
 
     def read_kv(self, layer: int, start: int, end: int, device: torch.device):
         """K, V for positions ``[start, end)`` as ``(b, hkv, end - start, d)`` on ``device``."""
+        if traffic.ON: traffic.note("kv", self.k[layer][start:end], self.v[layer][start:end])  # noqa: E701
         k = self.k[layer][start:end].to(device, non_blocking=self.pin)
         v = self.v[layer][start:end].to(device, non_blocking=self.pin)
         return k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
@@ -94,6 +97,7 @@ class KVStore:
         stores = self.tokens[layer]
         if not stores:
             return [torch.zeros((end, *shape), dtype=dtype, device=device) for shape, dtype in specs]
+        if traffic.ON: traffic.note("tokens", *(s[:end] for s in stores))  # noqa: E701
         return [s[:end].to(device, non_blocking=self.pin) for s in stores]
 
     def invalidate_tokens(self, layer: int, pos: int) -> None:
