@@ -210,3 +210,28 @@ def test_demo_shows_exactness_bytes_per_step_and_the_plan(capsys):
     assert 0 < kvpr_b < full_b and float(found[5]) == pytest.approx(kvpr_b / full_b, abs=0.01)
     assert "profile h200-pcie5 (preset)" in out and "tokens/s: not shown on a CPU" in out
     assert "DESIGN" not in out
+
+
+def test_throughput_plan_prints_tokens_per_s_against_ratio_zero_and_the_link(capsys):
+    assert kvpr(["plan", "--arch", "opt-6.7b", "--batch", "64", "--seq", "288", "--layers", "4",
+                 "--schedule", "throughput", "--profile", "h200-pcie5"]) == 0
+    out = capsys.readouterr().out
+    assert "throughput schedule" in out and "tokens/s at ratio 0" in out and "link limit" in out
+    assert "micro-batches [" in out
+    assert kvpr(["plan", "--arch", "opt-6.7b", "--batch", "64", "--seq", "288", "--layers", "4",
+                 "--schedule", "throughput", "--micro-batches", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["micro_batches"] == [22, 21, 21] and len(data["recompute_tokens"]) == 4
+    assert data["predicted_step_s"] <= data["baseline_step_s"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--schedule", "throughput", "--micro-batches", "0"], "micro_batches must be an integer >= 1"),
+    (["--schedule", "throughput", "--micro-batches", "65"], "larger than the batch (64 rows)"),
+    (["--schedule", "throughput", "--gpu-budget-gb", "0.5"], "nothing fits"),
+    (["--micro-batches", "2"], "needs --schedule throughput"),
+])
+def test_throughput_plan_errors_name_the_numbers(capsys, argv, message):
+    assert kvpr(["plan", "--arch", "opt-6.7b", "--batch", "64", "--seq", "288", "--layers", "2",
+                 *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -33,6 +33,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--overlap", default=None, choices=OVERLAPS,
                         help="schedule model: 'stream' (layer-ahead loads, the backend's "
                              "default) or 'row' (the paper's)")
+    parser.add_argument("--schedule", default="latency", choices=("latency", "throughput"),
+                        help="'latency' (row by row, the KV path only; default) or 'throughput' "
+                             "(column by column over micro-batches, weights streamed from CPU "
+                             "memory too)")
+    parser.add_argument("--micro-batches", type=int, default=None,
+                        help="throughput schedule: number of micro-batches (default: planned "
+                             "under --gpu-budget-gb)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(func=run)
     return parser
@@ -45,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
     arch = ARCH_PRESETS[args.arch]
     layers = arch.num_layers if args.layers is None else args.layers
     budget = None if args.gpu_budget_gb is None else args.gpu_budget_gb * 1e9
+    if args.schedule == "throughput":
+        return run_throughput(args, arch, layers, budget)
+    if args.micro_batches is not None:
+        print("kvpr plan: error: --micro-batches needs --schedule throughput", file=sys.stderr)
+        return 2
     try:
         profile = resolve_profile(args.profile)
         plan = plan_split(profile, num_layers=layers, batch_size=args.batch, seq_len=args.seq,
@@ -58,6 +70,34 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
         print(format_plan(plan, arch, profile))
+    return 0
+
+
+def run_throughput(args, arch: Arch, layers: int, budget) -> int:
+    from ..plan.throughput_lp import plan_throughput, step_shape
+    from ..plan.throughput_table import format_throughput
+    from ..profiler import resolve_profile
+    try:
+        profile = resolve_profile(args.profile)
+        plan = plan_throughput(profile, num_layers=layers, batch_size=args.batch, seq_len=args.seq,
+                               hidden_size=arch.hidden_size, kv_hidden_size=arch.kv_hidden_size,
+                               dtype=args.dtype, micro_batches=args.micro_batches,
+                               gpu_budget_bytes=budget, mlp_params=arch.mlp_params)
+    except (ValueError, RuntimeError) as exc:
+        print(f"kvpr plan: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0
+    shape = step_shape(profile, num_layers=layers, micro_batches=plan.micro_batches,
+                       seq_len=args.seq, hidden_size=arch.hidden_size,
+                       kv_hidden_size=arch.kv_hidden_size, dtype=args.dtype,
+                       mlp_params=arch.mlp_params)
+    print(f"kvpr plan: {arch.name} (h={arch.hidden_size}, h_kv={arch.kv_hidden_size}, "
+          f"{arch.attention_kind}), {layers} of {arch.num_layers} layers, effective batch "
+          f"{args.batch}, {args.seq} cached tokens, {args.dtype}, throughput schedule")
+    print(f"profile: {profile.summary()}\n         {profile.source}\n")
+    print(format_throughput(plan, shape))
     return 0
 
 
