@@ -22,6 +22,8 @@ import weakref
 
 import torch
 
+from ..report import warn_once
+
 _REGISTRY: "weakref.WeakValueDictionary[int, KVStore]" = weakref.WeakValueDictionary()
 _UIDS = itertools.count(1)
 
@@ -80,9 +82,9 @@ class KVStore:
             return
         stores = self.tokens[layer]
         if stores and not self._widen(layer, records):
+            self._drop(layer, [tuple(s.shape[1:]) for s in stores],
+                       [tuple(r.shape[1:]) for r in records])
             stores.clear()
-            self.token_len[layer] = 0
-            self.dropped_tokens += 1
         if not stores:
             # allocated during the first compiled forward: no memset of the whole buffer. Rows
             # past token_len are never used (assemble takes stored K,V for them instead).
@@ -137,10 +139,17 @@ class KVStore:
                     break
                 out.append(s if held == tuple(shape) else s.expand(s.shape[0], *shape))
         if len(out) != len(specs):
-            self.invalidate_tokens(layer, 0)
-            self.dropped_tokens += 1
+            self._drop(layer, [tuple(s.shape[1:]) for s in stores], [tuple(sh) for sh, _ in specs])
             return None
         return out
+
+    def _drop(self, layer: int, held, wanted) -> None:
+        """Stored records do not fit a graph: none of them is used again (exact, no recompute)."""
+        self.token_len[layer] = 0
+        self.dropped_tokens += 1
+        warn_once(f"kvpr: layer {layer}: the per-token recompute inputs stored by an earlier graph "
+                  f"{held} do not fit this graph's {wanted}; positions stored before use the stored "
+                  "K,V (exact, not recomputed)")
 
     def read_tokens(self, layer: int, end: int, specs: list[tuple[tuple, torch.dtype]],
                     device: torch.device):
