@@ -16,6 +16,10 @@ where it does not (5.17 rejects ``cache=``).
 Every attention layer's ``cache.update(k, v, layer_idx)`` becomes ``OffloadedKVCache.update``, the
 call the kvpr backend recognises and rewrites. Uncompiled, it is a plain CPU-offloaded cache.
 Beam search (reorder) and cropping are not supported: they raise instead of corrupting the cache.
+Models whose cache is not one K and one V of equal width per attention layer are refused at
+construction, naming what does not fit: encoder-decoder models (cross-attention K/V would share
+the self-attention store), multi-head latent attention (a latent and a rope key of two widths),
+hybrid and state-space models (layers with a recurrent state instead of K/V).
 """
 from __future__ import annotations
 
@@ -80,11 +84,61 @@ def _dims(config):
     return cfg.num_hidden_layers, kv_heads, head_dim, cfg
 
 
+# layer kinds (``layer_types`` / ``layers_block_type``) whose cache is one K and one V per token
+_ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention", "attention",
+                     "global", "local", "global_attention", "local_attention"}
+# model types with no attention K/V at all, whose configs may not list their layer kinds
+_STATE_SPACE_TYPES = {"mamba", "mamba2", "rwkv", "xlstm", "falcon_mamba"}
+
+
+def _attr(cfg, name):
+    """A config attribute, or None (some configs raise on attributes that vary per layer)."""
+    try:
+        return getattr(cfg, name, None)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def check_supported(config) -> None:
+    """Raise ``NotImplementedError`` naming the reason if ``config`` describes a model whose
+    cache KVPRCache cannot hold exactly."""
+    name = _attr(config, "model_type") or type(config).__name__
+    if _attr(config, "is_encoder_decoder"):
+        raise NotImplementedError(
+            f"KVPRCache: {name} is an encoder-decoder model (config.is_encoder_decoder): its "
+            "cross-attention K/V would go into the self-attention store; encoder-decoder models "
+            "are not supported, use a decoder-only model")
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    name = _attr(cfg, "model_type") or name
+    if _attr(cfg, "kv_lora_rank"):
+        raise NotImplementedError(
+            f"KVPRCache: {name} uses multi-head latent attention (MLA, kv_lora_rank="
+            f"{cfg.kv_lora_rank}): its cache holds a latent and a rope key of different widths, "
+            "not one K and one V per head; multi-head latent attention is not supported")
+    if name in _STATE_SPACE_TYPES:
+        raise NotImplementedError(
+            f"KVPRCache: {name} is a state-space model (recurrent state, no attention K/V); "
+            "only attention layers can be offloaded by KVPRCache")
+    for attr in ("layer_types", "layers_block_type", "block_types"):
+        kinds = _attr(cfg, attr)
+        if not isinstance(kinds, (list, tuple)):
+            continue
+        other = sorted({str(k) for k in kinds} - _ATTENTION_LAYERS)
+        if other:
+            raise NotImplementedError(
+                f"KVPRCache: {name} is a hybrid or state-space model: config.{attr} has layers of "
+                f"type {', '.join(repr(k) for k in other)} (not attention with a K/V cache); "
+                "only models whose every layer is attention are supported")
+
+
 class KVPRCache(Cache):
     def __init__(self, config, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
                  device=None, *, num_kv_heads: int | None = None, head_dim: int | None = None):
         """K/V geometry comes from the config; ``num_kv_heads`` / ``head_dim`` override it for
-        architectures that store K/V with another layout than their config names."""
+        architectures that store K/V with another layout than their config names.
+        Encoder-decoder, multi-head latent attention, hybrid and state-space models raise
+        ``NotImplementedError`` here (see ``check_supported``)."""
+        check_supported(config)
         num_layers, kv_heads, cfg_head_dim, cfg = _dims(config)
         kv_heads, head_dim = num_kv_heads or kv_heads, head_dim or cfg_head_dim
         if dtype is None:

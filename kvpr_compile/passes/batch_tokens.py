@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import fx
 
 from .graph_utils import (ADDMM, BINARY_FUNCTIONS, BINARY_METHODS, COMPLEX_VIEWS, LINEAR, MATMUL,
-                          UNARY_FUNCTIONS, UNARY_METHODS, example_value)
+                          TRAILING_NORMS, UNARY_FUNCTIONS, UNARY_METHODS, example_value)
 from .recompute_slice import Unsupported
 
-_TRAILING_FUNCTIONS = {F.rms_norm, F.layer_norm}  # act on trailing dims only
+_TRAILING_FUNCTIONS = TRAILING_NORMS  # act on trailing dims only
 _DIM_REDUCTIONS = {"sum", "mean", "amax", "amin", "var", "norm", "softmax", "cumsum"}
 
 
@@ -121,6 +121,14 @@ class _Batcher:
                 raise Unsupported(f"{t} with a per-token weight")
             return self._emit(nd.op, t, m(args), m(kwargs))
 
+        if not method and t is F.normalize:   # normalize(input, p=2, dim=1, eps=1e-12)
+            names = ("p", "dim", "eps")
+            kw = {**dict(zip(names, args[1:])), **kwargs}
+            if any(self._is_b(a) for a in kw.values()):
+                raise Unsupported("normalize with a per-token argument")
+            kw["dim"] = _shift(kw.get("dim", 1))
+            return self._emit(nd.op, t, (m(x),), m(kw))
+
         if (method and t in BINARY_METHODS) or (not method and t in BINARY_FUNCTIONS):
             rank = _rank(nd)
             operands = [self._align(m(a), a, rank) for a in args]
@@ -161,9 +169,9 @@ class _Batcher:
             return self._emit("call_method", "permute", (m(x), 0, *[(d % r) + 1 for d in dims]))
 
         if t in ("unsqueeze", "squeeze", "flatten", "movedim", "split", "chunk", "tensor_split",
-                 "expand", *_DIM_REDUCTIONS) or t in (torch.unsqueeze, torch.squeeze, torch.flatten,
-                                                      torch.split, torch.chunk, torch.softmax,
-                                                      F.softmax, torch.sum, torch.mean):
+                 "expand", "unbind", *_DIM_REDUCTIONS) or t in (
+                     torch.unsqueeze, torch.squeeze, torch.flatten, torch.split, torch.chunk,
+                     torch.unbind, torch.softmax, F.softmax, torch.sum, torch.mean):
             return self._dim_rule(nd, t if method else t.__name__, args, kwargs)
 
         if t is operator.getitem:
@@ -211,7 +219,9 @@ class _Batcher:
             size = rest[0]
             dim = rest[1] if len(rest) > 1 else kw.pop("dim", 0)
             return self._emit("call_method", name, (m(x), m(size)), {"dim": _shift(dim)})
-        # unsqueeze / squeeze / reductions: the dim is the first extra argument or `dim=`
+        if name == "unbind" and not rest and "dim" not in kw:
+            kw["dim"] = 0   # unbind's default dim
+        # unsqueeze / squeeze / unbind / reductions: the dim is the first extra argument or `dim=`
         if rest:
             dim, rest = rest[0], rest[1:]
         elif "dim" in kw:

@@ -29,6 +29,10 @@ BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, 
                     torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.maximum,
                     torch.minimum, torch.where}
 COMPLEX_VIEWS = {torch.view_as_real, torch.view_as_complex}   # change only the trailing dim
+# Row-wise norms (RMSNorm, LayerNorm, F.normalize qk-norms): each row of the trailing dim(s) on
+# its own, so they batch over tokens and keep every other dim in place.
+TRAILING_NORMS = {F.rms_norm, F.layer_norm, torch.rms_norm, torch.layer_norm}
+NORMS = TRAILING_NORMS | {F.normalize}
 
 
 def projection_args(node: fx.Node) -> tuple[int, int, int | None, int] | None:

@@ -3,14 +3,17 @@ that turn X into the new tokens' K and V (projection, bias, head reshapes, fused
 or any other position-dependent step).
 
 Inputs of the slice other than X are classified as
-- *constants*: computed from parameters/buffers alone (weights, biases, inverse frequencies), or
-  non-tensor shape values; passed to the recompute unchanged;
+- *constants*: parameters/buffers and values computed from them alone (weights, biases, inverse
+  frequencies), or non-tensor shape values; passed to the recompute unchanged. A computed value
+  that lines up with K's token axis (a position table sliced with Python ints) is not one: it is
+  a per-token side input in every graph;
 - *per-token side inputs*: anything else (RoPE cos/sin, ...); stored per token next to X, exactly
   as the program computed them, so recomputing K for positions 0..l-1 uses those positions' values.
 
 X is found by walking back from V (which has no positional step in any common architecture) to
 the first projection with a parameter weight; the walk stops there and never crosses into earlier
-layers. The slice itself is everything between X and the cache read's K and V.
+layers. Where V sums several projections (LoRA adapters: ``base(x) + B(A(x)) * s``), X is the
+input the others are computed from. The slice itself is everything between X and the cache read's K and V.
 """
 from __future__ import annotations
 
@@ -91,7 +94,7 @@ def _unflatten_x(act: fx.Node) -> fx.Node:
     return act
 
 
-def _find_x(v_new: fx.Node, params: set) -> fx.Node:
+def _find_x(nxg: nx.DiGraph, v_new: fx.Node, params: set) -> fx.Node:
     found, stack, seen = set(), [v_new], set()
     while stack:
         node = stack.pop()
@@ -106,8 +109,15 @@ def _find_x(v_new: fx.Node, params: set) -> fx.Node:
             raise Unsupported(f"no K/V projection with a parameter weight found above V "
                               f"(reached {node.op} {node.name})")
         stack.extend(i for i in node.all_input_nodes if i not in params and _carries_tensor(i))
+    if len(found) > 1:
+        # several projections (LoRA: base(x) + B(A(x)) * s): X is the one the others are
+        # computed from; whatever lies between is part of the slice and checked there
+        roots = [c for c in found if all(o is c or o in nx.descendants(nxg, c) for o in found)]
+        if len(roots) == 1:
+            return roots[0]
     if len(found) != 1:
-        raise Unsupported(f"V does not come from exactly one projection input (found {len(found)})")
+        raise Unsupported(f"V does not come from exactly one projection input (found {len(found)}: "
+                          f"{', '.join(sorted(c.name for c in found))})")
     return found.pop()
 
 
@@ -165,7 +175,7 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
         raise Unsupported("K/V passed to the cache are not graph tensors")
     kv = example_value(k_new)
     b, n = kv.shape[0], kv.shape[2]
-    x = _find_x(v_new, params)
+    x = _find_x(nxg, v_new, params)
     xv = example_value(x)
     if xv is None or xv.dim() != 3 or not _same(xv.shape[0], b) or not _same(xv.shape[1], n):
         raise Unsupported(f"projection input {x.name} is not (batch, tokens, hidden) "
@@ -196,11 +206,19 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
                 raise Unsupported(f"recompute slice reads {inp.name}, neither a tensor nor a size")
             (consts if inp in params or not is_tensor_node(inp) else sides).append(inp)
     order = {nd: i for i, nd in enumerate(x.graph.nodes)}
+    single = isinstance(n, int) and n == 1
+    traced = token_dims([k_new, v_new], members | set(sides) | set(consts), order)
+    # A value computed from parameters alone that lines up with K's token axis is a position
+    # table sliced with Python ints (``freqs_cis[start:start + n]``): constant in this graph,
+    # per-token in the next one. Stored per token like any side input, so that every graph of
+    # the program keeps the same records (and a decode graph specialised on one position
+    # still recomputes other positions with their own values).
+    for c in [c for c in consts if c in traced and c.op != "placeholder" and is_tensor_node(c)]:
+        consts.remove(c)
+        sides.append(c)
     # Records are matched across graphs (prefill stores, decode loads) by position: order them
     # by how they are made and used, not by where the tracer happened to put them.
     sides.sort(key=lambda sd: (_signature(sd, members), order[sd]))
-    single = isinstance(n, int) and n == 1
-    traced = {} if single else token_dims([k_new, v_new], members | set(sides), order)
     tdims = [-1 if single else 1] + [-1 if single else _side_tdim(s, n, traced) for s in sides]
     sl = RecomputeSlice(x, [x, *sides], tdims, consts, nodes, single)
     if single:
@@ -219,6 +237,9 @@ def _build_module(sl: RecomputeSlice, k_new: fx.Node, v_new: fx.Node) -> fx.Grap
         env[t] = g.placeholder(f"token_input_{i}")
     for i, c in enumerate(sl.consts):
         env[c] = g.placeholder(f"const_{i}")
+    for node, ph in env.items():   # ranks of inputs decide how the batcher aligns broadcasts
+        if "example_value" in node.meta:
+            ph.meta["example_value"] = node.meta["example_value"]
     for nd in sl.nodes:
         env[nd] = g.node_copy(nd, lambda a: env[a])
     g.output((env[k_new], env[v_new]))

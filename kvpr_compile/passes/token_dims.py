@@ -6,10 +6,12 @@ head_dim makes RoPE's cos (1, 1, n, d) have two dims of size n). Ops without a r
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
-from .graph_utils import COMPLEX_VIEWS, example_value, is_pointwise
+from .graph_utils import COMPLEX_VIEWS, NORMS, example_value, is_pointwise
 
 
 def _rank(node) -> int | None:
@@ -17,12 +19,39 @@ def _rank(node) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
+def _dim_arg(node: fx.Node, pos: int, default):
+    return node.args[pos] if len(node.args) > pos else node.kwargs.get("dim", default)
+
+
+def _element_rank(node) -> int | None:
+    """Rank of a tensor, or of the tensors of a tuple (the result of unbind / split)."""
+    val = example_value(node) if isinstance(node, fx.Node) else None
+    if isinstance(val, (tuple, list)) and val and isinstance(val[0], torch.Tensor):
+        return val[0].dim()
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
 def operand_dim(node: fx.Node, operand: fx.Node, dim: int) -> int | None:
-    """The dim of ``operand`` that becomes dim ``dim`` of ``node``'s output, if a rule knows it."""
-    r, ra = _rank(node), _rank(operand)
+    """The dim of ``operand`` that becomes dim ``dim`` of ``node``'s output (of each element,
+    for ops returning tuples), if a rule knows it."""
+    r, ra = _element_rank(node), _element_rank(operand)
     if r is None or ra is None:
         return None
     t, args, method = node.target, node.args, node.op == "call_method"
+    if t is operator.getitem and isinstance(example_value(operand), (tuple, list)):
+        return dim                                   # one element of unbind / split / chunk
+    if t in (torch.stack, torch.cat, torch.concat) and operand in args[0]:
+        d = _dim_arg(node, 1, 0) % r
+        if t is torch.stack:
+            return None if dim == d else dim if dim < d else dim - 1
+        return None if dim == d else dim
+    if operand is args[0] and (t == "unbind" or t is torch.unbind):
+        d = _dim_arg(node, 1, 0) % ra
+        return dim if dim < d else dim + 1
+    if operand is args[0] and (t in ("split", "chunk") or t in (torch.split, torch.chunk)):
+        return None if dim == _dim_arg(node, 2, 0) % ra else dim
+    if operand is args[0] and t in NORMS:            # normalise trailing dims, keep the layout
+        return dim
     if t in COMPLEX_VIEWS:   # only the trailing (real, imag) dim changes
         return dim if dim < min(r, ra) else None
     if is_pointwise(node):   # broadcasting aligns dims from the right

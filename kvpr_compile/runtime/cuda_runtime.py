@@ -165,12 +165,7 @@ class CudaRuntime:
     def load_tokens(self, store, layer: int, end: int, specs: list[tuple[tuple, torch.dtype]],
                     owned: bool = False):
         """Records [0, end) as (end, *record) views of a slot (or fresh tensors, ``owned``)."""
-        stores = store.tokens[layer]
-        if stores and [(tuple(s.shape[1:]), s.dtype) for s in stores] != \
-                [(tuple(shape), dtype) for shape, dtype in specs]:
-            raise RuntimeError(
-                f"kvpr: layer {layer}: recompute inputs {[tuple(s) for s, _ in specs]} do not match the "
-                f"ones stored {[tuple(s.shape[1:]) for s in stores]}; call cache.reset() first")
+        stores = store.token_sources(layer, specs)   # None: nothing stored that fits
         current = API.current_stream(self.device)
         if owned:
             slot, after_free, new_memory = None, False, True
@@ -178,7 +173,7 @@ class CudaRuntime:
         else:
             slot, after_free = self.slots.take(layer, "tokens", current)
             buffers, new_memory = slot.token_buffers(specs, store.max_seq_len)
-        sources = [s[:end] for s in stores] if stores else [None] * len(buffers)
+        sources = [s[:end] for s in stores] if stores is not None else [None] * len(buffers)
         self._fill(layer, slot, after_free, new_memory, current,
                    [(b[:end], s) for b, s in zip(buffers, sources)], part="tokens")
         return [b[:end] for b in buffers]
