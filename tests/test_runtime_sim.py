@@ -290,3 +290,30 @@ def test_decode_recompute_overlaps_the_kv_copy(sim, monkeypatch):
     api, _, ref, out = compiled_run(sim_with_check, 0.5, steps=4)
     check(api, ref, out)
     assert seen["tokens"] >= 4 * 4 and seen["kv"] >= 2 * 4 * 4   # 4 steps x 4 layers
+
+
+def test_copies_into_fresh_memory_wait_for_queued_compute_and_reused_slots_do_not(sim):
+    """Newly allocated device memory may still be in use by work queued on the compute stream
+    (the caching allocator hands back blocks freed there), so the first copy into a new slot,
+    and every copy into an owned tensor, waits for the compute stream; a reused slot waits only
+    for its free event, not for compute queued after it."""
+    api = sim()
+    cache = tiny_llama().make_cache(2, 96)
+    rt = cuda_runtime.runtime(cache._store, "cpu")
+    shape = (2, 4, 16, torch.float32, torch.device("cpu"))
+
+    def compute_work() -> int:
+        return api.compute.tick()
+
+    queued = compute_work()
+    torch.ops.kvpr.load_kv(cache.handle, 0, 0, 5, *shape)               # allocates the slot
+    assert rt.h2d.clock.get("compute", 0) >= queued
+    queued = compute_work()
+    torch.ops.kvpr.load_kv(cache.handle, 1, 0, 5, *shape, owned=True)   # a fresh tensor
+    assert rt.h2d.clock.get("compute", 0) >= queued
+    rt.slots.give_back(0, api.compute)                                  # layer 0's reader done
+    freed = api.compute.clock["compute"]
+    later = compute_work()
+    torch.ops.kvpr.load_kv(cache.handle, 0, 0, 5, *shape)               # the same slot again
+    assert len(rt.slots.slots) == 1
+    assert freed <= rt.h2d.clock["compute"] < later
