@@ -123,3 +123,24 @@ def test_assemble_orders_recomputed_loaded_new_and_falls_back_past_stored_x(path
         assert torch.equal(got[:, :, c:l], kv_at(layer, c, l, which))             # fallback
         assert torch.equal(got[:, :, l:past], kv_at(layer, l, past, which))       # loaded
         assert torch.equal(got[:, :, past:], new)                                 # new token
+
+
+def test_uncompiled_write_over_stored_x_ends_the_x_prefix(path, cache):
+    """cache_update (the uncompiled path, which has no X) overwriting positions that hold X:
+    the valid X prefix ends there, so assemble takes the new stored K,V for them rather than
+    K,V recomputed from X that no longer matches (e.g. rows stored by a forward that raised
+    before the cache's length was advanced)."""
+    layer = 1
+    stored_x_prefix(cache, layer, 8)
+    k_new, v_new = numbered(B, H, 2, D, offset=-3e6), numbered(B, H, 2, D, offset=-4e6)
+    kvpr.cache_update(cache.handle, k_new, v_new, layer, 4)          # overwrite positions 4, 5
+    assert cache._store.token_len[layer] == 4
+    k_rec, v_rec = numbered(B, H, 6, D, offset=1e6), numbered(B, H, 6, D, offset=2e6)
+    empty = numbered(B, H, 0, D)
+    k_all, v_all = kvpr.assemble(cache.handle, layer, k_rec, v_rec, empty, empty, *new_token())
+    assert torch.equal(k_all[:, :, :4], k_rec[:, :, :4]) and torch.equal(k_all[:, :, 4:6], k_new)
+    assert torch.equal(v_all[:, :, :4], v_rec[:, :, :4]) and torch.equal(v_all[:, :, 4:6], v_new)
+
+
+def new_token():
+    return numbered(B, H, 1, D, offset=3e6), numbered(B, H, 1, D, offset=4e6)

@@ -101,11 +101,44 @@ def decode(model, cache, steps, compiled=None, poison=False, eager_prefill=False
     return logits, torch.cat(tokens, 1)
 
 
+LOAD_ROLES = ("load_tokens", "load_kv")
+WAIT = torch.ops.kvpr.wait.default
+
+
+def _first_use(tensors) -> None:
+    """Called from the graph right before a node that reads loaded tensors: the compute stream
+    reads them there (the recompute as well as the assemble)."""
+    api = cuda_runtime.API
+    for t in tensors:
+        api.races.read(api.current, t, "loaded (read by compute)")
+
+
+def sim_backend(distance=1):
+    """hoisting_backend, then every node that reads a loaded tensor (other than wait) logs that
+    read on the compute stream first: a use the graph does not wait for becomes a race."""
+    inner = hoisting_backend([], distance)
+
+    def backend(gm, example_inputs, **kwargs):
+        inner(gm, example_inputs, **kwargs)
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target is WAIT:
+                continue
+            loaded = [a for a in node.all_input_nodes
+                      if (a.meta.get("custom") or {}).get("kvpr_role") in LOAD_ROLES
+                      and a.target is not WAIT]
+            if loaded and (node.meta.get("custom") or {}).get("kvpr_role") not in LOAD_ROLES:
+                with gm.graph.inserting_before(node):
+                    gm.graph.call_function(_first_use, (loaded,))
+        gm.recompile()
+        return gm.forward
+    return backend
+
+
 def compiled_run(sim, ratio, distance=1, steps=10, complete_after=None, **kw):
     model = tiny_llama()
     ref = decode(model, model.make_cache(2, 96), steps)         # plain CPU path
     api = sim(complete_after)
-    compiled = torch.compile(model, backend=hoisting_backend([], distance), options={"ratio": ratio})
+    compiled = torch.compile(model, backend=sim_backend(distance), options={"ratio": ratio})
     cache = model.make_cache(2, 96)
     out = decode(model, cache, steps, compiled, **kw)
     return api, cache, ref, out
