@@ -6,8 +6,8 @@
    not is reported by name (the catalog must be kept current as the code moves).
 3. Runs the union of the selected tests on the unbroken copy (the baseline): they must pass,
    or a "caught" would mean nothing.
-4. For each breakage alone: patches the copy, runs its tests with ``PYTHONPATH`` pointing at the
-   copy, restores the file. Caught = pytest reports failed tests (exit code 1); a collection or
+4. For each breakage alone: patches a copy, runs its tests with ``PYTHONPATH`` pointing at that
+   copy, restores the file (``-j N``: N breakages at once, each in its own copy). Caught = pytest reports failed tests (exit code 1); a collection or
    usage error, or a timeout, is reported as such and counts as not caught.
 
 Prints a table ``breakage | caught? | seconds | failed tests``; exits non-zero if any breakage
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .catalog import BREAKAGES, Breakage
@@ -77,7 +78,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the run of the selected tests on the unbroken copy")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run (600)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch copy and print its path")
+    parser.add_argument("-j", "--jobs", type=int, default=1,
+                        help="breakages run at once, each in its own scratch copy (1)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copies and print their paths")
     args = parser.parse_args(argv)
 
     chosen = [b for b in BREAKAGES if not args.select or any(s in b.name for s in args.select)]
@@ -90,9 +93,11 @@ def main(argv=None) -> int:
                 print(f"    {t}")
         return 0
 
-    copy = Path(tempfile.mkdtemp(prefix="kvpr-mutations-"))
+    copies = [Path(tempfile.mkdtemp(prefix="kvpr-mutations-")) for _ in range(max(1, args.jobs))]
     try:
-        scratch_copy(copy)
+        for copy in copies:
+            scratch_copy(copy)
+        copy = copies[0]
         problems = {b.name: problem(copy, b) for b in chosen}
         for name, why in problems.items():
             if why:
@@ -107,11 +112,10 @@ def main(argv=None) -> int:
                 print(f"the selected tests do not pass unbroken ({', '.join(failed) or outcome}): "
                       "fix them before reading any result", file=sys.stderr)
                 return 2
-        rows = []
-        for b in chosen:
-            if problems[b.name]:
-                rows.append((b.name, "NOT APPLIED", None, problems[b.name]))
-                continue
+        free = list(copies)
+
+        def attempt(b: Breakage):
+            copy = free.pop()
             path = copy / b.path
             original = path.read_text()
             path.write_text(original.replace(b.old, b.new))
@@ -119,9 +123,14 @@ def main(argv=None) -> int:
                 outcome, seconds, failed = run_pytest(copy, b.tests, args.timeout)
             finally:
                 path.write_text(original)
+                free.append(copy)
             verdict = {"failed": "yes", "passed": "NO (survived)"}.get(outcome, outcome.upper())
-            rows.append((b.name, verdict, seconds, ", ".join(f.split("::", 1)[-1] for f in failed)))
             print(f"{b.name}: {verdict} ({seconds:.0f} s)", flush=True)
+            return b.name, verdict, seconds, ", ".join(f.split("::", 1)[-1] for f in failed)
+
+        with ThreadPoolExecutor(max_workers=len(copies)) as pool:
+            done = dict((row[0], row) for row in pool.map(attempt, runnable))
+        rows = [done.get(b.name) or (b.name, "NOT APPLIED", None, problems[b.name]) for b in chosen]
         width = max(len(r[0]) for r in rows)
         print(f"\n| {'breakage':<{width}} | caught? | seconds | failed tests |")
         print(f"|{'-' * (width + 2)}|---------|---------|--------------|")
@@ -132,11 +141,11 @@ def main(argv=None) -> int:
         print(f"\n{len(rows) - len(bad)}/{len(rows)} caught" + (f"; not caught: {', '.join(bad)}" if bad else ""))
         return 1 if bad else 0
     finally:
-        if args.keep:
-            print(f"scratch copy kept at {copy}")
-        else:
-            shutil.rmtree(copy, ignore_errors=True)
-
+        for copy in copies:
+            if args.keep:
+                print(f"scratch copy kept at {copy}")
+            else:
+                shutil.rmtree(copy, ignore_errors=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -147,8 +147,8 @@ BREAKAGES = (
     Breakage("fresh-memory-wait-dropped", RT,
              "if new_memory:",
              "if False:",
-             ("tests/test_runtime_sim.py::test_copies_into_fresh_memory_wait_for_queued_compute_and_reused_slots_do_not",
-              "tests/test_runtime_sim.py::test_inductor_graphs_load_into_owned_tensors")),
+             ("tests/test_runtime_sim.py::test_copies_into_fresh_memory_wait_for_queued_compute_and_reused_slots_do_not",),
+             "also caught by test_inductor_graphs_load_into_owned_tensors (slower)"),
     # ---- prefetch placement --------------------------------------------------------------
     Breakage("load-hoisting-disabled", PREFETCH,
              "if distance < 1:",
@@ -163,6 +163,6 @@ BREAKAGES = (
     Breakage("race-checker-no-op", SIM,
              "if s is not stream and stream.clock.get(s.name, 0) < when:",
              "if False:",
-             ("tests/test_runtime_sim.py::test_race_checker_catches_a_missing_wait[free]",
-              "tests/test_runtime_sim.py::test_store_sources_released_before_their_event_is_a_race")),
+             ("tests/test_runtime_sim.py::test_store_sources_released_before_their_event_is_a_race",),
+             "also caught by test_race_checker_catches_a_missing_wait"),
 )
