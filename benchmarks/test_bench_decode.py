@@ -6,6 +6,8 @@
 - ``test_gpu_decode_step``: 8-layer fp16 OPT-6.7B / Llama-7B / Llama-3-8B shapes, each contender
   of the one-run comparison (resident, HF offloaded, kvpr ratio 0, kvpr scheduled); marked
   ``cuda`` and skipped without a CUDA device. Each round is one decode step with a device sync.
+  After timing, the tokens it produced are checked against the eager, GPU-resident model fed the
+  same tokens (``eager_agrees``: fp16 tolerance 2e-2, as in tests/test_cuda_runtime.py).
 
     pytest benchmarks -m cuda --benchmark-columns=median,iqr,rounds   # on a GPU box
 """
@@ -41,6 +43,30 @@ def _prompt(vocab: int, batch: int, prompt: int, device) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, prompt), generator=gen).to(device)
 
 
+@torch.no_grad()
+def eager_agrees(model, ids: torch.Tensor, tokens: torch.Tensor, tol: float) -> None:
+    """Teacher-forced check of generated ``tokens`` (batch, n): the eager model with a resident
+    cache reads the prompt and then these same tokens; at every step each row's token must be
+    eager's argmax wherever eager's top-2 margin exceeds ``tol`` * max |logit| (closer calls may
+    go either way in reduced precision). Fails if no position was decided at all."""
+    decoder = resident_decoder(model)
+    kwargs = {decoder.cache_kw: decoder.cache, "use_cache": True}
+    if decoder.keep:   # only the last position's logits (a 1024-token prompt x 32k vocab is big)
+        kwargs["logits_to_keep"] = 1
+    logits = model(input_ids=ids, **kwargs).logits[:, -1].float()
+    checked = 0
+    for j in range(tokens.shape[1]):
+        got = tokens[:, j].to(logits.device)
+        top2 = logits.topk(2, dim=-1).values
+        sure = (top2[:, 0] - top2[:, 1]) > tol * logits.abs().max()
+        mismatch = (logits.argmax(-1) != got) & sure
+        assert not mismatch.any(), f"step {j}: rows {mismatch.nonzero().flatten().tolist()} differ from eager"
+        checked += int(sure.sum())
+        if j + 1 < tokens.shape[1]:
+            logits = model(input_ids=got[:, None], **kwargs).logits[:, -1].float()
+    assert checked > 0, "every position was a near-tie: nothing was checked"
+
+
 def test_cpu_decode_step(benchmark):
     torch.compiler.reset()
     spec = cf.CPU_MODELS["llama-7b"]
@@ -64,6 +90,7 @@ def test_cpu_decode_step(benchmark):
         reference.step()
     torch.compiler.reset()
     assert torch.equal(got, reference.tokens())
+    eager_agrees(model, ids, got, tol=0.0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,7 +117,8 @@ def test_gpu_decode_step(benchmark, model_name, batch, prompt, contender):
                    h2d_bytes_per_s=profile.h2d_bytes_per_s)
     room = 1 + COMPILE_STEPS + WARMUP_ROUNDS + ROUNDS + 2
     decoder = _decoder(contender, model, env, batch, prompt + room)
-    decoder.prefill(_prompt(model.config.vocab_size, batch, prompt, "cuda"))
+    ids = _prompt(model.config.vocab_size, batch, prompt, "cuda")
+    decoder.prefill(ids)
     for _ in range(COMPILE_STEPS):
         decoder.step()
 
@@ -104,7 +132,9 @@ def test_gpu_decode_step(benchmark, model_name, batch, prompt, contender):
                                 device=torch.cuda.get_device_name())
     try:
         benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+        tokens = decoder.tokens()
     finally:
         del decoder
         torch.compiler.reset()
         torch.cuda.empty_cache()
+    eager_agrees(model, ids, tokens, tol=2e-2)

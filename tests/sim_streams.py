@@ -8,13 +8,22 @@ on stream R iff R's clock has ``clock[S] >= t`` at that point.
 
 ``Races`` logs accesses to storages (reads and writes, with their stream's clock) and collects
 every pair of conflicting accesses (write/write, read/write, write/read) to overlapping bytes that
-is not ordered: on a real GPU those could run in either order. CPU memory is reused by the
-allocator like device memory is, so a buffer released too early shows up as a race too.
-``SimEvent.query`` never reports completion (a device far behind the host).
+is not ordered: on a real GPU those could run in either order.
+
+Reads are asynchronous and so are frees: ``SimApi.watch_release(t)`` marks a device tensor that
+an asynchronous copy reads; when its storage is released (the last Python reference dropped) the
+release is logged as a write of the whole storage on the compute stream, which is what the
+caching allocator allows from then on (any later kernel may reuse the memory). Releasing it
+before the copy's event is known to be done (held in ``in_flight`` until then) is therefore a
+race, and so is a copy into memory reused from a released block without waiting for the compute
+stream. ``SimEvent.query`` never reports completion by default (a device far behind the host);
+``SimApi(complete_after=n)`` completes an event once n more events have been recorded, and the
+host then knows that everything the event covers is done (merged into every stream's clock).
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import defaultdict
 
 import torch
@@ -43,22 +52,31 @@ class SimStream:
         self._merge(other.clock)
 
     def synchronize(self) -> None:
-        pass
+        self.api.host_knows(self.clock)
 
 
 class SimEvent:
     def __init__(self, api: "SimApi"):
         self.api = api
         self.snapshot: dict[str, int] | None = None
+        self.recorded_at = 0
 
     def record(self, stream: SimStream) -> None:
         stream.tick()
         self.snapshot = dict(stream.clock)
+        self.api.records += 1
+        self.recorded_at = self.api.records
 
     def query(self) -> bool:
-        """Never observed done: the worst case of a device far behind the host (nothing held
-        for an in-flight copy is released, and no ordering is learned from the host)."""
-        return False
+        """Done once ``api.complete_after`` more events were recorded (never by default: a
+        device far behind the host). Seeing it done, the host knows all it covers has run."""
+        lag = self.api.complete_after
+        if self.snapshot is None:
+            return True
+        if lag is None or self.api.records - self.recorded_at < lag:
+            return False
+        self.api.host_knows(self.snapshot)
+        return True
 
 
 def _span(t: torch.Tensor) -> tuple[int, int, int]:
@@ -76,7 +94,10 @@ class Races:
         self.accesses = 0
 
     def _access(self, kind: str, stream: SimStream, t: torch.Tensor, what: str) -> None:
-        key, lo, hi = _span(t)
+        self.access_span(kind, stream, _span(t), what)
+
+    def access_span(self, kind: str, stream: SimStream, span: tuple[int, int, int], what: str) -> None:
+        key, lo, hi = span
         if hi <= lo:
             return
         tick = stream.tick()
@@ -100,12 +121,39 @@ class SimApi:
     """Drop-in for ``cuda_runtime.CudaApi`` on the CPU device."""
     device_type = "cpu"
 
-    def __init__(self):
+    def __init__(self, complete_after: int | None = None):
         self.races = Races()
         self.compute = SimStream(self, "compute")
         self.current = self.compute
         self.streams: list[SimStream] = [self.compute]
         self.stream_waits: dict[tuple[str, str], int] = defaultdict(int)
+        self.complete_after = complete_after
+        self.records = 0
+        self.watched: set[int] = set()    # storages whose release is logged
+        self.releases = 0
+
+    def host_knows(self, clock: dict[str, int]) -> None:
+        """The host saw work up to ``clock`` finish: whatever it enqueues next runs after it."""
+        for stream in self.streams:
+            stream._merge(clock)
+
+    def watch_release(self, t: torch.Tensor, what: str) -> None:
+        """Log the release of ``t``'s storage as a compute-stream write of all of it."""
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.watched or storage.nbytes() == 0:
+            return
+        self.watched.add(ptr)
+        span = (ptr, 0, storage.nbytes())
+
+        def released():
+            self.watched.discard(ptr)
+            self.releases += 1
+            self.races.access_span("write", self.compute, span, f"release of {what} (memory reusable)")
+        weakref.finalize(storage, released)
+
+    def is_watched(self, t: torch.Tensor) -> bool:
+        return t.untyped_storage().data_ptr() in self.watched
 
     def normalize(self, device) -> torch.device:
         return torch.device(device)

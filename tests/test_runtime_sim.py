@@ -21,10 +21,12 @@ TOL = 1e-5
 
 @pytest.fixture
 def sim(monkeypatch):
-    """Call the returned function to route CPU ops through the CUDA runtime on SimApi."""
+    """Call the returned function to route CPU ops through the CUDA runtime on SimApi
+    (``complete_after``: see ``SimApi``)."""
     api = SimApi()
 
-    def enable():
+    def enable(complete_after=None):
+        api.complete_after = complete_after
         monkeypatch.setattr(cuda_runtime, "API", api)
         races = api.races
         cur = lambda: api.current  # noqa: E731
@@ -51,14 +53,11 @@ def sim(monkeypatch):
                 races.read(cur(), src[start:end], f"stored K/V {layer}")
             return read_kv(self, layer, start, end, device)
 
-        produced = {}   # storage -> a tensor on it, kept alive so the storage is not reused
-
         def logged_store_tokens(self, store, layer, pos, k, v, records, keep):
             for t in (k, v, *records):   # compute produced them just before (once: cos/sin are
-                ptr = t.untyped_storage().data_ptr()   # shared by every layer)
-                if ptr not in produced:
-                    produced[ptr] = t
+                if not api.is_watched(t):   # shared by every layer)
                     races.write(api.compute, t, "compute output")
+                    api.watch_release(t, "a store copy's source")   # read by the D2H copy
             return store_tokens(self, store, layer, pos, k, v, records, keep)
 
         def logged_wait(tensors):
@@ -102,11 +101,44 @@ def decode(model, cache, steps, compiled=None, poison=False, eager_prefill=False
     return logits, torch.cat(tokens, 1)
 
 
-def compiled_run(sim, ratio, distance=1, steps=10, **kw):
+LOAD_ROLES = ("load_tokens", "load_kv")
+WAIT = torch.ops.kvpr.wait.default
+
+
+def _first_use(tensors) -> None:
+    """Called from the graph right before a node that reads loaded tensors: the compute stream
+    reads them there (the recompute as well as the assemble)."""
+    api = cuda_runtime.API
+    for t in tensors:
+        api.races.read(api.current, t, "loaded (read by compute)")
+
+
+def sim_backend(distance=1):
+    """hoisting_backend, then every node that reads a loaded tensor (other than wait) logs that
+    read on the compute stream first: a use the graph does not wait for becomes a race."""
+    inner = hoisting_backend([], distance)
+
+    def backend(gm, example_inputs, **kwargs):
+        inner(gm, example_inputs, **kwargs)
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target is WAIT:
+                continue
+            loaded = [a for a in node.all_input_nodes
+                      if (a.meta.get("custom") or {}).get("kvpr_role") in LOAD_ROLES
+                      and a.target is not WAIT]
+            if loaded and (node.meta.get("custom") or {}).get("kvpr_role") not in LOAD_ROLES:
+                with gm.graph.inserting_before(node):
+                    gm.graph.call_function(_first_use, (loaded,))
+        gm.recompile()
+        return gm.forward
+    return backend
+
+
+def compiled_run(sim, ratio, distance=1, steps=10, complete_after=None, **kw):
     model = tiny_llama()
     ref = decode(model, model.make_cache(2, 96), steps)         # plain CPU path
-    api = sim()
-    compiled = torch.compile(model, backend=hoisting_backend([], distance), options={"ratio": ratio})
+    api = sim(complete_after)
+    compiled = torch.compile(model, backend=sim_backend(distance), options={"ratio": ratio})
     cache = model.make_cache(2, 96)
     out = decode(model, cache, steps, compiled, **kw)
     return api, cache, ref, out
@@ -183,6 +215,30 @@ def test_race_checker_catches_a_missing_wait(sim, monkeypatch, dropped):
     assert api.races.found
 
 
+def test_store_sources_released_before_their_event_is_a_race(sim, monkeypatch):
+    """Negative control for asynchronous reads and frees: a store copy's sources dropped at once
+    (instead of held in ``in_flight`` until the copy's event) may be reused while the D2H copy
+    still reads them."""
+    store_tokens = cuda_runtime.CudaRuntime.store_tokens
+
+    def released_at_once(self, *args, **kwargs):
+        store_tokens(self, *args, **kwargs)
+        self.in_flight.clear()
+    monkeypatch.setattr(cuda_runtime.CudaRuntime, "store_tokens", released_at_once)
+    api, _, _, _ = compiled_run(sim, 0.5, steps=3)
+    assert api.releases > 0
+    assert any("release of a store copy's source" in r for r in api.races.found)
+
+
+def test_stores_retired_after_their_event_release_sources_without_races(sim):
+    """With events completing a few records later, ``in_flight`` is drained as copies finish:
+    sources are released (and their memory reused) only once the host knows the copy is done."""
+    api, cache, ref, out = compiled_run(sim, 0.5, complete_after=6)
+    check(api, ref, out)
+    assert api.releases > 20
+    assert len(cuda_runtime.runtime(cache._store, "cpu").in_flight) < 8
+
+
 def test_inductor_graphs_load_into_owned_tensors(sim):
     """inner="inductor": loads land in fresh tensors (inductor may recycle op outputs' memory,
     which slot views must never be); still exact and race-free, and no slot is used."""
@@ -198,19 +254,99 @@ def test_inductor_graphs_load_into_owned_tensors(sim):
     assert api.stream_waits[("compute", "side1")] > 0      # waits cover the copy stream
 
 
-def test_recompute_waits_for_x_only(sim, monkeypatch):
-    """Row-by-row inside a layer: waiting for the loaded X must not wait for K,V[l:]."""
+def _latest_copy(api, t) -> tuple:
+    """(stream, tick) of the latest copy-stream write into ``t``'s storage."""
+    key = t.untyped_storage().data_ptr()
+    writes = [(when, s) for kind, _, _, s, when, _ in api.races.log[key]
+              if kind == "write" and s is not api.compute]
+    assert writes, "nothing was copied into this tensor"
+    when, stream = max(writes, key=lambda w: w[0])
+    return stream, when
+
+
+def _covers(api, copy) -> bool:
+    """Whether the compute stream is now ordered after ``copy`` (stream, tick)."""
+    stream, when = copy
+    return api.compute.clock.get(stream.name, 0) >= when
+
+
+def test_recompute_waits_for_x_only(sim):
+    """Row-by-row inside a layer: the wait before the recompute covers the copy of X, and not
+    the copy of K,V[l:] (issued after it on the same stream); the wait before assemble covers
+    K,V. Checked on the stream clocks, i.e. on what each event covers, not on event identity."""
     api = sim()
     cache = tiny_llama().make_cache(2, 96)
     cpu = torch.device("cpu")
+    x_all = torch.randn(2, 9, 64)
+    torch.ops.kvpr.store_tokens(cache.handle, 0, 0, *(torch.randn(2, 4, 9, 16),) * 2, [x_all], [1])
     x, = torch.ops.kvpr.load_tokens(cache.handle, 0, 4, [2, 1, 64], [3], [0], cpu)
     k, v = torch.ops.kvpr.load_kv(cache.handle, 0, 4, 9, 2, 4, 16, torch.float32, cpu)
-    waited = []
-    stream = api.current
-    original = type(stream).wait_event
-    monkeypatch.setattr(type(stream), "wait_event", lambda self, ev: (waited.append(ev), original(self, ev))[1])
-    slot = cuda_runtime.runtime(cache._store, "cpu").slots.held[0]
+    copies = {name: _latest_copy(api, t) for name, t in (("x", x), ("k", k), ("v", v))}
+    assert not any(_covers(api, c) for c in copies.values())
     torch.ops.kvpr.wait([x])
-    assert waited == [slot.ready["tokens"]]
+    assert _covers(api, copies["x"]) and not _covers(api, copies["k"]) and not _covers(api, copies["v"])
     torch.ops.kvpr.wait([k, v])
-    assert waited == [slot.ready["tokens"], slot.ready["kv"]]
+    assert all(_covers(api, c) for c in copies.values())
+    assert torch.equal(x[:, :, 0], x_all[:, :4].transpose(0, 1))
+
+
+def test_decode_recompute_overlaps_the_kv_copy(sim, monkeypatch):
+    """In compiled decode steps (ratio 0.5, loads a layer ahead), every wait for a layer's X
+    leaves that layer's K,V copy unwaited for (the recompute may overlap it), and every wait for
+    K,V covers its copy. A rewrite or runtime that loses the overlap fails here."""
+    from kvpr_compile.runtime.slots import slot_of
+    seen = {"tokens": 0, "kv": 0}
+    state = {}
+
+    def checking_wait(tensors):
+        state["wait"](tensors)
+        api = state["api"]
+        for t in tensors:
+            if t.numel() == 0:   # prefill: nothing cached yet
+                continue
+            found = slot_of(t)
+            assert found is not None, "decode loads land in slots"
+            slot, part = found
+            assert _covers(api, _latest_copy(api, t))
+            if part == "tokens":
+                assert not _covers(api, _latest_copy(api, slot.kv[0]))
+                assert not _covers(api, _latest_copy(api, slot.kv[1]))
+            seen[part] += 1
+
+    real_sim = sim
+
+    def sim_with_check(complete_after=None):
+        api = real_sim(complete_after)
+        state["api"], state["wait"] = api, cuda_runtime.wait
+        monkeypatch.setattr(cuda_runtime, "wait", checking_wait)
+        return api
+    api, _, ref, out = compiled_run(sim_with_check, 0.5, steps=4)
+    check(api, ref, out)
+    assert seen["tokens"] >= 4 * 4 and seen["kv"] >= 2 * 4 * 4   # 4 steps x 4 layers
+
+
+def test_copies_into_fresh_memory_wait_for_queued_compute_and_reused_slots_do_not(sim):
+    """Newly allocated device memory may still be in use by work queued on the compute stream
+    (the caching allocator hands back blocks freed there), so the first copy into a new slot,
+    and every copy into an owned tensor, waits for the compute stream; a reused slot waits only
+    for its free event, not for compute queued after it."""
+    api = sim()
+    cache = tiny_llama().make_cache(2, 96)
+    rt = cuda_runtime.runtime(cache._store, "cpu")
+    shape = (2, 4, 16, torch.float32, torch.device("cpu"))
+
+    def compute_work() -> int:
+        return api.compute.tick()
+
+    queued = compute_work()
+    torch.ops.kvpr.load_kv(cache.handle, 0, 0, 5, *shape)               # allocates the slot
+    assert rt.h2d.clock.get("compute", 0) >= queued
+    queued = compute_work()
+    torch.ops.kvpr.load_kv(cache.handle, 1, 0, 5, *shape, owned=True)   # a fresh tensor
+    assert rt.h2d.clock.get("compute", 0) >= queued
+    rt.slots.give_back(0, api.compute)                                  # layer 0's reader done
+    freed = api.compute.clock["compute"]
+    later = compute_work()
+    torch.ops.kvpr.load_kv(cache.handle, 0, 0, 5, *shape)               # the same slot again
+    assert len(rt.slots.slots) == 1
+    assert freed <= rt.h2d.clock["compute"] < later
