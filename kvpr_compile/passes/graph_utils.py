@@ -79,6 +79,20 @@ def example_value(node):
     return node
 
 
+def hint(value) -> int:
+    """A concrete example of a size, read without adding a guard (``int()`` on a symbolic size
+    would specialize the compiled graph to that value)."""
+    if isinstance(value, torch.SymInt):
+        known = value.node.maybe_as_int()
+        if known is not None:
+            return known
+        example = value.node.hint
+        if example is None:
+            raise ValueError(f"size {value} has no example value")
+        return int(example)
+    return int(value)
+
+
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
     g = nx.DiGraph()
     for node in graph.nodes:

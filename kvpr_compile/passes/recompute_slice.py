@@ -150,7 +150,7 @@ def _side_tdim(node: fx.Node, n, traced: dict) -> int:
         d = traced[node]
         if _same(shape[d], n):
             return d
-        if shape[d] == 1:
+        if _same(shape[d], 1):
             return -1
     dims = [i for i, s in enumerate(shape) if _same(s, n)]
     if len(dims) > 1:
