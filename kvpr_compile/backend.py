@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from . import dynamo_watch
 from . import report as rep
 from .passes.find_sites import find_sites
 from .passes.graph_utils import example_value, hint, param_derived, to_networkx
@@ -68,6 +69,7 @@ def _choose_ratios(options, slices, layers_in_graph):
 
 def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     options = parse_options(kwargs.get("options"))
+    dynamo_watch.install()   # a function Dynamo gives up on is reported, not silently slow
     mode = kwargs.get("mode")
     if mode in ("reduce-overhead", "max-autotune"):
         rep.warn_once(f"kvpr: mode={mode!r} asks for CUDA graphs, which cannot capture host-to-device "
