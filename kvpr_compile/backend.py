@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from . import dynamo_watch
 from . import report as rep
 from .passes.find_sites import find_sites
-from .passes.graph_utils import example_value, param_derived, to_networkx
+from .passes.graph_utils import example_value, hint, param_derived, to_networkx
 from .passes.prefetch import hoist_loads
 from .passes.recompute_slice import Unsupported, extract_slice
 from .passes.rewrite import check_rewritable, rewrite_site
@@ -61,14 +62,16 @@ def _choose_ratios(options, slices, layers_in_graph):
     cache_node, sl = next(iter(slices.items()))
     k_new, x = example_value(cache_node.args[1]), example_value(sl.x)
     b, hkv, _, d = k_new.shape
+    # hints, not int(): the graph stays dynamic in batch (the plan uses the batch seen first)
     ratios, source, plan = choose_ratios(
-        options, num_layers=len(layers_in_graph), batch_size=int(b), hidden_size=int(x.shape[-1]),
-        kv_hidden_size=int(hkv * d), dtype=x.dtype, device=x.device)
+        options, num_layers=len(layers_in_graph), batch_size=hint(b), hidden_size=hint(x.shape[-1]),
+        kv_hidden_size=hint(hkv) * hint(d), dtype=x.dtype, device=x.device)
     return dict(zip(sorted(layers_in_graph), ratios)), source, plan
 
 
 def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     options = parse_options(kwargs.get("options"))
+    dynamo_watch.install()   # a function Dynamo gives up on is reported, not silently slow
     mode = kwargs.get("mode")
     if mode in ("reduce-overhead", "max-autotune"):
         rep.warn_once(f"kvpr: mode={mode!r} asks for CUDA graphs, which cannot capture host-to-device "

@@ -7,12 +7,17 @@ loads; see ``kvpr_compile.passes``.
 
 Storage layout, per layer (``k_cpu[i]``, ``v_cpu[i]``): ``(max_seq_len, batch, num_kv_heads,
 head_dim)``, sequence-major, pinned when ``device`` is CUDA. Positions ``[0, seq_len(i))`` are valid.
+
+Under compilation ``update`` reads only the handle tensor and the per-layer length (an int that
+Dynamo makes dynamic after its first change), so one compiled graph serves every cache: the
+geometry checks run inside the kvpr ops (``runtime/checks.py``), where values are concrete.
 """
 from __future__ import annotations
 
 import torch
 
 from .runtime import ops  # noqa: F401  (registers the kvpr:: ops)
+from .runtime.checks import check_write
 from .runtime.store import KVStore
 
 
@@ -54,30 +59,16 @@ class OffloadedKVCache:
         self._lengths = [0] * self.num_layers
         self._store.reset()
 
-    def _check(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if not 0 <= layer_idx < self.num_layers:
-            raise IndexError(f"OffloadedKVCache: layer {layer_idx} out of range [0, {self.num_layers})")
-        want = (self.batch_size, self.num_kv_heads, k.shape[2] if k.dim() == 4 else -1, self.head_dim)
-        for name, t in (("k", k), ("v", v)):
-            if t.dim() != 4 or tuple(t.shape) != want:
-                raise ValueError(
-                    f"OffloadedKVCache.update: {name} must be (batch={self.batch_size}, "
-                    f"num_kv_heads={self.num_kv_heads}, n_new, head_dim={self.head_dim}) like k, "
-                    f"got {tuple(t.shape)}")
-            if t.dtype != self.dtype:
-                raise TypeError(f"OffloadedKVCache.update: {name} has dtype {t.dtype}, cache holds {self.dtype}")
-            if t.device.type != self.device.type or (
-                    self.device.index is not None and t.device.index != self.device.index):
-                raise ValueError(f"OffloadedKVCache.update: {name} is on {t.device}, cache computes on {self.device}")
-        pos, n = self._lengths[layer_idx], k.shape[2]
-        if pos + n > self.max_seq_len:
-            raise ValueError(f"OffloadedKVCache: layer {layer_idx} holds {pos} tokens; {n} more exceed "
-                             f"max_seq_len={self.max_seq_len}")
-
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """Append ``k, v`` ``(batch, num_kv_heads, n_new, head_dim)``; return the full K, V."""
-        self._check(layer_idx, k, v)
+        if not 0 <= layer_idx < len(self._lengths):   # the list's length is guarded anyway
+            raise IndexError(f"OffloadedKVCache: layer {layer_idx} out of range [0, {len(self._lengths)})")
         pos = self._lengths[layer_idx]
+        if not torch.compiler.is_compiling():
+            # Uncompiled: check here (a meta tensor would reach the op's fake kernel). Compiled:
+            # the kvpr ops check at run time, so tracing reads no batch_size / max_seq_len /
+            # dtype / device of the cache and Dynamo puts no guard on them.
+            check_write(self._store, layer_idx, pos, k, v)
         k_all, v_all = torch.ops.kvpr.cache_update(self._store.handle, k, v, layer_idx, pos)
         self._lengths[layer_idx] = pos + k.shape[2]
         return k_all, v_all

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+import weakref
 
 import networkx as nx
 import torch
@@ -83,13 +84,51 @@ def example_value(node):
     return node
 
 
+def hint(value) -> int:
+    """A concrete example of a size, read without adding a guard (``int()`` on a symbolic size
+    would specialize the compiled graph to that value)."""
+    if isinstance(value, torch.SymInt):
+        known = value.node.maybe_as_int()
+        if known is not None:
+            return known
+        example = value.node.hint
+        if example is None:
+            raise ValueError(f"size {value} has no example value")
+        return int(example)
+    return int(value)
+
+
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    """The data-flow graph; ``g.graph["order"]`` holds each node's position in graph
+    (topological) order, so that walks can be bounded to a range of it."""
     g = nx.DiGraph()
-    for node in graph.nodes:
+    order = g.graph["order"] = {}
+    for i, node in enumerate(graph.nodes):
+        order[node] = i
         g.add_node(node)
         for inp in node.all_input_nodes:
             g.add_edge(inp, node)
     return g
+
+
+def reachable(nxg: nx.DiGraph, source, keep, span: int, reverse: bool = False) -> set:
+    """Nodes reachable from ``source`` (upwards if ``reverse``) through nodes for which ``keep``
+    holds, on paths of at most ``span`` edges. The walk only visits kept nodes (plus one rejected
+    look at each edge leaving them): its cost is the size of the region, not of the graph.
+    (A walk over a filtered ``subgraph_view`` would count the whole view to size its queue.)"""
+    step = nxg.predecessors if reverse else nxg.successors
+
+    def neighbors(node):
+        return (n for n in step(node) if keep(n))
+
+    return {v for _, v in nx.generic_bfs_edges(nxg, source, neighbors, depth_limit=max(span, 1))}
+
+
+def between(nxg: nx.DiGraph, lo: int, hi: int):
+    """``keep`` for ``reachable``: positions ``[lo, hi]`` of ``nxg`` (built by ``to_networkx``).
+    No path from a node at ``lo`` to one at ``hi`` leaves that range."""
+    order = nxg.graph["order"]
+    return lambda n: lo <= order[n] <= hi
 
 
 def _placeholder_is_param(node: fx.Node) -> bool:
@@ -137,11 +176,26 @@ def size_arg(graph: fx.Graph, value, tensor_node: fx.Node, dim: int):
     ``sym_size(tensor_node, dim)`` inserted at the current insertion point."""
     if not isinstance(value, torch.SymInt):
         return value
-    expr = value.node.expr
-    for node in graph.nodes:
-        if node.op != "placeholder":
-            break
-        val = example_value(node)
-        if isinstance(val, torch.SymInt) and val.node.expr == expr:
-            return node
+    node = _symbolic_inputs(graph).get(value.node.expr)
+    if node is not None:
+        return node
     return graph.call_function(torch.ops.aten.sym_size.int, (tensor_node, dim))
+
+
+_SYMBOLIC_INPUTS: "weakref.WeakKeyDictionary[fx.Graph, dict]" = weakref.WeakKeyDictionary()
+
+
+def _symbolic_inputs(graph: fx.Graph) -> dict:
+    """{symbol expression: the first placeholder carrying it}, scanned once per graph (the
+    passes add no placeholders, and rescanning them per site grew with the layer count)."""
+    table = _SYMBOLIC_INPUTS.get(graph)
+    if table is None:
+        table = {}
+        for node in graph.nodes:
+            if node.op != "placeholder":
+                break
+            val = example_value(node)
+            if isinstance(val, torch.SymInt):
+                table.setdefault(val.node.expr, node)
+        _SYMBOLIC_INPUTS[graph] = table
+    return table

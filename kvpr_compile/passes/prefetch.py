@@ -54,19 +54,23 @@ def hoist_loads(graph: fx.Graph, distance: int = 1) -> int:
     if distance < 1:
         return 0
     sites = _sites(graph)
+    # Positions are numbered once (renumbering per site made this quadratic in layers); a moved
+    # group takes positions in (anchor - 1, anchor), which keeps every comparison below exact:
+    # the node before the anchor has a position <= anchor - 1.
+    order: dict[fx.Node, float] = {n: i for i, n in enumerate(graph.nodes)}
     moved = 0
     for (anchor, _), (_, group) in zip(sites, sites[distance:]):
         if not group:
             continue
-        order = {n: i for i, n in enumerate(graph.nodes)}
         members = set(group)
         inputs = {i for n in group for i in n.all_input_nodes if i not in members}
         if any(order[i] >= order[anchor] for i in inputs):
             continue   # something a load needs is computed later: leave the group where it is
         if all(order[n] < order[anchor] for n in group):
             continue   # already issued early enough
-        for node in group:
+        for k, node in enumerate(group, 1):
             anchor.prepend(node)
+            order[node] = order[anchor] - 1 + k / (len(group) + 1)
         moved += 1
     graph.lint()
     return moved

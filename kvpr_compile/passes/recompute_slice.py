@@ -25,7 +25,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .token_dims import token_dims
-from .graph_utils import (example_value, is_cache_update, is_call, is_sdpa, is_softmax,
+from .graph_utils import (between, example_value, reachable, is_cache_update, is_call, is_sdpa, is_softmax,
                           projection_args)
 
 
@@ -148,7 +148,7 @@ def _signature(side: fx.Node, members: set) -> str:
             break
         node = ins[0]
     uses = sorted(f"{_name(u)}:{u.args.index(side) if side in u.args else -1}"
-                  for u in side.users if u in members)
+                  for u in members if side in u.all_input_nodes)   # not side.users: all layers
     val = example_value(side)
     return "|".join(chain) + "/" + ",".join(uses) + f"/{val.dtype}/{val.dim()}"
 
@@ -160,7 +160,7 @@ def _side_tdim(node: fx.Node, n, traced: dict) -> int:
         d = traced[node]
         if _same(shape[d], n):
             return d
-        if shape[d] == 1:
+        if _same(shape[d], 1):
             return -1
     dims = [i for i, s in enumerate(shape) if _same(s, n)]
     if len(dims) > 1:
@@ -180,13 +180,18 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
     if xv is None or xv.dim() != 3 or not _same(xv.shape[0], b) or not _same(xv.shape[1], n):
         raise Unsupported(f"projection input {x.name} is not (batch, tokens, hidden) "
                           f"(got {None if xv is None else tuple(xv.shape)})")
-    above_k = nx.ancestors(nxg, k_new)
-    if x not in above_k:
+    # The slice is below X and above K or V. Every path from X to K/V lies between them in graph
+    # order, so both walks stay in that range: the work per site is the size of the layer's
+    # region, not of the graph (whole-graph walks per site made compiling quadratic in layers).
+    order = nxg.graph.get("order") or {nd: i for i, nd in enumerate(x.graph.nodes)}
+    lo, hi = order[x], max(order[k_new], order[v_new])
+    below_x = reachable(nxg, x, between(nxg, lo, hi), hi - lo)
+    if k_new not in below_x or v_new not in below_x:
         raise Unsupported(f"K is not computed from the V projection's input {x.name}")
-    below_x = nx.descendants(nxg, x)
-    wanted = above_k | nx.ancestors(nxg, v_new) | {k_new, v_new}
-    members = below_x & wanted
-    nodes = [nd for nd in x.graph.nodes if nd in members]
+    members = {k_new, v_new}
+    for out in (k_new, v_new):
+        members |= reachable(nxg, out, below_x.__contains__, hi - lo, reverse=True)
+    nodes = sorted(members, key=order.__getitem__)
     for nd in nodes:
         bad = nd.op not in ("call_function", "call_method") or is_cache_update(nd) or is_sdpa(nd) \
             or (nd.op == "call_method" and nd.target.endswith("_") and not nd.target.startswith("_")) \
@@ -205,7 +210,6 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
             if not _carries_tensor(inp) and not _is_shape_value(example_value(inp)):
                 raise Unsupported(f"recompute slice reads {inp.name}, neither a tensor nor a size")
             (consts if inp in params or not is_tensor_node(inp) else sides).append(inp)
-    order = {nd: i for i, nd in enumerate(x.graph.nodes)}
     single = isinstance(n, int) and n == 1
     traced = token_dims([k_new, v_new], members | set(sides) | set(consts), order)
     # A value computed from parameters alone that lines up with K's token axis is a position

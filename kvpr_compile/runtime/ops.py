@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_runtime
+from .checks import check_layer, check_read, check_write
 from .store import lookup
 
 
@@ -35,6 +36,7 @@ def _records(t: Tensor, tdim: int, n: int) -> Tensor:
 @torch.library.custom_op("kvpr::cache_update", mutates_args=("handle",))
 def cache_update(handle: Tensor, k: Tensor, v: Tensor, layer: int, pos: int) -> tuple[Tensor, Tensor]:
     store = lookup(handle)
+    check_write(store, layer, pos, k, v)
     handle[1] += 1   # the cache's version: every op that writes the store bumps it
     if cuda_runtime.handles(k.device):
         return cuda_runtime.runtime(store, k.device).cache_update(store, k, v, layer, pos)
@@ -55,11 +57,12 @@ def _(handle, k, v, layer, pos):
 def load_kv(handle: Tensor, layer: int, start: int, end: int, batch: int, heads: int,
             head_dim: int, dtype: torch.dtype, device: torch.device,
             owned: bool = False) -> tuple[Tensor, Tensor]:
+    store = lookup(handle)
+    check_read(store, layer, end, batch, heads, head_dim, dtype, device)
     if cuda_runtime.handles(device):  # views (b, heads, n, d) of a sequence-major device slot
-        store = lookup(handle)
         return cuda_runtime.runtime(store, device).load_kv(store, layer, start, end, batch, heads,
                                                             head_dim, dtype, owned)
-    k, v = lookup(handle).read_kv(layer, start, end, device)
+    k, v = store.read_kv(layer, start, end, device)
     return k.contiguous(), v.contiguous()
 
 
@@ -101,10 +104,11 @@ def _split_specs(shapes, ranks, codes):
 def load_tokens(handle: Tensor, layer: int, end: int, shapes: list[int], ranks: list[int],
                 dtypes: list[int], device: torch.device, owned: bool = False) -> list[Tensor]:
     specs = _split_specs(shapes, ranks, dtypes)
+    store = lookup(handle)
+    check_layer(store, layer)
     if cuda_runtime.handles(device):  # views (end, *record) of a device slot
-        store = lookup(handle)
         return cuda_runtime.runtime(store, device).load_tokens(store, layer, end, specs, owned)
-    loaded = lookup(handle).read_tokens(layer, end, specs, device)
+    loaded = store.read_tokens(layer, end, specs, device)
     return [t.clone() if t.device.type == "cpu" else t for t in loaded]
 
 
@@ -125,6 +129,7 @@ def wait(tensors: list[Tensor]) -> None:
 def store_tokens(handle: Tensor, layer: int, pos: int, k: Tensor, v: Tensor,
                  inputs: list[Tensor], tdims: list[int]) -> None:
     store = lookup(handle)
+    check_write(store, layer, pos, k, v)
     n = k.shape[2]
     records = [_records(t, d, n) for t, d in zip(inputs, tdims)]
     if cuda_runtime.handles(k.device):  # asynchronous, on the D2H stream

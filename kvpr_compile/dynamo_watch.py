@@ -1,0 +1,53 @@
+"""Tell the user, once and in words, when Dynamo stops compiling a function.
+
+After ``torch._dynamo.config.recompile_limit`` graphs for one function (or the accumulated limit)
+Dynamo runs every later call that needs a new graph *uncompiled*: for a model with an
+OffloadedKVCache that is the exact but slow offloaded path, without kvpr's recompute and
+prefetch, and torch says so only in a log line. The kvpr backend installs a handler on the logger
+that emits that line (``torch._dynamo.convert_frame``) and turns it into a warning.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+from . import report as rep
+
+_LOGGER = "torch._dynamo.convert_frame"
+_HIT = re.compile(r"hit config\.(\w*recompile_limit|\w*cache_size_limit) \((\d+)\)")
+_FUNCTION = re.compile(r"function: (.*)")
+
+
+def limit_message(text: str) -> str | None:
+    """The warning for a Dynamo log line, or None if the line is not about a recompile limit."""
+    hit = _HIT.search(text)
+    if hit is None:
+        return None
+    function = _FUNCTION.search(text)
+    name = function.group(1).strip() if function else "a compiled function"
+    limit, count = hit.groups()
+    return (f"kvpr: torch.compile stopped compiling {name}: it reached "
+            f"torch._dynamo.config.{limit} ({count} graphs). Calls that need another graph now run "
+            "UNCOMPILED: results stay exact, but the KV cache is read by the slow offloaded path "
+            "without kvpr's recompute and prefetch. Raise torch._dynamo.config."
+            f"{limit} or find what changes between calls with TORCH_LOGS=recompiles.")
+
+
+class _LimitHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = limit_message(record.getMessage())
+        except Exception:  # noqa: BLE001 - a logging handler must never raise
+            return
+        if message is not None:
+            rep.warn_once(message)
+
+
+_HANDLER = _LimitHandler(level=logging.WARNING)
+
+
+def install() -> None:
+    """Idempotent: attach the handler to Dynamo's compile logger."""
+    logger = logging.getLogger(_LOGGER)
+    if _HANDLER not in logger.handlers:
+        logger.addHandler(_HANDLER)

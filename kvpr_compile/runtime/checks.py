@@ -1,0 +1,60 @@
+"""Input checks of one cache access against the cache's geometry, run where values are concrete.
+
+The kvpr ops call these at run time, before they touch the store, so a compiled graph never
+reads a cache's ``batch_size``, ``max_seq_len``, dtype or device while Dynamo traces it: no guard
+on them, and one compiled graph serves caches of any capacity and batch size. Bad input raises
+before anything is written, and the Python-side lengths (updated by Dynamo after the graph
+returns) stay as they were, so the cache is intact.
+"""
+from __future__ import annotations
+
+import torch
+
+_WHO = "OffloadedKVCache.update"
+
+
+def check_layer(store, layer: int) -> None:
+    if not 0 <= layer < store.num_layers:
+        raise IndexError(f"OffloadedKVCache: layer {layer} out of range [0, {store.num_layers})")
+
+
+def _check_device(store, device: torch.device, what: str) -> None:
+    if device.type != store.device.type or (
+            store.device.index is not None and device.index != store.device.index):
+        raise ValueError(f"{_WHO}: {what} is on {device}, cache computes on {store.device}")
+
+
+def check_write(store, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """New tokens' ``k, v`` ``(batch, kv_heads, n, head_dim)`` appended at ``pos`` of ``layer``."""
+    check_layer(store, layer)
+    want = (store.batch_size, store.num_kv_heads, k.shape[2] if k.dim() == 4 else -1, store.head_dim)
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4 or tuple(t.shape) != want:
+            raise ValueError(
+                f"{_WHO}: {name} must be (batch={store.batch_size}, num_kv_heads={store.num_kv_heads}, "
+                f"n_new, head_dim={store.head_dim}) like k, got {tuple(t.shape)}")
+        if t.dtype != store.dtype:
+            raise TypeError(f"{_WHO}: {name} has dtype {t.dtype}, cache holds {store.dtype}")
+        _check_device(store, t.device, name)
+    n = k.shape[2]
+    if pos + n > store.max_seq_len:
+        raise ValueError(f"OffloadedKVCache: layer {layer} holds {pos} tokens; {n} more exceed "
+                         f"max_seq_len={store.max_seq_len}")
+
+
+def check_read(store, layer: int, end: int, batch: int, heads: int, head_dim: int,
+               dtype: torch.dtype, device: torch.device) -> None:
+    """A load of positions ``[.., end)`` of ``layer`` for a graph whose K/V are
+    ``(batch, heads, *, head_dim)`` of ``dtype`` on ``device``."""
+    check_layer(store, layer)
+    if (batch, heads, head_dim) != (store.batch_size, store.num_kv_heads, store.head_dim):
+        raise ValueError(
+            f"{_WHO}: k must be (batch={store.batch_size}, num_kv_heads={store.num_kv_heads}, n_new, "
+            f"head_dim={store.head_dim}), the compiled step has (batch={batch}, "
+            f"num_kv_heads={heads}, head_dim={head_dim})")
+    if dtype != store.dtype:
+        raise TypeError(f"{_WHO}: k has dtype {dtype}, cache holds {store.dtype}")
+    _check_device(store, torch.device(device), "k")
+    if end > store.max_seq_len:
+        raise ValueError(f"OffloadedKVCache: layer {layer} read up to position {end} exceeds "
+                         f"max_seq_len={store.max_seq_len}")
