@@ -11,10 +11,11 @@ MHA/GQA/MQA and how K/V are shared by query heads (repeat_interleave, HF-style e
 ``enable_gqa``, queries grouped per K/V head), positions (RoPE, learned, ALiBi, none), the RoPE
 variant (half-split, interleaved, complex, unbind/stack; partial), where cos/sin come from
 (computed in the graph, a table indexed by a position tensor, a table sliced with Python ints),
+whether the cache holds rotated keys or unrotated ones that are rotated after every read,
 their rank (full, or lower and broadcast), where RoPE is applied (before or after the head
 transpose), qk-norms, SDPA/manual/einsum attention, sliding windows, pre-/post-/parallel blocks,
 whether ``position_ids`` are passed (never, only when decoding, always), and layers without
-RoPE between RoPE layers.
+RoPE between RoPE layers; and the prompt length (as long as some feature dims, or not).
 
 Tiny dims (hidden 32, 4 heads of 8) so that every drawn model compiles in seconds on a CPU.
 """
@@ -42,6 +43,7 @@ AXES = {
     "rope_source": ("computed", "table_tensor", "table_int"),
     "rope_rank": ("full", "low"),
     "rope_layout": ("bhnd", "bnhd"),
+    "rope_keys": ("new", "cached"),
     "qk_norm": ("none", "rms", "layernorm", "normalize", "rms_full"),
     "attn": ("sdpa", "manual", "einsum"),
     "mask": ("explicit", "is_causal"),
@@ -49,6 +51,7 @@ AXES = {
     "block": ("pre", "post", "parallel"),
     "position_ids": ("none", "decode_only", "always"),
     "nope_odd": (False, True),
+    "prompt_len": (5, 4, 8),
 }
 
 
@@ -64,6 +67,7 @@ class Choices:
     rope_source: str = "computed"   # computed in the graph | table_tensor: table[positions] | table_int: table[p:p+n]
     rope_rank: str = "full"         # full: broadcast dims kept | low: (n, d) / (n, 1, d) against K
     rope_layout: str = "bhnd"       # RoPE after (bhnd) or before (bnhd) the head transpose
+    rope_keys: str = "new"          # new: cache rotated K | cached: cache K unrotated, rotate all keys after the read
     qk_norm: str = "none"           # none | rms | layernorm | normalize (F.normalize) | rms_full
     attn: str = "sdpa"              # sdpa | manual (matmul-softmax-matmul) | einsum
     mask: str = "explicit"          # explicit bool mask | is_causal (SDPA: is_causal=True in the prefill, no mask after)
@@ -71,6 +75,7 @@ class Choices:
     block: str = "pre"              # pre | post (norm after the residual) | parallel (GPT-J)
     position_ids: str = "none"      # none: from cache.seq_len | decode_only | always (B, n) tensors
     nope_odd: bool = False          # odd layers skip RoPE (NoPE layers, as in SmolLM3 / Llama 4)
+    prompt_len: int = 5             # 4 and 8 equal feature dims of RoPE tables (rot/2, rot, head_dim)
 
     def canonical(self) -> "Choices":
         """Reset the fields that have no effect under the other choices, so that equal models
@@ -84,7 +89,10 @@ class Choices:
             c = dataclasses.replace(c, gqa="expand")
         if c.pos != "rope":
             c = dataclasses.replace(c, nope_odd=False, rope="half", rope_partial=False,
-                                    rope_source="computed", rope_rank="full", rope_layout="bhnd")
+                                    rope_source="computed", rope_rank="full", rope_layout="bhnd",
+                                    rope_keys="new")
+        if c.rope_keys == "cached":           # keys rotated in the (b, h, s, d) layout
+            c = dataclasses.replace(c, rope_layout="bhnd")
         if c.mask == "is_causal" and (c.attn != "sdpa" or c.window or c.pos == "alibi"):
             c = dataclasses.replace(c, mask="explicit")
         if c.rope_source == "table_int":      # Meta-llama style: start_pos, no position ids
@@ -234,7 +242,9 @@ class ZooAttention(nn.Module):
         return q.reshape(b, n, h, d), k.reshape(b, n, hkv, d), v.reshape(b, n, hkv, d)
 
     def forward(self, x, rope, mask, alibi, cache):
+        """``rope``: (tables for the new tokens, tables for all keys or None) or None."""
         c, (b, n, _) = self.c, x.shape
+        rope, rope_all = rope if rope is not None else (None, None)
         q, k, v = self.project(x)
         if c.qk_norm != "rms_full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -242,8 +252,11 @@ class ZooAttention(nn.Module):
             q, k = rotate(c, q, rope), rotate(c, k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if rope is not None and c.rope_layout == "bhnd":
-            q, k = rotate(c, q, rope), rotate(c, k, rope)
+            q = rotate(c, q, rope)
+            k = k if rope_all is not None else rotate(c, k, rope)
         k, v = cache.update(self.idx, k, v)
+        if rope_all is not None:    # the cache holds unrotated keys (attention-sink style)
+            k = rotate(c, k, rope_all)
         y = self.attend(q, k, v, mask, alibi)
         return self.o(y.transpose(1, 2).reshape(b, n, HEADS * HEAD_DIM))
 
@@ -355,7 +368,10 @@ class ZooDecoder(nn.Module):
         x = self.emb(tokens)
         if c.pos == "learned":
             x = x + self.wpe(positions)
-        rope = self.rope(positions, pos, n) if c.pos == "rope" else None
+        rope = None
+        if c.pos == "rope":
+            rope = (self.rope(positions, pos, n), None if c.rope_keys == "new" else
+                    self.rope(torch.arange(pos + n, device=tokens.device), 0, pos + n))
         q_pos = torch.arange(pos, pos + n, device=tokens.device)[:, None]
         k_pos = torch.arange(pos + n, device=tokens.device)[None, :]
         mask = q_pos >= k_pos

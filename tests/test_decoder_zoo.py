@@ -5,8 +5,8 @@ matches eager with its stored K/V poisoned by NaN after the prefill -- or the la
 cleanly (left unchanged, exactly one warning per fallback reason, the same reason in the
 report's skipped entries). Never wrong, never a crash.
 
-Hypothesis draws the models (derandomized: the same examples on every run); ``--run-slow``
-draws many more. Combinations that crash, are wrong or fall back although recomputable on the
+Hypothesis draws the models (seeded, no example database: the same examples on every run);
+``--run-slow`` draws many more. Combinations that crash, are wrong or fall back although recomputable on the
 code as it stands are listed once, in KNOWN_FAILURES, each with a minimal reproducer run as a
 strict xfail: when a fix lands it XPASSes, and its entry should go.
 """
@@ -19,16 +19,16 @@ from typing import Callable
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, seed, settings, strategies as st
 
 import kvpr_compile
 from kvpr_compile import report as report_mod
 from conftest import max_rel_err, worst_rel_err
-from decoder_zoo import AXES, Choices, build, make_cache, run_decode
+from decoder_zoo import AXES, Choices, build, make_cache, rope_features, run_decode
 
 TOL = 1e-5
 RATIOS = (0.0, 0.37, 1.0)
-BATCH, PROMPT, STEPS = 2, 5, 3
+BATCH, STEPS = 2, 3
 FALLBACK = "left as a plain offloaded-cache read"
 
 
@@ -45,8 +45,14 @@ class Known:
     ratios: tuple = RATIOS
 
 
+def _partial_rope_table_as_long_as_prompt(c: Choices) -> bool:
+    return _rope(c) and c.rope_partial and c.rope in ("half", "interleaved") \
+        and c.prompt_len == rope_features(c)
+
+
 def _rope(c: Choices) -> bool:
-    return c.pos == "rope"
+    """RoPE tables are inputs of the recompute slice (not so when the cache holds unrotated keys)."""
+    return c.pos == "rope" and c.rope_keys == "new"
 
 
 KNOWN_FAILURES: dict[str, Known] = {
@@ -72,6 +78,15 @@ KNOWN_FAILURES: dict[str, Known] = {
         "above V (reached placeholder l_tokens_)' -- the walk went through the einsum and the "
         "layers below it down to the token ids",
         Choices(proj="einsum"), (1.0,)),
+    "partial-rope-ambiguous-token-dim": Known(
+        _partial_rope_table_as_long_as_prompt, "should recompute",
+        "not in issue 9: partial RoPE (rotate the first 4 of 8 channels, then cat) with a prompt "
+        "of 4 tokens: the prefill falls back ('side input cos_1 (1, 1, 4, 4) has several dims of "
+        "the token count 4; its token dim is ambiguous'), as the token axis is not traced "
+        "through the slice + cat; no X is stored, so the decode graphs (reported as rewritten at "
+        "the ratio) load every prompt position: exact, but nothing recomputed for the prompt, "
+        "and the report does not say so",
+        Choices(rope_partial=True, prompt_len=4), (0.37, 1.0)),
     "rope-table-sliced-with-int": Known(
         lambda c: _rope(c) and c.rope_source == "table_int", "crash",
         "issue 9 item 2: a RoPE table sliced with Python ints (table[pos:pos + n]) is a constant "
@@ -149,9 +164,12 @@ def check_ratio(c: Choices, ratio: float, prompt, ref) -> Outcome:
             f"layer {layer} neither rewritten nor reported as a fallback: {where}"
 
     # Layers recomputed at this ratio rebuild K,V[:l] from X, l = floor(ratio * past) >= the
-    # prefill's floor(ratio * PROMPT): NaN in those stored rows must not reach the output.
-    rows = int(ratio * PROMPT)
-    poison = {layer: rows for layer, r in rewritten.items() if r > 0 and abs(r - ratio) < 1e-3}
+    # prefill's floor(ratio * prompt_len): NaN in those stored rows must not reach the output.
+    # (A layer that fell back in some graph, e.g. the prefill, has no X for those rows and
+    # loads them by design.)
+    rows = int(ratio * c.prompt_len)
+    poison = {layer: rows for layer, r in rewritten.items() if r > 0 and abs(r - ratio) < 1e-3
+              and not any(f"layer {layer}:" in f for f in fallbacks)}
     if poison and rows:
         bad = run_decode(compiled, prompt, make_cache(model, BATCH), STEPS, c.position_ids, poison)
         assert worst_rel_err(bad[1], ref[1]) <= TOL and torch.equal(bad[2], ref[2]), \
@@ -165,7 +183,7 @@ def check(c: Choices, ratios=RATIOS, want_recompute: bool | None = None) -> list
     layer is recomputed at every ratio > 0; None: required unless a known entry says it falls back."""
     c = c.canonical()
     model = build(c, seed=1)
-    prompt = torch.randint(0, 53, (BATCH, PROMPT), generator=torch.Generator().manual_seed(7))
+    prompt = torch.randint(0, 53, (BATCH, c.prompt_len), generator=torch.Generator().manual_seed(7))
     ref = run_decode(model, prompt, make_cache(model, BATCH), STEPS, c.position_ids)
     assert all(torch.isfinite(t).all() for t in (ref[0], *ref[1])), f"eager is not finite: {c.short()}"
     if want_recompute is None:
@@ -174,7 +192,7 @@ def check(c: Choices, ratios=RATIOS, want_recompute: bool | None = None) -> list
     for ratio in ratios:
         o = check_ratio(c, ratio, prompt, ref)
         if want_recompute and ratio > 0:
-            assert sorted(o.rewritten) == list(range(len(model.blocks))) and all(
+            assert not o.fallbacks and sorted(o.rewritten) == list(range(len(model.blocks))) and all(
                 r == pytest.approx(ratio, abs=1e-3) for r in o.rewritten.values()), \
                 f"not recomputed at ratio {ratio} ({o.fallbacks}): {c.short()}"
         outcomes.append(o)
@@ -182,7 +200,9 @@ def check(c: Choices, ratios=RATIOS, want_recompute: bool | None = None) -> list
 
 
 # ---- hypothesis ----------------------------------------------------------------------------
-CHOICES = st.builds(Choices, **{name: st.sampled_from(values) for name, values in AXES.items()}
+# RoPE, where most of the variety is, is drawn as often as the other three together.
+_DRAWN = {**AXES, "pos": ("rope",) * 3 + tuple(p for p in AXES["pos"] if p != "rope")}
+CHOICES = st.builds(Choices, **{name: st.sampled_from(values) for name, values in _DRAWN.items()}
                     ).map(Choices.canonical)
 
 
@@ -192,10 +212,15 @@ def _zoo(c: Choices):
     check(c)
 
 
-_SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=False,
+# Seeded, no example database: every run draws the same models. The default run's seed draws
+# the plain default first, then MQA fused QKV with NoPE odd layers and partial RoPE from an
+# int-sliced table on unrotated cached keys, Falcon-style fused heads with learned positions and
+# position_ids only when decoding, and an einsum-projected ALiBi model (a known fallback).
+_SETTINGS = dict(deadline=None, database=None, print_blob=False,
                  suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 
 
+@seed(4)
 @settings(max_examples=4, **_SETTINGS)
 @given(CHOICES)
 def test_drawn_decoder_is_exact_or_falls_back_cleanly(c):
@@ -203,6 +228,7 @@ def test_drawn_decoder_is_exact_or_falls_back_cleanly(c):
 
 
 @pytest.mark.slow
+@seed(20261126)
 @settings(max_examples=150, **_SETTINGS)
 @given(CHOICES)
 def test_many_drawn_decoders_are_exact_or_fall_back_cleanly(c):
@@ -238,9 +264,9 @@ def test_poison_beyond_the_recomputed_rows_shows_up():
     recomputed, at the first decode step, and its NaN must reach the logits."""
     c = Choices()
     model = build(c, seed=1)
-    prompt = torch.randint(0, 53, (BATCH, PROMPT), generator=torch.Generator().manual_seed(7))
+    prompt = torch.randint(0, 53, (BATCH, c.prompt_len), generator=torch.Generator().manual_seed(7))
     compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.37})
-    rows = int(0.37 * PROMPT) + 1
+    rows = int(0.37 * c.prompt_len) + 1
     bad = run_decode(compiled, prompt, make_cache(model, BATCH), 1, poison={0: rows, 1: rows})
     assert kvpr_compile.last_report().ratios == {0: pytest.approx(0.37), 1: pytest.approx(0.37)}
     assert torch.isnan(bad[1][0]).any()
