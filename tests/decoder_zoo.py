@@ -5,17 +5,17 @@ axis) -> ``ZooDecoder`` (an nn.Module whose attention calls ``cache.update(layer
 
 Axes: K/V projections (separate Linear, fused q|k|v split on the features or on a heads view,
 separate q + fused k|v, LoRA adapters, raw parameters used as ``x @ W`` / ``x @ W.T`` / einsum),
-bias, qk-norms (per head, or over the whole width as in OLMo-2), SDPA with an explicit mask or
-``is_causal`` in the prefill,
-MHA/GQA/MQA and how K/V are shared by query heads (repeat_interleave, HF-style expand, SDPA's
-``enable_gqa``, queries grouped per K/V head), positions (RoPE, learned, ALiBi, none), the RoPE
+bias; MHA/GQA/MQA and how query heads share K/V (repeat_interleave, HF-style expand, SDPA's
+``enable_gqa``, queries grouped per K/V head); positions (RoPE, learned, ALiBi, none); the RoPE
 variant (half-split, interleaved, complex, unbind/stack; partial), where cos/sin come from
 (computed in the graph, a table indexed by a position tensor, a table sliced with Python ints),
-whether the cache holds rotated keys or unrotated ones that are rotated after every read,
 their rank (full, or lower and broadcast), where RoPE is applied (before or after the head
-transpose), qk-norms, SDPA/manual/einsum attention, sliding windows, pre-/post-/parallel blocks,
-whether ``position_ids`` are passed (never, only when decoding, always), and layers without
-RoPE between RoPE layers; and the prompt length (as long as some feature dims, or not).
+transpose), whether the cache holds rotated keys or unrotated ones rotated after every read,
+NoPE layers between RoPE layers; qk-norms (per head, F.normalize, or over the whole width as in
+OLMo-2) and a norm on V; SDPA (explicit mask or ``is_causal`` in the prefill), manual or einsum
+attention; sliding windows (by mask, or by slicing the cached K/V); pre-/post-/parallel blocks;
+``position_ids`` passed never, only when decoding, or always; and the prompt length (equal to
+some RoPE feature dims, or not).
 
 Tiny dims (hidden 32, 4 heads of 8) so that every drawn model compiles in seconds on a CPU.
 """
@@ -45,9 +45,11 @@ AXES = {
     "rope_layout": ("bhnd", "bnhd"),
     "rope_keys": ("new", "cached"),
     "qk_norm": ("none", "rms", "layernorm", "normalize", "rms_full"),
+    "v_norm": (False, True),
     "attn": ("sdpa", "manual", "einsum"),
     "mask": ("explicit", "is_causal"),
     "window": (0, 3),
+    "window_by": ("mask", "slice"),
     "block": ("pre", "post", "parallel"),
     "position_ids": ("none", "decode_only", "always"),
     "nope_odd": (False, True),
@@ -57,21 +59,24 @@ AXES = {
 
 @dataclass(frozen=True)
 class Choices:
-    proj: str = "separate"          # separate | fused_qkv | fused_kv | fused_heads | lora | matmul | matmul_t | einsum
+    proj: str = "separate"          # separate | fused_qkv | fused_kv | fused_heads | lora
+                                    # | matmul (x @ W) | matmul_t (x @ W.T) | einsum
     bias: bool = False              # bias on the q/k/v/o projections
     kv_heads: int = 4               # 4: MHA, 2: GQA, 1: MQA (HEADS = 4)
     gqa: str = "repeat_interleave"  # repeat_interleave | expand | enable_gqa (SDPA) | group_q
     pos: str = "rope"               # rope | learned | alibi | none
-    rope: str = "half"              # half (NeoX/HF) | interleaved (GPT-J) | complex (Meta) | unbind (llama2.c)
+    rope: str = "half"              # half (HF) | interleaved (GPT-J) | complex (Meta) | unbind (llama2.c)
     rope_partial: bool = False      # rotate only the first half of each head
-    rope_source: str = "computed"   # computed in the graph | table_tensor: table[positions] | table_int: table[p:p+n]
+    rope_source: str = "computed"   # computed | table_tensor: table[positions] | table_int: table[p:p+n]
     rope_rank: str = "full"         # full: broadcast dims kept | low: (n, d) / (n, 1, d) against K
     rope_layout: str = "bhnd"       # RoPE after (bhnd) or before (bnhd) the head transpose
-    rope_keys: str = "new"          # new: cache rotated K | cached: cache K unrotated, rotate all keys after the read
+    rope_keys: str = "new"          # new: cache rotated K | cached: unrotated, all keys rotated after reads
     qk_norm: str = "none"           # none | rms | layernorm | normalize (F.normalize) | rms_full
+    v_norm: bool = False            # RMSNorm on V's heads too (Gemma 3n style)
     attn: str = "sdpa"              # sdpa | manual (matmul-softmax-matmul) | einsum
-    mask: str = "explicit"          # explicit bool mask | is_causal (SDPA: is_causal=True in the prefill, no mask after)
+    mask: str = "explicit"          # explicit bool mask | is_causal (SDPA: in the prefill; no mask after)
     window: int = 0                 # sliding window (keys within the last `window` positions); 0: none
+    window_by: str = "mask"         # mask | slice: decode steps also cut K, V to the last `window` keys
     block: str = "pre"              # pre | post (norm after the residual) | parallel (GPT-J)
     position_ids: str = "none"      # none: from cache.seq_len | decode_only | always (B, n) tensors
     nope_odd: bool = False          # odd layers skip RoPE (NoPE layers, as in SmolLM3 / Llama 4)
@@ -95,6 +100,8 @@ class Choices:
             c = dataclasses.replace(c, rope_layout="bhnd")
         if c.mask == "is_causal" and (c.attn != "sdpa" or c.window or c.pos == "alibi"):
             c = dataclasses.replace(c, mask="explicit")
+        if not c.window:
+            c = dataclasses.replace(c, window_by="mask")
         if c.rope_source == "table_int":      # Meta-llama style: start_pos, no position ids
             c = dataclasses.replace(c, position_ids="none")
         if c.position_ids != "none":          # (B, n) positions: cos/sin keep the batch dim
@@ -212,6 +219,7 @@ class ZooAttention(nn.Module):
         else:
             self.q, self.k, self.v = (lin(DIM, m * d, c.bias) for m in (h, hkv, hkv))
         self.q_norm, self.k_norm = qk_norm(c.qk_norm, h * d), qk_norm(c.qk_norm, hkv * d)
+        self.v_norm = RMSNorm(d) if c.v_norm else nn.Identity()
         self.o = nn.Linear(h * d, DIM, bias=c.bias)
 
     def project(self, x):
@@ -248,6 +256,7 @@ class ZooAttention(nn.Module):
         q, k, v = self.project(x)
         if c.qk_norm != "rms_full":
             q, k = self.q_norm(q), self.k_norm(k)
+        v = self.v_norm(v)
         if rope is not None and c.rope_layout == "bnhd":
             q, k = rotate(c, q, rope), rotate(c, k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -257,6 +266,9 @@ class ZooAttention(nn.Module):
         k, v = cache.update(self.idx, k, v)
         if rope_all is not None:    # the cache holds unrotated keys (attention-sink style)
             k = rotate(c, k, rope_all)
+        if c.window and c.window_by == "slice" and n == 1:   # Mistral-style: only the window
+            k, v, mask = k[:, :, -c.window:], v[:, :, -c.window:], mask[:, -c.window:]
+            alibi = alibi[..., -c.window:] if alibi is not None else None
         y = self.attend(q, k, v, mask, alibi)
         return self.o(y.transpose(1, 2).reshape(b, n, HEADS * HEAD_DIM))
 

@@ -12,7 +12,7 @@ strict xfail: when a fix lands it XPASSes, and its entry should go.
 """
 from __future__ import annotations
 
-import dataclasses
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -103,8 +103,8 @@ KNOWN_FAILURES: dict[str, Known] = {
         lambda c: _rope(c) and c.rope_rank == "low", "wrong",
         "issue 9 item 2, worse than a crash: the same lower-rank cos/sin give SILENTLY WRONG "
         "logits (rel. err ~1e-2, no error) when the number of recomputed tokens l equals the "
-        "batch size or 1 (ratio 0.37, batch 2: l = 2 at past 6): the batched cos/sin broadcast "
-        "over the batch dim instead of the token dim",
+        "batch size (ratio 0.37, batch 2: l = 2 at past 6; l = 1 is right, other l crash): the "
+        "batched (l, n=1, d) cos/sin broadcast against the batch dim of K",
         Choices(rope_rank="low"), (0.37,)),
     "position-ids-only-when-decoding": Known(
         lambda c: _rope(c) and c.position_ids == "decode_only", "refused",
@@ -200,8 +200,10 @@ def check(c: Choices, ratios=RATIOS, want_recompute: bool | None = None) -> list
 
 
 # ---- hypothesis ----------------------------------------------------------------------------
-# RoPE, where most of the variety is, is drawn as often as the other three together.
-_DRAWN = {**AXES, "pos": ("rope",) * 3 + tuple(p for p in AXES["pos"] if p != "rope")}
+# RoPE, where most of the variety is, is drawn as often as the other three together, and
+# mostly with rotated keys in the cache (RoPE inside the recompute slice).
+_DRAWN = {**AXES, "pos": ("rope",) * 3 + tuple(p for p in AXES["pos"] if p != "rope"),
+          "rope_keys": ("new", "new", "cached")}
 CHOICES = st.builds(Choices, **{name: st.sampled_from(values) for name, values in _DRAWN.items()}
                     ).map(Choices.canonical)
 
@@ -213,14 +215,16 @@ def _zoo(c: Choices):
 
 
 # Seeded, no example database: every run draws the same models. The default run's seed draws
-# the plain default first, then MQA fused QKV with NoPE odd layers and partial RoPE from an
-# int-sliced table on unrotated cached keys, Falcon-style fused heads with learned positions and
-# position_ids only when decoding, and an einsum-projected ALiBi model (a known fallback).
+# the plain default first, then MQA fused k|v with per-head RMSNorm and einsum attention,
+# Falcon-style fused heads with learned positions, a sliced sliding window and position_ids only
+# when decoding, and fused-QKV GQA with partial RoPE before the head transpose, NoPE odd layers
+# and a 4-token prompt (a known prefill fallback). ZOO_SEED=n draws others.
+SEED = int(os.environ.get("ZOO_SEED", 8))
 _SETTINGS = dict(deadline=None, database=None, print_blob=False,
                  suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 
 
-@seed(4)
+@seed(SEED)
 @settings(max_examples=4, **_SETTINGS)
 @given(CHOICES)
 def test_drawn_decoder_is_exact_or_falls_back_cleanly(c):
