@@ -26,6 +26,7 @@ from .passes.prefetch import hoist_loads
 from .passes.recompute_slice import Unsupported, extract_slice
 from .passes.rewrite import check_rewritable, rewrite_site
 from .runtime import ops  # noqa: F401  (registers kvpr:: ops before any graph runs)
+from .runtime.lower import lower
 
 INNER = ("eager", "inductor")
 _KNOWN = {"ratio", "inner", "profile", "overlap"}
@@ -50,7 +51,7 @@ def parse_options(options: dict | None) -> dict:
 def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
     if inner == "inductor":
         return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
-    return gm.forward
+    return lower(gm).forward
 
 
 def _choose_ratios(options, slices, layers_in_graph):
