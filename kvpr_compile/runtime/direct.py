@@ -62,6 +62,14 @@ def cpu_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
                        k_rec, v_rec, k_load, v_load, k_new, v_new):
     """store_tokens then assemble, as the two ops do them."""
     _store(store, layer, pos, k_new, v_new, inputs, tdims)
+    return cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new)
+
+
+def cpu_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims) -> None:
+    _store(store, layer, pos, k_new, v_new, inputs, tdims)
+
+
+def cpu_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):
     l, covered = k_rec.shape[2], store.token_len[layer]
     if covered < l:   # no stored X for [covered, l): use the stored K,V there instead
         k_fix, v_fix = store.read_kv(layer, covered, l, k_new.device)
@@ -93,13 +101,27 @@ def stream_wait(tensors) -> None:
 
 
 def stream_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
-                          k_rec, v_rec, k_load, v_load, k_new, v_new):
-    """store_tokens, then wait for K,V[l:] and assemble."""
-    rt = cuda_runtime.runtime(store, k_new.device)
-    n = k_new.shape[2]
-    rt.store_tokens(store, layer, pos, k_new, v_new, records(inputs, tdims, n), inputs)
+                          k_rec, v_rec, k_load, v_load, k_new, v_new, staged: bool = False):
+    """store_tokens, then wait for K,V[l:] and assemble. ``staged``: the graph writes a source
+    in place later on, so the D2H copy reads runtime-owned copies (see CudaRuntime)."""
+    stream_store(store, layer, pos, k_new, v_new, inputs, tdims, staged)
     cuda_runtime.wait([k_load, v_load])
-    return rt.assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new)
+    return stream_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new)
+
+
+def stream_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims,
+                 staged: bool = False) -> None:
+    rt = cuda_runtime.runtime(store, k_new.device)
+    recs = records(inputs, tdims, k_new.shape[2])
+    if staged:
+        rt.store_tokens_staged(store, layer, pos, k_new, v_new, recs)
+    else:
+        rt.store_tokens(store, layer, pos, k_new, v_new, recs, inputs)
+
+
+def stream_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):
+    return cuda_runtime.runtime(store, k_new.device).assemble(store, layer, k_rec, v_rec, k_load,
+                                                              v_load, k_new, v_new)
 
 
 def stream_cache_update(store: KVStore, k, v, layer: int, pos: int):

@@ -7,6 +7,8 @@ as it is: the report shows it, and inductor gets it under ``inner="inductor"``).
 - ``load_tokens`` gets its record specs decoded once, here (when their sizes are plain ints);
 - a layer's ``store_tokens`` and ``assemble`` become one call, at the assemble's place (only
   other layers' loads sit between them, and those never read what the store writes);
+- on CUDA the store's D2H copy reads runtime-owned copies of its sources when the graph writes one
+  of them in place (``store_tokens_staged``); otherwise holding them is enough;
 - on CPU every ``wait`` goes (loads are synchronous); on CUDA the wait for K,V[l:] folds into
   that call (K,V[l:] has no other reader), the wait for X stays where it is.
 
@@ -89,7 +91,7 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
         graph.erase_node(node)
         return new
 
-    # a layer's store and assemble: one call at the assemble
+    # a layer's store and assemble: one call at the assemble, where only loads sit between them
     fused: set[fx.Node] = set()
     pending_store: dict[tuple, fx.Node] = {}   # (handle, layer) -> store_tokens not yet paired
     for node in nodes:
@@ -97,15 +99,20 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             pending_store[(node.args[0], node.args[1])] = node
         elif node.target is ASSEMBLE:
             handle, layer, *tensors = node.args
-            store_node = pending_store.get((handle, layer))
-            if store_node is None or not (store_node.args[3] is tensors[4] and store_node.args[4] is tensors[5]):
-                continue   # unusual graph: keep the ops
-            del pending_store[(handle, layer)]
+            store_node = pending_store.pop((handle, layer), None)
+            if store_node is None or not (store_node.args[3] is tensors[4] and store_node.args[4] is tensors[5]) \
+                    or not _only_loads_between(store_node, node):
+                continue   # lowered one by one below
             _, _, pos, _, _, inputs, tdims = store_node.args
-            target = direct.stream_store_assemble if _on_stream(node) else direct.cpu_store_assemble
-            fused.add(replace(node, target, (store_of(handle), layer, pos, inputs, tdims, *tensors)))
+            args = (store_of(handle), layer, pos, inputs, tdims, *tensors)
+            if not _on_stream(node):
+                target = direct.cpu_store_assemble
+            else:
+                target = direct.stream_store_assemble
+                args += _staged(tensors[4], tensors[5], inputs)
+            fused.add(replace(node, target, args))
             graph.erase_node(store_node)
-    nodes = [n for n in nodes if n.target not in (STORE, ASSEMBLE)]   # left: the ones not fused
+    nodes = [n for n in graph.nodes if n.op == "call_function" and n.target in KVPR_OPS]   # left
     on_stream = {n: _on_stream(n) for n in nodes}   # decided before any load is replaced
     folded = {n for n in nodes if n.target is WAIT and _folds_into(n.args[0], fused)}
     for node in nodes:
@@ -134,12 +141,61 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
                 graph.erase_node(node)
             else:
                 replace(node, direct.stream_wait, (tensors,))
+        elif node.target is STORE:
+            handle, layer, pos, k_new, v_new, inputs, tdims = node.args
+            args = (store_of(handle), layer, pos, k_new, v_new, inputs, tdims)
+            if on_stream[node]:
+                replace(node, direct.stream_store, args + _staged(k_new, v_new, inputs))
+            else:
+                replace(node, direct.cpu_store, args)
+        elif node.target is ASSEMBLE:
+            handle, layer, *tensors = node.args
+            target = direct.stream_assemble if on_stream[node] else direct.cpu_assemble
+            replace(node, target, (store_of(handle), layer, *tensors))
         elif node.target is CACHE_UPDATE:
             handle, k, v, layer, pos = node.args
             target = direct.stream_cache_update if on_stream[node] else direct.cpu_cache_update
             replace(node, target, (store_of(handle), k, v, layer, pos))
     graph.lint()
     return fx.GraphModule(gm, graph)
+
+
+def _only_loads_between(first: fx.Node, last: fx.Node) -> bool:
+    """Whether every node strictly between ``first`` and ``last`` is a (hoisted) load."""
+    node = first.next
+    while node is not last:
+        role = (node.meta.get("custom") or {}).get("kvpr_role")
+        if role not in ("split", "load_tokens", "load_kv"):
+            return False
+        node = node.next
+    return True
+
+
+def _staged(k_new, v_new, inputs) -> tuple:
+    """(True,) when the graph writes a store source in place: the D2H copy must read copies."""
+    return (True,) if any(_written_in_place(t) for t in (k_new, v_new, *inputs)) else ()
+
+
+INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+
+
+def _written_in_place(node) -> bool:
+    """Whether the graph writes ``node``'s tensor in place (``x.add_(...)``, ``x += ...``,
+    ``x[i] = ...``, a mutating op); views of it are not followed."""
+    if not isinstance(node, fx.Node):
+        return False
+    for user in node.users:
+        if not user.args or user.args[0] is not node:
+            continue
+        if user.op == "call_method" and user.target.endswith("_") and not user.target.startswith("_"):
+            return True
+        if user.op == "call_function":
+            schema = getattr(user.target, "_schema", None)
+            if user.target in INPLACE_FUNCTIONS or (schema is not None and schema.is_mutable):
+                return True
+            if getattr(user.target, "__name__", "").endswith("_") and not user.target.__name__.startswith("_"):
+                return True
+    return False
 
 
 def _folds_into(tensors, fused: set) -> bool:
