@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--steps", type=int, default=40, help="timed decode steps per contender")
     parser.add_argument("--inner", nargs="*", default=["eager"],
-                        help="inner compilers to add as kvpr-<inner> (e.g. eager inductor)")
+                        help="inner compilers to add as kvpr-<inner> (e.g. eager inductor piecewise)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

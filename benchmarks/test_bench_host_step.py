@@ -18,9 +18,9 @@ import torch
 from benchmarks import host_step as hs
 
 ROUNDS = 20
-INNERS = ("eager", "inductor")
+INNERS = ("eager", "inductor", "piecewise")
 CONTENDERS = (hs.HF, hs.UNCOMPILED, hs.DEFAULT, *(f"kvpr-{i}" for i in INNERS))
-HEAVY = {"kvpr-inductor"}
+HEAVY = {"kvpr-inductor", "kvpr-piecewise"}
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,8 @@ Options:
 - ``overlap``: the schedule the scheduler models, ``"stream"`` (default; layer-ahead loads) or
   ``"row"`` (the paper's per-layer max(A+R, A+K)); see cost_model.py.
 - ``inner``: ``"eager"`` (default: the rewritten FX graph with the kvpr steps as direct calls,
-  in program order) or ``"inductor"`` (the whole graph); see inner.py.
+  in program order), ``"piecewise"`` (inductor between the steps) or ``"inductor"`` (the whole
+  graph); see inner.py.
 ``mode=`` (e.g. HF's ``"reduce-overhead"``) is accepted; CUDA-graph modes are ignored with a warning.
 """
 from __future__ import annotations
