@@ -62,7 +62,14 @@ def decoder(name: str, model, steps: int) -> GreedyDecoder:
 
 
 def interleaved(model, names: list[str], steps: int) -> dict[str, list[float]]:
-    """Seconds per decode step of each contender, measured in turns; checks tokens against hf."""
+    """Seconds per decode step of each contender, measured in turns; checks tokens against hf.
+    Every compiled contender compiles the same ``forward`` (one code object), so Dynamo's
+    recompile limit is raised for the run: past it a frame would silently run uncompiled."""
+    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
+        return _interleaved(model, names, steps)
+
+
+def _interleaved(model, names: list[str], steps: int) -> dict[str, list[float]]:
     decoders = {name: decoder(name, model, WARMUP + steps) for name in names}
     ids = prompt_ids(model)
     with torch.no_grad():
