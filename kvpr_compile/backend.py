@@ -10,8 +10,9 @@ Options:
 - ``profile``: preset name, JSON path or HardwareProfile for the scheduler (see profiler.py).
 - ``overlap``: the schedule the scheduler models, ``"stream"`` (default; layer-ahead loads) or
   ``"row"`` (the paper's per-layer max(A+R, A+K)); see cost_model.py.
-- ``inner``: ``"eager"`` (default: run the rewritten FX graph directly, which keeps the kvpr ops
-  in program order) or ``"inductor"``.
+- ``inner``: ``"eager"`` (default: the rewritten FX graph with the kvpr steps as direct calls,
+  in program order), ``"piecewise"`` (inductor between the steps) or ``"inductor"`` (the whole
+  graph); see inner.py.
 ``mode=`` (e.g. HF's ``"reduce-overhead"``) is accepted; CUDA-graph modes are ignored with a warning.
 """
 from __future__ import annotations
@@ -26,9 +27,8 @@ from .passes.graph_utils import example_value, hint, param_derived, to_networkx
 from .passes.prefetch import hoist_loads
 from .passes.recompute_slice import Unsupported, extract_slice
 from .passes.rewrite import check_rewritable, rewrite_site
+from .inner import INNER, compile_inner, default_inner
 from .runtime import ops  # noqa: F401  (registers kvpr:: ops before any graph runs)
-
-INNER = ("eager", "inductor")
 _KNOWN = {"ratio", "inner", "profile", "overlap"}
 
 
@@ -42,16 +42,10 @@ def parse_options(options: dict | None) -> dict:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) <= 1.0:
             raise ValueError(f"kvpr: options['ratio'] must be a number in [0, 1], got {ratio!r}")
         options["ratio"] = float(ratio)
-    inner = options.setdefault("inner", "eager")
-    if inner not in INNER:
+    inner = options.setdefault("inner", None)   # None: by device (inner.py)
+    if inner is not None and inner not in INNER:
         raise ValueError(f"kvpr: options['inner'] must be one of {INNER}, got {inner!r}")
     return options
-
-
-def _inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
-    if inner == "inductor":
-        return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
-    return gm.forward
 
 
 def _choose_ratios(options, slices, layers_in_graph):
@@ -72,6 +66,8 @@ def _choose_ratios(options, slices, layers_in_graph):
 def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     options = parse_options(kwargs.get("options"))
     dynamo_watch.install()   # a function Dynamo gives up on is reported, not silently slow
+    if options["inner"] is None:
+        options["inner"] = default_inner(example_inputs)
     mode = kwargs.get("mode")
     if mode in ("reduce-overhead", "max-autotune"):
         rep.warn_once(f"kvpr: mode={mode!r} asks for CUDA graphs, which cannot capture host-to-device "
@@ -89,7 +85,7 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
             report.notes.append("no attention in this graph (e.g. a fragment between graph "
                                 "breaks); compiled unchanged")
         rep.add_report(report)
-        return _inner_compile(gm, example_inputs, options["inner"])
+        return compile_inner(gm, example_inputs, options["inner"])
 
     params, nxg = param_derived(graph), to_networkx(graph)
     slices = {}
@@ -117,4 +113,4 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         graph.lint()
         gm.recompile()
     rep.add_report(report)
-    return _inner_compile(gm, example_inputs, options["inner"])
+    return compile_inner(gm, example_inputs, options["inner"])

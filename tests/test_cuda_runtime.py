@@ -22,7 +22,7 @@ import torch
 from conftest import max_rel_err, worst_rel_err
 from custom_models import make_cache
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
-from kvpr_compile.runtime import cuda_runtime
+from kvpr_compile.runtime import cuda_runtime, direct
 from test_custom_models import MODELS
 from test_prefetch_placement import hoisting_backend
 
@@ -186,7 +186,7 @@ def test_store_is_asynchronous():
     x = torch.randn(4, n, 1024, dtype=torch.float16, device=DEV)
     kvpr.store_tokens(cache.handle, 1, 0, k[:, :, :1], v[:, :, :1], [x[:, :1]], [1])  # allocates
     torch.cuda.synchronize()                                                   # the X store
-    kvpr.store_tokens(cache.handle, 1, 1, k, v, [x], [1])
+    direct.stream_store(cache._store, 1, 1, k, v, [x], [1])        # what eager graphs run: no staging
     rt = cuda_runtime.runtime(cache._store, DEV)
     assert not rt.d2h.query() and torch.cuda.current_stream().query()
     assert rt.in_flight                                          # sources held until the copy is done
@@ -194,6 +194,24 @@ def test_store_is_asynchronous():
     assert torch.equal(cache.k_cpu[1][1:n + 1], k.permute(2, 0, 1, 3).cpu())
     assert torch.equal(cache._store.tokens[1][0][1:n + 1, :, 0], x.transpose(0, 1).cpu())
     assert cache._store.token_len[1] == n + 1
+
+
+def test_staged_store_survives_its_sources_being_overwritten():
+    """The custom op (what inductor's code calls) copies the sources into runtime-owned buffers
+    first: writing them right after the call, as inductor's buffer reuse does, cannot reach the
+    store even though the D2H copy is still running."""
+    cache, n = _big_cache(), 8192
+    k, v = (torch.randn(4, 8, n, 128, dtype=torch.float16, device=DEV) for _ in range(2))
+    x = torch.randn(4, n, 1024, dtype=torch.float16, device=DEV)
+    kvpr.store_tokens(cache.handle, 1, 0, k[:, :, :1], v[:, :, :1], [x[:, :1]], [1])  # allocates
+    torch.cuda.synchronize()
+    want_k, want_x = k.clone(), x.clone()
+    kvpr.store_tokens(cache.handle, 1, 1, k, v, [x], [1])
+    k.fill_(float("nan"))
+    x.fill_(float("nan"))
+    torch.cuda.synchronize()
+    assert torch.equal(cache.k_cpu[1][1:n + 1], want_k.permute(2, 0, 1, 3).cpu())
+    assert torch.equal(cache._store.tokens[1][0][1:n + 1, :, 0], want_x.transpose(0, 1).cpu())
 
 
 def _pinned_bytes() -> int:

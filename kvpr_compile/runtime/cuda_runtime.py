@@ -7,7 +7,9 @@ One ``CudaRuntime`` per cache per device owns
 - ``stored[layer]``: event after the latest write of the layer's pinned store; the next load of the
   layer makes the copy stream wait on it,
 - ``in_flight``: device tensors a store copy still reads, held until its event completes
-  (instead of ``record_stream``).
+  (instead of ``record_stream``),
+- ``staging[layer]``: runtime-owned copies of a store's sources, for graphs whose memory may be
+  reused before the copy ran (inductor; see ``store_tokens``).
 
 Order of one layer i, loads issued one layer ahead (compute = the current stream):
 
@@ -108,6 +110,7 @@ class CudaRuntime:
         self.d2h = API.new_stream(device)
         self.slots = SlotPool(device, API.new_event)
         self.stored: list = [None] * store.num_layers
+        self.staging: list[list[torch.Tensor]] = [[] for _ in range(store.num_layers)]
         self.in_flight: deque = deque()
         _LIVE.add(self)
 
@@ -183,8 +186,27 @@ class CudaRuntime:
         while self.in_flight and self.in_flight[0][0].query():
             self.in_flight.popleft()
 
+    def _stage(self, layer: int, tensors: list, current) -> list:
+        """Copies of ``tensors`` in the layer's runtime-owned staging buffers, made on the
+        compute stream. The compute stream first waits for the layer's previous store, the last
+        reader of these buffers."""
+        bufs = self.staging[layer]
+        if [(tuple(b.shape), b.dtype) for b in bufs] != [(tuple(t.shape), t.dtype) for t in tensors]:
+            # new shapes (e.g. prefill, then decode): fresh buffers; the old ones stay held in
+            # ``in_flight`` by the store that reads them
+            bufs = self.staging[layer] = [torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                                          for t in tensors]
+        elif self.stored[layer] is not None:
+            current.wait_event(self.stored[layer])
+        for b, t in zip(bufs, tensors):
+            API.copy(b, t)
+        return bufs
+
     def store_tokens(self, store, layer: int, pos: int, k, v, records, keep) -> None:
-        """Copy the new tokens' K, V and records into the pinned store on the D2H stream."""
+        """Copy the new tokens' K, V and records into the pinned store on the D2H stream. The
+        copy reads its sources after this returns: they are held (``in_flight``), which keeps
+        the allocator from reusing them, but nothing stops a compiler that reuses buffers itself
+        or an in-place op from overwriting them (see ``store_tokens_staged``)."""
         self.d2h.wait_stream(API.current_stream(self.device))
         with API.use(self.d2h):
             store.write_kv(layer, pos, k, v)
@@ -194,6 +216,13 @@ class CudaRuntime:
         self.stored[layer] = done
         self.in_flight.append((done, (k, v, *records, *keep)))
         self._retire()
+
+    def store_tokens_staged(self, store, layer: int, pos: int, k, v, records) -> None:
+        """``store_tokens`` from runtime-owned copies of the sources made on the compute stream:
+        for callers whose memory may be overwritten before the D2H copy ran (inductor's code
+        reuses dead buffers; an in-place op may write a source after the store)."""
+        k, v, *records = self._stage(layer, [k, v, *records], API.current_stream(self.device))
+        self.store_tokens(store, layer, pos, k, v, records, ())
 
     def cache_update(self, store, k, v, layer: int, pos: int):
         """The uncompiled contract, stream-ordered on the compute stream (the reference path)."""

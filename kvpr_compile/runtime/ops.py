@@ -133,7 +133,8 @@ def store_tokens(handle: Tensor, layer: int, pos: int, k: Tensor, v: Tensor,
     n = k.shape[2]
     records = [_records(t, d, n) for t, d in zip(inputs, tdims)]
     if cuda_runtime.handles(k.device):  # asynchronous, on the D2H stream
-        cuda_runtime.runtime(store, k.device).store_tokens(store, layer, pos, k, v, records, inputs)
+        # staged: inductor, which runs these ops, may reuse the sources' memory right after
+        cuda_runtime.runtime(store, k.device).store_tokens_staged(store, layer, pos, k, v, records)
     else:
         store.write_kv(layer, pos, k, v)
         store.write_tokens(layer, pos, records)

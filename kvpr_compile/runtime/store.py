@@ -26,6 +26,7 @@ from ..report import warn_once
 from . import traffic
 
 _REGISTRY: "weakref.WeakValueDictionary[int, KVStore]" = weakref.WeakValueDictionary()
+_BY_HANDLE_ID: "weakref.WeakValueDictionary[int, KVStore]" = weakref.WeakValueDictionary()
 _UIDS = itertools.count(1)
 
 
@@ -49,6 +50,12 @@ class KVStore:
         self.uid = next(_UIDS)
         self.handle = torch.tensor([self.uid, 0], dtype=torch.int64)
         _REGISTRY[self.uid] = self
+        _BY_HANDLE_ID[id(self.handle)] = self   # the store keeps its handle alive: ids stay unique
+
+    @staticmethod
+    def by_handle_id(handle_id: int) -> "KVStore | None":
+        """The live store whose handle tensor has this ``id`` (no read of the tensor)."""
+        return _BY_HANDLE_ID.get(handle_id)
 
     def _alloc(self, shape, dtype, zero: bool = True) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, pin_memory=self.pin)

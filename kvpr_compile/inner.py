@@ -1,0 +1,40 @@
+"""What runs a rewritten graph (the ``inner`` option).
+
+- ``eager`` (default): the graph itself, with the kvpr steps lowered to direct calls
+  (runtime/lower.py): the steps run in program order, so layer-ahead loads overlap compute.
+- ``piecewise``: the same, with every piece between kvpr steps compiled by inductor
+  (passes/piecewise.py): the model's ops fused, the steps and their overlap unchanged.
+- ``inductor``: the whole graph, kvpr:: custom ops included, handed to inductor. Loads then go to
+  fresh tensors (inductor may recycle op outputs' memory) and wait for the whole compute stream,
+  and stores copy their sources into runtime-owned buffers first (store race): correct, but the
+  copies no longer overlap compute, and every kvpr op pays the dispatcher.
+
+Default ``eager`` on every device for now. On a CPU, inductor compiles C++ for every piece (minutes
+for a 32-layer model on a small machine, against a few seconds for eager), and at tiny dims a
+piece's guard check costs more host time than fusion saves (benchmarks/host_step.py). On CUDA,
+piecewise is the candidate default, but it has not run on a GPU yet: flip ``default_inner`` once
+the GPU comparison shows it faster than eager.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .runtime.lower import lower
+
+INNER = ("eager", "piecewise", "inductor")
+
+
+def default_inner(example_inputs) -> str:
+    return "eager"
+
+
+def compile_inner(gm: fx.GraphModule, example_inputs, inner: str):
+    """The callable that runs ``gm`` (already rewritten) with ``inner``."""
+    if inner == "inductor":
+        return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+    lowered = lower(gm)
+    if inner == "piecewise":
+        from .passes.piecewise import compile_piecewise
+        return compile_piecewise(lowered).forward
+    return lowered.forward

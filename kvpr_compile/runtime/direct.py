@@ -1,0 +1,128 @@
+"""Direct implementations of the kvpr steps: what the compiled decode step calls at run time.
+
+The ``kvpr::`` custom ops (ops.py) are what Dynamo, AOT and inductor see; calling one from Python
+goes through the dispatcher (schema checks, autograd and ADInplaceOrView keys, alias checks):
+25-70 us of host time for 1-35 us of work on a small machine. Once the backend has rewritten a
+graph, the graph it runs (``lower.py``) calls these plain functions instead, with
+
+- the cache resolved once per forward (``resolve``) instead of ``lookup(handle)`` per op, and no
+  version bump of the handle (only the dispatcher's mutation bookkeeping needs it);
+- record specs decoded once, when the graph is lowered;
+- on CPU: loads return views of the store (the store is never written where a load reads: loads
+  cover positions before ``past``, stores start at ``past``), no ``wait`` at all, and the store
+  and the assemble of a layer in one call;
+- on CUDA (and simulated streams): the same runtime calls as the ops make, the wait for K,V[l:]
+  folded into the assemble (its only reader).
+
+Values are the ops' values exactly: the custom ops and the uncompiled ``cache_update`` stay the
+reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import cuda_runtime
+from .ops import _records
+from .store import KVStore, lookup
+
+
+def resolve(handle: torch.Tensor) -> KVStore:
+    """The store behind a handle tensor, without reading the tensor when it is the store's own."""
+    store = KVStore.by_handle_id(id(handle))
+    return store if store is not None and store.handle is handle else lookup(handle)
+
+
+# ---- CPU (synchronous) ---------------------------------------------------------------------
+def cpu_load_tokens(store: KVStore, layer: int, end: int, specs, device) -> list[torch.Tensor]:
+    stores = store.tokens[layer]
+    if not stores:
+        return [torch.zeros((end, *shape), dtype=dtype, device=device) for shape, dtype in specs]
+    return [s[:end] for s in stores]
+
+
+def cpu_load_kv(store: KVStore, layer: int, start: int, end: int):
+    return (store.k[layer][start:end].permute(1, 2, 0, 3),
+            store.v[layer][start:end].permute(1, 2, 0, 3))
+
+
+def records(inputs, tdims, n: int) -> list[torch.Tensor]:
+    """Per-token records of the recompute inputs (ops._records); one new token (decode): the
+    input itself with a leading axis, whatever its token dim (a size-1 axis moved is the same)."""
+    if n == 1:
+        return [t.unsqueeze(0) for t in inputs]
+    return [_records(t, d, n) for t, d in zip(inputs, tdims)]
+
+
+def _store(store: KVStore, layer: int, pos: int, k, v, inputs, tdims) -> None:
+    store.write_kv(layer, pos, k, v)
+    store.write_tokens(layer, pos, records(inputs, tdims, k.shape[2]))
+
+
+def cpu_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
+                       k_rec, v_rec, k_load, v_load, k_new, v_new):
+    """store_tokens then assemble, as the two ops do them."""
+    _store(store, layer, pos, k_new, v_new, inputs, tdims)
+    return cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new)
+
+
+def cpu_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims) -> None:
+    _store(store, layer, pos, k_new, v_new, inputs, tdims)
+
+
+def cpu_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):
+    l, covered = k_rec.shape[2], store.token_len[layer]
+    if covered < l:   # no stored X for [covered, l): use the stored K,V there instead
+        k_fix, v_fix = store.read_kv(layer, covered, l, k_new.device)
+        k_rec = torch.cat([k_rec[:, :, :covered], k_fix], dim=2)
+        v_rec = torch.cat([v_rec[:, :, :covered], v_fix], dim=2)
+    return torch.cat([k_rec, k_load, k_new], dim=2), torch.cat([v_rec, v_load, v_new], dim=2)
+
+
+def cpu_cache_update(store: KVStore, k, v, layer: int, pos: int):
+    store.write_kv(layer, pos, k, v)
+    store.invalidate_tokens(layer, pos)
+    k_all, v_all = store.read_kv(layer, 0, pos + k.shape[2], k.device)
+    return k_all.contiguous(), v_all.contiguous()
+
+
+# ---- CUDA runtime (streams, events, slots) -------------------------------------------------
+def stream_load_tokens(store: KVStore, layer: int, end: int, specs, device, owned: bool):
+    return cuda_runtime.runtime(store, device).load_tokens(store, layer, end, specs, owned)
+
+
+def stream_load_kv(store: KVStore, layer: int, start: int, end: int, batch: int, heads: int,
+                   head_dim: int, dtype, device, owned: bool):
+    return cuda_runtime.runtime(store, device).load_kv(store, layer, start, end, batch, heads,
+                                                        head_dim, dtype, owned)
+
+
+def stream_wait(tensors) -> None:
+    cuda_runtime.wait(tensors)
+
+
+def stream_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
+                          k_rec, v_rec, k_load, v_load, k_new, v_new, staged: bool = False):
+    """store_tokens, then wait for K,V[l:] and assemble. ``staged``: the graph writes a source
+    in place later on, so the D2H copy reads runtime-owned copies (see CudaRuntime)."""
+    stream_store(store, layer, pos, k_new, v_new, inputs, tdims, staged)
+    cuda_runtime.wait([k_load, v_load])
+    return stream_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new)
+
+
+def stream_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims,
+                 staged: bool = False) -> None:
+    rt = cuda_runtime.runtime(store, k_new.device)
+    recs = records(inputs, tdims, k_new.shape[2])
+    if staged:
+        rt.store_tokens_staged(store, layer, pos, k_new, v_new, recs)
+    else:
+        rt.store_tokens(store, layer, pos, k_new, v_new, recs, inputs)
+
+
+def stream_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):
+    return cuda_runtime.runtime(store, k_new.device).assemble(store, layer, k_rec, v_rec, k_load,
+                                                              v_load, k_new, v_new)
+
+
+def stream_cache_update(store: KVStore, k, v, layer: int, pos: int):
+    return cuda_runtime.runtime(store, k.device).cache_update(store, k, v, layer, pos)
