@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, assume, given, seed, settings, strategies as
 import kvpr_compile
 from kvpr_compile import report as report_mod
 from conftest import max_rel_err, worst_rel_err
-from decoder_zoo import AXES, Choices, build, make_cache, rope_features, run_decode
+from decoder_zoo import AXES, Choices, build, make_cache, run_decode
 
 TOL = 1e-5
 RATIOS = (0.0, 0.37, 1.0)
@@ -49,32 +49,7 @@ class Known:
     ratios: tuple = RATIOS
 
 
-def _partial_rope_table_as_long_as_prompt(c: Choices) -> bool:
-    return _rope(c) and c.rope_partial and c.rope in ("half", "interleaved") \
-        and c.prompt_len == rope_features(c)
-
-
-def _rope(c: Choices) -> bool:
-    """RoPE tables are inputs of the recompute slice (not so when the cache holds unrotated keys)."""
-    return c.pos == "rope" and c.rope_keys == "new"
-
-
 KNOWN_FAILURES: dict[str, Known] = {
-    "unbind-stack-rope": Known(
-        lambda c: _rope(c) and c.rope == "unbind", "should recompute",
-        "issue 9 item 3: RoPE written with unbind/stack (llama2.c) falls back: "
-        "'no token-batching rule for call_method unbind'",
-        Choices(rope="unbind"), (1.0,)),
-    "f-normalize-qk-norm": Known(
-        lambda c: c.qk_norm == "normalize", "should recompute",
-        "issue 9 item 3: F.normalize qk-norm (x-transformers) falls back: "
-        "'no token-batching rule for call_function normalize'",
-        Choices(qk_norm="normalize"), (1.0,)),
-    "lora-projections": Known(
-        lambda c: c.proj == "lora", "should recompute",
-        "issue 9 item 3: LoRA adapters on the K/V projections (base(x) + B(A(x)) * s) fall back: "
-        "'V does not come from exactly one projection input (found 2)'",
-        Choices(proj="lora"), (1.0,)),
     "einsum-projection": Known(
         lambda c: c.proj == "einsum", "should recompute",
         "not in issue 9: K/V projected by einsum with a parameter (einsum('bnd,dhe->bnhe', x, W)) "
@@ -82,40 +57,6 @@ KNOWN_FAILURES: dict[str, Known] = {
         "above V (reached placeholder l_tokens_)' -- the walk went through the einsum and the "
         "layers below it down to the token ids",
         Choices(proj="einsum"), (1.0,)),
-    "partial-rope-ambiguous-token-dim": Known(
-        _partial_rope_table_as_long_as_prompt, "should recompute",
-        "not in issue 9: partial RoPE (rotate the first 4 of 8 channels, then cat) with a prompt "
-        "of 4 tokens: the prefill falls back ('side input cos_1 (1, 1, 4, 4) has several dims of "
-        "the token count 4; its token dim is ambiguous'), as the token axis is not traced "
-        "through the slice + cat; no X is stored, so the decode graphs (reported as rewritten at "
-        "the ratio) load every prompt position: exact, but nothing recomputed for the prompt, "
-        "and the report does not say so",
-        Choices(rope_partial=True, prompt_len=4), (0.37, 1.0)),
-    "rope-table-sliced-with-int": Known(
-        lambda c: _rope(c) and c.rope_source == "table_int", "crash",
-        "issue 9 item 2: a RoPE table sliced with Python ints (table[pos:pos + n]) is a constant "
-        "in the prefill graph and a per-token side input in the decode graph: IndexError "
-        "'list index out of range' inside the compiled decode graph at ratio > 0",
-        Choices(rope_source="table_int"), (1.0,)),
-    "low-rank-cos-sin-crash": Known(
-        lambda c: _rope(c) and c.rope_rank == "low", "crash",
-        "issue 9 item 2: cos/sin of lower rank than K ((n, d) against (b, h, n, d)) broadcast "
-        "wrongly once batched over the recomputed tokens: 'The size of tensor a (2) must match "
-        "the size of tensor b (5)' at ratio 1.0",
-        Choices(rope_rank="low"), (1.0,)),
-    "low-rank-cos-sin-wrong": Known(
-        lambda c: _rope(c) and c.rope_rank == "low", "wrong",
-        "issue 9 item 2, worse than a crash: the same lower-rank cos/sin give SILENTLY WRONG "
-        "logits (rel. err ~1e-2, no error) when the number of recomputed tokens l equals the "
-        "batch size (ratio 0.37, batch 2: l = 2 at past 6; l = 1 is right, other l crash): the "
-        "batched (l, n=1, d) cos/sin broadcast against the batch dim of K",
-        Choices(rope_rank="low"), (0.37,)),
-    "position-ids-only-when-decoding": Known(
-        lambda c: _rope(c) and c.position_ids == "decode_only", "refused",
-        "issue 9 item 3: prefill without position_ids, decode with (B, 1) position_ids: cos/sin "
-        "records of different shapes, RuntimeError 'recompute inputs ... do not match the ones "
-        "stored earlier ...; call cache.reset()'",
-        Choices(position_ids="decode_only"), (0.37,)),
 }
 
 

@@ -58,3 +58,18 @@ def check_read(store, layer: int, end: int, batch: int, heads: int, head_dim: in
     if end > store.max_seq_len:
         raise ValueError(f"OffloadedKVCache: layer {layer} read up to position {end} exceeds "
                          f"max_seq_len={store.max_seq_len}")
+
+
+def check_token_read(store, layer: int, end: int, specs) -> None:
+    """A load of per-token records ``[0, end)`` of ``layer``; ``specs[0]`` describes X, whose
+    record is ``(batch, 1, hidden)``. Checked before the store compares what it holds with what
+    the graph wants, so a bad cache raises instead of discarding stored X."""
+    check_layer(store, layer)
+    batch = specs[0][0][0] if specs and specs[0][0] else store.batch_size
+    if batch != store.batch_size:
+        raise ValueError(f"{_WHO}: k must be (batch={store.batch_size}, num_kv_heads="
+                         f"{store.num_kv_heads}, n_new, head_dim={store.head_dim}), the compiled "
+                         f"step has batch={batch}")
+    if end > store.max_seq_len:
+        raise ValueError(f"OffloadedKVCache: layer {layer} read up to position {end} exceeds "
+                         f"max_seq_len={store.max_seq_len}")

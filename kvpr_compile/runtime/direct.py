@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from . import cuda_runtime
+from . import cuda_runtime, traffic
+from .checks import check_read, check_token_read, check_write
 from .ops import _records
 from .store import KVStore, lookup
 
@@ -34,15 +35,21 @@ def resolve(handle: torch.Tensor) -> KVStore:
 
 # ---- CPU (synchronous) ---------------------------------------------------------------------
 def cpu_load_tokens(store: KVStore, layer: int, end: int, specs, device) -> list[torch.Tensor]:
-    stores = store.tokens[layer]
-    if not stores:
+    check_token_read(store, layer, end, specs)
+    sources = store.token_sources(layer, specs)   # None: nothing stored that fits this graph
+    if sources is None:
         return [torch.zeros((end, *shape), dtype=dtype, device=device) for shape, dtype in specs]
-    return [s[:end] for s in stores]
+    loaded = [s[:end] for s in sources]
+    if traffic.ON: traffic.note("tokens", *loaded)  # noqa: E701
+    return loaded
 
 
-def cpu_load_kv(store: KVStore, layer: int, start: int, end: int):
-    return (store.k[layer][start:end].permute(1, 2, 0, 3),
-            store.v[layer][start:end].permute(1, 2, 0, 3))
+def cpu_load_kv(store: KVStore, layer: int, start: int, end: int, batch: int, heads: int,
+                head_dim: int, dtype, device):
+    check_read(store, layer, end, batch, heads, head_dim, dtype, device)
+    k, v = store.k[layer][start:end], store.v[layer][start:end]
+    if traffic.ON: traffic.note("kv", k, v)  # noqa: E701
+    return k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
 
 
 def records(inputs, tdims, n: int) -> list[torch.Tensor]:
@@ -54,6 +61,7 @@ def records(inputs, tdims, n: int) -> list[torch.Tensor]:
 
 
 def _store(store: KVStore, layer: int, pos: int, k, v, inputs, tdims) -> None:
+    check_write(store, layer, pos, k, v)
     store.write_kv(layer, pos, k, v)
     store.write_tokens(layer, pos, records(inputs, tdims, k.shape[2]))
 
@@ -79,6 +87,7 @@ def cpu_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new
 
 
 def cpu_cache_update(store: KVStore, k, v, layer: int, pos: int):
+    check_write(store, layer, pos, k, v)
     store.write_kv(layer, pos, k, v)
     store.invalidate_tokens(layer, pos)
     k_all, v_all = store.read_kv(layer, 0, pos + k.shape[2], k.device)
@@ -87,11 +96,13 @@ def cpu_cache_update(store: KVStore, k, v, layer: int, pos: int):
 
 # ---- CUDA runtime (streams, events, slots) -------------------------------------------------
 def stream_load_tokens(store: KVStore, layer: int, end: int, specs, device, owned: bool):
+    check_token_read(store, layer, end, specs)
     return cuda_runtime.runtime(store, device).load_tokens(store, layer, end, specs, owned)
 
 
 def stream_load_kv(store: KVStore, layer: int, start: int, end: int, batch: int, heads: int,
                    head_dim: int, dtype, device, owned: bool):
+    check_read(store, layer, end, batch, heads, head_dim, dtype, device)
     return cuda_runtime.runtime(store, device).load_kv(store, layer, start, end, batch, heads,
                                                         head_dim, dtype, owned)
 
@@ -111,6 +122,7 @@ def stream_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
 
 def stream_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims,
                  staged: bool = False) -> None:
+    check_write(store, layer, pos, k_new, v_new)
     rt = cuda_runtime.runtime(store, k_new.device)
     recs = records(inputs, tdims, k_new.shape[2])
     if staged:
@@ -125,4 +137,5 @@ def stream_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_
 
 
 def stream_cache_update(store: KVStore, k, v, layer: int, pos: int):
+    check_write(store, layer, pos, k, v)
     return cuda_runtime.runtime(store, k.device).cache_update(store, k, v, layer, pos)

@@ -134,7 +134,8 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
                 replace(node, direct.stream_load_kv, (store_of(handle), layer, start, end, b, h, d,
                                                       dtype, device, bool(owned and owned[0])))
             else:
-                replace(node, direct.cpu_load_kv, (store_of(handle), layer, start, end))
+                replace(node, direct.cpu_load_kv, (store_of(handle), layer, start, end, b, h, d,
+                                                   dtype, device))
         elif node.target is WAIT:
             tensors = node.args[0]
             if not on_stream[node] or node in folded:

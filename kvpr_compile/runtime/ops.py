@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import cuda_runtime
-from .checks import check_layer, check_read, check_write
+from .checks import check_read, check_token_read, check_write
 from .store import lookup
 
 
@@ -105,7 +105,7 @@ def load_tokens(handle: Tensor, layer: int, end: int, shapes: list[int], ranks: 
                 dtypes: list[int], device: torch.device, owned: bool = False) -> list[Tensor]:
     specs = _split_specs(shapes, ranks, dtypes)
     store = lookup(handle)
-    check_layer(store, layer)
+    check_token_read(store, layer, end, specs)
     if cuda_runtime.handles(device):  # views (end, *record) of a device slot
         return cuda_runtime.runtime(store, device).load_tokens(store, layer, end, specs, owned)
     loaded = store.read_tokens(layer, end, specs, device)
