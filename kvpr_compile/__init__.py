@@ -3,12 +3,12 @@
 Partial KV recomputation (KVPR, Jiang et al., ACL Findings 2025): for the first l cached tokens
 of each layer ship the layer input X and recompute K,V on the device while the rest of K,V streams in.
 
-``OffloadedKVCache`` is imported on first use, so that ``import kvpr_compile`` (and with it the
+``OffloadedKVCache`` and ``stream_weights`` are imported on first use, so that ``import kvpr_compile`` (and with it the
 ``kvpr`` command's ``--help``) does not import torch.
 """
 from .report import last_report, reports
 
-__all__ = ["OffloadedKVCache", "last_report", "reports"]
+__all__ = ["OffloadedKVCache", "last_report", "reports", "stream_weights"]
 __version__ = "0.1.0"
 
 
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from .cache import OffloadedKVCache
         globals()[name] = OffloadedKVCache
         return OffloadedKVCache
+    if name == "stream_weights":
+        from .runtime.weight_stream import stream_weights
+        globals()[name] = stream_weights
+        return stream_weights
     raise AttributeError(f"module 'kvpr_compile' has no attribute {name!r}")

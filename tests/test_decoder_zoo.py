@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 import torch
 
-pytest.importorskip("hypothesis")  # not in the [test] extras yet; the GPU image may lack it
+pytest.importorskip("hypothesis")  # in the [test] extras; the GPU image may lack it
 from hypothesis import HealthCheck, assume, given, seed, settings, strategies as st  # noqa: E402
 
 import kvpr_compile

@@ -81,11 +81,12 @@ def test_compiled_streamed_model_matches_eager(ratio):
 def test_layer_used_out_of_order_is_loaded_on_demand():
     ref = _model(layers=4)
     model = copy.deepcopy(ref)
-    stream_weights(model)
+    stream = stream_weights(model)
     x = torch.randn(2, 3, 64)
     for i in (2, 0, 2, 3, 1):   # not the order the prefetch expects
         torch.testing.assert_close(model.layers[i](x, *_layer_args(model, 3)),
                                    ref.layers[i](x, *_layer_args(ref, 3)), rtol=0, atol=0)
+    assert stream.on_demand > 0
 
 
 def _layer_args(model, n):
@@ -146,6 +147,7 @@ def test_slot_copies_are_ordered_after_readers_on_simulated_streams(sim):
     _sim_steps(model, stream, sim)
     assert sim.races.accesses > 20
     assert sim.races.found == []
+    assert stream.on_demand == 0   # every layer was prefetched by the release of layer i - 2
 
 
 def test_refilling_a_slot_before_its_free_event_is_caught(sim, monkeypatch):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cuda_runtime, traffic
+from . import cuda_runtime
 from .checks import check_read, check_token_read, check_write
 from .ops import _records
 from .store import KVStore, lookup
@@ -35,21 +35,16 @@ def resolve(handle: torch.Tensor) -> KVStore:
 
 # ---- CPU (synchronous) ---------------------------------------------------------------------
 def cpu_load_tokens(store: KVStore, layer: int, end: int, specs, device) -> list[torch.Tensor]:
+    """The store's records [0, end) (views on CPU: no copy)."""
     check_token_read(store, layer, end, specs)
-    sources = store.token_sources(layer, specs)   # None: nothing stored that fits this graph
-    if sources is None:
-        return [torch.zeros((end, *shape), dtype=dtype, device=device) for shape, dtype in specs]
-    loaded = [s[:end] for s in sources]
-    if traffic.ON: traffic.note("tokens", *loaded)  # noqa: E701
-    return loaded
+    return store.read_tokens(layer, end, specs, device)
 
 
 def cpu_load_kv(store: KVStore, layer: int, start: int, end: int, batch: int, heads: int,
                 head_dim: int, dtype, device):
+    """The store's K,V [start, end) as (b, heads, n, d) views (on CPU: no copy)."""
     check_read(store, layer, end, batch, heads, head_dim, dtype, device)
-    k, v = store.k[layer][start:end], store.v[layer][start:end]
-    if traffic.ON: traffic.note("kv", k, v)  # noqa: E701
-    return k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)
+    return store.read_kv(layer, start, end, device)
 
 
 def records(inputs, tdims, n: int) -> list[torch.Tensor]:

@@ -100,6 +100,7 @@ class WeightStream:
                 view = slot.buffers[dt][off:off + n].view(shape)
                 module._parameters[name] = nn.Parameter(view, requires_grad=False)
         self.copy_stream = self.api.new_stream(self.device) if self.api else None
+        self.on_demand = 0   # loads ready() had to issue itself: the prefetch missed
         self.uid = next(_UIDS)
         self.handle = torch.tensor([self.uid], dtype=torch.int64)
         _REGISTRY[self.uid] = self
@@ -131,6 +132,7 @@ class WeightStream:
     def ready(self, layer: int) -> None:
         slot = self.slots[layer % self.num_slots]
         if slot.holds != layer:   # used out of order: load it now
+            self.on_demand += 1
             self.start(layer)
         if self.api is not None:
             self.api.current_stream(self.device).wait_event(slot.ready)

@@ -16,6 +16,9 @@ PREFETCH = "kvpr_compile/passes/prefetch.py"
 SPLIT = "kvpr_compile/runtime/recompute.py"
 TOKEN_DIMS = "kvpr_compile/passes/token_dims.py"
 SIM = "tests/sim_streams.py"
+DIRECT = "kvpr_compile/runtime/direct.py"
+WEIGHTS = "kvpr_compile/runtime/weight_stream.py"
+THROUGHPUT = "kvpr_compile/plan/throughput_graph.py"
 
 VALUES = "tests/test_ops_values.py"
 ASSEMBLE = VALUES + "::test_assemble_orders_recomputed_loaded_new_and_falls_back_past_stored_x"
@@ -159,6 +162,46 @@ BREAKAGES = (
              "zip(sites, sites[distance + 1:])",
              ("tests/test_prefetch_placement.py::test_next_layer_loads_precede_this_layers_assemble[0.5]",),
              "layer i+2's loads issued before layer i's assemble instead of layer i+1's"),
+    # ---- the direct steps the compiled graph calls (runtime/direct.py) --------------------
+    Breakage("direct-assemble-key-order", DIRECT,
+             "return torch.cat([k_rec, k_load, k_new], dim=2), torch.cat([v_rec, v_load, v_new], dim=2)",
+             "return torch.cat([k_load, k_rec, k_new], dim=2), torch.cat([v_load, v_rec, v_new], dim=2)",
+             ("tests/test_key_order.py::test_custom_position_dependent_attention[alibi-padded-0.37]",),
+             "loaded keys before recomputed ones in the compiled step"),
+    Breakage("direct-fallback-only-without-x", DIRECT,
+             "if covered < l:   # no stored X",
+             "if covered == 0 < l:   # no stored X",
+             (ROWS_PAST_X,),
+             "the compiled step uses stored K,V only when no X at all was stored"),
+    Breakage("direct-loads-zeros", DIRECT,
+             "return k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)",
+             "return torch.zeros_like(k).permute(1, 2, 0, 3), torch.zeros_like(v).permute(1, 2, 0, 3)",
+             ("tests/test_custom_models.py::test_compiled_matches_eager[llama-mha-0.37]",)),
+    Breakage("direct-store-unchecked", DIRECT,
+             "check_write(store, layer, pos, k, v)\n    store.write_kv(layer, pos, k, v)\n    store.write_tokens(",
+             "store.write_kv(layer, pos, k, v)\n    store.write_tokens(",
+             ("tests/test_shapes.py::test_bad_caches_are_clear_errors_under_compilation_and_stay_intact",),
+             "the compiled step writes without the run-time geometry checks"),
+    Breakage("direct-tokens-unchecked-fit", DIRECT,
+             "sources = store.token_sources(layer, specs)",
+             "sources = store.tokens[layer] or None",
+             ("tests/test_generality.py::test_position_ids_in_prefill_only_fall_back_exactly",),
+             "records stored by another graph loaded without checking they fit"),
+    # ---- weight streaming and the throughput plan ------------------------------------------
+    Breakage("weight-slot-refilled-before-free", WEIGHTS,
+             "self.copy_stream.wait_event(slot.free)",
+             "pass",
+             ("tests/test_weight_stream.py::test_slot_copies_are_ordered_after_readers_on_simulated_streams",)),
+    Breakage("weight-slot-never-refilled", WEIGHTS,
+             "if following % self.num_slots == layer % self.num_slots and slot.holds != following:",
+             "if False:",
+             ("tests/test_weight_stream.py::test_slot_copies_are_ordered_after_readers_on_simulated_streams",),
+             "prefetch of layer i+k skipped: still exact (ready() loads on demand), so the test "
+             "counts on-demand loads"),
+    Breakage("throughput-weight-slot-edge-dropped", THROUGHPUT,
+             'out.append((("att", j - 2, m - 1), ("w", j), "weight slot"))',
+             "pass",
+             ("tests/test_throughput_plan.py::test_weight_slots_and_cache_slots_bound_the_prefetch",)),
     # ---- the test tools themselves -------------------------------------------------------
     Breakage("race-checker-no-op", SIM,
              "if s is not stream and stream.clock.get(s.name, 0) < when:",
