@@ -46,3 +46,39 @@ def worst_rel_err(outs, refs) -> float:
         if not err <= worst:   # also true for NaN, which then wins
             worst = err
     return worst
+
+
+@torch.no_grad()
+def decode_steps(model, prompt, cache, steps, poison=False, position_ids=None):
+    """Prefill, then ``steps`` greedy steps of ``model(tokens, cache)``. ``poison``: fill the
+    stored K/V with NaN after the prefill (a step that reads them must then show NaN).
+    ``position_ids``: None, or "prefill" / "decode" / "both" to pass them as (B, n) in those
+    graphs only. Returns (prefill logits, per-step logits, tokens)."""
+    b, n = prompt.shape
+    kw = {"position_ids": torch.arange(n).expand(b, n)} if position_ids in ("prefill", "both") else {}
+    prefill = model(prompt, cache, **kw)
+    if poison:
+        for k, v in zip(cache.k_cpu, cache.v_cpu):
+            k.fill_(float("nan"))
+            v.fill_(float("nan"))
+    logits, tokens = [], []
+    nxt = prefill[:, -1].argmax(-1, keepdim=True)
+    for _ in range(steps):
+        tokens.append(nxt)
+        pos = cache.seq_len(0)
+        kw = {"position_ids": torch.full((b, 1), pos)} if position_ids in ("decode", "both") else {}
+        out = model(nxt, cache, **kw)[:, -1]
+        logits.append(out)
+        nxt = out.argmax(-1, keepdim=True)
+    return prefill, logits, torch.cat(tokens, 1)
+
+
+@pytest.fixture(params=["cpu", "runtime-sim"])
+def path(request, monkeypatch):
+    """Run the kvpr ops on the synchronous CPU path, or through the CUDA runtime's logic on
+    simulated streams (sim_streams.SimApi)."""
+    if request.param == "runtime-sim":
+        from kvpr_compile.runtime import cuda_runtime
+        from sim_streams import SimApi
+        monkeypatch.setattr(cuda_runtime, "API", SimApi())
+    return request.param

@@ -11,7 +11,7 @@ import torch
 import kvpr_compile
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
 from custom_models import ComplexRopeModel, FusedQKVModel, make_cache
-from conftest import max_rel_err, worst_rel_err
+from conftest import decode_steps, max_rel_err, worst_rel_err
 
 TOL = 1e-5
 STEPS = 16
@@ -38,22 +38,9 @@ MODELS = {
 }
 
 
-@torch.no_grad()
 def decode(model, prompt, cache, steps, poison_after_prefill=False):
     """Prefill logits (all positions), then `steps` greedy steps; returns (prefill, steps, tokens)."""
-    prefill = model(prompt, cache)
-    if poison_after_prefill:
-        for k, v in zip(cache.k_cpu, cache.v_cpu):
-            k.fill_(float("nan"))
-            v.fill_(float("nan"))
-    logits, tokens = [], []
-    nxt = prefill[:, -1].argmax(-1, keepdim=True)
-    for _ in range(steps):
-        tokens.append(nxt)
-        out = model(nxt, cache)[:, -1]
-        logits.append(out)
-        nxt = out.argmax(-1, keepdim=True)
-    return prefill, logits, torch.cat(tokens, 1)
+    return decode_steps(model, prompt, cache, steps, poison=poison_after_prefill)
 
 
 def compare(name, ratio, inner, batch=2, prompt_len=7):

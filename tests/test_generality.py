@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvpr_compile
-from conftest import max_rel_err, worst_rel_err
+from conftest import decode_steps as decode, max_rel_err, worst_rel_err
 from generality_models import PatternModel, make_cache
 
 TOL = 1e-5
@@ -24,29 +24,6 @@ PATTERNS = {
     "lora-kv": dict(rope="in-graph", lora=True),
     "lora-unbind": dict(rope="unbind", lora=True, kv_heads=4),
 }
-
-
-@torch.no_grad()
-def decode(model, prompt, cache, steps, poison=False, position_ids=None):
-    """Prefill, then greedy steps; ``position_ids``: None, or "prefill" / "decode" / "both" to
-    pass them (as (B, n)) in those graphs only. Returns (prefill logits, step logits, tokens)."""
-    b, n = prompt.shape
-    kw = {"position_ids": torch.arange(n).expand(b, n)} if position_ids in ("prefill", "both") else {}
-    prefill = model(prompt, cache, **kw)
-    if poison:
-        for k, v in zip(cache.k_cpu, cache.v_cpu):
-            k.fill_(float("nan"))
-            v.fill_(float("nan"))
-    logits, tokens = [], []
-    nxt = prefill[:, -1].argmax(-1, keepdim=True)
-    for _ in range(steps):
-        tokens.append(nxt)
-        pos = cache.seq_len(0)
-        kw = {"position_ids": torch.full((b, 1), pos)} if position_ids in ("decode", "both") else {}
-        out = model(nxt, cache, **kw)[:, -1]
-        logits.append(out)
-        nxt = out.argmax(-1, keepdim=True)
-    return prefill, logits, torch.cat(tokens, 1)
 
 
 def _model(kw):

@@ -9,20 +9,12 @@ import pytest
 import torch
 
 from kvpr_compile import OffloadedKVCache
-from kvpr_compile.runtime import cuda_runtime
 from kvpr_compile.runtime.ops import record_specs
-from sim_streams import SimApi
 
 kvpr = torch.ops.kvpr
 B, H, D, HIDDEN, N = 2, 4, 8, 32, 3
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(params=["cpu", "runtime-sim"])
-def path(request, monkeypatch):
-    if request.param == "runtime-sim":
-        monkeypatch.setattr(cuda_runtime, "API", SimApi())
-    return request.param
 
 
 @pytest.fixture

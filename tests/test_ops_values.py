@@ -13,20 +13,12 @@ import pytest
 import torch
 
 from kvpr_compile import OffloadedKVCache
-from kvpr_compile.runtime import cuda_runtime
 from kvpr_compile.runtime.ops import record_specs
-from sim_streams import SimApi
 
 kvpr = torch.ops.kvpr
 B, H, D, HID, S = 2, 3, 4, 5, 16
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(params=["cpu", "runtime-sim"])
-def path(request, monkeypatch):
-    if request.param == "runtime-sim":
-        monkeypatch.setattr(cuda_runtime, "API", SimApi())
-    return request.param
 
 
 def numbered(*shape, offset=0.0):
