@@ -9,8 +9,8 @@ and hooks see the same parameter objects every step). Around each layer's forwar
     before layer i (pre-hook, ``kvpr::weights_ready``): if slot i % k does not hold layer i yet,
         load it now; the compute stream waits for the slot's copy event
     after layer i (hook, ``kvpr::weights_release``): the compute stream records the slot's free
-        event, and the copy stream starts loading layer (i + k) mod L into the slot once that
-        event has passed (so the next step's first layers load during this step's last ones)
+        event, and the copy stream starts loading the next layer the slot serves (i + k, or
+        after the last layer the slot's first one, for the next step) once that event has passed
 
 The hooks call custom ops, so under ``torch.compile`` Dynamo records them in the graph in
 program order like any other op of the model; run uncompiled, the hooks do the same work. A slot
@@ -142,8 +142,11 @@ class WeightStream:
         if self.api is not None:
             slot.free.record(self.api.current_stream(self.device))
             slot.used = True
-        following = (layer + self.num_slots) % self.num_layers
-        if following % self.num_slots == layer % self.num_slots and slot.holds != following:
+        # the next layer this slot serves, in cyclic order (the next step's first ones last)
+        following = layer + self.num_slots
+        if following >= self.num_layers:
+            following = layer % self.num_slots
+        if slot.holds != following:
             self.start(following)
 
 
