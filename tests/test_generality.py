@@ -109,7 +109,7 @@ def test_hf_llama_prefill_without_position_ids_then_decode_with_them():
     ones, stored K/V poisoned after the prefill: every step still recomputes exactly."""
     import transformers
 
-    from kvpr_compile.hf import KVPRCache
+    from kvpr_compile.hf import KVPRCache, cache_kwargs
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                    num_key_value_heads=4, num_hidden_layers=2, vocab_size=128)
     torch.manual_seed(0)
@@ -119,14 +119,14 @@ def test_hf_llama_prefill_without_position_ids_then_decode_with_them():
     @torch.no_grad()
     def run(forward, poison):
         cache, logits = KVPRCache(cfg, 2, 32), []
-        out = forward(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        out = forward(input_ids=ids, **cache_kwargs(model, cache), use_cache=True).logits
         if poison:
             for k, v in zip(cache.offloaded.k_cpu, cache.offloaded.v_cpu):
                 k.fill_(float("nan"))
                 v.fill_(float("nan"))
         nxt = out[:, -1:].argmax(-1)
         for step in range(4):
-            out = forward(input_ids=nxt, past_key_values=cache, use_cache=True,
+            out = forward(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True,
                           position_ids=torch.full((2, 1), 7 + step)).logits[:, -1]
             logits.append(out)
             nxt = out.argmax(-1, keepdim=True)

@@ -78,7 +78,7 @@ def test_key_order_changes_the_logits():
 
 
 transformers = pytest.importorskip("transformers")
-from kvpr_compile.hf import KVPRCache  # noqa: E402
+from kvpr_compile.hf import KVPRCache, cache_kwargs  # noqa: E402
 
 
 def _hf(arch, **dims):
@@ -107,7 +107,7 @@ def test_hf_left_padded_fractional_ratio(arch, ratio):
         with torch.no_grad():
             return model.generate(ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False,
                                   output_logits=True, return_dict_in_generate=True,
-                                  past_key_values=KVPRCache(model.config, 2, 64))
+                                  **cache_kwargs(model, KVPRCache(model.config, 2, 64)))
 
     ref = run()
     first = len(kvpr_compile.reports())

@@ -176,7 +176,7 @@ def test_hf_generate_serves_every_shape_without_recompiling():
     the prefill and the first decode forward), so ratio 1.0 only matches if every step ran the
     rewritten graph."""
     transformers = pytest.importorskip("transformers")
-    from kvpr_compile.hf import KVPRCache
+    from kvpr_compile.hf import KVPRCache, cache_kwargs
 
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=97, num_hidden_layers=2)
@@ -203,7 +203,7 @@ def test_hf_generate_serves_every_shape_without_recompiling():
         with torch.no_grad():
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                                   do_sample=False, output_logits=True, return_dict_in_generate=True,
-                                  past_key_values=cache, logits_processor=procs)
+                                  **cache_kwargs(model, cache), logits_processor=procs)
 
     shapes = WARM_UP + SHAPES[:7]   # ten combinations
     refs = [run(b, n, poison=False) for b, n in shapes]
