@@ -50,13 +50,6 @@ class Known:
 
 
 KNOWN_FAILURES: dict[str, Known] = {
-    "einsum-projection": Known(
-        lambda c: c.proj == "einsum", "should recompute",
-        "not in issue 9: K/V projected by einsum with a parameter (einsum('bnd,dhe->bnhe', x, W)) "
-        "fall back, and the reason misleads: 'no K/V projection with a parameter weight found "
-        "above V (reached placeholder l_tokens_)' -- the walk went through the einsum and the "
-        "layers below it down to the token ids",
-        Choices(proj="einsum"), (1.0,)),
 }
 
 
@@ -193,6 +186,17 @@ def test_many_drawn_decoders_are_exact_or_fall_back_cleanly(c):
             rope_source="table_tensor"),
 ], ids=lambda c: c.short())
 def test_selected_decoders_recompute(c):
+    check(c, want_recompute=True)
+
+
+@pytest.mark.parametrize("c", [
+    Choices(proj="einsum"), Choices(rope="unbind", qk_norm="normalize"),
+    Choices(proj="lora", rope_source="table_int"), Choices(rope_rank="low"),
+], ids=lambda c: c.short())
+def test_fixed_corners_recompute(c):
+    """Once known failures (einsum projections; unbind/stack RoPE with F.normalize qk-norm; LoRA
+    with int-sliced tables; lower-rank cos/sin, once silently wrong): exact and recomputing at
+    every ratio, proven by the poison check."""
     check(c, want_recompute=True)
 
 

@@ -12,13 +12,15 @@ rule raises Unsupported, and the site is left as a plain cache read.
 from __future__ import annotations
 
 import operator
+import string
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
 from .graph_utils import (ADDMM, BINARY_FUNCTIONS, BINARY_METHODS, COMPLEX_VIEWS, LINEAR, MATMUL,
-                          TRAILING_NORMS, UNARY_FUNCTIONS, UNARY_METHODS, example_value)
+                          TRAILING_NORMS, UNARY_FUNCTIONS, UNARY_METHODS, einsum_operands,
+                          example_value, is_einsum)
 from .recompute_slice import Unsupported
 
 _TRAILING_FUNCTIONS = TRAILING_NORMS  # act on trailing dims only
@@ -186,6 +188,9 @@ class _Batcher:
                 raise Unsupported("advanced indexing in the recompute slice")
             return self._emit("call_function", operator.getitem, (m(x), (slice(None), *idx)))
 
+        if is_einsum(nd):
+            return self._einsum(nd)
+
         if t in (torch.cat, torch.stack, torch.concat):
             tensors = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
@@ -199,6 +204,18 @@ class _Batcher:
             return self._emit("call_function", t, (parts, _shift(dim)))
 
         raise Unsupported(f"no token-batching rule for {nd.op} {getattr(t, '__name__', t)} ({nd.name})")
+
+    def _einsum(self, nd):
+        """One more subscript, a letter the equation does not use, leads every batched operand
+        and the output: the same contraction for each token."""
+        equation, operands = nd.args[0], einsum_operands(nd)
+        if "->" not in equation or "." in equation:
+            raise Unsupported(f"einsum without an explicit output or with an ellipsis ({nd.name})")
+        inputs, output = equation.replace(" ", "").split("->")
+        letter = next(c for c in string.ascii_letters if c not in equation)
+        subs = [letter + sub if self._is_b(a) else sub for sub, a in zip(inputs.split(","), operands)]
+        return self._emit("call_function", torch.einsum,
+                          (",".join(subs) + "->" + letter + output, *[self._m(a) for a in operands]))
 
     def _dim_rule(self, nd, name, args, kwargs):
         m = self._m

@@ -48,6 +48,17 @@ def projection_args(node: fx.Node) -> tuple[int, int, int | None, int] | None:
     return None
 
 
+def is_einsum(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "") == "einsum" \
+        and bool(node.args) and isinstance(node.args[0], str)
+
+
+def einsum_operands(node: fx.Node) -> list:
+    """The operands of ``einsum(equation, *operands)`` (or of ``einsum(equation, [operands])``)."""
+    ops = list(node.args[1:])
+    return list(ops[0]) if len(ops) == 1 and isinstance(ops[0], (list, tuple)) else ops
+
+
 def is_pointwise(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in UNARY_METHODS or node.target in BINARY_METHODS

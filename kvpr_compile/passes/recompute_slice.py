@@ -26,7 +26,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .token_dims import token_dims
 from .graph_utils import (between, example_value, reachable, is_cache_update, is_call, is_sdpa, is_softmax,
-                          projection_args)
+                          einsum_operands, is_einsum, projection_args)
 
 
 class Unsupported(Exception):
@@ -72,7 +72,14 @@ def _carries_tensor(node) -> bool:
 
 
 def _projection_input(node: fx.Node, params: set):
-    """The activation operand if ``node`` is a projection with a parameter weight."""
+    """The activation operand if ``node`` is a projection with a parameter weight (``linear``,
+    ``addmm``, ``x @ W``, or a two-operand ``einsum`` with one parameter operand)."""
+    if is_einsum(node):
+        operands = einsum_operands(node)
+        acts = [a for a in operands if isinstance(a, fx.Node) and a not in params]
+        if len(operands) == 2 and len(acts) == 1 and any(a in params for a in operands):
+            return acts[0]
+        return None
     layout = projection_args(node)
     if layout is None:
         return None
