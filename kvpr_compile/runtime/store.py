@@ -122,7 +122,7 @@ class KVStore:
             shapes.append(wide)
         valid = self.token_len[layer]
         if self.pin and any(tuple(st.shape[1:]) != w for st, w in zip(stores, shapes)):
-            torch.cuda.current_stream().synchronize()   # earlier async writes into the old rows
+            torch.cuda.synchronize()   # earlier D2H writes into the old rows (on the store stream)
         for i, wide in enumerate(shapes):
             if tuple(stores[i].shape[1:]) != wide:
                 grown = self._alloc((self.max_seq_len, *wide), stores[i].dtype, zero=False)
