@@ -20,13 +20,13 @@ the loads (one copy queue):
     GPU:   RC_0 ATT_0 RC_1 ATT_1 ...                 (ATT_i = attention + rest of layer i)
     data:  X_i -> RC_i;  RC_i, KV_i -> ATT_i;  ATT_i -> ST_i
     when layer i+1's loads may start (`overlap`):
-      "row"    (default; the paper's row-by-row schedule): RC_i -> X_{i+1}. Layer i+1's loads are
+      "row"    (the paper's row-by-row schedule): RC_i -> X_{i+1}. Layer i+1's loads are
                issued once layer i's loads and recompute are done, so they overlap layer i's
                attention and store, never its recompute. Steady state (A >= rest), per layer:
                    A + max(R, K + D)        (layer 0: A + max(R, K): no append before it)
                With D = rest = 0 this is the paper's max(A + R, A + K), balanced at
                l* = s*p*v_gpu / (2*h*v_h2d + p*v_gpu); with D at R = K + D.
-      "stream" (deeper pipelining): ATT_{i-1} -> X_{i+1} only (two device slots). The link runs
+      "stream" (the default; deeper pipelining): ATT_{i-1} -> X_{i+1} only (two device slots). The link runs
                ahead as far as the slots allow, so layer i's recompute overlaps layer i+1's loads.
                Steady state: max(A + K + D, R + rest); for MHA on an H200 this gives l = s, which
                is what the project measured (ship-X-only 5.11 ms/layer against a 4.87 ms line
