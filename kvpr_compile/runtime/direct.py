@@ -14,7 +14,7 @@ graph, the graph it runs (``lower.py``) calls these plain functions instead, wit
 - on CUDA (and simulated streams): the same runtime calls as the ops make, the wait for K,V[l:]
   folded into the assemble (its only reader).
 
-Values are the ops' values exactly: the custom ops and the uncompiled ``cache_update`` stay the
+The custom ops' CPU paths call these same functions; the uncompiled ``cache_update`` stays the
 reference.
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ import torch
 
 from . import cuda_runtime
 from .checks import check_read, check_token_read, check_write
-from .ops import _records
 from .store import KVStore, lookup
 
 
@@ -47,8 +46,15 @@ def cpu_load_kv(store: KVStore, layer: int, start: int, end: int, batch: int, he
     return store.read_kv(layer, start, end, device)
 
 
+def _records(t: torch.Tensor, tdim: int, n: int) -> torch.Tensor:
+    """Per-token records ``(n, *record_shape)`` of a recompute input with token dim ``tdim``."""
+    if tdim < 0:  # no token dimension: the same record for every token
+        return t.unsqueeze(0).expand(n, *t.shape)
+    return t.movedim(tdim, 0).unsqueeze(tdim + 1)
+
+
 def records(inputs, tdims, n: int) -> list[torch.Tensor]:
-    """Per-token records of the recompute inputs (ops._records); one new token (decode): the
+    """Per-token records of the recompute inputs (``_records``); one new token (decode): the
     input itself with a leading axis, whatever its token dim (a size-1 axis moved is the same)."""
     if n == 1:
         return [t.unsqueeze(0) for t in inputs]

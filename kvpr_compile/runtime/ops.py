@@ -13,24 +13,17 @@ Op boundaries (the CUDA runtime fills in the same ones with streams and events):
   stored K,V where the recompute inputs were never stored (cache filled by uncompiled code).
 
 Every op takes the cache's handle tensor; ops with side effects declare it mutated.
-On CUDA each op hands over to ``cuda_runtime`` (side streams, events, device slots); the CPU
-path below is synchronous and uses no streams.
+On CUDA each op hands over to ``cuda_runtime`` (side streams, events, device slots); on CPU to
+``direct``'s synchronous functions, the same ones the compiled step calls.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import cuda_runtime
+from . import cuda_runtime, direct
 from .checks import check_read, check_token_read, check_write
 from .store import lookup
-
-
-def _records(t: Tensor, tdim: int, n: int) -> Tensor:
-    """Per-token records ``(n, *record_shape)`` of a recompute input with token dim ``tdim``."""
-    if tdim < 0:  # no token dimension: the same record for every token
-        return t.unsqueeze(0).expand(n, *t.shape)
-    return t.movedim(tdim, 0).unsqueeze(tdim + 1)
 
 
 @torch.library.custom_op("kvpr::cache_update", mutates_args=("handle",))
@@ -40,11 +33,7 @@ def cache_update(handle: Tensor, k: Tensor, v: Tensor, layer: int, pos: int) -> 
     handle[1] += 1   # the cache's version: every op that writes the store bumps it
     if cuda_runtime.handles(k.device):
         return cuda_runtime.runtime(store, k.device).cache_update(store, k, v, layer, pos)
-    n = k.shape[2]
-    store.write_kv(layer, pos, k, v)
-    store.invalidate_tokens(layer, pos)
-    k_all, v_all = store.read_kv(layer, 0, pos + n, k.device)
-    return k_all.contiguous(), v_all.contiguous()
+    return direct.cpu_cache_update(store, k, v, layer, pos)
 
 
 @cache_update.register_fake
@@ -130,14 +119,12 @@ def store_tokens(handle: Tensor, layer: int, pos: int, k: Tensor, v: Tensor,
                  inputs: list[Tensor], tdims: list[int]) -> None:
     store = lookup(handle)
     check_write(store, layer, pos, k, v)
-    n = k.shape[2]
-    records = [_records(t, d, n) for t, d in zip(inputs, tdims)]
     if cuda_runtime.handles(k.device):  # asynchronous, on the D2H stream
         # staged: inductor, which runs these ops, may reuse the sources' memory right after
+        records = direct.records(inputs, tdims, k.shape[2])
         cuda_runtime.runtime(store, k.device).store_tokens_staged(store, layer, pos, k, v, records)
     else:
-        store.write_kv(layer, pos, k, v)
-        store.write_tokens(layer, pos, records)
+        direct.cpu_store(store, layer, pos, k, v, inputs, tdims)
     handle[1] += 1
 
 
@@ -148,13 +135,7 @@ def assemble(handle: Tensor, layer: int, k_rec: Tensor, v_rec: Tensor, k_load: T
     if cuda_runtime.handles(k_new.device):
         return cuda_runtime.runtime(store, k_new.device).assemble(store, layer, k_rec, v_rec, k_load,
                                                                   v_load, k_new, v_new)
-    l = k_rec.shape[2]
-    covered = store.token_len[layer]
-    if covered < l:  # no stored X for [covered, l): use the stored K,V there instead
-        k_fix, v_fix = store.read_kv(layer, covered, l, k_new.device)
-        k_rec = torch.cat([k_rec[:, :, :covered], k_fix], dim=2)
-        v_rec = torch.cat([v_rec[:, :, :covered], v_fix], dim=2)
-    return torch.cat([k_rec, k_load, k_new], dim=2), torch.cat([v_rec, v_load, v_new], dim=2)
+    return direct.cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new)
 
 
 @assemble.register_fake
