@@ -52,7 +52,7 @@ def _choose_ratios(options, slices, layers_in_graph):
     """Per-layer ratios (forced, or the scheduler's for this graph's shapes), their source, plan."""
     if options.get("ratio") is not None:   # forced: no scheduler, so mip is never imported
         return {layer: options["ratio"] for layer in layers_in_graph}, "forced", None
-    from .scheduler import choose_ratios  # local: keeps mip out of import time
+    from .plan.scheduler import choose_ratios  # local: keeps mip out of import time
     cache_node, sl = next(iter(slices.items()))
     k_new, x = example_value(cache_node.args[1]), example_value(sl.x)
     b, hkv, _, d = k_new.shape

@@ -45,7 +45,7 @@ class Report:
             lines.append(f"  skipped {name}: {reason}")
         lines.extend(f"  note: {n}" for n in self.notes)
         if self.plan is not None:
-            from .plan_table import format_layers
+            from .plan.latency_table import format_layers
             lines.append(f"  scheduler: {self.plan}")
             lines.append(format_layers(self.plan))
         return "\n".join(lines)

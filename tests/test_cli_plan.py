@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from kvpr_compile.arch_presets import ARCH_PRESETS
+from kvpr_compile.plan.arch_presets import ARCH_PRESETS
 from kvpr_compile.commands import plan as plan_cmd
 from kvpr_compile.commands import profile as profile_cmd
-from kvpr_compile.profiler import PRESETS
+from kvpr_compile.plan.profiler import PRESETS
 
 
 @pytest.fixture(autouse=True)
@@ -151,7 +151,7 @@ def test_through_cli_main(capsys):
 
 def test_preset_names_for_help_match_the_profiler():
     assert profile_cmd.PRESET_NAMES == tuple(PRESETS)
-    from kvpr_compile import cost_model
+    from kvpr_compile.plan import cost_model
     assert set(plan_cmd.OVERLAPS) == set(cost_model.OVERLAPS)
 
 

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from kvpr_compile import profiler
-from kvpr_compile.profiler import PRESETS, HardwareProfile, resolve_profile
+from kvpr_compile.plan import profiler
+from kvpr_compile.plan.profiler import PRESETS, HardwareProfile, resolve_profile
 
 HAS_CUDA = torch.cuda.is_available()
 

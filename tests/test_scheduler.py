@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from kvpr_compile import cost_model as cm
-from kvpr_compile import scheduler
-from kvpr_compile.profiler import PRESETS, HardwareProfile
-from kvpr_compile.scheduler import choose_ratios, plan_split, ratio_for
+from kvpr_compile.plan import cost_model as cm
+from kvpr_compile.plan import scheduler
+from kvpr_compile.plan.profiler import PRESETS, HardwareProfile
+from kvpr_compile.plan.scheduler import choose_ratios, plan_split, ratio_for
 
 H200 = PRESETS["h200-pcie5"]
 A100 = PRESETS["a100-pcie4"]

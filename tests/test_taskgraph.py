@@ -7,10 +7,10 @@ import networkx as nx
 import pytest
 import torch
 
-from kvpr_compile import cost_model as cm
-from kvpr_compile.profiler import PRESETS
-from kvpr_compile.scheduler import plan_split
-from kvpr_compile.taskgraph import (END, build_task_graph, critical_path, plan_task_graph,
+from kvpr_compile.plan import cost_model as cm
+from kvpr_compile.plan.profiler import PRESETS
+from kvpr_compile.plan.scheduler import plan_split
+from kvpr_compile.plan.taskgraph import (END, build_task_graph, critical_path, plan_task_graph,
                                     predicted_step_time)
 
 H200 = PRESETS["h200-pcie5"]

@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from kvpr_compile import cost_model as cm
-from kvpr_compile.arch_presets import ARCH_PRESETS
+from kvpr_compile.plan import cost_model as cm
+from kvpr_compile.plan.arch_presets import ARCH_PRESETS
 from kvpr_compile.plan import throughput_graph as tg
 from kvpr_compile.plan.throughput_lp import (even_split, plan_throughput, solve_split, step_shape,
                                              working_set_bytes)
-from kvpr_compile.profiler import HardwareProfile, preset
+from kvpr_compile.plan.profiler import HardwareProfile, preset
 
 OPT = ARCH_PRESETS["opt-6.7b"]
 

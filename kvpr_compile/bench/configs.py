@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..arch_presets import ARCH_PRESETS
+from ..plan.arch_presets import ARCH_PRESETS
 
 PAPER = (32, 256, 32)                      # batch, prompt, new tokens (KVPR paper, OPT-6.7B)
 DEFAULT_MODELS = ("opt-6.7b", "llama-7b", "llama-3-8b")

@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from .. import cost_model as cm
-from ..taskgraph import build_task_graph, predicted_step_time
+from ..plan import cost_model as cm
+from ..plan.taskgraph import build_task_graph, predicted_step_time
 from .limits import split_tokens
 
 

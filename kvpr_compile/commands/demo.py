@@ -91,9 +91,9 @@ def run(args) -> int:
 
     from .. import reports
     from ..models import TinyLlamaConfig, build_tiny_llama
-    from ..plan_table import format_layers
-    from ..profiler import resolve_profile
-    from ..scheduler import plan_split
+    from ..plan.latency_table import format_layers
+    from ..plan.profiler import resolve_profile
+    from ..plan.scheduler import plan_split
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

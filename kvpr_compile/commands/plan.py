@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from ..arch_presets import ARCH_PRESETS, Arch
+from ..plan.arch_presets import ARCH_PRESETS, Arch
 
 # choices of --overlap: cost_model.OVERLAPS (cost_model imports torch, which --help must not)
 OVERLAPS = ("stream", "row")
@@ -46,9 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import cost_model as cm
-    from ..profiler import resolve_profile
-    from ..scheduler import plan_split
+    from ..plan import cost_model as cm
+    from ..plan.profiler import resolve_profile
+    from ..plan.scheduler import plan_split
     arch = ARCH_PRESETS[args.arch]
     layers = arch.num_layers if args.layers is None else args.layers
     budget = None if args.gpu_budget_gb is None else args.gpu_budget_gb * 1e9
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 def run_throughput(args, arch: Arch, layers: int, budget) -> int:
     from ..plan.throughput_lp import plan_throughput, step_shape
     from ..plan.throughput_table import format_throughput
-    from ..profiler import resolve_profile
+    from ..plan.profiler import resolve_profile
     try:
         profile = resolve_profile(args.profile)
         plan = plan_throughput(profile, num_layers=layers, batch_size=args.batch, seq_len=args.seq,
@@ -102,9 +102,9 @@ def run_throughput(args, arch: Arch, layers: int, budget) -> int:
 
 
 def format_plan(plan, arch: Arch, profile) -> str:
-    """The plan as text: header, profile, per-layer table (plan_table), GPU budget."""
-    from .. import cost_model as cm
-    from ..plan_table import format_layers
+    """The plan as text: header, profile, per-layer table (plan/latency_table.py), GPU budget."""
+    from ..plan import cost_model as cm
+    from ..plan.latency_table import format_layers
     c = plan.coefficients
     ms = 1e3
     p = cm.bytes_per_element(plan.dtype)

@@ -43,7 +43,7 @@ def format_profile(profile) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..profiler import PRESETS, cache_path, load_or_measure, resolve_profile
+    from ..plan.profiler import PRESETS, cache_path, load_or_measure, resolve_profile
     if args.list:
         for name, profile in PRESETS.items():
             print(f"{name:<12} {profile.summary().split(': ', 1)[1]}")

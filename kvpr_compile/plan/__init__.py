@@ -1,1 +1,2 @@
-"""Planning for the throughput schedule: its task graph and its LP."""
+"""Planning: the hardware profile, the cost model, the LPs that choose l (latency: scheduler.py;
+throughput: throughput_lp.py), the task graphs that check them, and the tables that print them."""

@@ -38,7 +38,7 @@ from typing import Sequence
 
 import networkx as nx
 
-from .. import cost_model as cm
+from . import cost_model as cm
 
 END = "end"
 

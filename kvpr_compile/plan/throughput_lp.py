@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 import mip
 import torch
 
-from .. import cost_model as cm
-from ..profiler import HardwareProfile
-from ..scheduler import _solve
+from . import cost_model as cm
+from .profiler import HardwareProfile
+from .scheduler import _solve
 from . import throughput_graph as tg
 
 # Device-memory bandwidth per preset: ~83% of the datasheet peaks (A100 80GB PCIe 1.94 TB/s,
