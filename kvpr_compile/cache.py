@@ -39,6 +39,7 @@ class OffloadedKVCache:
         self._store = KVStore(num_layers, batch_size, max_seq_len, num_kv_heads, head_dim,
                               dtype, self.device)
         self._lengths = [0] * num_layers
+        self.reset_after_use = False   # reset() emptied a cache that held tokens (hf_checks.py)
 
     @property
     def k_cpu(self) -> list[torch.Tensor]:
@@ -56,6 +57,7 @@ class OffloadedKVCache:
         return self._lengths[layer_idx]
 
     def reset(self) -> None:
+        self.reset_after_use = self.reset_after_use or any(self._lengths)
         self._lengths = [0] * self.num_layers
         self._store.reset()
 

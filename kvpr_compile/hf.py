@@ -160,5 +160,9 @@ def cache_keyword(model) -> str:
 
 def cache_kwargs(model, cache) -> dict:
     """``{keyword: cache}`` for ``model.generate(...)`` and ``model(...)`` calls, with the keyword
-    the installed transformers accepts without a deprecation warning (see cache_keyword)."""
+    the installed transformers accepts without a deprecation warning (see cache_keyword).
+    Also installs, once per model, the check that each call matches what the cache holds
+    (hf_checks.py: a ``reset()`` in the middle of a generation raises instead of running on)."""
+    from . import hf_checks
+    hf_checks.install(model)
     return {cache_keyword(model): cache}

@@ -1,4 +1,4 @@
-"""A cache reset between generations, cached lengths under 1/ratio (l = 0 recomputed tokens in a
+"""A cache reset between generations (and one in the middle of a generation: an error), cached lengths under 1/ratio (l = 0 recomputed tokens in a
 rewritten decode graph), and graph fragments without attention (no misleading warning)."""
 from __future__ import annotations
 
@@ -57,6 +57,63 @@ def test_reset_between_generations_then_a_new_prompt_is_exact():
     cache.reset()
     assert cache.get_seq_length() == 0
     assert worst_rel_err(hf_decode(model, cache, second, 5), ref) <= TOL
+
+
+
+class ResetAtStep(transformers.LogitsProcessor):
+    """Calls ``cache.reset()`` from inside generate(), after ``step`` tokens."""
+    def __init__(self, cache, step):
+        self.cache, self.step, self.calls = cache, step, 0
+
+    def __call__(self, ids, scores):
+        self.calls += 1
+        if self.calls == self.step:
+            self.cache.reset()
+        return scores
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "kvpr"])
+def test_reset_in_the_middle_of_generate_raises_and_writes_nothing(compiled):
+    model = hf_llama()
+    if compiled:
+        model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": 0.5})
+    cache = KVPRCache(model.config, 2, 32)
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match=r"reset\(\) called in the middle of a generation"):
+        model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=6, do_sample=False,
+                       logits_processor=transformers.LogitsProcessorList([ResetAtStep(cache, 3)]))
+    assert cache.get_seq_length() == 0   # the call after the reset wrote nothing
+    # the cache is usable: the next generation from a (left-padded) prompt matches a fresh cache
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    fresh = model.generate(ids, attention_mask=mask, **cache_kwargs(model, KVPRCache(model.config, 2, 32)),
+                           max_new_tokens=4, do_sample=False)
+    cache.reset()
+    again = model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=4,
+                           do_sample=False)
+    assert torch.equal(again, fresh)
+
+
+def test_an_attention_mask_longer_than_the_cached_past_raises():
+    model = hf_llama()
+    cache = KVPRCache(model.config, 2, 32)
+    ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones(2, 5), **cache_kwargs(model, cache))
+        cache.reset()
+        with pytest.raises(ValueError, match="covers 6 tokens but the cache holds 0"):
+            model(input_ids=ids[:, :1], attention_mask=torch.ones(2, 6), **cache_kwargs(model, cache))
+    assert cache.get_seq_length() == 0
+
+
+def test_a_fresh_cache_may_start_at_an_offset_position():
+    """Only a cache emptied by reset() after use is checked: offsets on a fresh one are allowed."""
+    model = hf_llama()
+    cache = KVPRCache(model.config, 1, 32)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[3, 4]]), position_ids=torch.tensor([[7, 8]]),
+              **cache_kwargs(model, cache))
+    assert cache.get_seq_length() == 2
 
 
 class BreakBeforeAttention(nn.Module):

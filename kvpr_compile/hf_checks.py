@@ -1,0 +1,77 @@
+"""The check, before each forward of a Hugging Face model, that a ``KVPRCache`` still holds the
+past the call describes.
+
+``cache.reset()`` empties the cache; called in the middle of a generation (a logits processor,
+a stopping criterion, another thread), the next step still brings generate's attention mask
+over the whole past, and the model would attend to nothing and answer as if the prompt were one
+token long -- no error anywhere. Two signs give it away, and the call then raises before the
+model runs (nothing is written):
+
+- a 2-D attention mask covers the past and the new tokens, so its length must be the cache's
+  length plus the call's tokens (shapes only: checked on every call, no device sync);
+- without a mask (recent generate() passes ``position_ids`` instead), a cache emptied by
+  ``reset()`` after use gets a call whose every row starts past position 0 (``position_ids`` or
+  ``cache_position``). Read only while the cache is empty: one small device read per generation.
+  A fresh cache is not checked (a caller may start at an offset on purpose).
+
+The check runs outside the compiled forward (a module pre-hook), so Dynamo never guards on it.
+
+``cache_kwargs(model, cache)`` installs the hook once per model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_HOOKED = "_kvpr_cache_check_hook"
+_RESET_HINT = (" -- was cache.reset() called in the middle of a generation? Reset between "
+               "generations, and start the next one from its prompt")
+
+
+def _call_tokens(kwargs) -> int | None:
+    for name in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[1]
+    return None
+
+
+def _first_position(kwargs) -> int | None:
+    """The smallest first position over the rows (cache_position, else position_ids)."""
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return int(cache_position.reshape(-1)[0])
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.numel():
+        return int(position_ids[..., 0].min())
+    return None
+
+
+def check_cache_matches_mask(module: nn.Module, args, kwargs) -> None:
+    from .hf import KVPRCache
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    mask = kwargs.get("attention_mask")
+    if not isinstance(cache, KVPRCache):
+        return
+    new = _call_tokens(kwargs)
+    if new is None:
+        return
+    past = cache.get_seq_length()
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        if mask.shape[1] != past + new:
+            raise ValueError(f"KVPRCache: the attention mask covers {mask.shape[1]} tokens but "
+                             f"the cache holds {past} and this call adds {new}"
+                             f"{_RESET_HINT if past == 0 else ''}; nothing was written")
+        return
+    if past == 0 and cache.offloaded.reset_after_use:
+        first = _first_position(kwargs)
+        if first is not None and first > 0:
+            raise ValueError(f"KVPRCache: the cache was reset and is empty, but this call "
+                             f"continues at position {first}{_RESET_HINT}; nothing was written")
+
+
+def install(model: nn.Module) -> None:
+    """Add the check as a forward pre-hook of ``model`` (once)."""
+    if getattr(model, _HOOKED, None) is None:
+        handle = model.register_forward_pre_hook(check_cache_matches_mask, with_kwargs=True)
+        object.__setattr__(model, _HOOKED, handle)
