@@ -109,6 +109,7 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
             report.skipped.append((site.cache_node.name, reason))
             rep.warn_once(f"kvpr: {reason}")
     rows = _throughput_rows(options, graph, report) if slices else None
+    budget = schedule.budget_check(options, slices, len(slices)) if rows is not None else None
     if slices:
         layers = [node.args[3] for node in slices]
         ratios, report.ratio_source, report.plan = _choose_ratios(options, slices, layers)
@@ -126,7 +127,7 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         gm.recompile()
     rep.add_report(report)
     if rows is not None:
-        runner = _column_runner(options, gm, rows, slices, report)
+        runner = _column_runner(options, gm, rows, budget, report)
         if runner is not None:
             return runner
     return compile_inner(gm, example_inputs, options["inner"])
@@ -151,23 +152,25 @@ def _keep_latency(report, reason: str) -> None:
                   "the latency schedule")
 
 
-def _column_runner(options, gm, rows, slices, report):
+def _column_runner(options, gm, rows, budget, report):
     """The column-order step of the rewritten ``gm``, or None (latency, with a warning)."""
     from .runtime.column_runner import ColumnRunner
     from .runtime.lower import lower
-    layers = len({node.args[3] for node in slices})
     if options["micro_batches"] is not None:
         count = options["micro_batches"]
     else:
         planned = len(report.plan.micro_batches)
         count = lambda batch: planned   # noqa: E731  (capped at the batch by the runner)
     try:
-        runner = ColumnRunner(lower(gm), rows, count, schedule.budget_check(options, slices, layers))
+        runner = ColumnRunner(lower(gm), rows, count, budget)
     except Unsupported as err:
         _keep_latency(report, str(err))
         return None
     report.schedule = "throughput"
-    report.micro_batches = list(runner.sizes(rows.example_batch))
+    try:
+        report.micro_batches = list(runner.sizes(rows.example_batch))
+    except ValueError as err:   # raised again by every call with this batch, before any write
+        report.notes.append(str(err))
     streamed = runner.cut_rule == "weights_ready"
     report.weights = ("streamed (kvpr::weights_ready / weights_release once per layer per step)"
                       if streamed else "resident")

@@ -61,7 +61,8 @@ def plan(options: dict, slices, num_layers: int):
 
 def budget_check(options: dict, slices, num_layers: int):
     """A function (sizes, store) raising ValueError when the budget cannot hold the working set
-    of these micro-batches at the store's capacity; None without a budget."""
+    of these micro-batches at the store's capacity; None without a budget. Called before the
+    rewrite (it reads the slices' example values)."""
     budget = options["gpu_budget_bytes"]
     if budget is None:
         return None
@@ -80,9 +81,9 @@ def budget_check(options: dict, slices, num_layers: int):
             p = shape.bytes_per_element
             kv = cm.kv_bytes_per_token(max(sizes), d["kv_hidden_size"], p) * (store.max_seq_len + 1)
             raise ValueError(
-                f"kvpr: options['gpu_budget_bytes']={budget:.4g} is below the throughput working set "
-                f"{need:.4g} bytes for micro-batches {list(sizes)}: two layers' weights "
-                f"{2 * shape.layer_weight_bytes:.4g}, the batch's hidden states "
-                f"{HIDDEN_COPIES * sum(sizes) * d['hidden_size'] * p:.4g} and two micro-batch K,V "
-                f"slots of {kv:.4g} ({store.max_seq_len + 1} positions)")
+                f"kvpr: options['gpu_budget_bytes']={budget!r} is below the throughput working set "
+                f"{int(need)} bytes for micro-batches {list(sizes)}: two layers' weights "
+                f"{int(2 * shape.layer_weight_bytes)}, the batch's hidden states "
+                f"{int(HIDDEN_COPIES * sum(sizes) * d['hidden_size'] * p)} and two micro-batch K,V "
+                f"slots of {int(kv)} ({store.max_seq_len + 1} positions)")
     return check

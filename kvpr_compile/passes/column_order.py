@@ -28,8 +28,8 @@ from ..runtime import direct
 from ..runtime import weight_stream  # noqa: F401  (registers the kvpr::weights_* ops)
 from .recompute_slice import Unsupported
 
-READY = torch.ops.kvpr.weights_ready.default
-RELEASE = torch.ops.kvpr.weights_release.default
+READY = (torch.ops.kvpr.weights_ready.default, torch.ops.kvpr.weights_ready)
+RELEASE = (torch.ops.kvpr.weights_release.default, torch.ops.kvpr.weights_release)
 _ASSEMBLES = {direct.cpu_store_assemble, direct.stream_store_assemble, direct.cpu_assemble,
               direct.stream_assemble, direct.cpu_cache_update, direct.stream_cache_update,
               torch.ops.kvpr.assemble.default, torch.ops.kvpr.cache_update.default}
@@ -46,7 +46,7 @@ class Segment:
 
 
 def _cuts(body: list[fx.Node]) -> tuple[set[fx.Node], str]:
-    ready = [n for n in body if n.target is READY]
+    ready = [n for n in body if n.target in READY]
     if ready:
         return set(ready), "weights_ready"
     cuts = set()
@@ -84,12 +84,12 @@ def segments(gm: fx.GraphModule) -> tuple[list[Segment], list[fx.Node], fx.Node,
     for s, group in enumerate(groups):
         hooks_before, hooks_after, kept, released = [], [], [], False
         for node in group:
-            if node.target is READY:
+            if node.target in READY:
                 if released:
                     raise Unsupported(f"{node.name}: a layer's weights are made ready after another "
                                       "layer's release in one segment")
                 hooks_before.append(node)
-            elif node.target is RELEASE:
+            elif node.target in RELEASE:
                 released = True
                 hooks_after.append(node)
             else:

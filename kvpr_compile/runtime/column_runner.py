@@ -38,7 +38,7 @@ class ColumnRunner:
                    if n.op == "call_function" and n.target is direct.resolve}
         handles |= {n.args[0] for n in lowered.graph.nodes if n.op == "call_function"
                     and getattr(n.target, "namespace", None) == "kvpr"
-                    and n.target not in (READY, RELEASE)}
+                    and n.target not in READY + RELEASE}
         for h in handles:
             if h in self.roles:
                 self.roles[h] = "cache"

@@ -1,0 +1,210 @@
+"""The throughput schedule's execution (schedule="throughput"): micro-batches in column order,
+exact against the uncompiled model with the same cache type; the stored K/V really replaced by
+recompute; one store per micro-batch; weight hooks once per layer per step; bad input refused
+before the cache is touched; graphs the column order cannot run keep the latency schedule."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import kvpr_compile
+from conftest import decode_steps, worst_rel_err
+from custom_models import FusedQKVModel, make_cache
+from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
+from kvpr_compile.runtime.weight_stream import stream_weights
+
+TOL = 1e-5
+STEPS = 3
+
+
+def _compile(model, **options):
+    return torch.compile(model, backend="kvpr", dynamic=True,
+                         options={"schedule": "throughput", **options})
+
+
+def _llama(layers=3, kv_heads=2):
+    cfg = TinyLlamaConfig(vocab_size=97, hidden_size=32, num_layers=layers, num_heads=2,
+                          num_kv_heads=kv_heads, intermediate_size=48, max_seq_len=32)
+    return build_tiny_llama(cfg, seed=3)
+
+
+def _prompt(batch, n=6, vocab=97):   # n != batch: Dynamo would share their symbol
+    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(batch))
+
+
+def _check(model, cache_of, batch, m, ratio=1.0, poison=False):
+    prompt = _prompt(batch)
+    want_pre, want, want_tokens = decode_steps(model, prompt, cache_of(model, batch), STEPS)
+    compiled = _compile(model, micro_batches=m, ratio=ratio)
+    cache = cache_of(model, batch)
+    got_pre, got, got_tokens = decode_steps(compiled, prompt, cache, STEPS, poison=poison)
+    report = kvpr_compile.last_report()
+    assert report.schedule == "throughput", str(report)
+    assert sum(report.micro_batches) == batch and len(report.micro_batches) == m
+    assert max(report.micro_batches) - min(report.micro_batches) <= 1
+    assert worst_rel_err([got_pre, *got], [want_pre, *want]) <= TOL
+    assert torch.equal(got_tokens, want_tokens)
+    return cache
+
+
+@pytest.mark.parametrize("batch,m", [(5, 2), (4, 4)])
+def test_custom_llama_matches_eager(batch, m):
+    cache = _check(_llama(), lambda model, b: model.make_cache(b), batch, m)
+    if m > 1:   # one store per micro-batch, sequence-major over its own rows
+        parts = cache._store.parts
+        assert [p.batch_size for p in parts] == kvpr_compile.last_report().micro_batches
+        assert all(p.k[0].is_contiguous() and p.k[0].shape[1] == p.batch_size for p in parts)
+
+
+def test_fused_qkv_decoder_matches_eager():
+    torch.manual_seed(0)
+    _check(FusedQKVModel(layers=3).eval(), lambda model, b: make_cache(model, b), 5, 2)
+
+
+def test_poisoned_stored_kv_still_matches_eager():
+    """After the prefill every stored K,V is NaN (written through k_cpu, which merges the
+    micro-batch stores back): at ratio 1 the decode steps recompute all past K,V from stored X, so
+    the result is still exact, although the micro-batch stores they read hold the NaN."""
+    cache = _check(_llama(kv_heads=2), lambda model, b: model.make_cache(b), 5, 2, poison=True)
+    parts = cache._store.parts
+    assert len(parts) == 2
+    assert all(torch.isnan(p.k[layer][:6]).all() and torch.isnan(p.v[layer][:6]).all()
+               for p in parts for layer in range(3))
+
+
+def test_cache_stays_meaningful_to_uncompiled_code():
+    """A cache filled by the compiled throughput prefill, continued uncompiled: the same
+    logits as an uncompiled run all along (k_cpu / eager reads see the parts' contents)."""
+    model, batch = _llama(), 5
+    prompt = _prompt(batch)
+    ref_cache = model.make_cache(batch)
+    with torch.no_grad():
+        model(prompt, ref_cache)
+        want = model(prompt[:, :1], ref_cache)
+        cache = model.make_cache(batch)
+        _compile(model, micro_batches=2, ratio=1.0)(prompt, cache)
+        got = model(prompt[:, :1], cache)
+    assert worst_rel_err([got], [want]) <= TOL
+    assert cache._store.parts is None   # made whole for the uncompiled access
+
+
+def test_weights_ready_runs_once_per_layer_per_step():
+    ref = _llama(layers=4)
+    model = copy.deepcopy(ref)
+    stream = stream_weights(model)
+    calls = []
+    ready, release = stream.ready, stream.release
+    stream.ready = lambda layer: (calls.append(("ready", layer)), ready(layer))[1]
+    stream.release = lambda layer: (calls.append(("release", layer)), release(layer))[1]
+    prompt = _prompt(5)
+    want_pre, want, _ = decode_steps(ref, prompt, ref.make_cache(5), STEPS)
+    compiled = _compile(model, micro_batches=2, ratio=1.0)
+    calls.clear()
+    got_pre, got, _ = decode_steps(compiled, prompt, model.make_cache(5), STEPS)
+    report = kvpr_compile.last_report()
+    assert report.weights.startswith("streamed") and report.micro_batches == [3, 2]
+    steps = 1 + STEPS
+    assert len(calls) == 2 * 4 * steps
+    for layer in range(4):   # per step: ready then release, once each, not once per micro-batch
+        assert calls.count(("ready", layer)) == steps and calls.count(("release", layer)) == steps
+    assert calls[:8] == [(kind, j) for j in range(4) for kind in ("ready", "release")]
+    assert stream.on_demand == 0
+    assert worst_rel_err([got_pre, *got], [want_pre, *want]) <= TOL
+
+
+def test_planned_split_and_gqa_plans_no_recompute():
+    """micro_batches=None and no ratio: the throughput planner picks both; grouped-query
+    attention gets ratio 0 everywhere, and the result is exact."""
+    model = _llama(kv_heads=1)
+    prompt = _prompt(4)
+    want_pre, want, want_tokens = decode_steps(model, prompt, model.make_cache(4), STEPS)
+    compiled = _compile(model, profile="h200-pcie5")
+    got_pre, got, got_tokens = decode_steps(compiled, prompt, model.make_cache(4), STEPS)
+    report = kvpr_compile.last_report()
+    assert report.schedule == "throughput" and report.plan is not None
+    assert report.micro_batches == report.plan.micro_batches
+    assert all(r == 0.0 for r in report.plan.ratios) and all(e.ratio == 0 for e in report.layers)
+    assert worst_rel_err([got_pre, *got], [want_pre, *want]) <= TOL
+    assert torch.equal(got_tokens, want_tokens)
+
+
+# ---- bad input -----------------------------------------------------------------------------
+@pytest.mark.parametrize("m", [0, -2, True, 2.0, "2"])
+def test_bad_micro_batches_are_named(m):
+    from kvpr_compile.backend import parse_options
+    with pytest.raises(ValueError, match="micro_batches.*" + repr(m).replace(".", r"\.")):
+        parse_options({"schedule": "throughput", "micro_batches": m})
+
+
+def test_bad_schedule_and_latency_only_options_are_named():
+    from kvpr_compile.backend import parse_options
+    with pytest.raises(ValueError, match="'sideways'"):
+        parse_options({"schedule": "sideways"})
+    with pytest.raises(ValueError, match="micro_batches.*throughput"):
+        parse_options({"micro_batches": 2})
+
+
+def test_more_micro_batches_than_rows_raises_before_writing():
+    model = _llama()
+    compiled = _compile(model, micro_batches=6, ratio=1.0)
+    cache = model.make_cache(5)
+    before = [t.clone() for t in cache.k_cpu]
+    with pytest.raises(ValueError, match=r"micro_batches'\]=6 is larger than the batch \(5 rows\)"):
+        compiled(_prompt(5), cache)
+    assert cache.seq_len(0) == 0 and cache._store.parts is None
+    assert all(torch.equal(a, b) for a, b in zip(cache.k_cpu, before))
+
+
+def test_budget_below_two_layers_and_a_micro_batch_is_named():
+    model = _llama()
+    compiled = _compile(model, micro_batches=2, ratio=1.0, gpu_budget_bytes=1000)
+    cache = model.make_cache(5)
+    with pytest.raises(ValueError, match=r"gpu_budget_bytes'\]=1000 is below the throughput "
+                                         r"working set \d+ bytes for micro-batches \[3, 2\]"):
+        compiled(_prompt(5), cache)
+    assert cache.seq_len(0) == 0 and cache._store.parts is None
+
+
+def test_static_batch_keeps_the_latency_schedule_with_one_warning():
+    model = _llama()
+    prompt = _prompt(4)
+    want_pre, want, _ = decode_steps(model, prompt, model.make_cache(4), 1)
+    compiled = torch.compile(model, backend="kvpr",
+                             options={"schedule": "throughput", "micro_batches": 2, "ratio": 1.0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got_pre, got, _ = decode_steps(compiled, prompt, model.make_cache(4), 1)
+    assert any("static" in str(w.message) and "latency" in str(w.message) for w in caught)
+    assert kvpr_compile.last_report().schedule == "latency"
+    assert worst_rel_err([got_pre, *got], [want_pre, *want]) <= TOL
+
+
+class RowMixer(torch.nn.Module):
+    """A decoder whose layer adds the batch mean: rows depend on each other."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = FusedQKVModel(layers=2).eval()
+        self.blocks, self.heads, self.head_dim = self.inner.blocks, 4, 12
+        self.num_kv_heads = 4
+
+    def forward(self, tokens, cache):
+        logits = self.inner(tokens, cache)
+        return logits + logits.mean(0, keepdim=True).sum() * 0 + logits.mean(0, keepdim=True)
+
+
+def test_ops_mixing_rows_keep_the_latency_schedule():
+    model = RowMixer()
+    prompt = _prompt(4)
+    want_pre, want, _ = decode_steps(model, prompt, make_cache(model, 4), 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got_pre, got, _ = decode_steps(_compile(model, micro_batches=2, ratio=1.0), prompt,
+                                       make_cache(model, 4), 1)
+    assert any("batch" in str(w.message) and "latency" in str(w.message) for w in caught)
+    assert kvpr_compile.last_report().schedule == "latency"
+    assert worst_rel_err([got_pre, *got], [want_pre, *want]) <= TOL
