@@ -45,6 +45,7 @@ class OffloadedKVCache:
         self._store = KVStore(num_layers, batch_size, max_seq_len, num_kv_heads, head_dim,
                               dtype, self.device)
         self._lengths = [0] * num_layers
+        self._layer_names = tuple(str(i) for i in range(num_layers))
 
     @property
     def k_cpu(self) -> list[torch.Tensor]:
@@ -69,6 +70,9 @@ class OffloadedKVCache:
         """Append ``k, v`` ``(batch, num_kv_heads, n_new, head_dim)``; return the full K, V."""
         if not 0 <= layer_idx < len(self._lengths):   # the list's length is guarded anyway
             raise IndexError(f"OffloadedKVCache: layer {layer_idx} out of range [0, {len(self._lengths)})")
+        # Under dynamic=True Dynamo makes an int read from the cache object (HF's layer index) a
+        # graph input; a string constant looked up by it is guarded, so the layer stays a constant
+        layer_idx = int(self._layer_names[layer_idx])
         pos = self._lengths[layer_idx]
         if not torch.compiler.is_compiling():
             # Uncompiled: check here (a meta tensor would reach the op's fake kernel). Compiled:
