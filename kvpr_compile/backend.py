@@ -166,7 +166,7 @@ def _column_runner(options, gm, rows, budget, report):
     except Unsupported as err:
         _keep_latency(report, str(err))
         return None
-    report.schedule = "throughput"
+    report.schedule, report.runner = "throughput", runner
     try:
         report.micro_batches = list(runner.sizes(rows.example_batch))
     except ValueError as err:   # raised again by every call with this batch, before any write

@@ -27,6 +27,7 @@ class Report:
     schedule: str = "latency"
     micro_batches: list[int] | None = None   # throughput: the split of the example batch
     weights: str = ""       # throughput: "resident" or "streamed (...)"
+    runner: object = field(default=None, repr=False)   # throughput: the ColumnRunner that runs it
     graph_module: object = field(default=None, repr=False)  # the rewritten Dynamo graph
 
     @property

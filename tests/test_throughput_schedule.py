@@ -224,3 +224,60 @@ def test_ops_mixing_rows_keep_the_latency_schedule():
     assert any("batch" in str(w.message) and "latency" in str(w.message) for w in caught)
     assert kvpr_compile.last_report().schedule == "latency"
     assert worst_rel_err([got_pre, *got], [want_pre, *want]) <= TOL
+
+
+# ---- weight slots on simulated streams --------------------------------------------------------
+@pytest.fixture
+def sim(monkeypatch):
+    from kvpr_compile.runtime import cuda_runtime
+    from sim_streams import SimApi
+    api = SimApi()
+    monkeypatch.setattr(cuda_runtime, "API", api)
+    monkeypatch.setattr(cuda_runtime, "handles", lambda device: True)
+    return api
+
+
+def _log_weight_reads(runner, stream, api, release_per_micro_batch=False):
+    """Every micro-batch's run of a segment reads the slots of the layers the segment makes
+    ready (logged on the compute stream). ``release_per_micro_batch``: the negative control,
+    a runner that releases a layer's slot after each micro-batch instead of after the last."""
+    for seg in runner.segments:
+        layers = [args[1] for _, args in seg.before]
+        after, module = list(seg.after), seg.module
+
+        def run(*args, module=module, layers=layers, after=after):
+            for layer in layers:
+                for buf in stream.slots[layer % stream.num_slots].buffers.values():
+                    api.races.read(api.current, buf, f"weights of layer {layer}")
+            out = module(*args)
+            if release_per_micro_batch:
+                for _, (handle, layer) in after:
+                    stream.release(layer)
+            return out
+        seg.module = run
+        if release_per_micro_batch:
+            seg.after = []
+
+
+@pytest.mark.parametrize("release_per_micro_batch", [False, True])
+def test_weight_slots_in_column_order_on_simulated_streams(sim, release_per_micro_batch):
+    model = _llama(layers=4)
+    stream = stream_weights(model, device="cpu")
+    assert stream.api is sim
+    compiled = _compile(model, micro_batches=2, ratio=1.0)
+    prompt = _prompt(5)
+    cache = model.make_cache(5)
+    with torch.no_grad():
+        compiled(prompt, cache)                       # compiles the prefill ...
+        compiled(prompt[:, :1], cache)                # ... and the decode step
+        runners = [r.runner for r in kvpr_compile.reports()[-2:]]
+        assert all(r is not None for r in runners)
+        for runner in runners:
+            _log_weight_reads(runner, stream, sim, release_per_micro_batch)
+        for _ in range(2):
+            compiled(prompt[:, :1], cache)
+    if release_per_micro_batch:
+        assert any("weights of layer" in r or "copy destination" in r for r in sim.races.found)
+    else:
+        assert sim.races.accesses > 20 and sim.races.found == []
+        assert stream.on_demand == 0
