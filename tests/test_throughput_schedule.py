@@ -108,17 +108,20 @@ def test_cache_stays_meaningful_to_uncompiled_code():
 
 
 def test_weights_ready_runs_once_per_layer_per_step():
+    """Set up by compile_throughput (the benchmark's entry) with the weights streamed."""
     ref = _llama(layers=4)
     model = copy.deepcopy(ref)
-    stream = stream_weights(model)
+    with pytest.raises(ValueError, match="micro_batches=6 is larger than the batch"):
+        kvpr_compile.compile_throughput(model, 5, 6)
+    setup = kvpr_compile.compile_throughput(model, 5, 2, stream=True, ratio=1.0)
+    stream, compiled = setup.weights, setup.step
+    assert setup.placement == "streamed"
     calls = []
     ready, release = stream.ready, stream.release
     stream.ready = lambda layer: (calls.append(("ready", layer)), ready(layer))[1]
     stream.release = lambda layer: (calls.append(("release", layer)), release(layer))[1]
     prompt = _prompt(5)
     want_pre, want, _ = decode_steps(ref, prompt, ref.make_cache(5), STEPS)
-    compiled = _compile(model, micro_batches=2, ratio=1.0)
-    calls.clear()
     got_pre, got, _ = decode_steps(compiled, prompt, model.make_cache(5), STEPS)
     report = kvpr_compile.last_report()
     assert report.weights.startswith("streamed") and report.micro_batches == [3, 2]
