@@ -67,8 +67,11 @@ def budget_check(options: dict, slices, num_layers: int):
     if budget is None:
         return None
     d = dims(slices)
+    passed: set = set()
 
     def check(sizes, store) -> None:
+        if (tuple(sizes), store.max_seq_len) in passed:
+            return
         from .plan import cost_model as cm
         from .plan.profiler import resolve_profile
         from .plan.throughput_lp import HIDDEN_COPIES, step_shape, working_set_bytes
@@ -86,4 +89,5 @@ def budget_check(options: dict, slices, num_layers: int):
                 f"{int(2 * shape.layer_weight_bytes)}, the batch's hidden states "
                 f"{int(HIDDEN_COPIES * sum(sizes) * d['hidden_size'] * p)} and two micro-batch K,V "
                 f"slots of {int(kv)} ({store.max_seq_len + 1} positions)")
+        passed.add((tuple(sizes), store.max_seq_len))
     return check
