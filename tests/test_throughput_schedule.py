@@ -58,16 +58,20 @@ def test_custom_llama_matches_eager(batch, m):
 
 @pytest.mark.parametrize("arch,m", [pytest.param("opt", 2, marks=pytest.mark.slow), ("llama", 4)])
 def test_hf_generate_matches_eager(arch, m):
-    """HF OPT and Llama (MHA) through generate(): batch 5 as [3, 2] and as [2, 1, 1, 1]."""
+    """HF OPT and Llama (MHA) through generate(), set up by compile_throughput: batch 5 as
+    [3, 2] and as [2, 1, 1, 1]."""
     pytest.importorskip("transformers")
     from test_hf_models import build, generate
     model = build(arch)
     ids = torch.randint(1, 128, (5, 7), generator=torch.Generator().manual_seed(1))
     want = generate(model, ids)
-    model.forward = _compile(model.forward, micro_batches=m, ratio=1.0)
+    stream = arch == "opt"   # OPT (slow run): its decoder layers' weights streamed too
+    setup = kvpr_compile.compile_throughput(model, 5, m, stream=stream, ratio=1.0)
+    assert setup.step is model.forward and setup.placement == ("streamed" if stream else "resident")
     got = generate(model, ids)
     report = kvpr_compile.last_report()
     assert report.schedule == "throughput" and len(report.micro_batches) == m
+    assert report.weights.startswith("streamed" if stream else "resident")
     assert worst_rel_err(got.logits, want.logits) <= TOL
     assert torch.equal(got.sequences, want.sequences)
 
@@ -129,20 +133,24 @@ def test_weights_ready_runs_once_per_layer_per_step():
     for layer in range(4):   # per step: ready then release, once each, not once per micro-batch
         assert calls.count(("ready", layer)) == steps and calls.count(("release", layer)) == steps
     assert calls[:8] == [(kind, j) for j in range(4) for kind in ("ready", "release")]
+    # one GraphModule per layer segment (plus the embedding's), shared by the micro-batches
+    assert len(report.runner.segments) == 5 and report.runner.cut_rule == "weights_ready"
     assert stream.on_demand == 0
     assert worst_rel_err([got_pre, *got], [want_pre, *want]) <= TOL
 
 
 def test_planned_split_and_gqa_plans_no_recompute():
     """micro_batches=None and no ratio: the throughput planner picks both; grouped-query
-    attention gets ratio 0 everywhere, and the result is exact."""
-    model = _llama(kv_heads=1)
+    attention gets ratio 0 everywhere (weights still streamed), and the result is exact."""
+    ref = _llama(layers=3, kv_heads=1)
+    model = copy.deepcopy(ref)
     prompt = _prompt(4)
-    want_pre, want, want_tokens = decode_steps(model, prompt, model.make_cache(4), STEPS)
-    compiled = _compile(model, profile="h200-pcie5")
+    want_pre, want, want_tokens = decode_steps(ref, prompt, ref.make_cache(4), STEPS)
+    compiled = kvpr_compile.compile_throughput(model, 4, stream=True, profile="h200-pcie5").step
     got_pre, got, got_tokens = decode_steps(compiled, prompt, model.make_cache(4), STEPS)
     report = kvpr_compile.last_report()
     assert report.schedule == "throughput" and report.plan is not None
+    assert report.weights.startswith("streamed")
     assert report.micro_batches == report.plan.micro_batches
     assert all(r == 0.0 for r in report.plan.ratios) and all(e.ratio == 0 for e in report.layers)
     assert worst_rel_err([got_pre, *got], [want_pre, *want]) <= TOL
