@@ -212,7 +212,7 @@ BREAKAGES = (
              "for env in envs:\n                outs = seg.module(*[env[n] for n in seg.inputs])\n"
              "                env.update(zip(seg.outputs, outs))\n                for target, hook_args in seg.after:\n"
              "                    target(*fx.node.map_arg(hook_args, lambda n: first[n]))",
-             (TPUT + "::test_weights_ready_runs_once_per_layer_per_step",),
+             (TPUT + "::test_streamed_weights_in_column_order_on_simulated_streams",),
              "a layer's weights_release fires after every micro-batch, not once after the last"),
     Breakage("micro-batches-share-one-store", COLUMNS,
              "env[p] = part.handle if part is not store else a",
