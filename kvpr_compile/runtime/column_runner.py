@@ -21,8 +21,9 @@ import torch
 from torch import fx
 
 from ..passes.column_order import READY, RELEASE, segments
+from ..passes.recompute_slice import Unsupported
 from . import direct
-from .store import KVStore
+from .store import KVStore, lookup
 from .store_parts import split
 
 
@@ -40,8 +41,9 @@ class ColumnRunner:
                     and getattr(n.target, "namespace", None) == "kvpr"
                     and n.target not in READY + RELEASE}
         for h in handles:
-            if h in self.roles:
-                self.roles[h] = "cache"
+            if h not in self.roles:
+                raise Unsupported(f"the cache handle {h.name} is not an input of the graph")
+            self.roles[h] = "cache"
         self.out_roles = roles.outputs
         self.micro_batches = micro_batches
         self.check_budget = check_budget
@@ -119,9 +121,4 @@ class ColumnRunner:
 def _store_of(handle: torch.Tensor) -> KVStore:
     """The store behind ``handle`` as it is (not made whole: its parts are what the step uses)."""
     store = KVStore.by_handle_id(id(handle))
-    if store is None or store.handle is not handle:
-        from .store import _REGISTRY
-        store = _REGISTRY.get(int(handle[0]))
-        if store is None:
-            raise RuntimeError(f"kvpr: no live offloaded cache with id {int(handle[0])}")
-    return store
+    return store if store is not None and store.handle is handle else lookup(handle, whole=False)

@@ -196,9 +196,10 @@ class KVStore:
         return self
 
 
-def lookup(handle: torch.Tensor) -> KVStore:
+def lookup(handle: torch.Tensor, whole: bool = True) -> KVStore:
+    """The store behind ``handle``; ``whole=False``: as it is, micro-batch parts and all."""
     uid = int(handle[0])
     store = _REGISTRY.get(uid)
     if store is None:
         raise RuntimeError(f"kvpr: no live offloaded cache with id {uid}")
-    return store.whole()
+    return store.whole() if whole else store
