@@ -13,6 +13,9 @@ Options:
 - ``inner``: ``"eager"`` (default: the rewritten FX graph with the kvpr steps as direct calls,
   in program order), ``"piecewise"`` (inductor between the steps) or ``"inductor"`` (the whole
   graph); see inner.py.
+- ``schedule``: ``"latency"`` (default) or ``"throughput"`` (micro-batches in column order), with
+  ``micro_batches`` and ``gpu_budget_bytes``; see schedule.py. A graph the column order cannot
+  run (passes/batch_rows.py, passes/column_order.py) keeps the latency schedule, with a warning.
 ``mode=`` (e.g. HF's ``"reduce-overhead"``) is accepted; CUDA-graph modes are ignored with a warning.
 """
 from __future__ import annotations
@@ -28,8 +31,9 @@ from .passes.prefetch import hoist_loads
 from .passes.recompute_slice import Unsupported, extract_slice
 from .passes.rewrite import check_rewritable, rewrite_site
 from .inner import INNER, compile_inner, default_inner
+from . import schedule
 from .runtime import ops  # noqa: F401  (registers kvpr:: ops before any graph runs)
-_KNOWN = {"ratio", "inner", "profile", "overlap"}
+_KNOWN = {"ratio", "inner", "profile", "overlap"} | schedule.OPTIONS
 
 
 def parse_options(options: dict | None) -> dict:
@@ -45,11 +49,18 @@ def parse_options(options: dict | None) -> dict:
     inner = options.setdefault("inner", None)   # None: by device (inner.py)
     if inner is not None and inner not in INNER:
         raise ValueError(f"kvpr: options['inner'] must be one of {INNER}, got {inner!r}")
+    schedule.parse(options)
     return options
 
 
 def _choose_ratios(options, slices, layers_in_graph):
     """Per-layer ratios (forced, or the scheduler's for this graph's shapes), their source, plan."""
+    if options["schedule"] == "throughput" and (
+            options.get("ratio") is None or options["micro_batches"] is None):
+        plan = schedule.plan(options, slices, len(layers_in_graph))
+        source = "forced" if options.get("ratio") is not None else \
+            f"throughput plan, profile {plan.profile_name}"
+        return dict(zip(sorted(layers_in_graph), plan.ratios)), source, plan
     if options.get("ratio") is not None:   # forced: no scheduler, so mip is never imported
         return {layer: options["ratio"] for layer in layers_in_graph}, "forced", None
     from .plan.scheduler import choose_ratios  # local: keeps mip out of import time
@@ -97,6 +108,8 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
             reason = f"layer {site.layer}: {err}; left as a plain offloaded-cache read"
             report.skipped.append((site.cache_node.name, reason))
             rep.warn_once(f"kvpr: {reason}")
+    rows = _throughput_rows(options, graph, report) if slices else None
+    budget = schedule.budget_check(options, slices, len(slices)) if rows is not None else None
     if slices:
         layers = [node.args[3] for node in slices]
         ratios, report.ratio_source, report.plan = _choose_ratios(options, slices, layers)
@@ -113,4 +126,57 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         graph.lint()
         gm.recompile()
     rep.add_report(report)
+    if rows is not None:
+        runner = _column_runner(options, gm, rows, budget, report)
+        if runner is not None:
+            return runner
     return compile_inner(gm, example_inputs, options["inner"])
+
+
+def _throughput_rows(options, graph, report):
+    """The graph's batch roles if the throughput schedule is asked for and can run it, else None
+    (with one warning saying why)."""
+    if options["schedule"] != "throughput":
+        return None
+    from .passes.batch_rows import analyse
+    try:
+        return analyse(graph)
+    except Unsupported as err:
+        _keep_latency(report, str(err))
+        return None
+
+
+def _keep_latency(report, reason: str) -> None:
+    report.notes.append(f"throughput schedule not applied: {reason}; latency schedule")
+    rep.warn_once(f"kvpr: schedule='throughput' not applied to this graph: {reason}; it runs on "
+                  "the latency schedule")
+
+
+def _column_runner(options, gm, rows, budget, report):
+    """The column-order step of the rewritten ``gm``, or None (latency, with a warning)."""
+    from .runtime.column_runner import ColumnRunner
+    from .runtime.lower import lower
+    if options["micro_batches"] is not None:
+        count = options["micro_batches"]
+    else:
+        planned = len(report.plan.micro_batches)
+        count = lambda batch: planned   # noqa: E731  (capped at the batch by the runner)
+    try:
+        runner = ColumnRunner(lower(gm), rows, count, budget)
+    except Unsupported as err:
+        _keep_latency(report, str(err))
+        return None
+    report.schedule, report.runner = "throughput", runner
+    try:
+        report.micro_batches = list(runner.sizes(rows.example_batch))
+    except ValueError as err:   # raised again by every call with this batch, before any write
+        report.notes.append(str(err))
+    streamed = runner.cut_rule == "weights_ready"
+    report.weights = ("streamed (kvpr::weights_ready / weights_release once per layer per step)"
+                      if streamed else "resident")
+    report.notes.append(f"throughput: {len(runner.segments)} segments cut at each "
+                        f"{'weights_ready' if streamed else 'assemble'}; micro-batches "
+                        f"{report.micro_batches} for batch {rows.example_batch}")
+    if options["inner"] != "eager":
+        report.notes.append(f"inner={options['inner']!r} not used: the segments run eagerly")
+    return runner

@@ -8,6 +8,12 @@ loads; see ``kvpr_compile.passes``.
 Storage layout, per layer (``k_cpu[i]``, ``v_cpu[i]``): ``(max_seq_len, batch, num_kv_heads,
 head_dim)``, sequence-major, pinned when ``device`` is CUDA. Positions ``[0, seq_len(i))`` are valid.
 
+Throughput schedule (``options={"schedule": "throughput"}``): the compiled step keeps one store
+per micro-batch (``runtime/store_parts.py``), each ``(max_seq_len, rows, kv_heads, head_dim)``
+over its own rows. ``k_cpu`` / ``v_cpu`` still are the whole batch's tensors: reading them copies
+the parts back into that layout first (and the next throughput step splits again), so what they
+show and what is written into them is what the next step uses.
+
 Under compilation ``update`` reads only the handle tensor and the per-layer length (an int that
 Dynamo makes dynamic after its first change), so one compiled graph serves every cache: the
 geometry checks run inside the kvpr ops (``runtime/checks.py``), where values are concrete.
@@ -40,14 +46,15 @@ class OffloadedKVCache:
                               dtype, self.device)
         self._lengths = [0] * num_layers
         self.reset_after_use = False   # reset() emptied a cache that held tokens (hf_checks.py)
+        self._layer_names = tuple(str(i) for i in range(num_layers))
 
     @property
     def k_cpu(self) -> list[torch.Tensor]:
-        return self._store.k
+        return self._store.whole().k
 
     @property
     def v_cpu(self) -> list[torch.Tensor]:
-        return self._store.v
+        return self._store.whole().v
 
     @property
     def handle(self) -> torch.Tensor:
@@ -65,6 +72,9 @@ class OffloadedKVCache:
         """Append ``k, v`` ``(batch, num_kv_heads, n_new, head_dim)``; return the full K, V."""
         if not 0 <= layer_idx < len(self._lengths):   # the list's length is guarded anyway
             raise IndexError(f"OffloadedKVCache: layer {layer_idx} out of range [0, {len(self._lengths)})")
+        # Under dynamic=True Dynamo makes an int read from the cache object (HF's layer index) a
+        # graph input; a string constant looked up by it is guarded, so the layer stays a constant
+        layer_idx = int(self._layer_names[layer_idx])
         pos = self._lengths[layer_idx]
         if not torch.compiler.is_compiling():
             # Uncompiled: check here (a meta tensor would reach the op's fake kernel). Compiled:

@@ -23,7 +23,11 @@ class Report:
     layers: list[LayerEntry] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (node, reason)
     notes: list[str] = field(default_factory=list)
-    plan: object = None     # scheduler Plan for this graph's shapes, when one was made
+    plan: object = None     # scheduler Plan (or ThroughputPlan) for this graph's shapes, when made
+    schedule: str = "latency"
+    micro_batches: list[int] | None = None   # throughput: the split of the example batch
+    weights: str = ""       # throughput: "resident" or "streamed (...)"
+    runner: object = field(default=None, repr=False)   # throughput: the ColumnRunner that runs it
     graph_module: object = field(default=None, repr=False)  # the rewritten Dynamo graph
 
     @property
@@ -41,10 +45,15 @@ class Report:
                 if e.note:
                     extra += f"  ({e.note})"
                 lines.append(f"  {e.layer:>5}  {e.ratio:>6.3f}  {e.requested:>6.3f}  {e.x_node:<24} {extra}")
+        if self.schedule == "throughput":
+            lines.append(f"  schedule: throughput, micro-batches {self.micro_batches}, "
+                         f"weights {self.weights}")
         for name, reason in self.skipped:
             lines.append(f"  skipped {name}: {reason}")
         lines.extend(f"  note: {n}" for n in self.notes)
-        if self.plan is not None:
+        if self.plan is not None and hasattr(self.plan, "micro_batches"):
+            lines.append(f"  planner: {self.plan}")
+        elif self.plan is not None:
             from .plan.latency_table import format_layers
             lines.append(f"  scheduler: {self.plan}")
             lines.append(format_layers(self.plan))

@@ -157,6 +157,10 @@ class _Batcher:
             shape = args[1:] if method else [args[1]]
             if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
                 shape = list(shape[0])
+            elif len(shape) == 1 and isinstance(shape[0], fx.Node) and not isinstance(
+                    example_value(shape[0]), (int, torch.SymInt)):
+                # a whole size computed in the graph (GPT-2 under dynamic=True): not batched
+                raise Unsupported(f"{nd.name}: reshape to a size computed in the graph")
             shape = _explicit(shape, nd)   # a -1 cannot be resolved when l = 0 (no elements)
             return self._emit("call_method", "reshape", (m(x), self.L, *m(list(shape))))
 

@@ -27,9 +27,10 @@ from .store import KVStore, lookup
 
 
 def resolve(handle: torch.Tensor) -> KVStore:
-    """The store behind a handle tensor, without reading the tensor when it is the store's own."""
+    """The store behind a handle tensor, without reading the tensor when it is the store's own
+    (made whole if the throughput schedule split it into micro-batch parts)."""
     store = KVStore.by_handle_id(id(handle))
-    return store if store is not None and store.handle is handle else lookup(handle)
+    return store.whole() if store is not None and store.handle is handle else lookup(handle)
 
 
 # ---- CPU (synchronous) ---------------------------------------------------------------------

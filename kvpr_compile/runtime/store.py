@@ -14,6 +14,12 @@ Layout (all sequence-major, so a layer's token range [a:b] is one contiguous blo
 
 Every cache is reachable from compiled graphs through a small int64 *handle* tensor
 ``[uid, version]`` (a graph input, guarded on shape only, so new caches reuse compiled graphs).
+
+Micro-batch parts (the throughput schedule, ``store_parts.py``): ``parts`` holds one store per
+micro-batch, each sequence-major over its own rows, so a (layer, micro-batch) range is one
+contiguous copy. While a store is split its own K/V buffers are released; anything that
+addresses it as one store (``lookup``, ``direct.resolve``, the cache's ``k_cpu``) calls
+``whole()``, which copies the parts back first.
 """
 from __future__ import annotations
 
@@ -47,6 +53,8 @@ class KVStore:
         self.tokens: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.token_len = [0] * num_layers
         self.dropped_tokens = 0   # times stored records did not fit a graph (see token_sources)
+        self.written = [0] * num_layers   # K/V positions [0, written) were ever written
+        self.parts: "list[KVStore] | None" = None   # micro-batch stores while split
         self.uid = next(_UIDS)
         self.handle = torch.tensor([self.uid, 0], dtype=torch.int64)
         _REGISTRY[self.uid] = self
@@ -65,6 +73,7 @@ class KVStore:
     def write_kv(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens' k, v ``(b, hkv, n, d)`` at positions ``[pos, pos + n)``."""
         n = k.shape[2]
+        self.written[layer] = max(self.written[layer], pos + n)
         self.k[layer][pos:pos + n].copy_(k.permute(2, 0, 1, 3), non_blocking=self.pin)
         self.v[layer][pos:pos + n].copy_(v.permute(2, 0, 1, 3), non_blocking=self.pin)
 
@@ -176,11 +185,21 @@ class KVStore:
 
     def reset(self) -> None:
         self.token_len = [0] * self.num_layers
+        for part in self.parts or ():
+            part.reset()
+
+    def whole(self) -> "KVStore":
+        """This store with its micro-batch parts copied back (see store_parts.merge)."""
+        if self.parts is not None:
+            from .store_parts import merge
+            merge(self)
+        return self
 
 
-def lookup(handle: torch.Tensor) -> KVStore:
+def lookup(handle: torch.Tensor, whole: bool = True) -> KVStore:
+    """The store behind ``handle``; ``whole=False``: as it is, micro-batch parts and all."""
     uid = int(handle[0])
     store = _REGISTRY.get(uid)
     if store is None:
         raise RuntimeError(f"kvpr: no live offloaded cache with id {uid}")
-    return store
+    return store.whole() if whole else store

@@ -19,6 +19,11 @@ SIM = "tests/sim_streams.py"
 DIRECT = "kvpr_compile/runtime/direct.py"
 WEIGHTS = "kvpr_compile/runtime/weight_stream.py"
 THROUGHPUT = "kvpr_compile/plan/throughput_graph.py"
+COLUMNS = "kvpr_compile/runtime/column_runner.py"
+SEGMENTS = "kvpr_compile/passes/column_order.py"
+PARTS = "kvpr_compile/runtime/store_parts.py"
+ROWS = "kvpr_compile/passes/batch_rows.py"
+TPUT = "tests/test_throughput_schedule.py"
 
 VALUES = "tests/test_ops_values.py"
 ASSEMBLE = VALUES + "::test_assemble_orders_recomputed_loaded_new_and_falls_back_past_stored_x"
@@ -194,6 +199,55 @@ BREAKAGES = (
              'out.append((("att", j - 2, m - 1), ("w", j), "weight slot"))',
              "pass",
              ("tests/test_throughput_plan.py::test_weight_slots_and_cache_slots_bound_the_prefetch",)),
+    # ---- the throughput schedule's execution (column order) ------------------------------
+    Breakage("micro-batch-rows-off-by-one", COLUMNS,
+             "env[p] = a.narrow(0, row, size)",
+             "env[p] = a.narrow(0, min(row + 1, a.shape[0] - size), size)",
+             (TPUT + "::test_poisoned_stored_kv_still_matches_eager",),
+             "micro-batch k's input rows start one row late"),
+    Breakage("weights-released-per-micro-batch", COLUMNS,
+             "for env in envs:\n                outs = seg.module(*[env[n] for n in seg.inputs])\n"
+             "                env.update(zip(seg.outputs, outs))\n            for target, hook_args in seg.after:\n"
+             "                target(*fx.node.map_arg(hook_args, lambda n: first[n]))",
+             "for env in envs:\n                outs = seg.module(*[env[n] for n in seg.inputs])\n"
+             "                env.update(zip(seg.outputs, outs))\n                for target, hook_args in seg.after:\n"
+             "                    target(*fx.node.map_arg(hook_args, lambda n: first[n]))",
+             (TPUT + "::test_streamed_weights_in_column_order_on_simulated_streams",),
+             "a layer's weights_release fires after every micro-batch, not once after the last"),
+    Breakage("micro-batches-share-one-store", COLUMNS,
+             "env[p] = part.handle if part is not store else a",
+             "env[p] = parts[0].handle",
+             (TPUT + "::test_poisoned_stored_kv_still_matches_eager",),
+             "every micro-batch's cache steps go to the first micro-batch's store"),
+    Breakage("outputs-from-first-micro-batch", COLUMNS,
+             'if role == "rows":\n                results.append(torch.cat',
+             'if False:\n                results.append(torch.cat',
+             (TPUT + "::test_poisoned_stored_kv_still_matches_eager",),
+             "batch outputs not concatenated (micro-batch 0's rows only)"),
+    Breakage("segment-values-dropped-too-early", SEGMENTS,
+             "drop = [n for n, last in last_use.items() if last == s and seg_of[n] <= s]",
+             "drop = [n for n, last in last_use.items() if last >= s and seg_of[n] == s]",
+             (TPUT + "::test_poisoned_stored_kv_still_matches_eager",),
+             "a segment's outputs dropped before the later segments read them"),
+    Breakage("parts-lose-rows-on-merge", PARTS,
+             "torch.cat([p.k[layer][:n] for p in parts], dim=1, out=store.k[layer][:n])",
+             "torch.cat([parts[0].k[layer][:n]] * len(parts), dim=1)[:, :store.batch_size]",
+             (TPUT + "::test_cache_stays_meaningful_to_uncompiled_code",),
+             "merging the micro-batch stores back does not restore the K rows"),
+    Breakage("parts-drop-stored-x", PARTS,
+             "part.tokens[layer] = [_copy_rows(part, r) for r in records]\n                part.token_len[layer] = valid",
+             "pass",
+             (TPUT + "::test_poisoned_stored_kv_still_matches_eager",),
+             "a split forgets the stored X: the poisoned K,V are used instead of recomputed"),
+    Breakage("batch-reductions-allowed", ROWS,
+             'return "computes a tensor without the batch from batch rows (a reduction or a row pick)"',
+             "return None",
+             (TPUT + "::test_ops_mixing_rows_keep_the_latency_schedule",),
+             "a graph that mixes rows runs in column order (wrong, not refused)"),
+    Breakage("static-batch-not-refused", ROWS,
+             "if not isinstance(batch, torch.SymInt) or batch.node.maybe_as_int() is not None:",
+             "if False:",
+             (TPUT + "::test_static_batch_keeps_the_latency_schedule_with_one_warning",)),
     # ---- the test tools themselves -------------------------------------------------------
     Breakage("race-checker-no-op", SIM,
              "if s is not stream and stream.clock.get(s.name, 0) < when:",

@@ -1,0 +1,124 @@
+"""Run a lowered kvpr graph in the throughput schedule's column order.
+
+For each layer segment j (passes/column_order.py) and each micro-batch k: segment j on micro-batch
+k's rows, with one environment of values per micro-batch. Per call:
+
+1. the batch (a ``rows`` input's dim 0, or the ``batch`` input) is split into m micro-batches,
+   sizes differing by at most one (larger first; ``plan.throughput_lp.even_split``); m larger
+   than the batch is a ValueError naming both, raised before anything is written;
+2. each cache the graph reads is split into one store per micro-batch (``store_parts.split``; the
+   first call pays the copy, later calls find the parts) and micro-batch k's segments get part k's
+   handle, so its cache steps touch only its rows, each (layer, micro-batch) range one copy;
+3. ``rows`` inputs are sliced (views), ``batch`` inputs become the micro-batch's size, ``shared``
+   inputs pass as they are;
+4. per segment: its ``weights_ready`` hooks once, the segment for every micro-batch, its
+   ``weights_release`` hooks once; values no later segment reads are dropped;
+5. ``rows`` outputs are concatenated in batch order, ``shared`` ones come from micro-batch 0.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..passes.column_order import READY, RELEASE, segments
+from ..passes.recompute_slice import Unsupported
+from . import direct
+from .store import KVStore, lookup
+from .store_parts import split
+
+
+class ColumnRunner:
+    def __init__(self, lowered: fx.GraphModule, roles, micro_batches, check_budget=None):
+        """``roles``: passes.batch_rows.BatchRows; ``micro_batches``: int m, or a function of the
+        batch giving m (planned); ``check_budget(sizes, store)``: raises if the working set of
+        these micro-batches does not fit (or None)."""
+        self.segments, placeholders, self.out_node, self.cut_rule = segments(lowered)
+        self.placeholders = placeholders
+        self.roles = dict(zip(placeholders, roles.inputs))
+        handles = {n.args[0] for n in lowered.graph.nodes
+                   if n.op == "call_function" and n.target is direct.resolve}
+        handles |= {n.args[0] for n in lowered.graph.nodes if n.op == "call_function"
+                    and getattr(n.target, "namespace", None) == "kvpr"
+                    and n.target not in READY + RELEASE}
+        for h in handles:
+            if h not in self.roles:
+                raise Unsupported(f"the cache handle {h.name} is not an input of the graph")
+            self.roles[h] = "cache"
+        self.out_roles = roles.outputs
+        self.micro_batches = micro_batches
+        self.check_budget = check_budget
+        self.last_sizes: tuple[int, ...] | None = None
+
+    def _batch(self, args) -> int:
+        for p, a in zip(self.placeholders, args):
+            if self.roles[p] == "rows":
+                return a.shape[0]
+        for p, a in zip(self.placeholders, args):
+            if self.roles[p] == "batch":
+                return int(a)
+        raise RuntimeError("kvpr: throughput step without a batch input")
+
+    def sizes(self, batch: int) -> tuple[int, ...]:
+        from ..plan.throughput_lp import even_split
+        m = self.micro_batches
+        if callable(m):
+            m = min(m(batch), batch)
+        elif m > batch:
+            raise ValueError(f"kvpr: options['micro_batches']={m} is larger than the batch "
+                             f"({batch} rows)")
+        return even_split(batch, m)
+
+    def __call__(self, *args):
+        sizes = self.sizes(self._batch(args))
+        self.last_sizes = sizes
+        envs = [{} for _ in sizes]
+        for p, a in zip(self.placeholders, args):
+            role = self.roles[p]
+            if role == "cache":
+                store = _store_of(a)
+                if self.check_budget is not None:
+                    self.check_budget(sizes, store)
+                parts = [store.whole()] if len(sizes) == 1 else split(store, sizes)
+                for env, part in zip(envs, parts):
+                    env[p] = part.handle if part is not store else a
+            elif role == "rows":
+                row = 0
+                for env, size in zip(envs, sizes):
+                    env[p] = a.narrow(0, row, size)
+                    row += size
+            elif role == "batch":
+                for env, size in zip(envs, sizes):
+                    env[p] = size
+            else:
+                for env in envs:
+                    env[p] = a
+        first = envs[0]
+        for seg in self.segments:
+            for target, hook_args in seg.before:
+                target(*fx.node.map_arg(hook_args, lambda n: first[n]))
+            for env in envs:
+                outs = seg.module(*[env[n] for n in seg.inputs])
+                env.update(zip(seg.outputs, outs))
+            for target, hook_args in seg.after:
+                target(*fx.node.map_arg(hook_args, lambda n: first[n]))
+            for env in envs:
+                for n in seg.drop:
+                    env.pop(n, None)
+        leaves, spec = torch.utils._pytree.tree_flatten(self.out_node.args[0])
+        results, roles = [], iter(self.out_roles)
+        for leaf in leaves:
+            if not isinstance(leaf, fx.Node):
+                results.append(leaf)
+                continue
+            role = next(roles)
+            if role == "rows":
+                results.append(torch.cat([env[leaf] for env in envs], dim=0))
+            else:
+                results.append(first[leaf])
+        return torch.utils._pytree.tree_unflatten(results, spec)
+
+
+def _store_of(handle: torch.Tensor) -> KVStore:
+    """The store behind ``handle`` as it is (not made whole: its parts are what the step uses)."""
+    store = KVStore.by_handle_id(id(handle))
+    return store if store is not None and store.handle is handle else lookup(handle, whole=False)

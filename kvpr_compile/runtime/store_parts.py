@@ -1,0 +1,107 @@
+"""One store per micro-batch: the throughput schedule's layout of a cache (see store.py).
+
+``split(store, sizes)`` gives ``store`` one part per micro-batch (rows ``[r, r + size)`` in batch
+order), each a ``KVStore`` of its own: K and V ``(max_seq_len, size, kv_heads, head_dim)``,
+sequence-major, so what micro-batch k loads of a layer is one contiguous block, and its own handle
+(the compiled column-order step gives micro-batch k's layer segments that handle). The valid
+positions are copied in, the store's own K/V buffers are released. ``merge(store)`` copies the
+parts back and drops them; ``KVStore.whole()`` calls it whenever the store is addressed as one.
+
+Per-token records (X, side inputs) move with their rows where a record's first axis is the batch
+(its size is the store's batch, or each part's), are shared where it is 1, and are dropped
+otherwise: positions without records use the stored K,V (exact, not recomputed).
+"""
+from __future__ import annotations
+
+import torch
+
+from .store import KVStore
+
+
+def _sync(store: KVStore) -> None:
+    if store.pin and torch.cuda.is_available():
+        torch.cuda.synchronize()   # D2H writes into the parts (or the store) may be in flight
+
+
+def split(store: KVStore, sizes) -> list[KVStore]:
+    """The micro-batch parts of ``store`` for row counts ``sizes`` (made once; a split with other
+    sizes is merged back first)."""
+    sizes = tuple(int(s) for s in sizes)
+    if store.parts is not None and tuple(p.batch_size for p in store.parts) == sizes:
+        return store.parts
+    store.whole()
+    if sum(sizes) != store.batch_size:
+        raise ValueError(f"kvpr: micro-batches {list(sizes)} do not add up to the cache's batch "
+                         f"({store.batch_size} rows)")
+    _sync(store)
+    parts, row = [], 0
+    for size in sizes:
+        part = KVStore(store.num_layers, size, store.max_seq_len, store.num_kv_heads,
+                       store.head_dim, store.dtype, store.device)
+        for layer in range(store.num_layers):
+            n = store.written[layer]
+            part.k[layer][:n].copy_(store.k[layer][:n, row:row + size])
+            part.v[layer][:n].copy_(store.v[layer][:n, row:row + size])
+            part.written[layer] = n
+            valid = store.token_len[layer]
+            records = []
+            for rec in store.tokens[layer]:
+                if rec.dim() > 1 and rec.shape[1] == store.batch_size:
+                    records.append(rec[:valid, row:row + size])
+                elif rec.dim() > 1 and rec.shape[1] == 1:
+                    records.append(rec[:valid])
+                else:
+                    records = []
+                    break
+            if records:
+                part.tokens[layer] = [_copy_rows(part, r) for r in records]
+                part.token_len[layer] = valid
+        parts.append(part)
+        row += size
+    store.parts = parts
+    empty = torch.empty(0, dtype=store.dtype)
+    store.k = [empty] * store.num_layers       # released: the parts hold the data now
+    store.v = [empty] * store.num_layers
+    store.tokens = [[] for _ in range(store.num_layers)]
+    store.token_len = [0] * store.num_layers
+    return parts
+
+
+def _copy_rows(part: KVStore, valid_rows: torch.Tensor) -> torch.Tensor:
+    """A (max_seq_len, *record) store of ``part`` holding ``valid_rows`` at its start."""
+    out = part._alloc((part.max_seq_len, *valid_rows.shape[1:]), valid_rows.dtype, zero=False)
+    out[:valid_rows.shape[0]].copy_(valid_rows)
+    return out
+
+
+def merge(store: KVStore) -> None:
+    """Copy the parts back into ``store``'s whole-batch layout and drop them."""
+    parts, store.parts = store.parts, None
+    if parts is None:
+        return
+    _sync(store)
+    shape = (store.max_seq_len, store.batch_size, store.num_kv_heads, store.head_dim)
+    store.k = [store._alloc(shape, store.dtype) for _ in range(store.num_layers)]
+    store.v = [store._alloc(shape, store.dtype) for _ in range(store.num_layers)]
+    for layer in range(store.num_layers):
+        n = max(p.written[layer] for p in parts)
+        store.written[layer] = n
+        torch.cat([p.k[layer][:n] for p in parts], dim=1, out=store.k[layer][:n])
+        torch.cat([p.v[layer][:n] for p in parts], dim=1, out=store.v[layer][:n])
+        valid = min(p.token_len[layer] for p in parts)
+        counts = {len(p.tokens[layer]) for p in parts}
+        if valid == 0 or len(counts) != 1:
+            continue
+        records = []
+        for i in range(counts.pop()):
+            recs = [p.tokens[layer][i] for p in parts]
+            if all(r.dim() > 1 and r.shape[1] == p.batch_size for r, p in zip(recs, parts)):
+                records.append(torch.cat([r[:valid] for r in recs], dim=1))
+            elif all(r.dim() > 1 and r.shape[1] == 1 for r in recs):
+                records.append(recs[0][:valid])
+            else:
+                records = []
+                break
+        if records:
+            store.tokens[layer] = [_copy_rows(store, r) for r in records]
+            store.token_len[layer] = valid
