@@ -28,11 +28,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .configs import CPU_MODELS, GPU_MODELS, build_model
+from .configs import CPU_MODELS, GPU_MODELS, TPUT_KVPR, TPUT_R0, build_model
 from .loop import GreedyDecoder
 from .timing import step_timer
 
-TPUT_R0, TPUT_KVPR = "tput-r0", "tput-kvpr"
 MODELS = ("opt-6.7b", "opt-13b", "opt-30b")
 BATCHES = (64, 128)
 PROMPT, NEW_TOKENS, LAYERS = 256, 32, 4
@@ -221,7 +220,9 @@ def run(args, device: torch.device, profile, h2d: float, h2d_source: str) -> int
                     meta["device_name"] = torch.cuda.get_device_name(device)
                 rows = [{**{k: v for k, v in asdict(r).items() if k != "runs"},
                          "runs": {k: x.to_dict() for k, x in r.runs.items()},
-                         "tokens_per_s": {k: r.tokens_per_s(k) for k in r.runs}} for r in results]
+                         "tokens_per_s": {k: r.tokens_per_s(k) for k in r.runs},
+                         "limit_ms": {k: x.limit_ms(h2d) for k, x in r.runs.items()}}
+                        for r in results]
                 with open(args.json, "w") as fh:
                     json.dump({"meta": meta, "cases": rows}, fh, indent=2)
     note = (f"H2D {h2d / 1e9:.1f} GB/s ({h2d_source}); {layers} layers; weights streamed from "
