@@ -44,3 +44,9 @@ def test_cpu_smoke_run_and_results_rows(tmp_path, capsys):
 def test_bad_throughput_arguments_exit_2(argv, capsys):
     assert main(["--schedule", "throughput", "--cpu-smoke", *argv]) == 2
     assert "kvpr bench: error:" in capsys.readouterr().err
+
+
+def test_inner_choices_of_the_commands_are_the_backends():
+    from kvpr_compile.bench.configs import INNER_CHOICES
+    from kvpr_compile.inner import INNER
+    assert INNER_CHOICES == INNER

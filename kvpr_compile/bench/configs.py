@@ -33,6 +33,7 @@ RESIDENT, HF_OFFLOADED, KVPR_R0, KVPR_SCHED = "resident", "hf-offloaded", "kvpr-
 CONTENDERS = (RESIDENT, HF_OFFLOADED, KVPR_R0, KVPR_SCHED)
 TPUT_R0, TPUT_KVPR = "tput-r0", "tput-kvpr"   # --schedule throughput (throughput.py)
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+INNER_CHOICES = ("eager", "piecewise", "inductor")   # inner.INNER, without importing torch
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from . import configs as cf
-from .configs import CONTENDERS
+from .configs import CONTENDERS, INNER_CHOICES
 
 NO_CUDA = ("kvpr bench: no CUDA device here (torch.cuda.is_available() is False). The benchmark "
            "times decode steps against the host-to-device link, which a CPU run cannot show.\n"
@@ -78,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="hardware profile for the scheduler: preset, JSON path or 'measure' "
                         "(default: measured now on CUDA, the h200-pcie5 preset on the CPU); the "
                         "physical limit always uses the H2D bandwidth measured now")
-    h.add_argument("--inner", choices=("eager", "inductor"), default="eager",
-                   help="kvpr backend option 'inner' (default eager)")
+    h.add_argument("--inner", choices=INNER_CHOICES, default=None,
+                   help="kvpr backend option 'inner' (default: the backend's, see inner.py)")
     h.add_argument("--overlap", choices=("row", "stream"), default=None,
                    help="kvpr backend option 'overlap' (scheduler's schedule model)")
     h.add_argument("--seed", type=int, default=0, help="seed of weights and prompts")

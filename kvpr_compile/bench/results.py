@@ -6,7 +6,7 @@ case and the CUDA tests' junit XML. Schema (one row per case)::
     {"device": str, "torch": str, "tests": {"passed": int, "failed": int},
      "rows": [{"model": str, "attention": "MHA" | "GQA", "batch": int, "prompt": int,
                "resident_ms": float, "hf_offloaded_ms": float, "kvpr_ratio0_ms": float,
-               "kvpr_ms": float, "limit_ms": float}]}
+               "kvpr_ms": float, "limit_ms": float}]}   # + "inner" on rows of another inner
 
 ``limit_ms`` is the scheduler's split's host-to-device bytes over the H2D rate measured in the
 same run; a number a contender did not produce is null. ``kvpr bench --schedule throughput``
@@ -61,6 +61,7 @@ def rows_from(doc: dict) -> list[dict]:
     """The schema's rows of one ``kvpr bench --json`` document."""
     if _is_throughput(doc):
         return []
+    inner = doc.get("meta", {}).get("inner")
     rows = []
     for case in doc.get("cases", []):
         ms = case.get("ms_per_step", {})
@@ -69,6 +70,8 @@ def rows_from(doc: dict) -> list[dict]:
                      "attention": "MHA" if case["attention"] == "MHA" else "GQA",
                      "batch": case["batch"], "prompt": case["prompt"],
                      **{key: ms.get(name) for key, name in COLUMNS}, "limit_ms": limit})
+        if inner not in (None, "eager"):   # a run with another inner (the piecewise case)
+            rows[-1]["inner"] = inner
     return rows
 
 
@@ -120,8 +123,9 @@ def markdown(result: dict) -> str:
              f"passed, {result['tests']['failed']} failed; ms per decode step", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
+        model = r["model"] + (f" ({r['inner']})" if r.get("inner") else "")
         lines.append(
-            f"| {r['model']} | {r['attention']} | {r['batch']} | {r['prompt']} | "
+            f"| {model} | {r['attention']} | {r['batch']} | {r['prompt']} | "
             f"{_fmt(r['resident_ms'])} | {_fmt(r['hf_offloaded_ms'])} | "
             f"{_fmt(r['kvpr_ratio0_ms'])} | {_fmt(r['kvpr_ms'])} | {_fmt(r['limit_ms'])} | "
             f"{_ratio(r['kvpr_ms'], r['limit_ms'])} | {_ratio(r['kvpr_ratio0_ms'], r['kvpr_ms'])} "
