@@ -33,7 +33,7 @@ def _decoder(model, ratio, micro_batches, batch, max_seq_len, dtype, device, pro
     if profile is not None:
         options["profile"] = profile
     torch.compiler.reset()
-    forward = torch.compile(model.forward, backend="kvpr", options=options)
+    forward = torch.compile(model.forward, backend="kvpr", dynamic=True, options=options)
     cache = KVPRCache(model.config, batch_size=batch, max_seq_len=max_seq_len, dtype=dtype,
                       device=device)
     return GreedyDecoder(model, forward, cache)

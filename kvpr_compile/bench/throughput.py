@@ -7,8 +7,11 @@ the device (random fp16 weights, ``layers`` decoder layers), its layer weights g
 memory with ``stream_weights`` (two layers' worth of device slots), and each contender decodes
 ``new_tokens`` greedily over its own ``KVPRCache``:
 
-- ``tput-r0``: ``options={"schedule": "throughput", "micro_batches": m, "ratio": 0.0}``
-- ``tput-kvpr``: the same without ``ratio`` (the scheduler's per-layer split)
+- ``tput-r0``: ``torch.compile(model.forward, backend="kvpr", dynamic=True,
+  options={"schedule": "throughput", "micro_batches": m, "ratio": 0.0})`` (what
+  ``kvpr_compile.compile_throughput`` does; called directly here so that both contenders share
+  one model and its streamed weights)
+- ``tput-kvpr``: the same without ``ratio`` (the throughput planner's per-layer split)
 
 Measured per timed decode step: its time (CUDA events), the bytes the runtime loaded from the
 cache store (``runtime.traffic``) and the layer weights streamed (every layer once per step).
@@ -104,7 +107,7 @@ def _decode(name, model, ids, case, env, options, warmup) -> Run:
     torch.compiler.reset()
     first = len(kvpr_report.reports())
     try:
-        forward = torch.compile(model.forward, backend=_backend(), options=options)
+        forward = torch.compile(model.forward, backend=_backend(), dynamic=True, options=options)
         cache = KVPRCache(model.config, batch_size=case["batch"],
                           max_seq_len=case["prompt"] + case["new_tokens"], dtype=env["dtype"],
                           device=env["device"])
