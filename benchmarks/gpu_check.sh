@@ -5,8 +5,12 @@
 #   selection, up to 150 s) -> the results file benchmarks/results/<date>-<card>.json, under OUT.
 # Usage, from the repo root on the GPU machine:  bash benchmarks/gpu_check.sh [OUT [STEPS]]
 #   OUT defaults to $OUT (the device tool's output folder), else /tmp/kvpr_gpu.
-#   STEPS: comma-separated subset of env,profile,tests,cases,results (default: all; the install
-#   always runs), e.g. "tests,results" for a short second run.
+#   STEPS: comma-separated subset of env,profile,tests,cases,throughput,piecewise,results (default:
+#   all but throughput and piecewise; the install always runs), e.g. "tests,results" for a short
+#   second run. The throughput schedule's benchmark and the inner="piecewise" case (which decides
+#   the default inner on CUDA, inner.py) are the second call (<= 300 s):
+#     KVPR_CHECK_BUDGET=290 bash benchmarks/gpu_check.sh "$OUT" throughput,piecewise,results
+#   (its results file is <date>-<card>-throughput.json).
 #   KVPR_CHECK_BUDGET (seconds, default 470) is the deadline every step's timeout is cut to.
 # Every step writes its files as soon as it is done, so a step cut short loses only itself.
 # Wheels carried in .whl/ (mip==1.16rc0, cffi, pycparser; setuptools, wheel; .whl/plot/: matplotlib
@@ -87,6 +91,15 @@ want cases && run case_opt-6.7b_paper 80 $py -m kvpr_compile.cli bench --models 
     --json "$out/cases/opt-6.7b-b32-p256.json"
 want cases && run case_llama-3-8b_b16_p1024 80 $py -m kvpr_compile.cli bench --models llama-3-8b --batch 16 --prompt 1024 --no-paper \
     --json "$out/cases/llama-3-8b-b16-p1024.json"
+
+# throughput schedule, weights streamed from pinned host memory: kvpr vs ratio 0 vs link limit
+want throughput && run throughput 190 $py -m kvpr_compile.cli bench --schedule throughput \
+    --models opt-6.7b opt-13b --batch 128 --json "$out/cases/throughput.json"
+
+# the same decode case with inductor between the kvpr steps (compare with case_llama-7b above)
+want piecewise && run case_llama-7b_b16_p1024_piecewise 70 $py -m kvpr_compile.cli bench --models llama-7b \
+    --batch 16 --prompt 1024 --no-paper --inner piecewise --contenders kvpr-r0 kvpr-sched \
+    --json "$out/cases/llama-7b-b16-p1024-piecewise.json"
 
 # -o addopts=-ra: setup.cfg's --benchmark-disable needs pytest-benchmark, which the image may lack
 want tests && run cuda_tests 150 $py -m pytest -q -p no:cacheprovider -o addopts=-ra \

@@ -16,4 +16,5 @@ measured pinned bandwidth). Modules, one idea each:
 - ``timeline`` torch.profiler chrome trace -> CUDA stream timeline PNG and overlap numbers
 - ``main``     the command line (shared by both entry points)
 - ``results``  the committed record of a GPU run (``benchmarks/gpu_check.sh`` writes it)
+- ``throughput`` ``--schedule throughput``: tokens/s with weights streamed, kvpr vs ratio 0 vs link
 """

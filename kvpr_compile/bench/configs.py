@@ -31,7 +31,9 @@ VOCAB = 32000
 # --help can list them without importing torch)
 RESIDENT, HF_OFFLOADED, KVPR_R0, KVPR_SCHED = "resident", "hf-offloaded", "kvpr-r0", "kvpr-sched"
 CONTENDERS = (RESIDENT, HF_OFFLOADED, KVPR_R0, KVPR_SCHED)
+TPUT_R0, TPUT_KVPR = "tput-r0", "tput-kvpr"   # --schedule throughput (throughput.py)
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+INNER_CHOICES = ("eager", "piecewise", "inductor")   # inner.INNER, without importing torch
 
 
 @dataclass(frozen=True)

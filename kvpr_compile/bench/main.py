@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from . import configs as cf
-from .configs import CONTENDERS
+from .configs import CONTENDERS, INNER_CHOICES
 
 NO_CUDA = ("kvpr bench: no CUDA device here (torch.cuda.is_available() is False). The benchmark "
            "times decode steps against the host-to-device link, which a CPU run cannot show.\n"
@@ -34,7 +34,14 @@ NO_CUDA = ("kvpr bench: no CUDA device here (torch.cuda.is_available() is False)
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("what to run")
-    g.add_argument("--models", nargs="+", default=list(cf.DEFAULT_MODELS), metavar="MODEL",
+    g.add_argument("--schedule", choices=("latency", "throughput"), default="latency",
+                   help="latency (default): the decode comparison below; throughput: "
+                        "micro-batched column order with the layer weights streamed from pinned "
+                        "CPU memory, kvpr vs ratio 0 vs the link limit (OPT-6.7B/13B/30B shapes, "
+                        "prompt 256 + 32 new tokens, batches 64 and 128, 4 layers by default)")
+    g.add_argument("--micro-batches", type=int, default=None, metavar="M",
+                   help="throughput schedule: micro-batches per step (default: planned)")
+    g.add_argument("--models", nargs="+", default=None, metavar="MODEL",
                    choices=sorted(cf.GPU_MODELS),
                    help=f"model shapes (default: {' '.join(cf.DEFAULT_MODELS)}; "
                         f"any of {', '.join(sorted(cf.GPU_MODELS))})")
@@ -71,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="hardware profile for the scheduler: preset, JSON path or 'measure' "
                         "(default: measured now on CUDA, the h200-pcie5 preset on the CPU); the "
                         "physical limit always uses the H2D bandwidth measured now")
-    h.add_argument("--inner", choices=("eager", "inductor"), default="eager",
-                   help="kvpr backend option 'inner' (default eager)")
+    h.add_argument("--inner", choices=INNER_CHOICES, default=None,
+                   help="kvpr backend option 'inner' (default: the backend's, see inner.py)")
     h.add_argument("--overlap", choices=("row", "stream"), default=None,
                    help="kvpr backend option 'overlap' (scheduler's schedule model)")
     h.add_argument("--seed", type=int, default=0, help="seed of weights and prompts")
@@ -105,9 +112,10 @@ def plan_cases(args, cpu: bool) -> tuple[list[cf.Case], dict[str, cf.ModelSpec],
         base = dict(batches=cf.DEFAULT_BATCHES, prompts=cf.DEFAULT_PROMPTS,
                     new_tokens=cf.DEFAULT_NEW_TOKENS, layers=cf.DEFAULT_LAYERS)
         kind, specs = "sweep", cf.GPU_MODELS
-    models = [m for m in args.models if m in specs]
+    wanted = args.models or list(cf.DEFAULT_MODELS)
+    models = [m for m in wanted if m in specs]
     note = cf.CPU_NOTE if cpu else ""
-    dropped = [m for m in args.models if m not in specs]
+    dropped = [m for m in wanted if m not in specs]
     if dropped:
         note += f"; no toy CPU shape for {', '.join(dropped)} (left out)"
     paper = kind == "sweep" and not args.no_paper
@@ -145,6 +153,20 @@ def _profiles(args, device):
     return sched, sched.h2d_bytes_per_s, f"{sched.name}: not measured, no CUDA"
 
 
+def _throughput(args, device) -> int:
+    from . import throughput
+    if args.micro_batches is not None and args.micro_batches < 1:
+        print(f"kvpr bench: error: --micro-batches must be >= 1, got {args.micro_batches}",
+              file=sys.stderr)
+        return 2
+    try:
+        profile, h2d, h2d_source = _profiles(args, device)
+    except (ValueError, RuntimeError) as exc:
+        print(f"kvpr bench: error: {exc}", file=sys.stderr)
+        return 2
+    return throughput.run(args, device, profile, h2d, h2d_source)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -159,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     if cpu and not args.cpu:
         print(NO_CUDA, file=sys.stderr)
         return 2
+    if args.schedule == "throughput":
+        return _throughput(args, device)
     cases, specs, layers, note = plan_cases(args, cpu)
     problem = _check(args, cases, layers)
     if problem:

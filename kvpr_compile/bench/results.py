@@ -6,10 +6,17 @@ case and the CUDA tests' junit XML. Schema (one row per case)::
     {"device": str, "torch": str, "tests": {"passed": int, "failed": int},
      "rows": [{"model": str, "attention": "MHA" | "GQA", "batch": int, "prompt": int,
                "resident_ms": float, "hf_offloaded_ms": float, "kvpr_ratio0_ms": float,
-               "kvpr_ms": float, "limit_ms": float}]}
+               "kvpr_ms": float, "limit_ms": float}]}   # + "inner" on rows of another inner
 
 ``limit_ms`` is the scheduler's split's host-to-device bytes over the H2D rate measured in the
-same run; a number a contender did not produce is null. Also prints the table as Markdown.
+same run; a number a contender did not produce is null. ``kvpr bench --schedule throughput``
+documents (``meta.schedule == "throughput"``) become ``throughput_rows`` instead::
+
+    {"model", "attention", "batch", "prompt", "micro_batches", "r0_tokens_per_s",
+     "kvpr_tokens_per_s", "r0_ms", "kvpr_ms", "r0_limit_ms", "kvpr_limit_ms", "agreement"}
+
+and the file is ``<date>-<card>-throughput.json`` when they are all it holds. Also prints the
+tables as Markdown.
 
     python -m kvpr_compile.bench.results --cases DIR [--junit FILE] [--env FILE] [--date D] -o DIR
 """
@@ -23,14 +30,38 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .configs import HF_OFFLOADED, KVPR_R0, KVPR_SCHED, RESIDENT
+from .configs import HF_OFFLOADED, KVPR_R0, KVPR_SCHED, RESIDENT, TPUT_KVPR, TPUT_R0
 
 COLUMNS = (("resident_ms", RESIDENT), ("hf_offloaded_ms", HF_OFFLOADED),
            ("kvpr_ratio0_ms", KVPR_R0), ("kvpr_ms", KVPR_SCHED))
 
 
+def throughput_rows_from(doc: dict) -> list[dict]:
+    """The rows of one ``kvpr bench --schedule throughput --json`` document."""
+    rows = []
+    for case in doc.get("cases", []):
+        runs, tps, limit = case.get("runs", {}), case.get("tokens_per_s", {}), case.get("limit_ms", {})
+        mb = runs.get(TPUT_KVPR, {}).get("micro_batches") or case.get("micro_batches")
+        rows.append({"model": case["model"],
+                     "attention": "MHA" if case["attention"] == "MHA" else "GQA",
+                     "batch": case["batch"], "prompt": case["prompt"], "micro_batches": mb,
+                     "r0_tokens_per_s": tps.get(TPUT_R0), "kvpr_tokens_per_s": tps.get(TPUT_KVPR),
+                     "r0_ms": runs.get(TPUT_R0, {}).get("ms_per_step"),
+                     "kvpr_ms": runs.get(TPUT_KVPR, {}).get("ms_per_step"),
+                     "r0_limit_ms": limit.get(TPUT_R0), "kvpr_limit_ms": limit.get(TPUT_KVPR),
+                     "agreement": case.get("agreement")})
+    return rows
+
+
+def _is_throughput(doc: dict) -> bool:
+    return doc.get("meta", {}).get("schedule") == "throughput"
+
+
 def rows_from(doc: dict) -> list[dict]:
     """The schema's rows of one ``kvpr bench --json`` document."""
+    if _is_throughput(doc):
+        return []
+    inner = doc.get("meta", {}).get("inner")
     rows = []
     for case in doc.get("cases", []):
         ms = case.get("ms_per_step", {})
@@ -39,6 +70,8 @@ def rows_from(doc: dict) -> list[dict]:
                      "attention": "MHA" if case["attention"] == "MHA" else "GQA",
                      "batch": case["batch"], "prompt": case["prompt"],
                      **{key: ms.get(name) for key, name in COLUMNS}, "limit_ms": limit})
+        if inner not in (None, "eager"):   # a run with another inner (the piecewise case)
+            rows[-1]["inner"] = inner
     return rows
 
 
@@ -68,7 +101,11 @@ def build(case_docs: list[dict], tests: dict, env: dict | None = None) -> dict:
     device = next((m["device"] for m in metas if m.get("device")), "unknown")
     torch_version = next((m["torch"] for m in metas if m.get("torch")), "unknown")
     rows = [row for doc in case_docs for row in rows_from(doc)]
-    return {"device": device, "torch": torch_version, "tests": tests, "rows": rows}
+    result = {"device": device, "torch": torch_version, "tests": tests, "rows": rows}
+    tput = [row for doc in case_docs if _is_throughput(doc) for row in throughput_rows_from(doc)]
+    if tput:
+        result["throughput_rows"] = tput
+    return result
 
 
 def _fmt(value) -> str:
@@ -86,12 +123,27 @@ def markdown(result: dict) -> str:
              f"passed, {result['tests']['failed']} failed; ms per decode step", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
+        model = r["model"] + (f" ({r['inner']})" if r.get("inner") else "")
         lines.append(
-            f"| {r['model']} | {r['attention']} | {r['batch']} | {r['prompt']} | "
+            f"| {model} | {r['attention']} | {r['batch']} | {r['prompt']} | "
             f"{_fmt(r['resident_ms'])} | {_fmt(r['hf_offloaded_ms'])} | "
             f"{_fmt(r['kvpr_ratio0_ms'])} | {_fmt(r['kvpr_ms'])} | {_fmt(r['limit_ms'])} | "
             f"{_ratio(r['kvpr_ms'], r['limit_ms'])} | {_ratio(r['kvpr_ratio0_ms'], r['kvpr_ms'])} "
             f"| {_ratio(r['hf_offloaded_ms'], r['kvpr_ms'])} |")
+    if result.get("throughput_rows"):
+        head = ("| model | attn | b | prompt | m | r0 tok/s | kvpr tok/s | kvpr/r0 | kvpr/limit "
+                "| r0/limit | tokens agree |")
+        lines += ["", "throughput schedule (weights streamed from pinned CPU memory)", "",
+                  head, "|" + "---|" * (head.count("|") - 1)]
+        for r in result["throughput_rows"]:
+            agree = "-" if r["agreement"] is None else f"{r['agreement']:.0%}"
+            lines.append(
+                f"| {r['model']} | {r['attention']} | {r['batch']} | {r['prompt']} | "
+                f"{r['micro_batches'] or '-'} | {_fmt(r['r0_tokens_per_s'])} | "
+                f"{_fmt(r['kvpr_tokens_per_s'])} | "
+                f"{_ratio(r['kvpr_tokens_per_s'], r['r0_tokens_per_s'])} | "
+                f"{_ratio(r['kvpr_ms'], r['kvpr_limit_ms'])} | {_ratio(r['r0_ms'], r['r0_limit_ms'])} "
+                f"| {agree} |")
     return "\n".join(lines)
 
 
@@ -115,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.env and Path(args.env).is_file():
         env = json.loads(Path(args.env).read_text())
     result = build(docs, test_counts(Path(args.junit) if args.junit else None), env)
-    out = Path(args.out) / f"{args.date}-{card(result['device'])}.json"
+    only_tput = bool(result.get("throughput_rows")) and not result["rows"]
+    suffix = "-throughput" if only_tput else ""
+    out = Path(args.out) / f"{args.date}-{card(result['device'])}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
     print(f"results: wrote {out}", file=sys.stderr)
-    return 0 if result["rows"] else 1
+    return 0 if result["rows"] or result.get("throughput_rows") else 1
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class BenchEnv:
     h2d_bytes_per_s: float             # for the physical limit: measured pinned H2D on CUDA
     h2d_source: str = "measured"
     warmup: int = 2
-    inner: str = "eager"
+    inner: str | None = None          # None: the backend's default
     overlap: str | None = None
     trace_dir: Path | None = None
     trace_steps: int = 3
@@ -203,7 +203,9 @@ def kvpr_decoder(model, env: BenchEnv, ratio: float | None, batch: int, max_seq_
     """``model.forward`` compiled by the kvpr backend (``ratio=None``: the scheduler's split
     from ``env.profile``) over a fresh ``KVPRCache``. Compiles lazily, on the first call."""
     from ..hf import KVPRCache
-    options: dict = {"profile": env.profile, "inner": env.inner}
+    options: dict = {"profile": env.profile}
+    if env.inner:
+        options["inner"] = env.inner
     if ratio is not None:
         options["ratio"] = float(ratio)
     if env.overlap:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import time
 
+from ..bench.configs import INNER_CHOICES
+
+
 def add_parser(sub):
     p = sub.add_parser(
         "demo", help="exactness and bytes per decode step of kvpr on a small built-in model",
@@ -31,7 +34,8 @@ def add_parser(sub):
     p.add_argument("--ratio", type=float, default=None,
                    help="force the split ratio (default: the scheduler's, from the hardware profile)")
     p.add_argument("--profile", default=None, help="hardware profile preset or JSON path")
-    p.add_argument("--inner", choices=("eager", "inductor"), default="eager")
+    p.add_argument("--inner", choices=INNER_CHOICES, default=None,
+                   help="kvpr backend option 'inner' (default: the backend's)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -120,7 +124,7 @@ def run(args) -> int:
 
     def compiled_run(ratio):
         torch.compiler.reset()   # each run compiles its own graphs
-        options = {"inner": args.inner}
+        options = {"inner": args.inner} if args.inner else {}
         if ratio is not None:
             options["ratio"] = ratio
         if args.profile is not None:
