@@ -36,7 +36,7 @@ def test_cpu_smoke_run_and_results_rows(tmp_path, capsys):
                          "-o", str(tmp_path / "out")]) == 0
     saved = json.loads(next((tmp_path / "out").glob("2026-11-26-*-throughput.json")).read_text())
     row = saved["throughput_rows"][0]
-    assert saved["rows"] == [] and row["batch"] == 5 and row["micro_batches"] == 2
+    assert saved["rows"] == [] and row["batch"] == 5 and row["micro_batches"] == [3, 2]
     assert row["kvpr_tokens_per_s"] > 0 and row["r0_limit_ms"] > row["kvpr_limit_ms"] > 0
 
 

@@ -12,7 +12,7 @@ case and the CUDA tests' junit XML. Schema (one row per case)::
 same run; a number a contender did not produce is null. ``kvpr bench --schedule throughput``
 documents (``meta.schedule == "throughput"``) become ``throughput_rows`` instead::
 
-    {"model", "attention", "batch", "prompt", "micro_batches", "r0_tokens_per_s",
+    {"model", "attention", "batch", "prompt", "micro_batches" (row counts), "r0_tokens_per_s",
      "kvpr_tokens_per_s", "r0_ms", "kvpr_ms", "r0_limit_ms", "kvpr_limit_ms", "agreement"}
 
 and the file is ``<date>-<card>-throughput.json`` when they are all it holds. Also prints the
