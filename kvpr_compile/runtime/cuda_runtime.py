@@ -202,7 +202,7 @@ class CudaRuntime:
             API.copy(b, t)
         return bufs
 
-    def store_tokens(self, store, layer: int, pos: int, k, v, records, keep) -> None:
+    def store_tokens(self, store, layer: int, pos: int, k, v, records, keep, links=()) -> None:
         """Copy the new tokens' K, V and records into the pinned store on the D2H stream. The
         copy reads its sources after this returns: they are held (``in_flight``), which keeps
         the allocator from reusing them, but nothing stops a compiler that reuses buffers itself
@@ -210,19 +210,19 @@ class CudaRuntime:
         self.d2h.wait_stream(API.current_stream(self.device))
         with API.use(self.d2h):
             store.write_kv(layer, pos, k, v)
-            store.write_tokens(layer, pos, records)
+            store.write_tokens(layer, pos, records, links)
             done = API.new_event()
             done.record(self.d2h)
         self.stored[layer] = done
         self.in_flight.append((done, (k, v, *records, *keep)))
         self._retire()
 
-    def store_tokens_staged(self, store, layer: int, pos: int, k, v, records) -> None:
+    def store_tokens_staged(self, store, layer: int, pos: int, k, v, records, links=()) -> None:
         """``store_tokens`` from runtime-owned copies of the sources made on the compute stream:
         for callers whose memory may be overwritten before the D2H copy ran (inductor's code
         reuses dead buffers; an in-place op may write a source after the store)."""
         k, v, *records = self._stage(layer, [k, v, *records], API.current_stream(self.device))
-        self.store_tokens(store, layer, pos, k, v, records, ())
+        self.store_tokens(store, layer, pos, k, v, records, (), links)
 
     def cache_update(self, store, k, v, layer: int, pos: int):
         """The uncompiled contract, stream-ordered on the compute stream (the reference path)."""
@@ -241,7 +241,7 @@ class CudaRuntime:
     def assemble(self, store, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):
         """Recomputed ++ loaded ++ new into fresh tensors; then the layer's slot is free."""
         current = API.current_stream(self.device)
-        l, covered = k_rec.shape[2], store.token_len[layer]
+        l, covered = k_rec.shape[2], store.covered(layer)
         if covered < l:   # no stored X for [covered, l): read the stored K,V (rare, synchronous-ish)
             if self.stored[layer] is not None:
                 current.wait_event(self.stored[layer])

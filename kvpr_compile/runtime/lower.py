@@ -103,8 +103,8 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             if store_node is None or not (store_node.args[3] is tensors[4] and store_node.args[4] is tensors[5]) \
                     or not _only_loads_between(store_node, node):
                 continue   # lowered one by one below
-            _, _, pos, _, _, inputs, tdims = store_node.args
-            args = (store_of(handle), layer, pos, inputs, tdims, *tensors)
+            _, _, pos, _, _, inputs, tdims, *shared = store_node.args
+            args = (store_of(handle), layer, pos, inputs, tdims, *tensors, _links(shared))
             if not _on_stream(node):
                 target = direct.cpu_store_assemble
             else:
@@ -143,8 +143,8 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             else:
                 replace(node, direct.stream_wait, (tensors,))
         elif node.target is STORE:
-            handle, layer, pos, k_new, v_new, inputs, tdims = node.args
-            args = (store_of(handle), layer, pos, k_new, v_new, inputs, tdims)
+            handle, layer, pos, k_new, v_new, inputs, tdims, *shared = node.args
+            args = (store_of(handle), layer, pos, k_new, v_new, inputs, tdims, _links(shared))
             if on_stream[node]:
                 replace(node, direct.stream_store, args + _staged(k_new, v_new, inputs))
             else:
@@ -159,6 +159,11 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             replace(node, target, (store_of(handle), k, v, layer, pos))
     graph.lint()
     return fx.GraphModule(gm, graph)
+
+
+def _links(shared: list) -> tuple:
+    """The store_tokens node's optional ``shared`` argument as the store's ``links``."""
+    return direct.links_of(shared[0] if shared else None)
 
 
 def _only_loads_between(first: fx.Node, last: fx.Node) -> bool:
