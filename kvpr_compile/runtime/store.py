@@ -28,6 +28,7 @@ Every cache is reachable from compiled graphs through a small int64 *handle* ten
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 
 import torch
@@ -262,6 +263,27 @@ class KVStore:
 
     def reset(self) -> None:
         self.token_len = [0] * self.num_layers
+
+    def nbytes(self) -> dict[str, int]:
+        """CPU bytes held: ``kv`` (K and V), ``x`` (each layer's first record) and ``sides`` (the
+        other records; a shared one counts once, in its owner)."""
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
+        return {"kv": sum(size(t) for t in self.k + self.v),
+                "x": sum(size(own[0]) for own in self.tokens if own),
+                "sides": sum(size(t) for own in self.tokens for t in own[1:])}
+
+
+def layout_bytes(num_layers: int, max_seq_len: int, batch: int, num_kv_heads: int, head_dim: int,
+                 element_size: int, x_record: tuple, side_records: list[tuple],
+                 shared: bool) -> dict[str, int]:
+    """``KVStore.nbytes`` of a store whose every layer keeps X and ``side_records`` (per-token
+    shapes), computed from shapes alone (e.g. at 7B dims). ``shared``: the side records are kept
+    once (by the first layer, the others linking to it) instead of once per layer."""
+    numel = lambda shape: math.prod(shape) * max_seq_len * element_size  # noqa: E731
+    sides = sum(numel(r) for r in side_records)
+    return {"kv": 2 * num_layers * numel((batch, num_kv_heads, head_dim)),
+            "x": num_layers * numel(x_record),
+            "sides": sides if shared else num_layers * sides}
 
 
 def lookup(handle: torch.Tensor) -> KVStore:
