@@ -160,8 +160,8 @@ BREAKAGES = (
              "layer i+2's loads issued before layer i's assemble instead of layer i+1's"),
     # ---- the direct steps the compiled graph calls (runtime/direct.py) --------------------
     Breakage("direct-loads-zeros", DIRECT,
-             "return store.read_kv(layer, start, end, device)",
-             "return tuple(torch.zeros_like(t) for t in store.read_kv(layer, start, end, device))",
+             "return store.read_kv(layer, start, end, _moved_to(device))",
+             "return tuple(torch.zeros_like(t) for t in store.read_kv(layer, start, end, _moved_to(device)))",
              ("tests/test_custom_models.py::test_compiled_matches_eager[llama-mha-0.37]",)),
     Breakage("direct-stores-x-as-nan", DIRECT,
              "store.write_tokens(layer, pos, records(inputs, tdims, k.shape[2]), links)",
