@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from kvpr_compile.hf import KVPRCache, cache_kwargs  # noqa: E402
 
 TOL = 1e-5
-STEPS = 6
+STEPS = 4
 LAYERS = 3
 
 

@@ -35,7 +35,9 @@ def resolve(handle: torch.Tensor) -> KVStore:
 # ---- CPU (synchronous) ---------------------------------------------------------------------
 def _moved_to(device):
     """Where a CPU-path read puts its result: None (the store's own memory) for the CPU."""
-    return None if device is None or torch.device(device).type == "cpu" else device
+    if device is None or (device.type if isinstance(device, torch.device) else torch.device(device).type) == "cpu":
+        return None
+    return device
 
 
 def cpu_load_tokens(store: KVStore, layer: int, end: int, specs, device) -> list[torch.Tensor]:

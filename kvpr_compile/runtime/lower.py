@@ -12,7 +12,9 @@ as it is: the report shows it, and inductor gets it under ``inner="inductor"``).
 - on CPU every ``wait`` goes (loads are synchronous); on CUDA the wait for K,V[l:] folds into
   that call (K,V[l:] has no other reader), the wait for X stays where it is.
 
-Nodes this pass does not recognise keep their custom op (correct, only slower).
+Nodes this pass does not recognise keep their custom op (correct, only slower). The copy also
+drops casts to the dtype a tensor already has (``x.to(torch.float32)`` on fp32, four per layer of
+an HF Llama's RMSNorms): ``Tensor.to`` returns its input then, so one call per cast is saved.
 """
 from __future__ import annotations
 
@@ -157,8 +159,21 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             handle, k, v, layer, pos = node.args
             target = direct.stream_cache_update if on_stream[node] else direct.cpu_cache_update
             replace(node, target, (store_of(handle), k, v, layer, pos))
+    _drop_identity_casts(graph)
     graph.lint()
     return fx.GraphModule(gm, graph)
+
+
+def _drop_identity_casts(graph: fx.Graph) -> None:
+    """``t.to(dtype)`` where ``t`` already has ``dtype`` is ``t`` itself: use ``t``."""
+    for node in list(graph.nodes):
+        if node.op != "call_method" or node.target != "to" or node.kwargs or len(node.args) != 2:
+            continue
+        src, dtype = node.args
+        value = src.meta.get("example_value") if isinstance(src, fx.Node) else None
+        if isinstance(dtype, torch.dtype) and isinstance(value, torch.Tensor) and value.dtype == dtype:
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
 
 
 def _links(shared: list) -> tuple:
