@@ -30,6 +30,8 @@ from .passes.graph_utils import example_value, hint, param_derived, to_networkx
 from .passes.prefetch import hoist_loads
 from .passes.recompute_slice import Unsupported, extract_slice
 from .passes.rewrite import check_rewritable, rewrite_site
+from .passes.shared_inputs import shared_links
+from .runtime.recompute import ratio_fraction
 from .inner import INNER, compile_inner, default_inner
 from . import schedule
 from .runtime import ops  # noqa: F401  (registers kvpr:: ops before any graph runs)
@@ -113,13 +115,20 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     if slices:
         layers = [node.args[3] for node in slices]
         ratios, report.ratio_source, report.plan = _choose_ratios(options, slices, layers)
+        links = shared_links(graph, [(node.args[3], sl) for node, sl in slices.items()
+                                     if ratio_fraction(ratios[node.args[3]]) > 0])
         for node, sl in slices.items():
             layer = node.args[3]
             effective = rewrite_site(graph, node, sl, ratios[layer],
-                                     owned_loads=options["inner"] == "inductor")
+                                     owned_loads=options["inner"] == "inductor",
+                                     links=links.get(layer, ()))
             note = "" if sl.single_token else "multi-token graph: stores X, loads the whole past"
             if sl.narrowed and effective > 0:
                 note = "fused QKV: recomputes the K/V columns only"
+            if layer in links:
+                shared = ", ".join(sl.token_inputs[i].name for i, _, _ in links[layer])
+                owners = ", ".join(sorted({str(owner) for _, owner, _ in links[layer]}))
+                note = "; ".join(filter(None, [note, f"{shared}: layer {owners}'s record (stored once)"]))
             report.layers.append(rep.LayerEntry(layer, effective, ratios[layer], sl.x.name,
                                                 [s.name for s in sl.token_inputs[1:]], note))
         hoist_loads(graph)  # layer i+1's loads are issued before layer i's assemble

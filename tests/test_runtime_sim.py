@@ -43,8 +43,8 @@ def sim(monkeypatch):
                 races.write(cur(), dst[pos:pos + n], f"stored K/V {layer}")
             write_kv(self, layer, pos, k, v)
 
-        def logged_write_tokens(self, layer, pos, records):
-            write_tokens(self, layer, pos, records)
+        def logged_write_tokens(self, layer, pos, records, links=()):
+            write_tokens(self, layer, pos, records, links)
             for src, dst in zip(records, self.tokens[layer]):
                 races.read(cur(), src, "new record")
                 races.write(cur(), dst[pos:pos + src.shape[0]], f"stored record {layer}")
@@ -54,12 +54,12 @@ def sim(monkeypatch):
                 races.read(cur(), src[start:end], f"stored K/V {layer}")
             return read_kv(self, layer, start, end, device)
 
-        def logged_store_tokens(self, store, layer, pos, k, v, records, keep):
+        def logged_store_tokens(self, store, layer, pos, k, v, records, keep, links=()):
             for t in (k, v, *records):   # compute produced them just before (once: cos/sin are
                 if not api.is_watched(t):   # shared by every layer)
                     races.write(api.compute, t, "compute output")
                     api.watch_release(t, "a store copy's source")   # read by the D2H copy
-            return store_tokens(self, store, layer, pos, k, v, records, keep)
+            return store_tokens(self, store, layer, pos, k, v, records, keep, links)
 
         def logged_wait(tensors):
             wait(tensors)

@@ -85,3 +85,18 @@ def test_misfit_write_replaces_the_layout_and_keeps_no_prefix():
     assert len(st.tokens[0]) == 2 and st.token_len == [0] and st.dropped_tokens == 1
     st.write_tokens(0, 0, _records(3, (3, 1, 8), (1, 1, 4)))   # a fresh sequence starts over
     assert st.token_len == [3]
+
+
+def test_a_write_of_another_geometry_after_a_good_one_still_raises():
+    """The checks remember the last geometry they accepted; anything else is checked again."""
+    from kvpr_compile.runtime.checks import check_read, check_write
+    st = _store()
+    k = torch.zeros(3, 2, 1, 4)
+    check_write(st, 0, 0, k, k)
+    check_read(st, 0, 1, 3, 2, 4, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="head_dim=4"):
+        check_write(st, 0, 1, torch.zeros(3, 2, 1, 5), torch.zeros(3, 2, 1, 5))
+    with pytest.raises(TypeError, match="cache holds torch.float32"):
+        check_read(st, 0, 1, 3, 2, 4, torch.float64, torch.device("cpu"))
+    with pytest.raises(ValueError, match="exceed max_seq_len=16"):
+        check_write(st, 0, 16, k, k)

@@ -115,12 +115,13 @@ def deferred(monkeypatch):
 
     original_write_tokens = KVStore.write_tokens
 
-    def write_tokens(self, layer, pos, records):
+    def write_tokens(self, layer, pos, records, links=()):
         if not records or api.current is api.compute:
-            return original_write_tokens(self, layer, pos, records)
-        if not self.tokens[layer]:
-            self.tokens[layer].extend(torch.empty((self.max_seq_len, *r.shape[1:]), dtype=r.dtype)
-                                      for r in records)
+            return original_write_tokens(self, layer, pos, records, links)
+        layout = (tuple((r.shape[1:], r.dtype) for r in records), links)
+        if layout != self._layout[layer]:   # the store's own layout logic; only the copies are faked
+            self._arrange(layer, records, links)
+            self._layout[layer] = layout
         n = records[0].shape[0]
         for s, r in zip(self.tokens[layer], records):
             api.copy(s[pos:pos + n], r)
@@ -141,7 +142,7 @@ def scribbling_backend(lowered: bool):
         graph = gm.graph
         order = {n: i for i, n in enumerate(graph.nodes)}
         for store in [n for n in graph.nodes if n.target is STORE]:
-            _, _, _, k_new, v_new, inputs, _ = store.args
+            _, _, _, k_new, v_new, inputs, *_ = store.args
             for src in (k_new, v_new, *inputs[:1]):
                 last = max(src.users, key=order.__getitem__)
                 with graph.inserting_after(last):
@@ -166,8 +167,8 @@ def test_store_sources_overwritten_after_the_store_do_not_reach_the_cache(deferr
 def test_without_staging_the_overwrite_reaches_the_cache(deferred, monkeypatch, lowered):
     """Negative control: the D2H copy reading the sources themselves (the code before staging)."""
     rt = cuda_runtime.CudaRuntime
-    monkeypatch.setattr(rt, "store_tokens_staged", lambda self, store, layer, pos, k, v, records:
-                        self.store_tokens(store, layer, pos, k, v, records, (k, v, *records)))
+    monkeypatch.setattr(rt, "store_tokens_staged", lambda self, store, layer, pos, k, v, records, links=():
+                        self.store_tokens(store, layer, pos, k, v, records, (k, v, *records), links))
     model = tiny_llama(layers=2)
     ref = decode(model, model.make_cache(2, 96), 6)
     compiled = torch.compile(model, backend=scribbling_backend(lowered), options={"ratio": 0.5})

@@ -7,9 +7,11 @@ After:   l            = floor(ratio * past)                       (SymInt arithm
          kvpr.wait([x, sides])
          k_rc, v_rc   = <slice batched over l tokens>(x, sides, consts) (K,V[:l], inlined)
          kvpr.wait([k_ld, v_ld])
-         kvpr.store_tokens(handle, layer, past, k_new, v_new, [X, sides], tdims)
+         kvpr.store_tokens(handle, layer, past, k_new, v_new, [X, sides], tdims[, shared])
          k_all, v_all = kvpr.assemble(handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new)
 
+Side inputs an earlier layer of the graph computes alike (RoPE cos/sin) are stored by that layer
+only; ``shared`` names them (passes/shared_inputs.py) and the load reads the owner's record.
 Graphs that add several tokens per call (prefill) store X and load the whole past (l = 0).
 Layers planned at ratio 0 (e.g. grouped-query attention, where X is not smaller than K+V) store
 no X at all: no D2H traffic and no CPU memory for it.
@@ -56,8 +58,10 @@ def _inline(graph: fx.Graph, module: fx.GraphModule, inputs: list, ratio: float,
 
 
 def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio: float,
-                 owned_loads: bool = False) -> float:
-    """Rewrite in place; returns the ratio that applies in this graph (0 for multi-token graphs)."""
+                 owned_loads: bool = False, links: tuple = ()) -> float:
+    """Rewrite in place; returns the ratio that applies in this graph (0 for multi-token graphs).
+    ``links``: side inputs an earlier layer stores for this one (passes/shared_inputs.py): not
+    stored here, loaded from the owner's record."""
     handle, k_new, v_new, layer, past = cache_node.args
     kv = example_value(k_new)
     frac = ratio_fraction(ratio)
@@ -77,9 +81,11 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
     _, ranks, codes = record_specs([torch.view_as_real(example_value(t)) if c else example_value(t)
                                     for t, c in zip(sl.token_inputs, is_complex)])
     keep_x = frac > 0   # a layer planned at ratio 0 never reads X: do not ship or keep it
+    linked = {index for index, _, _ in links} if keep_x else set()
+    own = [i for i in range(len(sl.token_inputs)) if i not in linked]
     with graph.inserting_before(cache_node):
-        stored = [call(torch.view_as_real, (t,), "store") if c else t
-                  for t, c in zip(sl.token_inputs, is_complex)] if keep_x else []
+        stored = [call(torch.view_as_real, (sl.token_inputs[i],), "store") if is_complex[i]
+                  else sl.token_inputs[i] for i in own] if keep_x else []
         if recompute:
             l = split_len(past, frac.numerator, frac.denominator) if isinstance(past, int) else \
                 call(split_len, (past, frac.numerator, frac.denominator), "split")
@@ -103,8 +109,10 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
         else:
             k_rc, v_rc = call(empty_past, (k_new,), "recompute"), call(empty_past, (v_new,), "recompute")
         call(ops.wait.default, ([k_ld, v_ld],), "wait")
+        shared = [n for link in links for n in link] if linked else []
         call(ops.store_tokens.default,
-             (handle, layer, past, k_new, v_new, stored, list(sl.tdims) if keep_x else []), "store")
+             (handle, layer, past, k_new, v_new, stored, [sl.tdims[i] for i in own] if keep_x else [],
+              *([shared] if shared else [])), "store")
         k_all, v_all = items(call(ops.assemble.default,
                                   (handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new), "assemble"),
                              2, "assemble")

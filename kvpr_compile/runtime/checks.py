@@ -5,6 +5,10 @@ reads a cache's ``batch_size``, ``max_seq_len``, dtype or device while Dynamo tr
 on them, and one compiled graph serves caches of any capacity and batch size. Bad input raises
 before anything is written, and the Python-side lengths (updated by Dynamo after the graph
 returns) stay as they were, so the cache is intact.
+
+Host time: a decode step checks every layer with the same geometry. Each store remembers the
+last geometry it accepted for writes and for reads (``checked_write``, ``checked_read``); a call
+with the same one checks only what differs per layer (the layer index, the capacity).
 """
 from __future__ import annotations
 
@@ -27,6 +31,17 @@ def _check_device(store, device: torch.device, what: str) -> None:
 def check_write(store, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """New tokens' ``k, v`` ``(batch, kv_heads, n, head_dim)`` appended at ``pos`` of ``layer``."""
     check_layer(store, layer)
+    seen = (k.shape, v.shape, k.dtype, v.dtype, k.device, v.device)
+    if seen != store.checked_write:
+        _check_kv(store, k, v)
+        store.checked_write = seen
+    n = k.shape[2]
+    if pos + n > store.max_seq_len:
+        raise ValueError(f"OffloadedKVCache: layer {layer} holds {pos} tokens; {n} more exceed "
+                         f"max_seq_len={store.max_seq_len}")
+
+
+def _check_kv(store, k: torch.Tensor, v: torch.Tensor) -> None:
     want = (store.batch_size, store.num_kv_heads, k.shape[2] if k.dim() == 4 else -1, store.head_dim)
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 4 or tuple(t.shape) != want:
@@ -36,10 +51,6 @@ def check_write(store, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -
         if t.dtype != store.dtype:
             raise TypeError(f"{_WHO}: {name} has dtype {t.dtype}, cache holds {store.dtype}")
         _check_device(store, t.device, name)
-    n = k.shape[2]
-    if pos + n > store.max_seq_len:
-        raise ValueError(f"OffloadedKVCache: layer {layer} holds {pos} tokens; {n} more exceed "
-                         f"max_seq_len={store.max_seq_len}")
 
 
 def check_read(store, layer: int, end: int, batch: int, heads: int, head_dim: int,
@@ -47,6 +58,16 @@ def check_read(store, layer: int, end: int, batch: int, heads: int, head_dim: in
     """A load of positions ``[.., end)`` of ``layer`` for a graph whose K/V are
     ``(batch, heads, *, head_dim)`` of ``dtype`` on ``device``."""
     check_layer(store, layer)
+    seen = (batch, heads, head_dim, dtype, device)
+    if seen != store.checked_read:
+        _check_geometry(store, batch, heads, head_dim, dtype, device)
+        store.checked_read = seen
+    if end > store.max_seq_len:
+        raise ValueError(f"OffloadedKVCache: layer {layer} read up to position {end} exceeds "
+                         f"max_seq_len={store.max_seq_len}")
+
+
+def _check_geometry(store, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
     if (batch, heads, head_dim) != (store.batch_size, store.num_kv_heads, store.head_dim):
         raise ValueError(
             f"{_WHO}: k must be (batch={store.batch_size}, num_kv_heads={store.num_kv_heads}, n_new, "
@@ -55,9 +76,6 @@ def check_read(store, layer: int, end: int, batch: int, heads: int, head_dim: in
     if dtype != store.dtype:
         raise TypeError(f"{_WHO}: k has dtype {dtype}, cache holds {store.dtype}")
     _check_device(store, torch.device(device), "k")
-    if end > store.max_seq_len:
-        raise ValueError(f"OffloadedKVCache: layer {layer} read up to position {end} exceeds "
-                         f"max_seq_len={store.max_seq_len}")
 
 
 def check_token_read(store, layer: int, end: int, specs) -> None:

@@ -63,6 +63,13 @@ class CudaApi:
 
 
 API = CudaApi()
+# Assemble in place (issue 7, item 7): K,V[l:] land at rows [l, past) of the slot, the recompute
+# and the new tokens are written around them, and attention reads the slot itself: no copy of the
+# loaded rows into a fresh tensor. The slot is then read after its assemble, so it is given back
+# one layer later (the pool grows to a third slot). Off by default: it needs a GPU to show that
+# the strided (b, h, s, d) view of a sequence-major slot keeps SDPA on its fast kernels, and that
+# the saved device copy is worth the third slot; tests run it on simulated streams.
+ASSEMBLE_IN_PLACE = False
 _RUNTIMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # store -> {device: runtime}
 _LIVE: "weakref.WeakSet[CudaRuntime]" = weakref.WeakSet()
 
@@ -112,6 +119,7 @@ class CudaRuntime:
         self.stored: list = [None] * store.num_layers
         self.staging: list[list[torch.Tensor]] = [[] for _ in range(store.num_layers)]
         self.in_flight: deque = deque()
+        self.read_later: int | None = None   # in-place assemble: the layer whose slot attention reads
         _LIVE.add(self)
 
     def __del__(self):
@@ -161,6 +169,8 @@ class CudaRuntime:
         else:
             slot, after_free = self.slots.take(layer, "kv", current)
             (k, v), new_memory = slot.kv_buffers((store.max_seq_len, batch, heads, head_dim), dtype)
+            if ASSEMBLE_IN_PLACE:   # at their own rows: the slot becomes the layer's whole K,V
+                k, v = k[start:], v[start:]
         self._fill(layer, slot, after_free, new_memory, current,
                    [(k[:n], store.k[layer][start:end]), (v[:n], store.v[layer][start:end])])
         return k[:n].permute(1, 2, 0, 3), v[:n].permute(1, 2, 0, 3)
@@ -202,7 +212,7 @@ class CudaRuntime:
             API.copy(b, t)
         return bufs
 
-    def store_tokens(self, store, layer: int, pos: int, k, v, records, keep) -> None:
+    def store_tokens(self, store, layer: int, pos: int, k, v, records, keep, links=()) -> None:
         """Copy the new tokens' K, V and records into the pinned store on the D2H stream. The
         copy reads its sources after this returns: they are held (``in_flight``), which keeps
         the allocator from reusing them, but nothing stops a compiler that reuses buffers itself
@@ -210,19 +220,19 @@ class CudaRuntime:
         self.d2h.wait_stream(API.current_stream(self.device))
         with API.use(self.d2h):
             store.write_kv(layer, pos, k, v)
-            store.write_tokens(layer, pos, records)
+            store.write_tokens(layer, pos, records, links)
             done = API.new_event()
             done.record(self.d2h)
         self.stored[layer] = done
         self.in_flight.append((done, (k, v, *records, *keep)))
         self._retire()
 
-    def store_tokens_staged(self, store, layer: int, pos: int, k, v, records) -> None:
+    def store_tokens_staged(self, store, layer: int, pos: int, k, v, records, links=()) -> None:
         """``store_tokens`` from runtime-owned copies of the sources made on the compute stream:
         for callers whose memory may be overwritten before the D2H copy ran (inductor's code
         reuses dead buffers; an in-place op may write a source after the store)."""
         k, v, *records = self._stage(layer, [k, v, *records], API.current_stream(self.device))
-        self.store_tokens(store, layer, pos, k, v, records, ())
+        self.store_tokens(store, layer, pos, k, v, records, (), links)
 
     def cache_update(self, store, k, v, layer: int, pos: int):
         """The uncompiled contract, stream-ordered on the compute stream (the reference path)."""
@@ -241,13 +251,17 @@ class CudaRuntime:
     def assemble(self, store, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):
         """Recomputed ++ loaded ++ new into fresh tensors; then the layer's slot is free."""
         current = API.current_stream(self.device)
-        l, covered = k_rec.shape[2], store.token_len[layer]
+        l, covered = k_rec.shape[2], store.covered(layer)
         if covered < l:   # no stored X for [covered, l): read the stored K,V (rare, synchronous-ish)
             if self.stored[layer] is not None:
                 current.wait_event(self.stored[layer])
             k_fix, v_fix = store.read_kv(layer, covered, l, k_new.device)
             k_rec = torch.cat([k_rec[:, :, :covered], k_fix], dim=2)
             v_rec = torch.cat([v_rec[:, :, :covered], v_fix], dim=2)
+        in_place = self._in_place(k_load, v_load, l)
+        if in_place is not None:
+            return self._assemble_in_place(layer, in_place, l + k_load.shape[2], k_rec, v_rec,
+                                           k_new, v_new, current)
         b, h, _, d = k_new.shape
         s = k_rec.shape[2] + k_load.shape[2] + k_new.shape[2]
         k_all = k_new.new_empty(b, h, s, d)
@@ -257,3 +271,34 @@ class CudaRuntime:
         self.slots.give_back(layer, current)
         self._retire()
         return k_all, v_all
+
+    def _in_place(self, k_load, v_load, l: int):
+        """The slot's (K, V) buffers if K,V[l:] were loaded at their own rows of one (switch on)."""
+        if not ASSEMBLE_IN_PLACE:
+            return None
+        found = slot_of(k_load)
+        if found is None or found[1] != "kv" or found[0].kv is None:
+            return None
+        kb, vb = found[0].kv
+        n = k_load.shape[2]
+        rows = lambda buf: buf[l:l + n].permute(1, 2, 0, 3)  # noqa: E731
+        for got, buf in ((k_load, kb), (v_load, vb)):
+            want = rows(buf)
+            if got.data_ptr() != want.data_ptr() or got.shape != want.shape or got.stride() != want.stride():
+                return None
+        return kb, vb
+
+    def _assemble_in_place(self, layer: int, buffers, past: int, k_rec, v_rec, k_new, v_new, current):
+        """Recomputed rows [0, l) and new rows [past, past + n) written into the slot around the
+        loaded ones; returns (b, h, past + n, d) views of it. Attention reads them after this
+        returns, so the slot is given back at the next layer's assemble instead of now."""
+        l, n = k_rec.shape[2], k_new.shape[2]
+        for buf, rec, new in ((buffers[0], k_rec, k_new), (buffers[1], v_rec, v_new)):
+            if l:
+                buf[:l].copy_(rec.permute(2, 0, 1, 3))
+            buf[past:past + n].copy_(new.permute(2, 0, 1, 3))
+        if self.read_later not in (None, layer):   # that layer's attention is enqueued by now
+            self.slots.give_back(self.read_later, current)
+        self.read_later = layer
+        self._retire()
+        return buffers[0][:past + n].permute(1, 2, 0, 3), buffers[1][:past + n].permute(1, 2, 0, 3)

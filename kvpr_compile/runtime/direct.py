@@ -34,17 +34,24 @@ def resolve(handle: torch.Tensor) -> KVStore:
 
 
 # ---- CPU (synchronous) ---------------------------------------------------------------------
+def _moved_to(device):
+    """Where a CPU-path read puts its result: None (the store's own memory) for the CPU."""
+    if device is None or (device.type if isinstance(device, torch.device) else torch.device(device).type) == "cpu":
+        return None
+    return device
+
+
 def cpu_load_tokens(store: KVStore, layer: int, end: int, specs, device) -> list[torch.Tensor]:
     """The store's records [0, end) (views on CPU: no copy)."""
     check_token_read(store, layer, end, specs)
-    return store.read_tokens(layer, end, specs, device)
+    return store.read_tokens(layer, end, specs, _moved_to(device))
 
 
 def cpu_load_kv(store: KVStore, layer: int, start: int, end: int, batch: int, heads: int,
                 head_dim: int, dtype, device):
     """The store's K,V [start, end) as (b, heads, n, d) views (on CPU: no copy)."""
     check_read(store, layer, end, batch, heads, head_dim, dtype, device)
-    return store.read_kv(layer, start, end, device)
+    return store.read_kv(layer, start, end, _moved_to(device))
 
 
 def _records(t: torch.Tensor, tdim: int, n: int) -> torch.Tensor:
@@ -62,29 +69,39 @@ def records(inputs, tdims, n: int) -> list[torch.Tensor]:
     return [_records(t, d, n) for t, d in zip(inputs, tdims)]
 
 
-def _store(store: KVStore, layer: int, pos: int, k, v, inputs, tdims) -> None:
+def links_of(shared) -> tuple:
+    """``(index, owner, owner_index)`` triples from a flat list (the ops' schema form)."""
+    return tuple(tuple(shared[i:i + 3]) for i in range(0, len(shared or ()), 3))
+
+
+def _store(store: KVStore, layer: int, pos: int, k, v, inputs, tdims, links=()) -> None:
     check_write(store, layer, pos, k, v)
     store.write_kv(layer, pos, k, v)
-    store.write_tokens(layer, pos, records(inputs, tdims, k.shape[2]))
+    if k.shape[2] == 1:   # decode: each input is its own record
+        store.write_token(layer, pos, inputs, links)
+    else:
+        store.write_tokens(layer, pos, records(inputs, tdims, k.shape[2]), links)
 
 
 def cpu_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
-                       k_rec, v_rec, k_load, v_load, k_new, v_new):
+                       k_rec, v_rec, k_load, v_load, k_new, v_new, links=()):
     """store_tokens then assemble, as the two ops do them."""
-    _store(store, layer, pos, k_new, v_new, inputs, tdims)
+    _store(store, layer, pos, k_new, v_new, inputs, tdims, links)
     return cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new)
 
 
-def cpu_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims) -> None:
-    _store(store, layer, pos, k_new, v_new, inputs, tdims)
+def cpu_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims, links=()) -> None:
+    _store(store, layer, pos, k_new, v_new, inputs, tdims, links)
 
 
 def cpu_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):
-    l, covered = k_rec.shape[2], store.token_len[layer]
+    l, covered = k_rec.shape[2], store.covered(layer)
     if covered < l:   # no stored X for [covered, l): use the stored K,V there instead
         k_fix, v_fix = store.read_kv(layer, covered, l, k_new.device)
         k_rec = torch.cat([k_rec[:, :, :covered], k_fix], dim=2)
         v_rec = torch.cat([v_rec[:, :, :covered], v_fix], dim=2)
+    if not k_load.shape[2]:   # ratio 1: nothing loaded
+        return torch.cat([k_rec, k_new], dim=2), torch.cat([v_rec, v_new], dim=2)
     return torch.cat([k_rec, k_load, k_new], dim=2), torch.cat([v_rec, v_load, v_new], dim=2)
 
 
@@ -114,23 +131,23 @@ def stream_wait(tensors) -> None:
 
 
 def stream_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
-                          k_rec, v_rec, k_load, v_load, k_new, v_new, staged: bool = False):
+                          k_rec, v_rec, k_load, v_load, k_new, v_new, links=(), staged: bool = False):
     """store_tokens, then wait for K,V[l:] and assemble. ``staged``: the graph writes a source
     in place later on, so the D2H copy reads runtime-owned copies (see CudaRuntime)."""
-    stream_store(store, layer, pos, k_new, v_new, inputs, tdims, staged)
+    stream_store(store, layer, pos, k_new, v_new, inputs, tdims, links, staged)
     cuda_runtime.wait([k_load, v_load])
     return stream_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new)
 
 
-def stream_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims,
+def stream_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims, links=(),
                  staged: bool = False) -> None:
     check_write(store, layer, pos, k_new, v_new)
     rt = cuda_runtime.runtime(store, k_new.device)
     recs = records(inputs, tdims, k_new.shape[2])
     if staged:
-        rt.store_tokens_staged(store, layer, pos, k_new, v_new, recs)
+        rt.store_tokens_staged(store, layer, pos, k_new, v_new, recs, links)
     else:
-        rt.store_tokens(store, layer, pos, k_new, v_new, recs, inputs)
+        rt.store_tokens(store, layer, pos, k_new, v_new, recs, inputs, links)
 
 
 def stream_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):

@@ -12,7 +12,9 @@ as it is: the report shows it, and inductor gets it under ``inner="inductor"``).
 - on CPU every ``wait`` goes (loads are synchronous); on CUDA the wait for K,V[l:] folds into
   that call (K,V[l:] has no other reader), the wait for X stays where it is.
 
-Nodes this pass does not recognise keep their custom op (correct, only slower).
+Nodes this pass does not recognise keep their custom op (correct, only slower). The copy also
+drops casts to the dtype a tensor already has (``x.to(torch.float32)`` on fp32, four per layer of
+an HF Llama's RMSNorms): ``Tensor.to`` returns its input then, so one call per cast is saved.
 """
 from __future__ import annotations
 
@@ -103,8 +105,8 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             if store_node is None or not (store_node.args[3] is tensors[4] and store_node.args[4] is tensors[5]) \
                     or not _only_loads_between(store_node, node):
                 continue   # lowered one by one below
-            _, _, pos, _, _, inputs, tdims = store_node.args
-            args = (store_of(handle), layer, pos, inputs, tdims, *tensors)
+            _, _, pos, _, _, inputs, tdims, *shared = store_node.args
+            args = (store_of(handle), layer, pos, inputs, tdims, *tensors, _links(shared))
             if not _on_stream(node):
                 target = direct.cpu_store_assemble
             else:
@@ -143,8 +145,8 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             else:
                 replace(node, direct.stream_wait, (tensors,))
         elif node.target is STORE:
-            handle, layer, pos, k_new, v_new, inputs, tdims = node.args
-            args = (store_of(handle), layer, pos, k_new, v_new, inputs, tdims)
+            handle, layer, pos, k_new, v_new, inputs, tdims, *shared = node.args
+            args = (store_of(handle), layer, pos, k_new, v_new, inputs, tdims, _links(shared))
             if on_stream[node]:
                 replace(node, direct.stream_store, args + _staged(k_new, v_new, inputs))
             else:
@@ -157,8 +159,26 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             handle, k, v, layer, pos = node.args
             target = direct.stream_cache_update if on_stream[node] else direct.cpu_cache_update
             replace(node, target, (store_of(handle), k, v, layer, pos))
+    _drop_identity_casts(graph)
     graph.lint()
     return fx.GraphModule(gm, graph)
+
+
+def _drop_identity_casts(graph: fx.Graph) -> None:
+    """``t.to(dtype)`` where ``t`` already has ``dtype`` is ``t`` itself: use ``t``."""
+    for node in list(graph.nodes):
+        if node.op != "call_method" or node.target != "to" or node.kwargs or len(node.args) != 2:
+            continue
+        src, dtype = node.args
+        value = src.meta.get("example_value") if isinstance(src, fx.Node) else None
+        if isinstance(dtype, torch.dtype) and isinstance(value, torch.Tensor) and value.dtype == dtype:
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
+
+
+def _links(shared: list) -> tuple:
+    """The store_tokens node's optional ``shared`` argument as the store's ``links``."""
+    return direct.links_of(shared[0] if shared else None)
 
 
 def _only_loads_between(first: fx.Node, last: fx.Node) -> bool:

@@ -18,6 +18,8 @@ On CUDA each op hands over to ``cuda_runtime`` (side streams, events, device slo
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -116,15 +118,18 @@ def wait(tensors: list[Tensor]) -> None:
 
 @torch.library.custom_op("kvpr::store_tokens", mutates_args=("handle",))
 def store_tokens(handle: Tensor, layer: int, pos: int, k: Tensor, v: Tensor,
-                 inputs: list[Tensor], tdims: list[int]) -> None:
+                 inputs: list[Tensor], tdims: list[int], shared: Optional[list[int]] = None) -> None:
+    """``shared``: flat ``(index, owner, owner_index)`` triples, the side inputs this layer
+    reads from an earlier layer's records (stored once per graph; see store.py ``links``)."""
     store = lookup(handle)
     check_write(store, layer, pos, k, v)
+    links = direct.links_of(shared)
     if cuda_runtime.handles(k.device):  # asynchronous, on the D2H stream
         # staged: inductor, which runs these ops, may reuse the sources' memory right after
         records = direct.records(inputs, tdims, k.shape[2])
-        cuda_runtime.runtime(store, k.device).store_tokens_staged(store, layer, pos, k, v, records)
+        cuda_runtime.runtime(store, k.device).store_tokens_staged(store, layer, pos, k, v, records, links)
     else:
-        direct.cpu_store(store, layer, pos, k, v, inputs, tdims)
+        direct.cpu_store(store, layer, pos, k, v, inputs, tdims, links)
     handle[1] += 1
 
 

@@ -38,6 +38,7 @@ def split(store: KVStore, sizes) -> list[KVStore]:
     for size in sizes:
         part = KVStore(store.num_layers, size, store.max_seq_len, store.num_kv_heads,
                        store.head_dim, store.dtype, store.device)
+        part.links = list(store.links)   # shared records stay with their owner layer
         for layer in range(store.num_layers):
             n = store.written[layer]
             part.k[layer][:n].copy_(store.k[layer][:n, row:row + size])
@@ -64,6 +65,7 @@ def split(store: KVStore, sizes) -> list[KVStore]:
     store.v = [empty] * store.num_layers
     store.tokens = [[] for _ in range(store.num_layers)]
     store.token_len = [0] * store.num_layers
+    store.buffers_replaced()
     return parts
 
 
@@ -105,3 +107,4 @@ def merge(store: KVStore) -> None:
         if records:
             store.tokens[layer] = [_copy_rows(store, r) for r in records]
             store.token_len[layer] = valid
+    store.buffers_replaced()
