@@ -85,6 +85,8 @@ def merge(store: KVStore) -> None:
     shape = (store.max_seq_len, store.batch_size, store.num_kv_heads, store.head_dim)
     store.k = [store._alloc(shape, store.dtype) for _ in range(store.num_layers)]
     store.v = [store._alloc(shape, store.dtype) for _ in range(store.num_layers)]
+    links = {tuple(p.links) for p in parts}   # shared-record links, written into the parts
+    store.links = list(links.pop()) if len(links) == 1 else [()] * store.num_layers
     for layer in range(store.num_layers):
         n = max(p.written[layer] for p in parts)
         store.written[layer] = n
@@ -92,7 +94,7 @@ def merge(store: KVStore) -> None:
         torch.cat([p.v[layer][:n] for p in parts], dim=1, out=store.v[layer][:n])
         valid = min(p.token_len[layer] for p in parts)
         counts = {len(p.tokens[layer]) for p in parts}
-        if valid == 0 or len(counts) != 1:
+        if valid == 0 or len(counts) != 1 or store.links[layer] != parts[0].links[layer]:
             continue
         records = []
         for i in range(counts.pop()):
