@@ -104,9 +104,11 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
             layer = node.args[3]
             effective = rewrite_site(graph, node, sl, ratios[layer],
                                      owned_loads=options["inner"] == "inductor")
-            note = "" if sl.single_token else "multi-token graph: stores X, loads the whole past"
+            note = sl.past_note
+            if sl.module is not None and not sl.single_token and effective == 0:
+                note = "multi-token graph: ratio 0, loads the past"
             if sl.narrowed and effective > 0:
-                note = "fused QKV: recomputes the K/V columns only"
+                note = "; ".join(filter(None, [note, "fused QKV: recomputes the K/V columns only"]))
             report.layers.append(rep.LayerEntry(layer, effective, ratios[layer], sl.x.name,
                                                 [s.name for s in sl.token_inputs[1:]], note))
         hoist_loads(graph)  # layer i+1's loads are issued before layer i's assemble
