@@ -14,7 +14,7 @@ import torch
 
 import kvpr_compile
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
-from conftest import worst_rel_err
+from conftest import chunk_tokens, conversation, nan_kv, worst_rel_err
 from custom_models import ComplexRopeModel, make_cache
 from padded_models import PaddedAlibiModel, make_padded_cache
 
@@ -22,33 +22,7 @@ transformers = pytest.importorskip("transformers")
 from kvpr_compile.hf import KVPRCache, cache_kwargs  # noqa: E402
 
 TOL = 1e-5
-PREFILL, CHUNKS, STEPS, NEXT_TURN = 6, (3, 5), 2, 4
 GRAPHS = 3   # static prefill on an empty past; one dynamic multi-token graph; one decode graph
-
-
-def _tokens(batch, n, seed, vocab=80):
-    return torch.randint(1, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def conversation(call, cache, batch=2, poison=None):
-    """Prefill, the chunks, greedy steps, the next turn, one more step: the logits of each call.
-    ``poison(cache)`` runs after the prefill."""
-    outs = [call(_tokens(batch, PREFILL, 0), cache)]
-    if poison is not None:
-        poison(cache)
-    for n in CHUNKS:
-        outs.append(call(_tokens(batch, n, n), cache))
-    for _ in range(STEPS):
-        outs.append(call(outs[-1][:, -1:].argmax(-1), cache))
-    outs.append(call(_tokens(batch, NEXT_TURN, 9), cache))
-    outs.append(call(outs[-1][:, -1:].argmax(-1), cache))
-    return outs
-
-
-def nan_kv(k_cpu, v_cpu):
-    for t in k_cpu + v_cpu:
-        t.fill_(float("nan"))
 
 
 # ---- models: (build, call(model, tokens, cache), new cache, poison) ----------------------------
@@ -112,7 +86,7 @@ def _chunk_reports(reports, recomputing=True):
 
 
 DEFAULT_EXACT = set()             # fractional ratios by default: the padded test; all with --run-slow
-DEFAULT_POISONED = {"tiny-llama", "hf-qwen2-gqa"}
+DEFAULT_POISONED = {"hf-qwen2-gqa", "hf-gpt2"}   # tiny-llama: test_runtime_sim.py
 
 
 def _cases(names, default, with_ratio):
@@ -153,6 +127,18 @@ def test_chunks_on_a_poisoned_past_full_recompute(name):
     _one_chunk_graph(kvpr_compile.reports()[first:], 1.0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("inner", ["inductor", "piecewise"])
+def test_chunks_on_a_poisoned_past_under_inductor(inner):
+    """The inlined one-token recompute traced by inductor with symbolic l and n."""
+    model, _, new_cache, poison = _tiny_llama()
+    ref = conversation(model, new_cache())
+    first = len(kvpr_compile.reports())
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 1.0, "inner": inner})
+    assert worst_rel_err(conversation(compiled, new_cache(), poison=poison), ref) <= TOL
+    _one_chunk_graph(kvpr_compile.reports()[first:], 1.0)
+
+
 @pytest.mark.parametrize("ratio,poison", [(0.37, False), pytest.param(1.0, True, marks=pytest.mark.slow)])
 def test_left_padded_batch_chunk_recomputes_with_each_rows_positions(ratio, poison):
     """Row 0 left-padded: per-row learned positions in X and a per-row key mask with ALiBi. The
@@ -166,7 +152,7 @@ def test_left_padded_batch_chunk_recomputes_with_each_rows_positions(ratio, pois
         return lambda tokens, cache: m(tokens, cache, pad)
 
     def padded(m, cache, poison=None):
-        prompt = _tokens(2, 9, 21)
+        prompt = chunk_tokens(2, 9, 21)
         prompt[0, :3] = 0
         with torch.no_grad():
             outs = [m(prompt, cache, pad)]
@@ -189,7 +175,7 @@ def test_hf_left_padded_rows_recompute_the_past_with_their_stored_positions():
     the past come from the store (each row's own positions), not from this call's positions."""
     model, wrap, _, _ = _hf("llama", hidden_size=64, intermediate_size=128, num_attention_heads=4,
                             num_key_value_heads=4)()
-    ids = _tokens(2, 8, 5, vocab=128)
+    ids = chunk_tokens(2, 8, 5, vocab=128)
     ids[0, :3] = 0
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -198,7 +184,7 @@ def test_hf_left_padded_rows_recompute_the_past_with_their_stored_positions():
     def run(forward, poison):
         cache, att = KVPRCache(model.config, 2, 40), mask
         outs = []
-        for i, chunk in enumerate([ids, _tokens(2, 3, 3, 128), _tokens(2, 5, 5, 128), _tokens(2, 1, 1, 128)]):
+        for i, chunk in enumerate([ids, chunk_tokens(2, 3, 3, 128), chunk_tokens(2, 5, 5, 128), chunk_tokens(2, 1, 1, 128)]):
             att = att if i == 0 else torch.cat([att, torch.ones_like(chunk)], 1)
             pos = (att.cumsum(-1) - 1).clamp_min(0)[:, -chunk.shape[1]:]
             outs.append(forward(input_ids=chunk, attention_mask=att, position_ids=pos,
