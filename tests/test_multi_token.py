@@ -139,6 +139,20 @@ def test_chunks_on_a_poisoned_past_under_inductor(inner):
     _one_chunk_graph(kvpr_compile.reports()[first:], 1.0)
 
 
+@pytest.mark.slow
+def test_static_shapes_chunk_as_long_as_the_batch_and_the_kv_heads(monkeypatch):
+    """dynamic=False: the token count is a plain int in the slice (2, like the batch and the KV
+    heads of ``view(2, 2, 2, 8)``); the token dim traced from K tells them apart."""
+    import conftest
+    monkeypatch.setattr(conftest, "CHUNKS", (2, 3))
+    model, _, new_cache, poison = _tiny_llama()
+    ref = conversation(model, new_cache())
+    first = len(kvpr_compile.reports())
+    compiled = torch.compile(model, backend="kvpr", dynamic=False, options={"ratio": 1.0})
+    assert worst_rel_err(conversation(compiled, new_cache(), poison=poison), ref) <= TOL
+    assert len(_chunk_reports(kvpr_compile.reports()[first:])) == 3   # 2, 3 and the next turn's 4
+
+
 @pytest.mark.parametrize("ratio,poison", [(0.37, False), pytest.param(1.0, True, marks=pytest.mark.slow)])
 def test_left_padded_batch_chunk_recomputes_with_each_rows_positions(ratio, poison):
     """Row 0 left-padded: per-row learned positions in X and a per-row key mask with ALiBi. The

@@ -166,6 +166,8 @@ def _check_tokens(module: fx.GraphModule, sl: RecomputeSlice, kv: torch.Tensor, 
     def meta(value):
         if isinstance(value, torch.Tensor):
             return torch.empty([hint(s) for s in value.shape], dtype=value.dtype, device="meta")
+        if isinstance(value, (tuple, list, torch.Size)):   # a whole shape (GPT-2)
+            return tuple(meta(v) for v in value)
         return hint(value) if isinstance(value, torch.SymInt) else value
 
     records = [torch.empty([tokens, *[hint(s) for s in record_shape(example_value(t), d)]],
