@@ -127,6 +127,41 @@ def test_chunks_on_a_poisoned_past_full_recompute(name):
     _one_chunk_graph(kvpr_compile.reports()[first:], 1.0)
 
 
+class _TokensTimesHeads(torch.nn.Module):
+    """One attention layer whose K goes through ``view(b, n * heads, d)``: a size computed from
+    the token count, which the one-token specialisation refuses."""
+
+    def __init__(self, vocab=80, dim=32, heads=4):
+        super().__init__()
+        self.heads, self.head_dim, self.num_kv_heads = heads, dim // heads, heads
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.wk, self.wv, self.wq = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.out = torch.nn.Linear(dim, vocab)
+
+    def forward(self, tokens, cache):
+        b, n = tokens.shape
+        x = self.emb(tokens)
+        split = (b, n, self.heads, self.head_dim)
+        k = self.wk(x).view(b, n * self.heads, self.head_dim).view(split).transpose(1, 2)
+        q, v = (p(x).view(split).transpose(1, 2) for p in (self.wq, self.wv))
+        k, v = cache.update(0, k, v)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=n > 1 and k.shape[2] == n)
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_chunk_that_cannot_be_specialised_loads_the_past_and_says_why():
+    torch.manual_seed(6)
+    model = _TokensTimesHeads().eval()
+    new_cache = lambda: kvpr_compile.OffloadedKVCache(1, 2, 40, 4, 8)  # noqa: E731
+    ref = conversation(model, new_cache())
+    first = len(kvpr_compile.reports())
+    out = conversation(torch.compile(model, backend="kvpr", options={"ratio": 1.0}), new_cache())
+    assert worst_rel_err(out, ref) <= TOL
+    notes = [e.note for r in kvpr_compile.reports()[first:] for e in r.layers]
+    assert any("loads the whole past" in n and "computed from the token count" in n for n in notes), notes
+    assert "" in notes   # decode steps still recompute
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("inner", ["inductor", "piecewise"])
 def test_chunks_on_a_poisoned_past_under_inductor(inner):
