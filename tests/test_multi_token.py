@@ -233,7 +233,8 @@ def test_hf_left_padded_rows_recompute_the_past_with_their_stored_positions():
     def run(forward, poison):
         cache, att = KVPRCache(model.config, 2, 40), mask
         outs = []
-        for i, chunk in enumerate([ids, chunk_tokens(2, 3, 3, 128), chunk_tokens(2, 5, 5, 128), chunk_tokens(2, 1, 1, 128)]):
+        chunks = [ids, *(chunk_tokens(2, n, n, 128) for n in (3, 5, 1))]   # prefill, 2 chunks, a step
+        for i, chunk in enumerate(chunks):
             att = att if i == 0 else torch.cat([att, torch.ones_like(chunk)], 1)
             pos = (att.cumsum(-1) - 1).clamp_min(0)[:, -chunk.shape[1]:]
             outs.append(forward(input_ids=chunk, attention_mask=att, position_ids=pos,
