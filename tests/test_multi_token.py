@@ -39,9 +39,9 @@ def _complex_rope():
     return model, lambda m: m, lambda: make_cache(model, 2, 40), lambda c: nan_kv(c.k_cpu, c.v_cpu)
 
 
-def _hf(arch, **kw):
+def _hf(arch, layers=2, **kw):
     def build():
-        cfg = transformers.AutoConfig.for_model(arch, vocab_size=128, num_hidden_layers=2, **kw)
+        cfg = transformers.AutoConfig.for_model(arch, vocab_size=128, num_hidden_layers=layers, **kw)
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
@@ -61,7 +61,7 @@ MODELS = {
     "hf-opt": _hf("opt", hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
                   max_position_embeddings=128),     # learned positions: no side inputs
     "hf-bloom": _hf("bloom", hidden_size=64, n_head=4),   # ALiBi, fused QKV
-    "hf-gpt2": _hf("gpt2", n_embd=64, n_head=4, n_positions=128),  # shape from x.size()[:-1] + (nf,)
+    "hf-gpt2": _hf("gpt2", layers=1, n_embd=64, n_head=4, n_positions=128),  # x.size()[:-1] + (nf,)
 }
 
 

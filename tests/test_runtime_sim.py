@@ -177,7 +177,7 @@ def test_poisoned_kv_is_never_read_at_ratio_one(sim):
 def test_chunks_on_a_poisoned_past_recompute_without_races(sim):
     """Graphs that add several tokens on a past (chunks of 3 and 5, a next turn) load X[:l] into
     the slots and recompute like decode steps, with the same waits and events."""
-    model = tiny_llama()
+    model = tiny_llama(layers=2)
     ref = conversation(model, model.make_cache(2, 96))
     api = sim()
     compiled = torch.compile(model, backend=sim_backend(), options={"ratio": 1.0})
