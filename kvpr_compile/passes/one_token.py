@@ -170,12 +170,12 @@ def _check_tokens(module: fx.GraphModule, sl: RecomputeSlice, kv: torch.Tensor, 
             return tuple(meta(v) for v in value)
         return hint(value) if isinstance(value, torch.SymInt) else value
 
-    records = [torch.empty([tokens, *[hint(s) for s in record_shape(example_value(t), d)]],
-                           dtype=example_value(t).dtype, device="meta")
-               for t, d in zip(sl.token_inputs, sl.tdims)]
-    consts = [meta(example_value(c) if isinstance(c, fx.Node) else c) for c in sl.consts]
-    want = (hint(kv.shape[0]), hint(kv.shape[1]), tokens, hint(kv.shape[3]))
-    try:
+    try:   # sizes without an example value (unbacked) raise too: Unsupported as well
+        records = [torch.empty([tokens, *[hint(s) for s in record_shape(example_value(t), d)]],
+                               dtype=example_value(t).dtype, device="meta")
+                   for t, d in zip(sl.token_inputs, sl.tdims)]
+        consts = [meta(example_value(c) if isinstance(c, fx.Node) else c) for c in sl.consts]
+        want = (hint(kv.shape[0]), hint(kv.shape[1]), tokens, hint(kv.shape[3]))
         outs = module(*records, *consts)
     except Exception as err:  # noqa: BLE001 - any failure means the specialisation is wrong
         raise Unsupported(f"the slice specialised to one token does not run on {tokens} tokens' "
