@@ -244,9 +244,10 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
             _batch(sl, one_token_slice(sl, n, traced, k_new, v_new))
             check_batched(sl.module, sl, kv)
             sl.past_note = "multi-token graph: recomputes K,V[:l] of the past"
-        except Unsupported as err:
+        except Exception as err:  # noqa: BLE001 - any failure keeps the exact whole-past load
             sl.module, sl.narrowed = None, False
-            sl.past_note = f"multi-token graph: stores X, loads the whole past ({err})"
+            why = err if isinstance(err, Unsupported) else f"{type(err).__name__}: {err}"
+            sl.past_note = f"multi-token graph: stores X, loads the whole past ({why})"
     return sl
 
 
