@@ -105,6 +105,8 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
             effective = rewrite_site(graph, node, sl, ratios[layer],
                                      owned_loads=options["inner"] == "inductor")
             note = sl.past_note
+            if sl.module is None and note.startswith("multi-token graph: stores X, loads"):
+                rep.warn_once(f"kvpr: layer {layer}: {note} (exact, not recomputed)")
             if sl.module is not None and not sl.single_token and effective == 0:
                 note = "multi-token graph: ratio 0, loads the past"
             if sl.narrowed and effective > 0:
