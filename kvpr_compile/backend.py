@@ -122,9 +122,13 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
             effective = rewrite_site(graph, node, sl, ratios[layer],
                                      owned_loads=options["inner"] == "inductor",
                                      links=links.get(layer, ()))
-            note = "" if sl.single_token else "multi-token graph: stores X, loads the whole past"
+            note = sl.past_note
+            if sl.module is None and note.startswith("multi-token graph: stores X, loads"):
+                rep.warn_once(f"kvpr: layer {layer}: {note} (exact, not recomputed)")
+            if sl.module is not None and not sl.single_token and effective == 0:
+                note = "multi-token graph: ratio 0, loads the past"
             if sl.narrowed and effective > 0:
-                note = "fused QKV: recomputes the K/V columns only"
+                note = "; ".join(filter(None, [note, "fused QKV: recomputes the K/V columns only"]))
             if layer in links:
                 shared = ", ".join(sl.token_inputs[i].name for i, _, _ in links[layer])
                 owners = ", ".join(sorted({str(owner) for _, owner, _ in links[layer]}))

@@ -82,3 +82,34 @@ def path(request, monkeypatch):
         from sim_streams import SimApi
         monkeypatch.setattr(cuda_runtime, "API", SimApi())
     return request.param
+
+
+CHUNK_PREFILL, CHUNKS, CHUNK_STEPS, NEXT_TURN = 6, (3, 5), 2, 4
+
+
+def chunk_tokens(batch, n, seed, vocab=80):
+    """Seeded tokens (batch, n) in [1, vocab)."""
+    return torch.randint(1, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def conversation(call, cache, batch=2, poison=None):
+    """Prefill, chunks of 3 and 5 on that past (chunked prefill, speculative verification),
+    greedy steps, a next turn of 4 tokens, one more step: the logits of each
+    ``call(tokens, cache)``. ``poison(cache)`` runs after the prefill."""
+    outs = [call(chunk_tokens(batch, CHUNK_PREFILL, 0), cache)]
+    if poison is not None:
+        poison(cache)
+    for n in CHUNKS:
+        outs.append(call(chunk_tokens(batch, n, n), cache))
+    for _ in range(CHUNK_STEPS):
+        outs.append(call(outs[-1][:, -1:].argmax(-1), cache))
+    outs.append(call(chunk_tokens(batch, NEXT_TURN, 9), cache))
+    outs.append(call(outs[-1][:, -1:].argmax(-1), cache))
+    return outs
+
+
+def nan_kv(k_cpu, v_cpu):
+    """Fill stored K and V with NaN."""
+    for t in k_cpu + v_cpu:
+        t.fill_(float("nan"))

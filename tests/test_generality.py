@@ -82,13 +82,36 @@ def test_position_ids_in_decode_only_recompute(ratio):
     assert all(r.ratios[0] == pytest.approx(ratio) for r in _decode_reports(before))
 
 
-def test_position_ids_in_prefill_only_fall_back_exactly():
-    """Prefill with (B, n) position_ids, decode without (batch-1 cos/sin): the stored records
-    do not fit the decode graph's, so those positions use the stored K,V: exact, no crash."""
-    kvpr_compile.report._WARNED.clear()
-    with pytest.warns(UserWarning, match="do not fit this graph"):
-        ref, out, cache = _run(dict(rope="position-ids"), 1.0, position_ids="prefill")
+def test_position_ids_in_prefill_only_recompute_when_the_rows_agree():
+    """Prefill with (B, n) position_ids (B equal rows of cos/sin), decode without (one row):
+    the store narrows its records to one row once, and every step recomputes (poisoned K/V)."""
+    before = len(kvpr_compile.reports())
+    ref, out, cache = _run(dict(rope="position-ids"), 1.0, poison=True, position_ids="prefill")
     assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
+    assert cache._store.dropped_tokens == 0 and cache._store.token_len == [7 + STEPS]
+    assert all(r.ratios[0] == 1.0 for r in _decode_reports(before))
+
+
+def test_position_ids_in_prefill_only_with_rows_that_differ_fall_back_exactly():
+    """Row 1's prefill positions are shifted (as with left padding), decode steps pass none:
+    one row of cos/sin cannot stand for both, so the stored K,V are used (exact, one warning)."""
+    kvpr_compile.report._WARNED.clear()
+    model = _model(dict(rope="position-ids"))
+    prompt = torch.randint(0, 83, (2, 7), generator=torch.Generator().manual_seed(1))
+    shifted = torch.stack([torch.arange(7), (torch.arange(7) - 2).clamp_min(0)])
+
+    @torch.no_grad()
+    def run(m, cache):
+        outs = [m(prompt, cache, position_ids=shifted)[:, -1]]
+        for _ in range(STEPS):
+            outs.append(m(outs[-1].argmax(-1, keepdim=True), cache)[:, -1])
+        return outs
+
+    ref = run(model, make_cache(model, 2))
+    cache = make_cache(model, 2)
+    with pytest.warns(UserWarning, match="do not fit this graph"):
+        out = run(torch.compile(model, backend="kvpr", options={"ratio": 1.0}), cache)
+    assert worst_rel_err(out, ref) <= TOL
     assert cache._store.dropped_tokens > 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import worst_rel_err
+from conftest import conversation, nan_kv, worst_rel_err
 from kvpr_compile.runtime import cuda_runtime
 from kvpr_compile.runtime.lower import lower
 from kvpr_compile.runtime.slots import SlotPool
@@ -172,6 +172,19 @@ def test_two_layers_ahead(sim):
 def test_poisoned_kv_is_never_read_at_ratio_one(sim):
     api, cache, ref, out = compiled_run(sim, 1.0, poison=True)
     check(api, ref, out)
+
+
+def test_chunks_on_a_poisoned_past_recompute_without_races(sim):
+    """Graphs that add several tokens on a past (chunks of 3 and 5, a next turn) load X[:l] into
+    the slots and recompute like decode steps, with the same waits and events."""
+    model = tiny_llama(layers=2)
+    ref = conversation(model, model.make_cache(2, 96))
+    api = sim()
+    compiled = torch.compile(model, backend=sim_backend(), options={"ratio": 1.0})
+    out = conversation(compiled, model.make_cache(2, 96), poison=lambda c: nan_kv(c.k_cpu, c.v_cpu))
+    assert worst_rel_err(out, ref) <= TOL
+    assert api.races.accesses > 100 and api.races.found == []
+    assert api.stream_waits[("compute", "side1")] == 0
 
 
 def test_eager_prefill_then_compiled_decode_falls_back(sim):

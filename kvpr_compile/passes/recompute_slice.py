@@ -40,9 +40,11 @@ class RecomputeSlice:
     tdims: list[int]              # token dim of each in this graph; -1: one record per call
     consts: list                  # other slice inputs (nodes or values), passed unchanged
     nodes: list[fx.Node]          # the slice, in graph order
-    single_token: bool            # this graph adds one token per call: recompute runs here
-    module: fx.GraphModule | None = None  # (records[l, ...]..., consts...) -> K,V (b, hkv, l, d)
+    single_token: bool            # this graph adds one token per call
+    module: fx.GraphModule | None = None  # (records[l, ...]..., consts...) -> K,V (b, hkv, l, d);
+                                          # None: this graph loads the whole past
     narrowed: bool = False        # a fused QKV projection recomputes only its K/V columns
+    past_note: str = ""           # multi-token graphs: whether and why (not) the past is recomputed
 
 
 def _same(a, b) -> bool:
@@ -233,12 +235,28 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
     tdims = [-1 if single else 1] + [-1 if single else _side_tdim(s, n, traced) for s in sides]
     sl = RecomputeSlice(x, [x, *sides], tdims, consts, nodes, single)
     if single:
-        from .batch_tokens import batch_over_tokens
-        from .prune_projection import prune_fused_projection
-        per_token = _build_module(sl, k_new, v_new)
-        sl.narrowed = prune_fused_projection(per_token)
-        sl.module = batch_over_tokens(per_token, len(sl.token_inputs))
+        _batch(sl, _build_module(sl, k_new, v_new))
+    elif isinstance(cache_node.args[4], int) and cache_node.args[4] == 0:
+        sl.past_note = "multi-token graph on an empty past: stores X, nothing to recompute"
+    else:   # chunked prefill, speculative verification, a chat's next turn: recompute the past
+        from .one_token import check_batched, one_token_slice
+        try:
+            _batch(sl, one_token_slice(sl, n, traced, k_new, v_new))
+            check_batched(sl.module, sl, kv)
+            sl.past_note = "multi-token graph: recomputes K,V[:l] of the past"
+        except Exception as err:  # noqa: BLE001 - any failure keeps the exact whole-past load
+            sl.module, sl.narrowed = None, False
+            why = err if isinstance(err, Unsupported) else f"{type(err).__name__}: {err}"
+            sl.past_note = f"multi-token graph: stores X, loads the whole past ({why})"
     return sl
+
+
+def _batch(sl: RecomputeSlice, per_token: fx.GraphModule) -> None:
+    """The one-token slice, narrowed to the K/V columns where fused, with a leading axis of l."""
+    from .batch_tokens import batch_over_tokens
+    from .prune_projection import prune_fused_projection
+    sl.narrowed = prune_fused_projection(per_token)
+    sl.module = batch_over_tokens(per_token, len(sl.token_inputs))
 
 
 def _build_module(sl: RecomputeSlice, k_new: fx.Node, v_new: fx.Node) -> fx.GraphModule:

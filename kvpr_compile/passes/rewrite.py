@@ -12,7 +12,9 @@ After:   l            = floor(ratio * past)                       (SymInt arithm
 
 Side inputs an earlier layer of the graph computes alike (RoPE cos/sin) are stored by that layer
 only; ``shared`` names them (passes/shared_inputs.py) and the load reads the owner's record.
-Graphs that add several tokens per call (prefill) store X and load the whole past (l = 0).
+Graphs that add several tokens per call (chunked prefill, speculative verification) recompute
+the past the same way, with the slice specialised to one token (one_token.py); where that is not
+possible (``sl.module`` is None), and on an empty past, they store X and load the whole past.
 Layers planned at ratio 0 (e.g. grouped-query attention, where X is not smaller than K+V) store
 no X at all: no D2H traffic and no CPU memory for it.
 Loads take shapes, dtypes and the device as arguments (not tensors of the layer), so a placement
@@ -30,6 +32,7 @@ from torch import fx
 from ..runtime.ops import record_specs
 from ..runtime.recompute import empty_past, ratio_fraction, split_len
 from .graph_utils import example_value, size_arg
+from .one_token import record_shape
 from .recompute_slice import RecomputeSlice, Unsupported
 
 ops = torch.ops.kvpr
@@ -59,13 +62,13 @@ def _inline(graph: fx.Graph, module: fx.GraphModule, inputs: list, ratio: float,
 
 def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio: float,
                  owned_loads: bool = False, links: tuple = ()) -> float:
-    """Rewrite in place; returns the ratio that applies in this graph (0 for multi-token graphs).
-    ``links``: side inputs an earlier layer stores for this one (passes/shared_inputs.py): not
-    stored here, loaded from the owner's record."""
+    """Rewrite in place; returns the ratio that applies in this graph (0 where nothing is
+    recomputed). ``links``: side inputs an earlier layer stores for this one
+    (passes/shared_inputs.py): not stored here, loaded from the owner's record."""
     handle, k_new, v_new, layer, past = cache_node.args
     kv = example_value(k_new)
     frac = ratio_fraction(ratio)
-    recompute = sl.single_token and frac > 0
+    recompute = sl.module is not None and frac > 0
     effective = float(frac) if recompute else 0.0
 
     def call(target, args, role):
@@ -90,8 +93,9 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
             l = split_len(past, frac.numerator, frac.denominator) if isinstance(past, int) else \
                 call(split_len, (past, frac.numerator, frac.denominator), "split")
             shapes = [size_arg(graph, size, t, i) if i >= 0 else 2   # 2: a complex's real view
-                      for t, c in zip(sl.token_inputs, is_complex)
-                      for i, size in [*enumerate(example_value(t).shape), *([(-1, 2)] if c else [])]]
+                      for t, c, d in zip(sl.token_inputs, is_complex, sl.tdims)
+                      for i, size in [*enumerate(record_shape(example_value(t), d)),
+                                      *([(-1, 2)] if c else [])]]
             loaded = items(call(ops.load_tokens.default,
                                 (handle, layer, l, shapes, ranks, codes, kv.device, owned_loads),
                                 "load_tokens"), len(sl.token_inputs), "load_tokens")

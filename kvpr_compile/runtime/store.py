@@ -194,7 +194,8 @@ class KVStore:
 
     def token_sources(self, layer: int, specs: list[tuple[tuple, torch.dtype]]):
         """The stores of ``layer`` as ``(max_seq_len, *shape)`` views for records described by
-        ``specs`` (stored records of size 1 in a dim are broadcast), or None if there are none
+        ``specs`` (stored records of size 1 in a dim are broadcast; several equal rows where
+        one is wanted are narrowed once, see ``_narrow``), or None if there are none
         or they do not fit (another count, rank, size or dtype: stored by a graph that computed
         other recompute inputs). A misfit ends the valid prefix at 0, so that assemble uses the
         stored K,V for every position this read would have recomputed. Shared records (``links``)
@@ -207,11 +208,15 @@ class KVStore:
             return None
         out = []
         if len(held) == len(specs):
-            for s, (shape, dtype) in zip(held, specs):
+            for i, (s, (shape, dtype)) in enumerate(zip(held, specs)):
                 have = tuple(s.shape[1:])
-                if s.dtype != dtype or len(have) != len(shape) or any(
-                        h not in (1, w) for h, w in zip(have, shape)):
+                if s.dtype != dtype or len(have) != len(shape):
                     break
+                if any(h not in (1, w) for h, w in zip(have, shape)):
+                    s = self._narrow(*self._record_at(layer, i), shape)
+                    if s is None:
+                        break
+                    have = tuple(s.shape[1:])
                 out.append(s if have == tuple(shape) else s.expand(s.shape[0], *shape))
         if len(out) != len(specs):
             self._drop(layer, [tuple(s.shape[1:]) for s in held], [tuple(sh) for sh, _ in specs])
@@ -242,6 +247,39 @@ class KVStore:
         for _, owner, _ in self.links[layer]:
             n = min(n, self.token_len[owner])
         return n
+
+    def _record_at(self, layer: int, i: int) -> tuple[int, int]:
+        """(layer, index) of the store holding record ``i`` of ``layer``'s read (``_held``)."""
+        links = sorted(self.links[layer])
+        for index, owner, owner_index in links:
+            if index == i:
+                return owner, owner_index
+        return layer, i - sum(1 for index, _, _ in links if index < i)
+
+    def _narrow(self, layer: int, i: int, shape) -> torch.Tensor | None:
+        """Store ``i`` of ``layer`` with one row where a graph wants one and the store holds
+        several equal ones (a prefill given ``(B, n)`` position_ids, decode steps without them:
+        cos/sin of B equal rows, then of one). Done once, on the first misfit, and only when
+        every valid row agrees: rows that differ (left padding) return None, and the caller
+        falls back to the stored K,V."""
+        s, valid = self.tokens[layer][i], self.token_len[layer]
+        held = tuple(s.shape[1:])
+        dims = [d for d, (h, w) in enumerate(zip(held, shape)) if h not in (1, w)]
+        if any(shape[d] != 1 for d in dims):
+            return None
+        if self.pin:
+            torch.cuda.synchronize()   # earlier D2H writes into these rows (on the store stream)
+        first = s[:valid]
+        for d in dims:
+            first = first.narrow(d + 1, 0, 1)
+        if not torch.equal(s[:valid], first.expand(valid, *held)):
+            return None
+        narrow = self._alloc((self.max_seq_len, *first.shape[1:]), s.dtype, zero=False)
+        narrow[:valid].copy_(first)
+        self.tokens[layer][i] = narrow
+        self._layout[layer] = None   # the write fast path must see the new layout
+        self._generation += 1
+        return narrow
 
     def _drop(self, layer: int, held, wanted) -> None:
         """Stored records do not fit a graph: none of them is used again (exact, no recompute)."""

@@ -15,6 +15,8 @@ REWRITE = "kvpr_compile/passes/rewrite.py"
 PREFETCH = "kvpr_compile/passes/prefetch.py"
 SPLIT = "kvpr_compile/runtime/recompute.py"
 TOKEN_DIMS = "kvpr_compile/passes/token_dims.py"
+SLICE = "kvpr_compile/passes/recompute_slice.py"
+ONE_TOKEN = "kvpr_compile/passes/one_token.py"
 SIM = "tests/sim_streams.py"
 DIRECT = "kvpr_compile/runtime/direct.py"
 WEIGHTS = "kvpr_compile/runtime/weight_stream.py"
@@ -30,6 +32,7 @@ ASSEMBLE = VALUES + "::test_assemble_orders_recomputed_loaded_new_and_falls_back
 SIM_RUN = "tests/test_runtime_sim.py::test_layer_ahead_uses_two_slots_without_races[0.5]"
 OVERLAP = "tests/test_runtime_sim.py::test_decode_recompute_overlaps_the_kv_copy"
 ROWS_PAST_X = "tests/test_custom_models.py::test_rows_past_the_stored_x_never_leak_into_results"
+CHUNK_POISON = "tests/test_multi_token.py::test_chunks_on_a_poisoned_past_full_recompute[hf-qwen2-gqa]"
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,33 @@ BREAKAGES = (
              ("tests/test_rewrite_details.py::test_token_dims_follow_transpose_permute_unsqueeze_and_broadcasting",
               "tests/test_custom_models.py::test_prompt_as_long_as_a_feature_dim_still_stores_x[llama-mha-16]"),
              "side inputs stored with the wrong token dim (RoPE tables as long as head_dim)"),
+    # ---- multi-token graphs on a non-empty past (one_token.py) ----------------------------
+    Breakage("multi-token-loads-whole-past", SLICE,
+             "elif isinstance(cache_node.args[4], int) and cache_node.args[4] == 0:",
+             "elif True:",
+             (CHUNK_POISON,),
+             "chunks on a past store X but load the whole past (the behaviour before)"),
+    Breakage("past-side-inputs-from-this-call", REWRITE,
+             "_inline(graph, sl.module, [*tokens, *sl.consts], effective, layer)",
+             "_inline(graph, sl.module, [tokens[0], *sl.token_inputs[1:], *sl.consts], effective, layer)",
+             (CHUNK_POISON,),
+             "the past recomputed with this call's RoPE cos/sin instead of its stored records"),
+    Breakage("multi-token-split-off-by-one", REWRITE,
+             'call(split_len, (past, frac.numerator, frac.denominator), "split")',
+             'call(split_len, (past - 1, frac.numerator, frac.denominator), "split")',
+             (CHUNK_POISON,),
+             "l one short of floor(ratio * past): the last past token read from stored K,V"),
+    Breakage("one-token-size-left-symbolic", ONE_TOKEN,
+             "        if self._is_n(val):\n            return 1",
+             "        if self._is_n(val):\n            return val",
+             (CHUNK_POISON.replace("hf-qwen2-gqa", "hf-gpt2"),),
+             "GPT-2's shape x.size()[:-1] + (nf,) keeps the token count in the one-token slice "
+             "(caught by the meta check, then the graph loads the past)"),
+    Breakage("past-records-with-this-calls-token-count", ONE_TOKEN,
+             "        shape[tdim] = 1",
+             "        pass",
+             (CHUNK_POISON,),
+             "past records described with this call's token count: they never fit the store's"),
     # ---- waits, streams and events -------------------------------------------------------
     Breakage("kv-wait-dropped", REWRITE,
              'call(ops.wait.default, ([k_ld, v_ld],), "wait")',
@@ -189,10 +219,15 @@ BREAKAGES = (
              "store.write_kv(layer, pos, k, v)\n    if k.shape[2] == 1:",
              ("tests/test_shapes.py::test_bad_caches_are_clear_errors_under_compilation_and_stay_intact",),
              "the compiled step writes without the run-time geometry checks"),
+    Breakage("narrow-rows-unchecked", STORE,
+             "if not torch.equal(s[:valid], first.expand(valid, *held)):",
+             "if False:",
+             ("tests/test_generality.py::test_position_ids_in_prefill_only_with_rows_that_differ_fall_back_exactly",),
+             "B stored rows of cos/sin narrowed to row 0 although they differ (left padding)"),
     Breakage("tokens-unchecked-fit", STORE,
              "sources = self.token_sources(layer, specs)",
              "sources = self.tokens[layer] or None",
-             ("tests/test_generality.py::test_position_ids_in_prefill_only_fall_back_exactly",),
+             ("tests/test_generality.py::test_position_ids_in_prefill_only_with_rows_that_differ_fall_back_exactly",),
              "records stored by another graph loaded without checking they fit"),
     # ---- fast paths of the store and the checks (host time) ---------------------------------
     Breakage("read-fit-memo-outlives-layout", STORE,
