@@ -227,9 +227,11 @@ def run_hf_offloaded(model, input_ids: torch.Tensor, case: Case, env: BenchEnv) 
 
 
 def decode_graph_report(reports) -> kvpr_report.Report | None:
-    """The last report whose rewritten layers all decode one token (not the prefill graph)."""
+    """The last report whose rewritten layers all decode one token (not a prefill or chunk
+    graph: their notes start with "multi-token"; other notes, e.g. a shared RoPE record, are
+    decode graphs too)."""
     for rep in reversed(reports):
-        if rep.layers and all(not entry.note for entry in rep.layers):
+        if rep.layers and not any(e.note.startswith("multi-token") for e in rep.layers):
             return rep
     return None
 
