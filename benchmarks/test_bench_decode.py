@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from kvpr_compile import reports
+from kvpr_compile.report import decode_graph_report
 from kvpr_compile.bench import configs as cf
 from kvpr_compile.bench.runners import (CONTENDERS, HF_OFFLOADED, KVPR_R0, KVPR_SCHED, RESIDENT,
-                                        BenchEnv, decode_graph_report, hf_offloaded_decoder,
+                                        BenchEnv, hf_offloaded_decoder,
                                         kvpr_decoder, resident_decoder)
 from kvpr_compile.plan.profiler import preset, resolve_profile
 

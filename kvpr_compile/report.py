@@ -86,3 +86,13 @@ def warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, stacklevel=3)
+
+
+def decode_graph_report(reports) -> Report | None:
+    """The last report whose rewritten layers all decode one token (not a prefill or chunk
+    graph: their notes start with "multi-token"; other notes, e.g. a shared RoPE record, are
+    decode graphs too)."""
+    for rep in reversed(reports):
+        if rep.layers and not any(e.note.startswith("multi-token") for e in rep.layers):
+            return rep
+    return None

@@ -226,16 +226,6 @@ def run_hf_offloaded(model, input_ids: torch.Tensor, case: Case, env: BenchEnv) 
     return _decode(HF_OFFLOADED, hf_offloaded_decoder(model), input_ids, case, env)
 
 
-def decode_graph_report(reports) -> kvpr_report.Report | None:
-    """The last report whose rewritten layers all decode one token (not a prefill or chunk
-    graph: their notes start with "multi-token"; other notes, e.g. a shared RoPE record, are
-    decode graphs too)."""
-    for rep in reversed(reports):
-        if rep.layers and not any(e.note.startswith("multi-token") for e in rep.layers):
-            return rep
-    return None
-
-
 def run_kvpr(model, input_ids: torch.Tensor, case: Case, env: BenchEnv,
              ratio: float | None) -> RunResult:
     name = KVPR_R0 if ratio == 0 else KVPR_SCHED if ratio is None else f"kvpr-{ratio:g}"
@@ -246,7 +236,7 @@ def run_kvpr(model, input_ids: torch.Tensor, case: Case, env: BenchEnv,
         decoder = kvpr_decoder(model, env, ratio, case.batch,
                                case.prompt + case.new_tokens + room)
         result = _decode(name, decoder, input_ids, case, env, trace=True)
-        rep = decode_graph_report(kvpr_report.reports()[first:])
+        rep = kvpr_report.decode_graph_report(kvpr_report.reports()[first:])
         if rep is None:
             result.reason = "no decode graph was rewritten by the kvpr backend"
         else:

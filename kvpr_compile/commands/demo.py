@@ -64,14 +64,6 @@ def _generate(model, tokens, cache, steps, device):
     return torch.cat(out, dim=1), all_logits, seconds, counted
 
 
-def _decode_report(reports):
-    """The last report of a graph that decodes one token per call (not the prefill's)."""
-    for rep in reversed(reports):
-        if rep.layers and all(not entry.note for entry in rep.layers):
-            return rep
-    return None
-
-
 def _ratios_text(rep) -> str:
     if rep is None:
         return "no decode graph was rewritten (see the warnings above)"
@@ -94,6 +86,7 @@ def run(args) -> int:
     import torch
 
     from .. import reports
+    from ..report import decode_graph_report
     from ..models import TinyLlamaConfig, build_tiny_llama
     from ..plan.latency_table import format_layers
     from ..plan.profiler import resolve_profile
@@ -132,7 +125,7 @@ def run(args) -> int:
         first = len(reports())
         compiled = torch.compile(model, backend="kvpr", options=options)
         out = _generate(compiled, tokens, fresh_cache(), args.new, device)
-        return (*out, _decode_report(reports()[first:]))
+        return (*out, decode_graph_report(reports()[first:]))
 
     runs = {"kvpr": compiled_run(args.ratio), "ratio 0": compiled_run(0.0)}
     torch.compiler.reset()
