@@ -84,6 +84,19 @@ def path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def sim(monkeypatch):
+    """The CUDA runtime's stream and event calls on simulated streams, every device counted as
+    one the runtime handles; returns the sim_streams.SimApi (``races`` lists what it caught).
+    test_runtime_sim.py has its own ``sim`` (it also instruments the store)."""
+    from kvpr_compile.runtime import cuda_runtime
+    from sim_streams import SimApi
+    api = SimApi()
+    monkeypatch.setattr(cuda_runtime, "API", api)
+    monkeypatch.setattr(cuda_runtime, "handles", lambda device: True)
+    return api
+
+
 CHUNK_PREFILL, CHUNKS, CHUNK_STEPS, NEXT_TURN = 6, (3, 5), 2, 4
 
 

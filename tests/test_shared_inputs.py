@@ -60,16 +60,23 @@ def complex_rope():
 MODELS = {"hf-llama": hf_llama, "complex-rope": complex_rope}
 
 
-@pytest.mark.parametrize("ratio", [0.5, 1.0])
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_shared_side_inputs_are_stored_once_and_exact(name, ratio):
-    model, new_cache = MODELS[name]()
+def _exact_cache(model, new_cache, ratio):
+    """Decode compiled at ``ratio`` (stored K/V poisoned at 1.0), check against eager, return
+    the cache."""
     ref = decode_steps(model, _prompt(), new_cache(2), STEPS)
     compiled = torch.compile(model, backend="kvpr", options={"ratio": ratio})
     cache = new_cache(2)
     out = decode_steps(compiled, _prompt(), cache, STEPS, poison=ratio == 1.0)
     assert max_rel_err(out[0], ref[0]) <= TOL
     assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
+    return cache
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_shared_side_inputs_are_stored_once_and_exact(name, ratio):
+    model, new_cache = MODELS[name]()
+    cache = _exact_cache(model, new_cache, ratio)
     store = cache._store
     assert store.links[0] == () and all(store.links[i] for i in range(1, cache.num_layers))
     assert all(owner == 0 for links in store.links for _, owner, _ in links)
@@ -142,14 +149,8 @@ class PerLayerRope(nn.Module):
 def test_layers_with_their_own_side_inputs_keep_their_own_records(ratio):
     torch.manual_seed(4)
     model = PerLayerRope().eval()
-    new_cache = lambda b: OffloadedKVCache(2, b, 64, model.heads, model.dim)  # noqa: E731
-    ref = decode_steps(model, _prompt(), new_cache(2), STEPS)
-    compiled = torch.compile(model, backend="kvpr", options={"ratio": ratio})
-    cache = new_cache(2)
-    out = decode_steps(compiled, _prompt(), cache, STEPS, poison=ratio == 1.0)
-    assert max_rel_err(out[0], ref[0]) <= TOL
-    assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
-    store = cache._store
+    store = _exact_cache(model, lambda b: OffloadedKVCache(2, b, 64, model.heads, model.dim),
+                         ratio)._store
     assert store.links == [(), ()] and [len(own) for own in store.tokens] == [3, 3]
 
 

@@ -226,16 +226,6 @@ def test_ops_mixing_rows_keep_the_latency_schedule():
 
 
 # ---- weight slots on simulated streams --------------------------------------------------------
-@pytest.fixture
-def sim(monkeypatch):
-    from kvpr_compile.runtime import cuda_runtime
-    from sim_streams import SimApi
-    api = SimApi()
-    monkeypatch.setattr(cuda_runtime, "API", api)
-    monkeypatch.setattr(cuda_runtime, "handles", lambda device: True)
-    return api
-
-
 def _log_weight_reads(runner, stream, api, release_per_micro_batch=False):
     """Every micro-batch's run of a segment reads the slots of the layers the segment makes
     ready (logged on the compute stream). ``release_per_micro_batch``: the negative control,

@@ -10,9 +10,7 @@ import torch
 
 from conftest import worst_rel_err
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama, greedy_generate
-from kvpr_compile.runtime import cuda_runtime
 from kvpr_compile.runtime.weight_stream import WeightStream, stream_weights
-from sim_streams import SimApi
 
 TOL = 1e-5
 
@@ -101,14 +99,6 @@ def _layer_args(model, n):
 def test_bad_slot_count_is_named():
     with pytest.raises(ValueError, match="num_slots"):
         WeightStream(_model().layers, "cpu", num_slots=0)
-
-
-@pytest.fixture
-def sim(monkeypatch):
-    api = SimApi()
-    monkeypatch.setattr(cuda_runtime, "API", api)
-    monkeypatch.setattr(cuda_runtime, "handles", lambda device: True)
-    return api
 
 
 def _logged(stream, api):
