@@ -78,7 +78,7 @@ API = CudaApi()
 # the saved device copy is worth the third slot; tests run it on simulated streams.
 ASSEMBLE_IN_PLACE = False
 # Micro-batch parts share their whole store's copy stream and slot pool (see the module docstring).
-# Off: each part has its own pool, two slots per part (2m micro-batch slots on the device).
+# Off: each part fills a pool of its own (at least one slot per micro-batch on the device).
 SHARED_SLOTS = True
 _RUNTIMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # store -> {device: runtime}
 _LIVE: "weakref.WeakSet[CudaRuntime]" = weakref.WeakSet()
