@@ -114,5 +114,5 @@ def test_a_slot_refilled_without_its_free_event_is_a_race(sim, monkeypatch):  # 
     fill = cuda_runtime.CudaRuntime._fill
     monkeypatch.setattr(cuda_runtime.CudaRuntime, "_fill", lambda self, layer, slot, after_free,
                         *a, **kw: fill(self, layer, slot, False, *a, **kw))
-    api, *_ = _run(sim, monkeypatch, 7, 3, 0.5)
+    api, *_ = _run(sim, monkeypatch, 5, 2, 0.5)
     assert any("copy destination" in r and "slot (recompute/assemble)" in r for r in api.races.found)
