@@ -135,7 +135,8 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
                 note = "; ".join(filter(None, [note, f"{shared}: layer {owners}'s record (stored once)"]))
             report.layers.append(rep.LayerEntry(layer, effective, ratios[layer], sl.x.name,
                                                 [s.name for s in sl.token_inputs[1:]], note))
-        hoist_loads(graph)  # layer i+1's loads are issued before layer i's assemble
+        if rows is None:   # the column order issues loads itself (column_runner.py)
+            hoist_loads(graph)  # layer i+1's loads are issued before layer i's assemble
         graph.lint()
         gm.recompile()
     rep.add_report(report)
@@ -143,6 +144,9 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
         runner = _column_runner(options, gm, rows, budget, report)
         if runner is not None:
             return runner
+        if slices:   # latency after all: its layer-ahead prefetch
+            hoist_loads(graph)
+            gm.recompile()
     return compile_inner(gm, example_inputs, options["inner"])
 
 

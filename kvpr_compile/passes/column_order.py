@@ -15,6 +15,15 @@ a release is refused: the slot it refills would still be read). Each segment bec
 GraphModule (inputs: the values it reads from earlier segments or the graph's inputs; outputs:
 what later segments or the graph's output read), built once and called for every micro-batch:
 compile time grows with the layers, not with layers x micro-batches.
+
+A segment's cache loads are a GraphModule of their own, ``prefetch``: the ``load_tokens`` /
+``load_kv`` calls (``kvpr_role`` in prefetch.LOAD_ROLES, their getitems) with what they need
+from the segment itself, where that is only ``resolve``, ``split_len`` or the record specs
+(``_split_specs``): loads read the handle, positions and static specs, never the micro-batch's
+activations. The runner issues micro-batch k+1's prefetch before micro-batch k's body
+(column_runner.py); the body takes the loaded views as inputs. Load groups that read anything
+else stay in the body. The backend leaves the loads at their own layer for this schedule (no
+layer-ahead hoisting), so segment j's prefetch loads layer j.
 """
 from __future__ import annotations
 
@@ -26,6 +35,9 @@ from torch import fx
 
 from ..runtime import direct
 from ..runtime import weight_stream  # noqa: F401  (registers the kvpr::weights_* ops)
+from ..runtime.ops import _split_specs
+from ..runtime.recompute import split_len
+from .prefetch import LOAD_ROLES
 from .recompute_slice import Unsupported
 
 READY = (torch.ops.kvpr.weights_ready.default, torch.ops.kvpr.weights_ready)
@@ -43,6 +55,9 @@ class Segment:
     before: list[tuple] = field(default_factory=list)   # (target, args) hooks run once first
     after: list[tuple] = field(default_factory=list)    # ... and once after the last micro-batch
     drop: list[fx.Node] = field(default_factory=list)   # values no later segment reads
+    prefetch: fx.GraphModule | None = None  # the segment's cache loads (run before its body)
+    prefetch_inputs: list[fx.Node] = field(default_factory=list)
+    prefetch_outputs: list[fx.Node] = field(default_factory=list)   # what the body (or later) reads
 
 
 def _cuts(body: list[fx.Node]) -> tuple[set[fx.Node], str]:
@@ -58,6 +73,31 @@ def _cuts(body: list[fx.Node]) -> tuple[set[fx.Node], str]:
             if j < len(body):
                 cuts.add(body[j])
     return cuts, "assemble"
+
+
+_LOAD_HELPERS = {direct.resolve, split_len, _split_specs}
+
+
+def _loads(kept: list[fx.Node], seg_of: dict, s: int) -> set[fx.Node]:
+    """The nodes of segment ``s`` (``kept``, in order) that its prefetch runs: load nodes and
+    the helpers they read, each reading only earlier segments, inputs or other such nodes."""
+    role = lambda n: (n.meta.get("custom") or {}).get("kvpr_role")  # noqa: E731
+    wanted = {n for n in kept if n.op == "call_function"
+              and (role(n) in LOAD_ROLES or n.target in _LOAD_HELPERS)}
+    while True:   # drop nodes reading something of this segment outside the set
+        out = {n for n in wanted
+               if all(seg_of[src] != s or src in wanted for src in n.all_input_nodes)}
+        if out == wanted:
+            break
+        wanted = out
+    loads = {n for n in wanted if role(n) in ("load_tokens", "load_kv")
+             and n.target is not operator.getitem}
+    keep = set()
+    for n in reversed(kept):   # the loads and the helpers they read (helpers alone stay put)
+        if n in loads or (n in wanted and any(u in keep for u in n.users)):
+            keep.add(n)
+    keep |= {n for n in wanted if n.target is operator.getitem and n.args[0] in keep}
+    return keep
 
 
 def segments(gm: fx.GraphModule) -> tuple[list[Segment], list[fx.Node], fx.Node, str]:
@@ -94,6 +134,23 @@ def segments(gm: fx.GraphModule) -> tuple[list[Segment], list[fx.Node], fx.Node,
                 hooks_after.append(node)
             else:
                 kept.append(node)
+        loads = _loads(kept, seg_of, s)
+        prefetch, pre_inputs, pre_outputs = None, [], []
+        if any(n.target is not operator.getitem for n in loads):
+            pre_graph, pre_env = fx.Graph(), {}
+            for node in kept:
+                if node not in loads:
+                    continue
+                for src in node.all_input_nodes:
+                    if src not in loads and src not in pre_env:
+                        pre_env[src] = pre_graph.placeholder(src.name)
+                        pre_inputs.append(src)
+                pre_env[node] = pre_graph.node_copy(node, lambda n: pre_env[n])
+            pre_outputs = [n for n in kept if n in loads
+                           and (last_use.get(n, -1) > s or any(u not in loads for u in n.users))]
+            pre_graph.output(tuple(pre_env[n] for n in pre_outputs))
+            prefetch = fx.GraphModule(gm, pre_graph)
+            kept = [n for n in kept if n not in loads]
         graph, env, inputs = fx.Graph(), {}, []
 
         def value(src):
@@ -108,7 +165,7 @@ def segments(gm: fx.GraphModule) -> tuple[list[Segment], list[fx.Node], fx.Node,
                     raise Unsupported(f"{hook.name} reads {src.name}, computed in its own segment")
         for node in kept:
             for src in node.all_input_nodes:
-                if seg_of[src] != s:
+                if seg_of[src] != s or src in loads:
                     value(src)
             env[node] = graph.node_copy(node, lambda n: env[n])
         outputs = [n for n in kept if last_use.get(n, -1) > s]
@@ -117,5 +174,6 @@ def segments(gm: fx.GraphModule) -> tuple[list[Segment], list[fx.Node], fx.Node,
         drop = [n for n, last in last_use.items() if last == s and seg_of[n] <= s]
         out.append(Segment(module, inputs, outputs,
                            [(h.target, h.args) for h in hooks_before],
-                           [(h.target, h.args) for h in hooks_after], drop))
+                           [(h.target, h.args) for h in hooks_after], drop,
+                           prefetch, pre_inputs, pre_outputs))
     return out, placeholders, out_node, rule

@@ -11,9 +11,20 @@ k's rows, with one environment of values per micro-batch. Per call:
    handle, so its cache steps touch only its rows, each (layer, micro-batch) range one copy;
 3. ``rows`` inputs are sliced (views), ``batch`` inputs become the micro-batch's size, ``shared``
    inputs pass as they are;
-4. per segment: its ``weights_ready`` hooks once, the segment for every micro-batch, its
-   ``weights_release`` hooks once; values no later segment reads are dropped;
+4. per segment: its ``weights_ready`` hooks once, the segment for every micro-batch (its cache
+   loads issued one micro-batch ahead, below), its ``weights_release`` hooks once; values no
+   later segment reads are dropped;
 5. ``rows`` outputs are concatenated in batch order, ``shared`` ones come from micro-batch 0.
+
+Cache loads one micro-batch ahead: a segment's loads are a module of their own (``prefetch``,
+passes/column_order.py), and micro-batch k+1's loads of layer j are issued right before micro-batch
+k's body of layer j runs; before layer j's last micro-batch, layer j+1's micro-batch 0 loads are
+issued (when everything they read is there: with one micro-batch, that is the layer-ahead
+prefetch of the latency schedule). So (j, k+1)'s copies are queued behind (j, k)'s compute,
+and the parts of a cache, which share their whole store's slot pool (cuda_runtime.py), hold
+two (layer, micro-batch) slots: the one (j, k) reads and the one being filled; (j, k+2)'s loads
+take (j, k)'s slot once its assemble freed it. A prefetch not issued ahead runs right before its
+body.
 """
 from __future__ import annotations
 
@@ -93,10 +104,14 @@ class ColumnRunner:
                 for env in envs:
                     env[p] = a
         first = envs[0]
-        for seg in self.segments:
+        issued: set[tuple[int, int]] = set()
+        count = len(envs)
+        for s, seg in enumerate(self.segments):
             for target, hook_args in seg.before:
                 target(*fx.node.map_arg(hook_args, lambda n: first[n]))
-            for env in envs:
+            for k, env in enumerate(envs):
+                self._prefetch(s, k, envs, issued)   # not issued ahead: now
+                self._prefetch(*((s, k + 1) if k + 1 < count else (s + 1, 0)), envs, issued)
                 outs = seg.module(*[env[n] for n in seg.inputs])
                 env.update(zip(seg.outputs, outs))
             for target, hook_args in seg.after:
@@ -116,6 +131,18 @@ class ColumnRunner:
             else:
                 results.append(first[leaf])
         return torch.utils._pytree.tree_unflatten(results, spec)
+
+    def _prefetch(self, s: int, k: int, envs, issued: set) -> None:
+        """Issue segment ``s``'s loads for micro-batch ``k`` unless done (or there is no such
+        segment, or something they read is not computed yet)."""
+        if s >= len(self.segments) or (s, k) in issued:
+            return
+        seg, env = self.segments[s], envs[k]
+        if seg.prefetch is None or any(n not in env for n in seg.prefetch_inputs):
+            return
+        issued.add((s, k))
+        outs = seg.prefetch(*[env[n] for n in seg.prefetch_inputs])
+        env.update(zip(seg.prefetch_outputs, outs))
 
 
 def _store_of(handle: torch.Tensor) -> KVStore:

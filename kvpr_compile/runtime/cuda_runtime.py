@@ -21,6 +21,13 @@ Order of one layer i, loads issued one layer ahead (compute = the current stream
     d2h:     wait compute; copy layer i's new K, V, X into the pinned store -> record stored[i]
     compute: assemble(i) (concatenate into a fresh tensor) -> record free[s(i)]
 
+Micro-batch parts (the throughput schedule, store_parts.py): part k of a cache gets a runtime of
+its own (its ``d2h``, ``stored`` events and staging), but it shares the whole store's runtime's
+``h2d`` stream and slot pool, keyed by ``(k, layer)`` (``SHARED_SLOTS``). The column order issues
+(layer j, micro-batch k+1)'s loads while (j, k) computes, so the device holds two micro-batch
+slots whatever the number of micro-batches (the planner's working set), and a slot taken by
+another part waits on the free event of its last reader exactly as between layers.
+
 Nothing here waits on the host: every dependency is an event between streams. Graphs handed to
 inductor load into fresh tensors instead of slots (``owned=True``; see ``load_kv``). All stream and event
 calls go through ``API`` so tests can run this logic on CPU with simulated streams.
@@ -70,6 +77,9 @@ API = CudaApi()
 # the strided (b, h, s, d) view of a sequence-major slot keeps SDPA on its fast kernels, and that
 # the saved device copy is worth the third slot; tests run it on simulated streams.
 ASSEMBLE_IN_PLACE = False
+# Micro-batch parts share their whole store's copy stream and slot pool (see the module docstring).
+# Off: each part fills a pool of its own (at least one slot per micro-batch on the device).
+SHARED_SLOTS = True
 _RUNTIMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # store -> {device: runtime}
 _LIVE: "weakref.WeakSet[CudaRuntime]" = weakref.WeakSet()
 
@@ -86,7 +96,12 @@ def runtime(store, device) -> "CudaRuntime":
         per_device = _RUNTIMES[store] = {}
     rt = per_device.get(device)
     if rt is None:
-        rt = per_device[device] = CudaRuntime(store, device)
+        owner = store.part_of[0]() if store.part_of is not None else None
+        if SHARED_SLOTS and owner is not None:   # a micro-batch part: its whole store's pool
+            rt = CudaRuntime(store, device, runtime(owner, device), store.part_of[1])
+        else:
+            rt = CudaRuntime(store, device)
+        per_device[device] = rt
     return rt
 
 
@@ -110,12 +125,17 @@ def wait(tensors: list[torch.Tensor]) -> None:
 
 
 class CudaRuntime:
-    def __init__(self, store, device: torch.device):
+    def __init__(self, store, device: torch.device, shared: "CudaRuntime | None" = None,
+                 part: int | None = None):
+        """``shared``: the runtime whose copy stream and slot pool this one uses (its store's
+        whole store's), with slot keys ``(part, layer)``; None: its own, keyed by layer."""
         # no reference to the store: _RUNTIMES is keyed weakly by it
         self.device = device
-        self.h2d = API.new_stream(device)
+        self.owner = shared   # held: the pool outlives every runtime that fills its slots
+        self.part = part
+        self.h2d = shared.h2d if shared is not None else API.new_stream(device)
         self.d2h = API.new_stream(device)
-        self.slots = SlotPool(device, API.new_event)
+        self.slots = shared.slots if shared is not None else SlotPool(device, API.new_event)
         self.stored: list = [None] * store.num_layers
         self.staging: list[list[torch.Tensor]] = [[] for _ in range(store.num_layers)]
         self.in_flight: deque = deque()
@@ -128,7 +148,12 @@ class CudaRuntime:
             self.d2h.synchronize()
         except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to protect
             pass
-        self.slots.close()
+        if self.owner is None:   # a shared pool is closed by its owner, after every user's sync
+            self.slots.close()
+
+    def key(self, layer: int):
+        """The slot pool key of ``layer``'s loads."""
+        return layer if self.part is None else (self.part, layer)
 
     # ---- loads ---------------------------------------------------------------------------
     def _fill(self, layer: int, slot, after_free: bool, new_memory: bool, current, pairs,
@@ -167,7 +192,7 @@ class CudaRuntime:
             k, v = (torch.empty((n, batch, heads, head_dim), dtype=dtype, device=self.device)
                     for _ in range(2))
         else:
-            slot, after_free = self.slots.take(layer, "kv", current)
+            slot, after_free = self.slots.take(self.key(layer), "kv", current)
             (k, v), new_memory = slot.kv_buffers((store.max_seq_len, batch, heads, head_dim), dtype)
             if ASSEMBLE_IN_PLACE:   # at their own rows: the slot becomes the layer's whole K,V
                 k, v = k[start:], v[start:]
@@ -184,7 +209,7 @@ class CudaRuntime:
             slot, after_free, new_memory = None, False, True
             buffers = [torch.empty((end, *shape), dtype=dtype, device=self.device) for shape, dtype in specs]
         else:
-            slot, after_free = self.slots.take(layer, "tokens", current)
+            slot, after_free = self.slots.take(self.key(layer), "tokens", current)
             buffers, new_memory = slot.token_buffers(specs, store.max_seq_len)
         sources = [s[:end] for s in stores] if stores is not None else [None] * len(buffers)
         self._fill(layer, slot, after_free, new_memory, current,
@@ -268,7 +293,7 @@ class CudaRuntime:
         v_all = v_new.new_empty(b, h, s, d)
         torch.cat([k_rec, k_load, k_new], dim=2, out=k_all)
         torch.cat([v_rec, v_load, v_new], dim=2, out=v_all)
-        self.slots.give_back(layer, current)
+        self.slots.give_back(self.key(layer), current)
         self._retire()
         return k_all, v_all
 
@@ -298,7 +323,7 @@ class CudaRuntime:
                 buf[:l].copy_(rec.permute(2, 0, 1, 3))
             buf[past:past + n].copy_(new.permute(2, 0, 1, 3))
         if self.read_later not in (None, layer):   # that layer's attention is enqueued by now
-            self.slots.give_back(self.read_later, current)
+            self.slots.give_back(self.key(self.read_later), current)
         self.read_later = layer
         self._retire()
         return buffers[0][:past + n].permute(1, 2, 0, 3), buffers[1][:past + n].permute(1, 2, 0, 3)

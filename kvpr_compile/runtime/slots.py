@@ -3,14 +3,18 @@
 A *slot* holds one layer's loaded data for one forward: a K and a V buffer ``(max_seq_len, batch,
 num_kv_heads, head_dim)`` (sequence-major like the CPU store, so positions ``[a:b)`` are one
 contiguous block) and one buffer ``(max_seq_len, *record)`` per recompute input. Buffers are
-allocated on first use and then reused for the life of the cache.
+allocated on first use and then reused for the life of the cache: each is a flat block, viewed
+at the shape a load asks for, so a smaller shape (the throughput schedule's uneven micro-batches
+take turns in the same slots) reuses it and only a larger one (or another dtype) reallocates.
 
-The pool hands a slot to a layer when its first load is issued and takes it back when the layer's
-``assemble`` (the last reader of everything loaded for the layer) has been enqueued; the slot's
-``free`` event is recorded on the compute stream at that moment, and the next load into the slot
-must make the copy stream wait on it. Free slots are reused first-in first-out, so with loads
-issued one layer ahead the pool holds two slots (double buffering: the slot being read by layer i
-and the one being filled for layer i+1); d layers ahead it holds d+1.
+The pool hands a slot to a *key* when its first load is issued and takes it back when the key's
+``assemble`` (the last reader of everything loaded for it) has been enqueued; the slot's ``free``
+event is recorded on the compute stream at that moment, and the next load into the slot must make
+the copy stream wait on it. A key is a layer (one store), or ``(part, layer)`` when the
+micro-batch parts of a cache share their whole store's pool (the throughput schedule; see
+cuda_runtime.runtime). Free slots are reused first-in first-out, so with loads issued one key
+ahead the pool holds two slots (double buffering: the slot being read by layer i, or by (layer j,
+micro-batch k), and the one being filled for the next); d keys ahead it holds d+1.
 
 ``wait`` receives only tensors, so every buffer's storage is registered here (``slot_of``) to
 find the slot and the part it belongs to, and with them the ``ready`` event of that part's copy:
@@ -18,6 +22,7 @@ the recompute waits for X only, while K,V[l:] may still be in flight.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import torch
@@ -42,8 +47,10 @@ class Slot:
         self.free = new_event()    # compute stream: the last reader of this slot was enqueued
         self.used = False          # free has been recorded at least once
         self.parts: set[str] = set()   # "kv", "tokens": what was loaded for the current layer
-        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.tokens: list[torch.Tensor] = []
+        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None   # views of kv_flat
+        self.tokens: list[torch.Tensor] = []                        # views of tokens_flat
+        self.kv_flat: list[torch.Tensor] = []       # the K and V blocks (allocated memory)
+        self.tokens_flat: list[torch.Tensor] = []   # one block per record
 
     def _adopt(self, old: list[torch.Tensor], new: list[torch.Tensor], part: str = "") -> None:
         for t in old:
@@ -53,43 +60,61 @@ class Slot:
 
     def kv_buffers(self, shape: tuple, dtype: torch.dtype) -> tuple[tuple, bool]:
         """(K, V) buffers of ``shape``; whether they were (re)allocated just now."""
-        if self.kv is not None and tuple(self.kv[0].shape) == tuple(shape) and self.kv[0].dtype == dtype:
+        shape = tuple(shape)
+        if self.kv is not None and tuple(self.kv[0].shape) == shape and self.kv[0].dtype == dtype:
             return self.kv, False
-        new = tuple(torch.empty(shape, dtype=dtype, device=self.device) for _ in range(2))
-        self._adopt(list(self.kv or ()), list(new), "kv")
-        self.kv = new
-        return new, True
+        numel = math.prod(shape)
+        fresh = not _fits(self.kv_flat, [(numel, dtype)] * 2)
+        if fresh:
+            new = [torch.empty(numel, dtype=dtype, device=self.device) for _ in range(2)]
+            self._adopt(self.kv_flat, new, "kv")
+            self.kv_flat = new
+        self.kv = tuple(flat[:numel].view(shape) for flat in self.kv_flat)
+        return self.kv, fresh
 
     def token_buffers(self, specs: list[tuple[tuple, torch.dtype]], length: int) -> tuple[list, bool]:
         """One ``(length, *shape)`` buffer per record spec; whether any was (re)allocated."""
+        shapes = [(length, *shape) for shape, _ in specs]
         if len(self.tokens) == len(specs) and all(
-                tuple(b.shape) == (length, *shape) and b.dtype == dtype
-                for b, (shape, dtype) in zip(self.tokens, specs)):
+                tuple(b.shape) == s and b.dtype == dtype
+                for b, s, (_, dtype) in zip(self.tokens, shapes, specs)):
             return self.tokens, False
-        new = [torch.empty((length, *shape), dtype=dtype, device=self.device) for shape, dtype in specs]
-        self._adopt(self.tokens, new, "tokens")
-        self.tokens = new
-        return new, True
+        sizes = [(math.prod(s), dtype) for s, (_, dtype) in zip(shapes, specs)]
+        fresh = not _fits(self.tokens_flat, sizes)
+        if fresh:
+            new = [torch.empty(n, dtype=dtype, device=self.device) for n, dtype in sizes]
+            self._adopt(self.tokens_flat, new, "tokens")
+            self.tokens_flat = new
+        self.tokens = [flat[:n].view(s) for flat, (n, _), s in zip(self.tokens_flat, sizes, shapes)]
+        return self.tokens, fresh
 
     def forget(self) -> None:
-        self._adopt([*(self.kv or ()), *self.tokens], [])
-        self.kv, self.tokens = None, []
+        self._adopt([*self.kv_flat, *self.tokens_flat], [])
+        self.kv, self.tokens, self.kv_flat, self.tokens_flat = None, [], [], []
+
+
+def _fits(flat: list[torch.Tensor], sizes: list[tuple[int, torch.dtype]]) -> bool:
+    """Whether the flat blocks ``flat`` hold ``sizes`` ((numel, dtype) each) as views."""
+    return len(flat) == len(sizes) and all(
+        f.dtype == dtype and f.numel() >= n for f, (n, dtype) in zip(flat, sizes))
 
 
 class SlotPool:
-    """Slots of one cache on one device, handed out per layer (see the module docstring)."""
+    """Slots of one cache on one device, handed out per key: a layer, or (part, layer) (see the
+    module docstring)."""
 
     def __init__(self, device: torch.device, new_event):
         self.device = device
         self.new_event = new_event
         self.slots: list[Slot] = []
         self.free: deque[Slot] = deque()
-        self.held: dict[int, Slot] = {}
+        self.held: dict = {}   # key -> the slot its loads went to, until its assemble
 
-    def take(self, layer: int, part: str, compute_stream) -> tuple[Slot, bool]:
-        """The slot that receives ``part`` of ``layer``'s loads; whether it must wait on ``free``.
+    def take(self, layer, part: str, compute_stream) -> tuple[Slot, bool]:
+        """The slot that receives ``part`` of key ``layer``'s loads; whether it must wait on
+        ``free``.
 
-        A layer loads each part once per forward. Finding the part already loaded means the
+        A key loads each part once per forward. Finding the part already loaded means the
         earlier forward never reached its assemble (an exception): that slot is given back first.
         """
         slot = self.held.get(layer)
@@ -106,8 +131,8 @@ class SlotPool:
         slot.parts.add(part)
         return slot, fresh and slot.used
 
-    def give_back(self, layer: int, compute_stream) -> None:
-        """Everything that reads ``layer``'s slot is enqueued on ``compute_stream``: free it."""
+    def give_back(self, layer, compute_stream) -> None:
+        """Everything that reads key ``layer``'s slot is enqueued on ``compute_stream``: free it."""
         slot = self.held.pop(layer, None)
         if slot is None:
             return

@@ -72,6 +72,7 @@ class KVStore:
         self.dropped_tokens = 0   # times stored records did not fit a graph (see token_sources)
         self.written = [0] * num_layers   # K/V positions [0, written) were ever written
         self.parts: "list[KVStore] | None" = None   # micro-batch stores while split
+        self.part_of: "tuple | None" = None   # a part: (weakref to its whole store, its index)
         self.uid = next(_UIDS)
         self.handle = torch.tensor([self.uid, 0], dtype=torch.int64)
         _REGISTRY[self.uid] = self

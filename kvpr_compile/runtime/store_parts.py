@@ -7,11 +7,17 @@ sequence-major, so what micro-batch k loads of a layer is one contiguous block, 
 positions are copied in, the store's own K/V buffers are released. ``merge(store)`` copies the
 parts back and drops them; ``KVStore.whole()`` calls it whenever the store is addressed as one.
 
+A part knows its whole store (``part_of``): on a device its loads fill slots of the whole store's
+pool (cuda_runtime.runtime), so the parts of a cache share two device slots, which the column
+order hands from micro-batch to micro-batch (column_runner.py), instead of two slots per part.
+
 Per-token records (X, side inputs) move with their rows where a record's first axis is the batch
 (its size is the store's batch, or each part's), are shared where it is 1, and are dropped
 otherwise: positions without records use the stored K,V (exact, not recomputed).
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -39,6 +45,7 @@ def split(store: KVStore, sizes) -> list[KVStore]:
         part = KVStore(store.num_layers, size, store.max_seq_len, store.num_kv_heads,
                        store.head_dim, store.dtype, store.device)
         part.links = list(store.links)   # shared records stay with their owner layer
+        part.part_of = (weakref.ref(store), len(parts))   # its device slots: the store's pool
         for layer in range(store.num_layers):
             n = store.written[layer]
             part.k[layer][:n].copy_(store.k[layer][:n, row:row + size])

@@ -26,6 +26,7 @@ SEGMENTS = "kvpr_compile/passes/column_order.py"
 PARTS = "kvpr_compile/runtime/store_parts.py"
 ROWS = "kvpr_compile/passes/batch_rows.py"
 TPUT = "tests/test_throughput_schedule.py"
+TPUT_SLOTS = "tests/test_throughput_slots.py::test_micro_batches_share_two_slots_loaded_one_ahead"
 
 VALUES = "tests/test_ops_values.py"
 ASSEMBLE = VALUES + "::test_assemble_orders_recomputed_loaded_new_and_falls_back_past_stored_x"
@@ -294,14 +295,31 @@ BREAKAGES = (
              (TPUT + "::test_poisoned_stored_kv_still_matches_eager",),
              "micro-batch k's input rows start one row late"),
     Breakage("weights-released-per-micro-batch", COLUMNS,
-             "for env in envs:\n                outs = seg.module(*[env[n] for n in seg.inputs])\n"
              "                env.update(zip(seg.outputs, outs))\n            for target, hook_args in seg.after:\n"
              "                target(*fx.node.map_arg(hook_args, lambda n: first[n]))",
-             "for env in envs:\n                outs = seg.module(*[env[n] for n in seg.inputs])\n"
              "                env.update(zip(seg.outputs, outs))\n                for target, hook_args in seg.after:\n"
              "                    target(*fx.node.map_arg(hook_args, lambda n: first[n]))",
              (TPUT + "::test_streamed_weights_in_column_order_on_simulated_streams",),
              "a layer's weights_release fires after every micro-batch, not once after the last"),
+    Breakage("parts-own-slot-pools", RT,
+             "if SHARED_SLOTS and owner is not None:",
+             "if False:",
+             (TPUT_SLOTS + "[5-2-0.5]",),
+             "each micro-batch part gets a slot pool of its own: the device holds a slot per part"),
+    Breakage("next-micro-batch-loads-after-compute", COLUMNS,
+             "                self._prefetch(*((s, k + 1) if k + 1 < count else (s + 1, 0)), envs, issued)\n"
+             "                outs = seg.module(*[env[n] for n in seg.inputs])\n"
+             "                env.update(zip(seg.outputs, outs))\n",
+             "                outs = seg.module(*[env[n] for n in seg.inputs])\n"
+             "                env.update(zip(seg.outputs, outs))\n"
+             "                self._prefetch(*((s, k + 1) if k + 1 < count else (s + 1, 0)), envs, issued)\n",
+             (TPUT_SLOTS + "[5-2-0.5]",),
+             "(j, k+1)'s loads issued after (j, k)'s compute: no copy overlaps a micro-batch's compute"),
+    Breakage("slot-buffers-realloc-per-shape", "kvpr_compile/runtime/slots.py",
+             "fresh = not _fits(self.kv_flat, [(numel, dtype)] * 2)",
+             "fresh = not _fits(self.kv_flat, [(numel, dtype)] * 2) or self.kv_flat[0].numel() != numel",
+             (TPUT_SLOTS + "[7-3-1.0]",),
+             "a smaller micro-batch reallocates its slot's K,V instead of viewing the block"),
     Breakage("micro-batches-share-one-store", COLUMNS,
              "env[p] = part.handle if part is not store else a",
              "env[p] = parts[0].handle",
