@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+import kvpr_compile
 from conftest import max_rel_err, worst_rel_err
 from custom_models import make_cache
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
@@ -47,9 +48,10 @@ def prompt(batch=2, n=7, seed=3):
 
 
 @torch.no_grad()
-def decode(model, cache, steps, forced=None, poison=False):
-    """Prefill, then `steps` greedy steps (inputs from `forced` when given): (prefill, logits, tokens)."""
-    first = model(prompt(), cache)
+def decode(model, cache, steps, forced=None, poison=False, ids=None):
+    """Prefill (``ids``, default ``prompt()``), then `steps` greedy steps (inputs from `forced`
+    when given): (prefill, logits, tokens)."""
+    first = model(prompt() if ids is None else ids, cache)
     if poison:   # let the prefill's asynchronous stores land, then overwrite every stored K/V
         torch.cuda.synchronize()
         for k, v in zip(cache.k_cpu, cache.v_cpu):
@@ -128,6 +130,25 @@ def test_recompute_is_real_poisoned_kv_on_cuda(name):
     torch._dynamo.reset()
     bad = decode(compiled(model, 0.0), new_cache(), 3, poison=True)
     assert torch.isnan(bad[1][0]).all()
+
+
+@pytest.mark.parametrize("ratio,poison", [(0.37, False), (1.0, True)], ids=["0.37", "1.0-poisoned"])
+def test_throughput_schedule_with_streamed_weights_on_cuda(ratio, poison):
+    """Batch 3 in micro-batches [2, 1], column order, layer weights streamed from pinned memory
+    through two device slots, per-micro-batch stores sharing one cache-slot pool."""
+    from kvpr_compile.runtime.weight_stream import stream_weights
+    model, new_cache = build("llama-mha", torch.float16, batch=3)
+    ids = prompt(batch=3, n=6)   # n differs from the batch: Dynamo would share their symbol
+    ref = decode(model, new_cache(), STEPS, ids=ids)
+    stream_weights(model)
+    fn = torch.compile(model, backend="kvpr", dynamic=True,
+                       options={"schedule": "throughput", "micro_batches": 2, "ratio": ratio})
+    got = decode(fn, new_cache(), STEPS, forced=ref[2], poison=poison, ids=ids)
+    report = kvpr_compile.last_report()
+    assert report.schedule == "throughput" and list(report.micro_batches) == [2, 1], str(report)
+    assert max_rel_err(got[0], ref[0]) <= TOL[torch.float16]
+    assert worst_rel_err(got[1], ref[1]) <= TOL[torch.float16]
+    tokens_agree_except_near_ties(got[1], ref[1], TOL[torch.float16])
 
 
 def test_eager_prefill_then_compiled_decode_on_cuda():
