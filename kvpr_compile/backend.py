@@ -195,5 +195,7 @@ def _column_runner(options, gm, rows, budget, report):
                         f"{'weights_ready' if streamed else 'assemble'}; micro-batches "
                         f"{report.micro_batches} for batch {rows.example_batch}")
     if options["inner"] != "eager":
-        report.notes.append(f"inner={options['inner']!r} not used: the segments run eagerly")
+        why = f"inner={options['inner']!r} not used: the throughput segments run eagerly"
+        report.notes.append(why)
+        rep.warn_once(f"kvpr: {why} (inductor between the steps is built for the latency schedule only)")
     return runner

@@ -290,3 +290,17 @@ def test_streamed_weights_in_column_order_on_simulated_streams(sim):
         compiled(token, cache)
     assert kvpr_compile.last_report() is report   # the logged runner is the one that ran
     assert any("weights of layer" in r or "copy destination" in r for r in sim.races.found)
+
+
+def test_an_inner_the_segments_do_not_use_is_named_once():
+    from kvpr_compile import report as report_mod
+    report_mod._WARNED.clear()
+    model, prompt = _llama(), _prompt(3)
+    want = decode_steps(model, prompt, model.make_cache(3), STEPS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = decode_steps(_compile(model, micro_batches=2, ratio=0.5, inner="piecewise"), prompt,
+                           model.make_cache(3), STEPS)
+    assert worst_rel_err(got[1], want[1]) <= TOL and torch.equal(got[2], want[2])
+    named = [w for w in caught if "inner='piecewise' not used" in str(w.message)]
+    assert len(named) == 1 and kvpr_compile.last_report().schedule == "throughput"
