@@ -5,8 +5,12 @@ a 32-token prompt, 8 or 32 layers. Contenders:
 
 - ``hf``                uncompiled, transformers' ``DynamicCache`` (the reference and the ratio's 1.0)
 - ``kvpr-uncompiled``   uncompiled, ``KVPRCache`` (the exact offloaded path, ``kvpr::cache_update``)
-- ``kvpr``              ``model.forward`` compiled with ``backend="kvpr"``, default options
-- ``kvpr-<inner>``      the same with ``options={"inner": <inner>}`` for each inner compiler
+- ``kvpr``              ``model.forward`` compiled with ``backend="kvpr"``, default options (the
+                        scheduler plans with the h200-pcie5 preset: ratio ~1, so the CPU also does
+                        the recompute's real FLOPs, which a GPU would do on the device)
+- ``kvpr-r0``, ``kvpr-r1`` the same at forced ratio 0 (no recompute: the host cost of the kvpr steps
+                        alone) and 1 (all of the past recomputed)
+- ``kvpr-<inner>``      default options with ``options={"inner": <inner>}`` for each ``--inner``
 
 ``python -m benchmarks.host_step [--layers 8 32] [--steps 40] [--inner eager inductor ...]``
 builds every contender, warms them up, then times them in turns (one step each, round after
@@ -27,6 +31,7 @@ from kvpr_compile.bench.runners import resident_decoder
 
 PROMPT, BATCH = 32, 1
 HF, UNCOMPILED, DEFAULT = "hf", "kvpr-uncompiled", "kvpr"
+RATIOS = {"kvpr-r0": 0.0, "kvpr-r1": 1.0}
 WARMUP = 3   # decode steps before timing (Dynamo compiles the decode graphs here)
 
 
@@ -56,7 +61,12 @@ def decoder(name: str, model, steps: int) -> GreedyDecoder:
                       dtype=torch.float32, device="cpu")
     if name == UNCOMPILED:
         return GreedyDecoder(model, model.forward, cache)
-    options = {} if name == DEFAULT else {"inner": name.removeprefix("kvpr-")}
+    if name == DEFAULT:
+        options = {}
+    elif name in RATIOS:
+        options = {"ratio": RATIOS[name]}
+    else:
+        options = {"inner": name.removeprefix("kvpr-")}
     return GreedyDecoder(model, torch.compile(model.forward, backend=_backend(), options=options),
                          cache)
 
@@ -106,12 +116,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--steps", type=int, default=40, help="timed decode steps per contender")
-    parser.add_argument("--inner", nargs="*", default=["eager"],
+    parser.add_argument("--inner", nargs="*", default=[],
                         help="inner compilers to add as kvpr-<inner> (e.g. eager inductor piecewise)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = [HF, UNCOMPILED, DEFAULT, *(f"kvpr-{i}" for i in args.inner)]
+    names = [HF, UNCOMPILED, DEFAULT, *RATIOS, *(f"kvpr-{i}" for i in args.inner)]
     results = {}
     for layers in args.layers:
         torch.compiler.reset()

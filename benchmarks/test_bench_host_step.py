@@ -1,5 +1,6 @@
 """pytest-benchmark: host µs per decode step on the CPU (tiny dims, batch 1, prompt 32), per contender
-of ``host_step.py`` (uncompiled HF DynamicCache, uncompiled KVPRCache, kvpr default, each inner).
+of ``host_step.py`` (uncompiled HF DynamicCache, uncompiled KVPRCache, kvpr default, at ratio 0
+and 1, each inner).
 
 With benchmarking disabled (the default run) every case still decodes and asserts tokens equal to
 uncompiled HF; the 32-layer compiled cases and the inductor-backed inners (C++ compiles on CPU)
@@ -19,7 +20,7 @@ from benchmarks import host_step as hs
 
 ROUNDS = 20
 INNERS = ("eager", "inductor", "piecewise")
-CONTENDERS = (hs.HF, hs.UNCOMPILED, hs.DEFAULT, *(f"kvpr-{i}" for i in INNERS))
+CONTENDERS = (hs.HF, hs.UNCOMPILED, hs.DEFAULT, *hs.RATIOS, *(f"kvpr-{i}" for i in INNERS))
 HEAVY = {"kvpr-inductor", "kvpr-piecewise"}
 
 
