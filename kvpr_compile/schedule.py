@@ -74,7 +74,7 @@ def budget_check(options: dict, slices, num_layers: int):
             return
         from .plan import cost_model as cm
         from .plan.profiler import resolve_profile
-        from .plan.throughput_lp import HIDDEN_COPIES, step_shape, working_set_bytes
+        from .plan.throughput_lp import ASSEMBLED, HIDDEN_COPIES, step_shape, working_set_bytes
         shape = step_shape(resolve_profile(options.get("profile"), device=d["device"]),
                            num_layers=num_layers, micro_batches=sizes, seq_len=store.max_seq_len,
                            hidden_size=d["hidden_size"], kv_hidden_size=d["kv_hidden_size"],
@@ -87,7 +87,8 @@ def budget_check(options: dict, slices, num_layers: int):
                 f"kvpr: options['gpu_budget_bytes']={budget!r} is below the throughput working set "
                 f"{int(need)} bytes for micro-batches {list(sizes)}: two layers' weights "
                 f"{int(2 * shape.layer_weight_bytes)}, the batch's hidden states "
-                f"{int(HIDDEN_COPIES * sum(sizes) * d['hidden_size'] * p)} and two micro-batch K,V "
-                f"slots of {int(kv)} ({store.max_seq_len + 1} positions)")
+                f"{int(HIDDEN_COPIES * sum(sizes) * d['hidden_size'] * p)}, two micro-batch K,V "
+                f"slots and {ASSEMBLED} assembled K,V of {int(kv)} each ({store.max_seq_len + 1} "
+                f"positions)")
         passed.add((tuple(sizes), store.max_seq_len))
     return check

@@ -12,7 +12,9 @@ the DAG's longest path (`throughput_graph.makespan`), which the tests check.
 Split choice: the even split of the effective batch into m micro-batches (sizes differ by at most
 one row), for the fewest m whose working set fits the budget and for 2m and 4m; the fastest plan
 wins (ties: fewer micro-batches). Working set on the device: two layers' weights, the hidden states of the whole
-effective batch, and per micro-batch slot (two of them) K,V for s+1 positions plus X for l.
+effective batch, per micro-batch cache slot (two of them, shared by all micro-batches: see
+runtime/column_runner.py) K,V for s+1 positions plus X for l, and the K,V one micro-batch's
+attention reads (the assemble writes recomputed ++ loaded ++ new into fresh memory).
 The ratio-0 plan of the same split is the baseline (a FlexGen-style schedule with a pinned
 cache); the link limit is every byte the step moves over the measured bandwidths.
 """
@@ -34,6 +36,7 @@ from . import throughput_graph as tg
 # H100 SXM5 3.35 TB/s, H200 4.8 TB/s) -- estimates, not measurements. Anything else: the A100's.
 DEVICE_MEMORY_BYTES_PER_S = {"a100-pcie4": 1.6e12, "h100-pcie5": 2.8e12, "h200-pcie5": 4.0e12}
 DEFAULT_DEVICE_MEMORY_BYTES_PER_S = 1.6e12
+ASSEMBLED = 1       # micro-batch K,V outputs of the assemble alive at once (read by attention)
 HIDDEN_COPIES = 4   # hidden states of the effective batch kept on the device (in, out, residual, norm)
 
 
@@ -92,9 +95,9 @@ def even_split(batch: int, m: int) -> tuple[int, ...]:
 def working_set_bytes(shape: tg.StepShape, x_tokens: int) -> int:
     p, b = shape.bytes_per_element, max(shape.micro_batches)
     hidden = HIDDEN_COPIES * sum(shape.micro_batches) * shape.hidden * p
-    slot = (cm.kv_bytes_per_token(b, shape.kv_hidden, p) * (shape.seq_len + 1)
-            + cm.x_bytes_per_token(b, shape.hidden, p) * x_tokens)
-    return 2 * shape.layer_weight_bytes + hidden + 2 * slot
+    kv = cm.kv_bytes_per_token(b, shape.kv_hidden, p) * (shape.seq_len + 1)
+    slot = kv + cm.x_bytes_per_token(b, shape.hidden, p) * x_tokens
+    return 2 * shape.layer_weight_bytes + hidden + 2 * slot + ASSEMBLED * kv
 
 
 def solve_split(shape: tg.StepShape) -> tuple[list[float], float]:
