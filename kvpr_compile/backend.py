@@ -20,7 +20,6 @@ Options:
 """
 from __future__ import annotations
 
-import torch
 from torch import fx
 
 from . import dynamo_watch
