@@ -27,7 +27,7 @@ import torch
 
 from kvpr_compile.bench import configs as cf
 from kvpr_compile.bench.loop import GreedyDecoder
-from kvpr_compile.bench.runners import resident_decoder
+from kvpr_compile.bench.runners import backend, resident_decoder
 
 PROMPT, BATCH = 32, 1
 HF, UNCOMPILED, DEFAULT = "hf", "kvpr-uncompiled", "kvpr"
@@ -45,13 +45,6 @@ def prompt_ids(model) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (BATCH, PROMPT), generator=gen)
 
 
-def _backend():
-    if "kvpr" in torch.compiler.list_backends(exclude_tags=()):
-        return "kvpr"
-    from kvpr_compile.backend import kvpr_backend   # a checkout that is not installed
-    return kvpr_backend
-
-
 def decoder(name: str, model, steps: int) -> GreedyDecoder:
     """A fresh decoder for contender ``name`` with room for the prefill and ``steps`` steps."""
     if name == HF:
@@ -67,7 +60,7 @@ def decoder(name: str, model, steps: int) -> GreedyDecoder:
         options = {"ratio": RATIOS[name]}
     else:
         options = {"inner": name.removeprefix("kvpr-")}
-    return GreedyDecoder(model, torch.compile(model.forward, backend=_backend(), options=options),
+    return GreedyDecoder(model, torch.compile(model.forward, backend=backend(), options=options),
                          cache)
 
 

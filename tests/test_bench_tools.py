@@ -260,9 +260,9 @@ def test_bad_arguments_exit_2(argv, capsys):
 def test_backend_falls_back_to_the_function_when_not_installed(monkeypatch):
     from kvpr_compile.backend import kvpr_backend
     from kvpr_compile.bench import runners
-    assert runners._backend() in ("kvpr", kvpr_backend)
+    assert runners.backend() in ("kvpr", kvpr_backend)
     monkeypatch.setattr(torch.compiler, "list_backends", lambda exclude_tags=(): ["inductor"])
-    assert runners._backend() is kvpr_backend
+    assert runners.backend() is kvpr_backend
 
 
 def test_kvpr_bench_subcommand_parses():

@@ -189,7 +189,7 @@ def hf_offloaded_decoder(model) -> GreedyDecoder:
     return GreedyDecoder(model, model.forward, cache)
 
 
-def _backend():
+def backend():
     """``"kvpr"`` (the entry point users get), or the backend function itself when this checkout
     is imported without being installed (no entry point, e.g. a repo copied to a GPU box)."""
     if "kvpr" in torch.compiler.list_backends(exclude_tags=()):
@@ -210,7 +210,7 @@ def kvpr_decoder(model, env: BenchEnv, ratio: float | None, batch: int, max_seq_
         options["ratio"] = float(ratio)
     if env.overlap:
         options["overlap"] = env.overlap
-    forward = torch.compile(model.forward, backend=_backend(), options=options)
+    forward = torch.compile(model.forward, backend=backend(), options=options)
     cache = KVPRCache(model.config, batch_size=batch, max_seq_len=max_seq_len, dtype=env.dtype,
                       device=env.device)
     return GreedyDecoder(model, forward, cache)

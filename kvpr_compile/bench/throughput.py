@@ -33,6 +33,7 @@ import torch
 
 from .configs import CPU_MODELS, GPU_MODELS, TPUT_KVPR, TPUT_R0, build_model
 from .loop import GreedyDecoder
+from .runners import backend
 from .timing import step_timer
 
 MODELS = ("opt-6.7b", "opt-13b", "opt-30b")
@@ -93,13 +94,6 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(lines)}"[:300]
 
 
-def _backend():
-    if "kvpr" in torch.compiler.list_backends(exclude_tags=()):
-        return "kvpr"
-    from ..backend import kvpr_backend
-    return kvpr_backend
-
-
 def _decode(name, model, ids, case, env, options, warmup) -> Run:
     from .. import report as kvpr_report
     from ..hf import KVPRCache
@@ -107,7 +101,7 @@ def _decode(name, model, ids, case, env, options, warmup) -> Run:
     torch.compiler.reset()
     first = len(kvpr_report.reports())
     try:
-        forward = torch.compile(model.forward, backend=_backend(), dynamic=True, options=options)
+        forward = torch.compile(model.forward, backend=backend(), dynamic=True, options=options)
         cache = KVPRCache(model.config, batch_size=case["batch"],
                           max_seq_len=case["prompt"] + case["new_tokens"], dtype=env["dtype"],
                           device=env["device"])
