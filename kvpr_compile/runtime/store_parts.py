@@ -52,15 +52,10 @@ def split(store: KVStore, sizes) -> list[KVStore]:
             part.v[layer][:n].copy_(store.v[layer][:n, row:row + size])
             part.written[layer] = n
             valid = store.token_len[layer]
-            records = []
-            for rec in store.tokens[layer]:
-                if rec.dim() > 1 and rec.shape[1] == store.batch_size:
-                    records.append(rec[:valid, row:row + size])
-                elif rec.dim() > 1 and rec.shape[1] == 1:
-                    records.append(rec[:valid])
-                else:
-                    records = []
-                    break
+            kinds = [_rows(rec, store.batch_size) for rec in store.tokens[layer]]
+            records = [] if None in kinds else [
+                rec[:valid, row:row + size] if kind == "per-row" else rec[:valid]
+                for rec, kind in zip(store.tokens[layer], kinds)]
             if records:
                 part.tokens[layer] = [_copy_rows(part, r) for r in records]
                 part.token_len[layer] = valid
@@ -74,6 +69,16 @@ def split(store: KVStore, sizes) -> list[KVStore]:
     store.token_len = [0] * store.num_layers
     store.buffers_replaced()
     return parts
+
+
+def _rows(rec: torch.Tensor, batch: int) -> str | None:
+    """How a stored record ``(max_seq_len, rows, ...)`` covers a batch of ``batch`` rows:
+    "per-row", "shared" (one row for all) or None (no batch axis: cannot be split or merged)."""
+    if rec.dim() > 1 and rec.shape[1] == batch:
+        return "per-row"
+    if rec.dim() > 1 and rec.shape[1] == 1:
+        return "shared"
+    return None
 
 
 def _copy_rows(part: KVStore, valid_rows: torch.Tensor) -> torch.Tensor:
@@ -106,9 +111,10 @@ def merge(store: KVStore) -> None:
         records = []
         for i in range(counts.pop()):
             recs = [p.tokens[layer][i] for p in parts]
-            if all(r.dim() > 1 and r.shape[1] == p.batch_size for r, p in zip(recs, parts)):
+            kinds = {_rows(r, p.batch_size) for r, p in zip(recs, parts)}
+            if kinds == {"per-row"}:
                 records.append(torch.cat([r[:valid] for r in recs], dim=1))
-            elif all(r.dim() > 1 and r.shape[1] == 1 for r in recs):
+            elif all(r.dim() > 1 and r.shape[1] == 1 for r in recs):   # one row for every part
                 records.append(recs[0][:valid])
             else:
                 records = []
