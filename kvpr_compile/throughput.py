@@ -49,7 +49,7 @@ def compile_throughput(model: nn.Module, batch_size: int, micro_batches: int | N
     fit ``gpu_budget_bytes`` (default: the free device memory), then compile for the throughput
     schedule with ``micro_batches`` (None: planned). Other keyword arguments are backend options
     (``ratio``, ``profile``, ...). ``micro_batches`` larger than ``batch_size`` is a ValueError."""
-    from .plan.throughput_lp import even_split
+    from .plan.throughput_graph import even_split
     from .runtime.weight_stream import stream_weights
     if micro_batches is not None:
         even_split(batch_size, micro_batches)   # ValueError naming both numbers, before anything

@@ -161,7 +161,8 @@ def test_a_fragment_without_attention_is_not_reported_as_a_problem():
 
 
 def test_a_forced_ratio_never_imports_mip():
-    """The GPU image may lack mip: with options['ratio'] the backend must not need it."""
+    """The GPU image may lack mip: with options['ratio'] (and, for the throughput schedule,
+    micro_batches) the backend must not need it."""
     import os
     import subprocess
     import sys
@@ -175,6 +176,12 @@ greedy_generate(fn, torch.zeros(1, 3, dtype=torch.long), model.make_cache(1, 16)
 import kvpr_compile
 assert kvpr_compile.last_report().layers, "nothing was rewritten"
 assert "mip" not in sys.modules, "mip was imported"
+# the throughput schedule with forced ratio and micro-batch count: no planner either
+fn = torch.compile(model, backend="kvpr", dynamic=True,
+                   options={"ratio": 0.5, "schedule": "throughput", "micro_batches": 2})
+greedy_generate(fn, torch.zeros(3, 5, dtype=torch.long), model.make_cache(3, 16), 3)
+assert kvpr_compile.last_report().schedule == "throughput"
+assert "mip" not in sys.modules, "mip was imported by the throughput schedule"
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

@@ -176,3 +176,13 @@ def link_limit_s(shape: StepShape, recompute_tokens: Sequence[float]) -> float:
     """Physical limit: every byte the step moves (weights, X, K,V, appends) over the link."""
     dur = durations(shape, recompute_tokens)
     return sum(d for t, d in dur.items() if tasks(shape)[t][0] == "link")
+
+
+def even_split(batch: int, m: int) -> tuple[int, ...]:
+    """m micro-batches of batch rows, sizes differing by at most one (larger first)."""
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"micro_batches must be an integer >= 1, got {m!r}")
+    if m > batch:
+        raise ValueError(f"micro_batches={m} is larger than the batch ({batch} rows)")
+    q, r = divmod(batch, m)
+    return tuple(q + 1 if i < r else q for i in range(m))

@@ -31,6 +31,7 @@ from . import cost_model as cm
 from .profiler import HardwareProfile
 from .scheduler import _solve
 from . import throughput_graph as tg
+from .throughput_graph import even_split  # noqa: F401  (re-exported: the planner's split)
 
 # Device-memory bandwidth per preset: ~83% of the datasheet peaks (A100 80GB PCIe 1.94 TB/s,
 # H100 SXM5 3.35 TB/s, H200 4.8 TB/s) -- estimates, not measurements. Anything else: the A100's.
@@ -80,16 +81,6 @@ class ThroughputPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def even_split(batch: int, m: int) -> tuple[int, ...]:
-    """m micro-batches of batch rows, sizes differing by at most one (larger first)."""
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"micro_batches must be an integer >= 1, got {m!r}")
-    if m > batch:
-        raise ValueError(f"micro_batches={m} is larger than the batch ({batch} rows)")
-    q, r = divmod(batch, m)
-    return tuple(q + 1 if i < r else q for i in range(m))
 
 
 def working_set_bytes(shape: tg.StepShape, x_tokens: int) -> int:

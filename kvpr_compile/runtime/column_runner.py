@@ -4,7 +4,7 @@ For each layer segment j (passes/column_order.py) and each micro-batch k: segmen
 k's rows, with one environment of values per micro-batch. Per call:
 
 1. the batch (a ``rows`` input's dim 0, or the ``batch`` input) is split into m micro-batches,
-   sizes differing by at most one (larger first; ``plan.throughput_lp.even_split``); m larger
+   sizes differing by at most one (larger first; ``plan.throughput_graph.even_split``); m larger
    than the batch is a ValueError naming both, raised before anything is written;
 2. each cache the graph reads is split into one store per micro-batch (``store_parts.split``; the
    first call pays the copy, later calls find the parts) and micro-batch k's segments get part k's
@@ -70,7 +70,7 @@ class ColumnRunner:
         raise RuntimeError("kvpr: throughput step without a batch input")
 
     def sizes(self, batch: int) -> tuple[int, ...]:
-        from ..plan.throughput_lp import even_split
+        from ..plan.throughput_graph import even_split
         m = self.micro_batches
         if callable(m):
             m = min(m(batch), batch)
