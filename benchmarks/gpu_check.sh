@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole first-GPU check in one command, sized for <= 480 s on an H100/H200:
 #   install the checkout (and carried wheels) -> versions, backend="kvpr" by name -> measured
-#   H2D/D2H -> three table cases, one process each (trace PNG for the first) -> CUDA tests (quick
-#   selection, up to 150 s) -> the results file benchmarks/results/<date>-<card>.json, under OUT.
-# Usage, from the repo root on the GPU machine:  bash benchmarks/gpu_check.sh [OUT [STEPS]]
-#   OUT defaults to $OUT (the device tool's output folder), else /tmp/kvpr_gpu.
-#   STEPS: comma-separated subset of env,profile,tests,cases,throughput,piecewise,results (default:
+#   H2D/D2H -> the resident decode under three HF caches -> three table cases, one process each
+#   (trace PNG for the first) -> CUDA tests (quick selection, up to 150 s) -> the results file
+#   benchmarks/results/<date>-<card>.json, copied to DEST with the rest packed in DEST/check.tgz.
+# Usage, from the repo root on the GPU machine:  bash benchmarks/gpu_check.sh [DEST [STEPS]]
+#   DEST defaults to $OUT (the device tool's output folder), else /tmp/kvpr_gpu.
+#   STEPS: comma-separated subset of env,profile,resident,tests,cases,throughput,piecewise,results (default:
 #   all but throughput and piecewise; the install always runs), e.g. "tests,results" for a short
 #   second run. The throughput schedule's benchmark and the inner="piecewise" case (which decides
 #   the default inner on CUDA, inner.py) are the second call (<= 300 s):
@@ -18,10 +19,22 @@
 # image has no network and no mip. Commands run as `python3 -m kvpr_compile.cli` (from the repo
 # root this works even if the install failed; the bench then passes the backend function).
 set -uo pipefail
-out="${1:-${OUT:-/tmp/kvpr_gpu}}"
-steps=",${2:-env,profile,tests,cases,results},"
+dest="${1:-${OUT:-/tmp/kvpr_gpu}}"
+steps=",${2:-env,profile,resident,tests,cases,results},"
 budget="${KVPR_CHECK_BUDGET:-470}"
-mkdir -p "$out/cases" "$out/trace" "$out/results"
+# Steps write into a work folder outside DEST; DEST gets only a few files (the device tool returns
+# a limited number of files: the first run lost its results file among 21): check.tgz (all of
+# the work folder but trace JSONs, refreshed after every step), traces.tgz, and copies of
+# results/*.json, results.md and steps.log.
+out="${KVPR_CHECK_WORK:-/tmp/kvpr_gpu_work}"
+rm -rf "$out"
+mkdir -p "$dest" "$out/cases" "$out/trace" "$out/results"
+pack() {
+    tar czf "$dest/check.tgz" -C "$out" --exclude='./trace/*.json' --exclude='./profile-cache' . 2>/dev/null
+    cp "$out"/results/*.json "$out/results.md" "$out/steps.log" "$dest/" 2>/dev/null
+    return 0
+}
+trap 'pack; ls "$out"/trace/*.json > /dev/null 2>&1 && tar czf "$dest/traces.tgz" -C "$out" trace' EXIT
 export PYTHONUNBUFFERED=1 KVPR_CACHE_DIR="$out/profile-cache"
 py="${PYTHON:-python3}"   # the interpreter to install into and run with
 start=$SECONDS
@@ -37,6 +50,7 @@ run() {
     timeout -s INT -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
     local rc=$?
     log "$name: rc=$rc"; tail -n 25 "$out/$name.log"
+    pack
     return $rc
 }
 want() { [[ "$steps" == *",$1,"* ]]; }
@@ -83,6 +97,10 @@ open(sys.argv[1], "w").write(json.dumps(info, indent=2) + "\n")
 EOF
 
 want profile && run profile 60 $py -m kvpr_compile.cli profile --refresh -o "$out/profile.json"
+
+# the resident decode under three HF caches in one process (the first run's resident column was
+# 10x too slow; benchmarks/resident_caches.py)
+want resident && run resident 60 $py -m benchmarks.resident_caches
 
 # the reduced table: one process per case (its pinned memory goes back to the OS at exit)
 want cases && run case_llama-7b_b16_p1024 100 $py -m kvpr_compile.cli bench --models llama-7b --batch 16 --prompt 1024 --no-paper \

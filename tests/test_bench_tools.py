@@ -14,6 +14,7 @@ from kvpr_compile.bench.main import build_parser, main, plan_cases
 from kvpr_compile.bench.runners import (HF_OFFLOADED, KVPR_R0, KVPR_SCHED, RESIDENT, BenchEnv,
                                         RunResult)
 from kvpr_compile.bench.suite import finish
+from kvpr_compile.bench.runners import warm_up
 from kvpr_compile.bench.table import format_report, format_rows, row_cells, write_json
 from kvpr_compile.bench.timing import CpuTimer, summarize
 from kvpr_compile.plan.profiler import preset
@@ -124,7 +125,29 @@ def test_overlap_stats():
     assert stats["kernel_busy_us"] == pytest.approx(2400)
     assert stats["h2d_overlap"] == pytest.approx(2400 / 3600)
     assert stats["streams"]["cuda:0 stream 7"]["D2H_us"] == pytest.approx(80)
+    assert stats["top_kernels"] == [{"name": "gemm", "us": pytest.approx(2400), "count": 4}]
     assert timeline.overlap_stats([]) == {"events": 0}
+
+
+def test_top_kernels_rank_by_total_time():
+    trace = _trace(layers=2)
+    trace["traceEvents"] += [{"ph": "X", "cat": "kernel", "name": "cat", "pid": 0, "tid": 7,
+                              "ts": 5000.0 + 10 * i, "dur": 1000.0,
+                              "args": {"device": 0, "stream": 7}} for i in range(2)]
+    top = timeline.overlap_stats(timeline.gpu_events(trace))["top_kernels"]
+    assert [(k["name"], k["count"]) for k in top] == [("cat", 2), ("gemm", 2)]
+
+
+def test_warm_up_runs_an_untimed_resident_decode():
+    model = cf.build_model(cf.CPU_MODELS["llama-7b"], 1, dtype=torch.float32, device="cpu")
+    calls, forward = [], model.forward
+
+    def counted(**kwargs):
+        calls.append(kwargs["input_ids"].shape[1])
+        return forward(**kwargs)
+    model.forward = counted
+    warm_up(model, torch.randint(0, 256, (2, 5)), steps=2)
+    assert calls == [5, 1, 1]      # the prefill and two steps
 
 
 def test_write_timeline_without_gpu_events(tmp_path):

@@ -20,7 +20,7 @@ from .configs import Case, ModelSpec, build_model
 from .limits import Limit, limit
 from .prediction import predicted_ms
 from .runners import (KVPR_R0, KVPR_SCHED, RESIDENT, HF_OFFLOADED, BenchEnv, RunResult,
-                      free_memory, run_contender)
+                      free_memory, run_contender, warm_up)
 
 
 @dataclass
@@ -133,6 +133,12 @@ def run_suite(cases: list[Case], specs: dict[str, ModelSpec], env: BenchEnv, *, 
             failures: list[str] = []
             ids = prompt_ids(case, spec.vocab_size, env.device, env.seed) \
                 if model is not None else None
+            if model is not None and env.cuda:
+                try:
+                    warm_up(model, ids)
+                except Exception as exc:  # noqa: BLE001 - the contenders report their own errors
+                    print(f" (warm-up failed: {type(exc).__name__})", end="", file=progress)
+                free_memory(env.device)
             for name in contenders:
                 if model is None:
                     runs[name] = RunResult(name, status="error", reason=build_error)

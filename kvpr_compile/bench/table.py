@@ -140,6 +140,8 @@ def format_report(results: list[CaseResult], meta: dict) -> str:
             lines.append(f"  {label} {name}: {info['json']}"
                          + (f", {info['png']}" if info.get("png") else f" ({info.get('note', '')})")
                          + hidden)
+            lines += [f"    {k['us'] / 1e3:8.2f} ms in {k['count']:4d} x {k['name'][:80]}"
+                      for k in info.get("stats", {}).get("top_kernels", [])]
     return "\n".join(lines)
 
 

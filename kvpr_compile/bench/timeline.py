@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+TOP_KERNELS = 6   # kernels by total time in overlap_stats: where the compute stream's time goes
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 COLORS = {"kernel": "tab:green", "H2D": "tab:blue", "D2H": "tab:orange", "D2D": "tab:purple",
           "copy": "tab:brown", "memset": "tab:gray"}
@@ -115,7 +116,9 @@ def intersection(xs, ys) -> list[tuple[float, float]]:
 
 
 def overlap_stats(events: list[GpuEvent]) -> dict:
-    """Busy time per stream and kind (union, us), and the share of H2D time under kernels."""
+    """Busy time per stream and kind (union, us), the share of H2D time under kernels, and the
+    kernels with the most total time (by name; on the first GPU run these showed the assemble's
+    concatenation and the recompute's elementwise kernels next to its GEMMs)."""
     if not events:
         return {"events": 0}
     kernels = union((e.start_us, e.end_us) for e in events if e.kind == "kernel")
@@ -132,6 +135,12 @@ def overlap_stats(events: list[GpuEvent]) -> dict:
             "busy_us": length(union((e.start_us, e.end_us) for e in evs)),
             **{f"{kind}_us": length(union(iv)) for kind, iv in sorted(kinds.items())}}
     h2d_us = length(h2d)
+    totals: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.kind == "kernel":
+            totals[e.name][0] += e.dur_us
+            totals[e.name][1] += 1
+    top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
     return {
         "events": len(events),
         "span_us": max(e.end_us for e in events) - min(e.start_us for e in events),
@@ -140,6 +149,7 @@ def overlap_stats(events: list[GpuEvent]) -> dict:
         "h2d_hidden_us": length(intersection(h2d, kernels)),
         "h2d_overlap": length(intersection(h2d, kernels)) / h2d_us if h2d_us else None,
         "streams": streams,
+        "top_kernels": [{"name": name, "us": us, "count": n} for name, (us, n) in top],
     }
 
 
