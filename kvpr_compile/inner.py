@@ -12,8 +12,9 @@
 Default ``eager`` on every device for now. On a CPU, inductor compiles C++ for every piece (minutes
 for a 32-layer model on a small machine, against a few seconds for eager), and at tiny dims a
 piece's guard check costs more host time than fusion saves (benchmarks/host_step.py). On CUDA,
-piecewise is the candidate default, but it has not run on a GPU yet: flip ``default_inner`` once
-the GPU comparison shows it faster than eager.
+the first H100 run (Llama-7B-like, batch 16, prompt 1024) stepped in 27.50 ms with piecewise and
+27.42-27.45 ms with eager: the step is bound by the copies and the recompute's GEMMs, which
+fusion does not touch, so eager stays the default there too.
 """
 from __future__ import annotations
 
