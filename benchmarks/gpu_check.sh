@@ -6,7 +6,7 @@
 #   benchmarks/results/<date>-<card>.json, copied to DEST with the rest packed in DEST/check.tgz.
 # Usage, from the repo root on the GPU machine:  bash benchmarks/gpu_check.sh [DEST [STEPS]]
 #   DEST defaults to $OUT (the device tool's output folder), else /tmp/kvpr_gpu.
-#   STEPS: comma-separated subset of env,profile,resident,tests,cases,throughput,piecewise,results (default:
+#   STEPS: comma-separated subset of env,profile,resident,tests,cases,order,throughput,piecewise,results (default:
 #   all but throughput and piecewise; the install always runs), e.g. "tests,results" for a short
 #   second run. The throughput schedule's benchmark and the inner="piecewise" case (which decides
 #   the default inner on CUDA, inner.py) are the second call (<= 300 s):
@@ -20,7 +20,7 @@
 # root this works even if the install failed; the bench then passes the backend function).
 set -uo pipefail
 dest="${1:-${OUT:-/tmp/kvpr_gpu}}"
-steps=",${2:-env,profile,resident,tests,cases,results},"
+steps=",${2:-env,profile,resident,tests,cases,order,results},"
 budget="${KVPR_CHECK_BUDGET:-470}"
 # Steps write into a work folder outside DEST; DEST gets only a few files (the device tool returns
 # a limited number of files: the first run lost its results file among 21): check.tgz (all of
@@ -109,6 +109,12 @@ want cases && run case_opt-6.7b_paper 80 $py -m kvpr_compile.cli bench --models 
     --json "$out/cases/opt-6.7b-b32-p256.json"
 want cases && run case_llama-3-8b_b16_p1024 80 $py -m kvpr_compile.cli bench --models llama-3-8b --batch 16 --prompt 1024 --no-paper \
     --json "$out/cases/llama-3-8b-b16-p1024.json"
+
+# the GQA case's kvpr contenders in the other order: on the first run ratio 0 (first) stepped 5x
+# slower than the scheduler's split (last) with the same plan (ratio 0 for GQA) and the same bytes
+want order && run case_llama-3-8b_b16_p1024_order 60 $py -m kvpr_compile.cli bench --models llama-3-8b \
+    --batch 16 --prompt 1024 --no-paper --contenders kvpr-sched kvpr-r0 \
+    --json "$out/order-llama-3-8b-b16-p1024.json"
 
 # throughput schedule, weights streamed from pinned host memory: kvpr vs ratio 0 vs link limit
 want throughput && run throughput 190 $py -m kvpr_compile.cli bench --schedule throughput \

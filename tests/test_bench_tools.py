@@ -202,6 +202,7 @@ def test_timers_and_summary():
         timer.start()
         timer.stop()
     assert len(timer.times_ms()) == 3 and all(t >= 0 for t in timer.times_ms())
+    assert timer.host_ms() == timer.times_ms()   # on a CPU the host's time is the step's
     s = summarize([1.0, 2.0, 6.0])
     assert (s["n"], s["median"], s["mean"], s["min"], s["max"]) == (3, 2.0, 3.0, 1.0, 6.0)
     assert summarize([]) == {"n": 0}

@@ -59,6 +59,7 @@ class RunResult:
     reason: str = ""
     tokens: torch.Tensor | None = None # (batch, new_tokens), CPU
     step_ms: list[float] = field(default_factory=list)     # timed decode steps
+    host_ms: list[float] = field(default_factory=list)     # the host's part of them (timing.py)
     warmup_ms: list[float] = field(default_factory=list)
     prefill_ms: float | None = None
     pasts: list[int] = field(default_factory=list)         # cached tokens before each timed step
@@ -79,6 +80,7 @@ class RunResult:
     def to_dict(self) -> dict:
         return {"name": self.name, "status": self.status, "reason": self.reason,
                 "ms_per_step": summarize(self.step_ms), "step_ms": self.step_ms,
+                "host_ms_per_step": summarize(self.host_ms), "host_ms": self.host_ms,
                 "warmup_ms": self.warmup_ms, "prefill_ms": self.prefill_ms, "pasts": self.pasts,
                 "ratios": self.ratios, "ratio_source": self.ratio_source, "plan": self.plan,
                 "trace": self.trace, "wall_s": self.wall_s}
@@ -154,6 +156,7 @@ def _decode(name: str, decoder: GreedyDecoder, input_ids: torch.Tensor, case: Ca
     times = timer.times_ms()
     result = RunResult(name, tokens=decoder.tokens(), prefill_ms=times[0],
                        warmup_ms=times[1:1 + env.warmup], step_ms=times[1 + env.warmup:],
+                       host_ms=timer.host_ms()[1 + env.warmup:],
                        pasts=[case.prompt + j for j in range(env.warmup, steps)])
     if trace and env.trace_dir is not None:
         result.trace = _trace(decoder, env, f"{case.slug}-{name}", f"{case.label}: {name}")

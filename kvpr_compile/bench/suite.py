@@ -8,6 +8,7 @@ one when it ran): fp16 recompute may flip a near-tied argmax, after which a sequ
 from __future__ import annotations
 
 import itertools
+import statistics
 import sys
 import time
 import traceback
@@ -152,6 +153,8 @@ def run_suite(cases: list[Case], specs: dict[str, ModelSpec], env: BenchEnv, *, 
                 free_memory(env.device)
                 run = runs[name]
                 shown = f"{run.ms:.2f}" if run.ms is not None else run.status
+                if run.ms is not None and run.host_ms and env.cuda:   # host-bound when close
+                    shown += f" (host {statistics.median(run.host_ms):.2f})"
                 print(f" {_short(name)} {shown}", end="", file=progress, flush=True)
             free_memory(env.device, host=True)
             result = finish(case, spec, layers, runs, env)

@@ -9,7 +9,9 @@ Usage::
 
 A CUDA event pair measures the device timeline from the moment the start event is enqueued; if
 the host is the bottleneck the device idles in between and that idle time is counted too, so the
-number is the step's real duration either way.
+number is the step's real duration either way. ``host_ms()`` is the host's time from start to stop
+(enqueueing the step, no sync): close to the device time means the step is host-bound (the first
+GPU run's ratio-0 timeline had the GPU idle for tens of ms per step; this says where next time).
 """
 from __future__ import annotations
 
@@ -33,13 +35,18 @@ class CpuTimer:
     def times_ms(self) -> list[float]:
         return [(b - a) * 1e3 for a, b in self._spans]
 
+    def host_ms(self) -> list[float]:
+        return self.times_ms()
+
 
 class CudaTimer:
     def __init__(self, device):
         self.device = torch.device(device)
         self._pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._host = CpuTimer()
 
     def start(self) -> None:
+        self._host.start()
         event = torch.cuda.Event(enable_timing=True)
         event.record(torch.cuda.current_stream(self.device))
         self._pairs.append((event, None))
@@ -48,6 +55,10 @@ class CudaTimer:
         event = torch.cuda.Event(enable_timing=True)
         event.record(torch.cuda.current_stream(self.device))
         self._pairs[-1] = (self._pairs[-1][0], event)
+        self._host.stop()
+
+    def host_ms(self) -> list[float]:
+        return self._host.times_ms()
 
     def times_ms(self) -> list[float]:
         torch.cuda.synchronize(self.device)
