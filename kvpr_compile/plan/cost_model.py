@@ -310,12 +310,19 @@ def link_time(c: LayerCoefficients, profile, recompute_tokens: Sequence[int],
 
 
 def closed_form_recompute_tokens(seq_len: int, hidden: int, kv_hidden: int, p: int,
-                                 h2d_bytes_per_s: float, flops_per_s: float) -> float:
-    """The paper's l* = s*p*v_gpu / (2*h*v_h2d + p*v_gpu), clamped to [0, s]; 0 when
-    h >= 2*h_kv (X is then no smaller than K+V, so shipping X never pays)."""
+                                 h2d_bytes_per_s: float, flops_per_s: float,
+                                 copy_bytes_per_s: float | None = None) -> float:
+    """The balance R = K of one layer (the row schedule's layer 0), clamped to [0, s]; 0 when
+    h >= 2*h_kv (X is then no smaller than K+V, so shipping X never pays). Per batch row and
+    token, k = 2*h_kv*p / v_h2d, g = 4*h*h_kv / v_gpu, e = ELEMENTWISE_PASSES*4*h_kv*p / v_copy:
+    l = s*k / (g + e + k). Without copy_bytes_per_s (e = 0) this is the paper's
+    l* = s*p*v_gpu / (2*h*v_h2d + p*v_gpu)."""
     if hidden >= 2 * kv_hidden:
         return 0.0
-    l = seq_len * p * flops_per_s / (2 * hidden * h2d_bytes_per_s + p * flops_per_s)
+    k = 2 * kv_hidden * p / h2d_bytes_per_s
+    g = 4 * hidden * kv_hidden / flops_per_s
+    e = 0.0 if copy_bytes_per_s is None else ELEMENTWISE_PASSES * 4 * kv_hidden * p / copy_bytes_per_s
+    l = seq_len * k / (g + e + k)
     return min(max(l, 0.0), float(seq_len))
 
 

@@ -197,9 +197,9 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in (
             "128b/130b); 52 GB/s pinned H2D/D2H is an estimate (~83%; this project measured 55 "
             "GB/s H2D on an H200 over Gen5), not an H100 measurement. H100 SXM5 dense "
             "fp16/bf16 tensor 989 TFLOP/s and fp32 67 TFLOP/s are NVIDIA datasheet peaks; 660 "
-            "(~67%) and 60 (90%) TFLOP/s are estimates of achievable GEMM rates. Device memory "
-            "700 GB/s strided copies and 1.6 TB/s effective reads were measured on an H100 "
-            "80GB HBM3 by this project (benchmarks/results/2026-11-26-h100.md).",
+            "(~67%) and 60 (90%) TFLOP/s are estimates of achievable GEMM rates. Device memory: "
+            "700 GB/s for strided copies and 1.6 TB/s effective reads, both derived from this "
+            "project's profile of an H100 80GB HBM3 (benchmarks/results/2026-11-26-h100.md).",
             _hbm_scaled(H100_HBM_TB_S)),
     _preset("h200-pcie5", "NVIDIA H200 with a PCIe 5.0 x16 host link", 55e9, 650e12, 60e12,
             "preset: measured on an H200 by the kvpr_compile project (docs/design.md): 55 GB/s "
