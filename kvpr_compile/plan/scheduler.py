@@ -319,8 +319,9 @@ def ratio_for(profile: HardwareProfile, batch_size: int, hidden_size: int, kv_hi
               ) -> list[float]:
     """Per-layer l/s at a representative s (4096), cached (see plan_for).
 
-    Under the model l*/s does not depend on s apart from the small append term D (which shifts
-    l* by about a token), so one solve serves every sequence length.
+    Under the model l*/s hardly depends on s: the append D (about a token) and the weight reads
+    of rest (constant in s) are the only terms not proportional to s, so one solve serves every
+    sequence length (llama-7b, b=16, 8 layers on h100-pcie5: 0.77 at s=1024, 0.80 at 4096).
     """
     return list(plan_for(profile, batch_size, hidden_size, kv_hidden_size, dtype, num_layers,
                          overlap).ratios)
