@@ -45,10 +45,11 @@ class HardwareProfile:
     date: str
     source: str  # "measured" | "preset: <cite>" | "file: <path>"
     notes: str = ""
-    # Device memory, bytes read + bytes written per second. mem_copy: strided copies such as the
+    # Device memory, bytes/s. mem_copy (bytes read + written): strided copies such as the
     # assemble (a permuted (s, b, h, d) view into a contiguous (b, h, s, d) tensor) and the
-    # recompute's elementwise passes; mem_read: the layer's streaming reads (weights, K,V in
-    # attention). None (a profile saved before these existed): filled by `memory_rates_for`.
+    # recompute's elementwise passes; mem_read (bytes read): the layer's streaming reads
+    # (weights, K,V in attention). None (a profile saved before these existed): filled by
+    # `memory_rates_for`.
     mem_copy_bytes_per_s: float | None = None
     mem_read_bytes_per_s: float | None = None
 
@@ -283,19 +284,25 @@ def _copy_rates(dev: torch.device, size: int, repeats: int, warmup: int) -> tupl
 
 def _memory_rates(dev: torch.device, size: int, repeats: int, warmup: int
                   ) -> tuple[float, float]:
-    """(strided copy, contiguous copy) bytes read + written per second on the device: a
-    contiguous (b, h, s, d) fp16 tensor written from a permuted view of a sequence-major
-    (s, b, h, d) one, like the assemble's reads of slot views; and a plain contiguous copy."""
+    """(copy, read) device-memory rates in bytes/s. copy: a contiguous (b, h, s, d) fp16 tensor
+    written from a permuted view of a sequence-major (s, b, h, d) one, like the assemble's reads
+    of slot views (bytes read + written). read: a decode-shaped GEMM, 16 rows times a weight
+    matrix of `size` bytes, i.e. how fast the layer's GEMMs stream their weights (bytes read)."""
     b, h, d = 16, 32, 128
     s = max(1, size // (b * h * d * 2))
     src = torch.empty(s, b, h, d, device=dev, dtype=torch.float16).normal_()
     dst = torch.empty(b, h, s, d, device=dev, dtype=torch.float16)
-    flat = torch.empty_like(src)
     stream = torch.cuda.current_stream(dev)
     moved = 2 * src.numel() * src.element_size()
-    strided_ms = _time_ms(lambda: dst.copy_(src.permute(1, 2, 0, 3)), repeats, warmup, stream)
-    contiguous_ms = _time_ms(lambda: flat.copy_(src), repeats, warmup, stream)
-    return moved / (strided_ms / 1e3), moved / (contiguous_ms / 1e3)
+    copy_ms = _time_ms(lambda: dst.copy_(src.permute(1, 2, 0, 3)), repeats, warmup, stream)
+    del src, dst
+    rows, k = 16, 4096
+    weight = torch.empty(k, max(1, size // (k * 2)), device=dev, dtype=torch.float16).normal_()
+    x = torch.randn(rows, k, device=dev, dtype=torch.float16)
+    out = torch.empty(rows, weight.shape[1], device=dev, dtype=torch.float16)
+    read_ms = _time_ms(lambda: torch.matmul(x, weight, out=out), repeats, warmup, stream)
+    read = weight.numel() * weight.element_size()
+    return moved / (copy_ms / 1e3), read / (read_ms / 1e3)
 
 
 def _gemm_rate(dev: torch.device, dtype: torch.dtype, shape: tuple[int, int, int],
@@ -320,9 +327,10 @@ def measure(device: str | torch.device | int = "cuda", *, repeats: int = 10, war
     Copies: random bytes in pinned host memory, each size timed with CUDA events (median of
     `repeats` after `warmup`), the best size taken as the plateau. GEMMs: [m, k] x [k, n] at a
     recompute-like shape ([b*l, h] x [h, 2*h_kv]), one rate per dtype (bf16 skipped where the
-    device lacks it; fp32 runs with whatever TF32 setting torch has). Device memory: a permuting
-    copy of the largest size (mem_copy) and a contiguous one (mem_read, an upper bound of the
-    effective read rate the presets were calibrated on). Raises RuntimeError without
+    device lacks it; fp32 runs with whatever TF32 setting torch has). Device memory, at the
+    largest size: a permuting copy (mem_copy) and a decode-shaped GEMM's weight reads (mem_read;
+    the presets' read rates are lower: calibrated on whole layers, launch gaps and small kernels
+    included). Raises RuntimeError without
     CUDA: nothing is ever made up.
     """
     dev = _cuda_device(device)
@@ -354,7 +362,8 @@ def measure(device: str | torch.device | int = "cuda", *, repeats: int = 10, war
         mem_read_bytes_per_s=mem_read,
         notes=(f"CUDA events, median of {repeats} after {warmup} warm-up; pinned copies of "
                f"{[s // MiB for s in sizes]} MiB (best size kept); device copies of "
-               f"{max(sizes) // MiB} MiB (permuted and contiguous); GEMM {m}x{k}x{n}; "
+               f"{max(sizes) // MiB} MiB (a permuting copy; a 16-row GEMM over that many weight bytes); "
+               f"GEMM {m}x{k}x{n}; "
                f"fp32 matmul precision {torch.get_float32_matmul_precision()!r}"),
     )
 
