@@ -173,4 +173,46 @@ def test_measure_on_cuda():
     assert p.source == "measured" and p.torch_version == torch.__version__
     assert 1e9 < p.h2d_bytes_per_s < 200e9 and 1e9 < p.d2h_bytes_per_s < 200e9
     assert 1e12 < p.flops(torch.float16) < 5e15
+    assert 50e9 < p.mem_copy_bytes_per_s < 20e12 and 50e9 < p.mem_read_bytes_per_s < 20e12
+    assert "not in the profile" not in p.notes                      # measured, not filled in
     assert HardwareProfile.from_json(p.to_json()) == p
+
+
+def test_presets_carry_device_memory_rates_calibrated_on_the_h100():
+    h100, h200, a100 = (PRESETS[n] for n in ("h100-pcie5", "h200-pcie5", "a100-pcie4"))
+    assert h100.mem_copy_bytes_per_s == 700e9                       # the H100 trace's assemble
+    assert h200.mem_copy_bytes_per_s == pytest.approx(700e9 * 4.8 / 3.35)   # HBM ratio
+    for p in PRESETS.values():
+        assert p.mem_copy_bytes_per_s < p.mem_read_bytes_per_s < 5e12
+    assert a100.mem_read_bytes_per_s < h100.mem_read_bytes_per_s < h200.mem_read_bytes_per_s
+    assert "copy 700" in h100.summary()
+
+
+def test_old_profile_json_without_memory_rates_still_loads(tmp_path, monkeypatch):
+    """A profile cached before the device-memory rates existed: they come from the preset of
+    the same GPU model (or the A100 preset for an unknown GPU), and the notes say so."""
+    old = dict(name="nvidia-h100-80gb-hbm3", device_name="NVIDIA H100 80GB HBM3",
+               h2d_bytes_per_s=10e9, d2h_bytes_per_s=9e9, flops_per_s={"float16": 100e12},
+               torch_version="2.11", date="2026-11-26", source="measured", notes="")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = resolve_profile(str(path))
+    assert loaded.mem_copy_bytes_per_s == PRESETS["h100-pcie5"].mem_copy_bytes_per_s
+    assert loaded.mem_read_bytes_per_s == PRESETS["h100-pcie5"].mem_read_bytes_per_s
+    assert "preset h100-pcie5" in loaded.notes and loaded.h2d_bytes_per_s == 10e9
+    # through the per-device cache too
+    monkeypatch.setattr(profiler, "_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(profiler, "measure", lambda device: pytest.fail("cache not used"))
+    cached = profiler.cache_path("NVIDIA H100 80GB HBM3")
+    cached.parent.mkdir(parents=True)
+    cached.write_text(json.dumps(old))
+    assert profiler.load_or_measure("cuda").mem_copy_bytes_per_s == 700e9
+    unknown = {**old, "name": "rtx", "device_name": "Some Other GPU"}
+    fallback = HardwareProfile.from_dict(unknown)
+    assert fallback.mem_copy_bytes_per_s == PRESETS["a100-pcie4"].mem_copy_bytes_per_s
+    # a rate given is kept; only the missing one is filled
+    half = HardwareProfile.from_dict({**old, "mem_copy_bytes_per_s": 123e9})
+    assert half.mem_copy_bytes_per_s == 123e9
+    assert half.mem_read_bytes_per_s == PRESETS["h100-pcie5"].mem_read_bytes_per_s
+    with pytest.raises(ValueError, match="mem_copy_bytes_per_s"):
+        HardwareProfile.from_dict({**old, "mem_copy_bytes_per_s": 0})

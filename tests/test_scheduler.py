@@ -16,15 +16,25 @@ H200 = PRESETS["h200-pcie5"]
 A100 = PRESETS["a100-pcie4"]
 
 
-def make_profile(h2d=55e9, d2h=55e9, fp16=650e12, name="custom") -> HardwareProfile:
+def make_profile(h2d=55e9, d2h=55e9, fp16=650e12, name="custom", copy=1e12, read=2e12
+                 ) -> HardwareProfile:
     return HardwareProfile(name=name, device_name=name, h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h,
                            flops_per_s={"float16": fp16}, torch_version="", date="",
-                           source="test")
+                           source="test", mem_copy_bytes_per_s=copy, mem_read_bytes_per_s=read)
 
 
 def paper_l_star(s, h, p, v_com, v_gpu):
     """l* = s*p*v_gpu / (2*h*v_com + p*v_gpu), written out here, not taken from cost_model."""
     return s * p * v_gpu / (2 * h * v_com + p * v_gpu)
+
+
+def mha_row_l_star(s, h, p, profile):
+    """The row schedule's first layer for MHA: A + max(R, K) balanced at R = K, with R the GEMMs
+    (4*b*l*h^2 / v_gpu) plus one read+write pass over K,V[:l] (4*b*l*h*p / v_copy); b cancels:
+    l = s * (2*h*p / v) / (4*h^2 / v_gpu + 4*h*p / v_copy + 2*h*p / v)."""
+    v, g, copy = profile.h2d_bytes_per_s, profile.flops(torch.float16), profile.mem_copy_bytes_per_s
+    k = 2 * h * p / v
+    return s * k / (4 * h * h / g + 4 * h * p / copy + k)
 
 
 @pytest.mark.parametrize("profile,b,s,h", [
@@ -54,33 +64,39 @@ def test_with_append_layer0_is_paper_and_middle_layers_balance_r_eq_k_plus_d():
     plan = plan_split(H200, num_layers=5, batch_size=b, seq_len=s, hidden_size=h,
                       kv_hidden_size=h, dtype=torch.float16, overlap="row")
     v, g = H200.h2d_bytes_per_s, H200.flops(torch.float16)
-    assert abs(plan.recompute_tokens[0] - paper_l_star(s, h, 2, v, g)) <= 1
+    assert abs(plan.recompute_tokens[0] - mha_row_l_star(s, h, 2, H200)) <= 1
     d = b * (h + 2 * h) * 2 / H200.d2h_bytes_per_s           # the new token's X, K, V
-    k_tok, r_tok = 2 * b * h * 2 / v, 4 * b * h * h / g
+    k_tok = 2 * b * h * 2 / v
+    r_tok = 4 * b * h * h / g + 2 * (2 * b * h * 2) / H200.mem_copy_bytes_per_s  # GEMMs + pass
     extended = (d + k_tok * s) / (r_tok + k_tok)             # R(l) = K(l) + D
-    assert extended - paper_l_star(s, h, 2, v, g) > 0.5      # the append term matters here
+    assert extended - mha_row_l_star(s, h, 2, H200) > 0.5    # the append term matters here
     for l in plan.recompute_tokens[1:-1]:
         assert abs(l - extended) <= 1
     assert cm.balanced_recompute_tokens(plan.coefficients, overlap="row") == pytest.approx(extended)
 
 
 def test_clamps_to_s_on_a_fast_gpu():
-    fast = make_profile(fp16=1e18)
+    fast = make_profile(fp16=1e18, copy=1e18, read=1e18)
     plan = plan_split(fast, num_layers=4, batch_size=8, seq_len=777, hidden_size=4096,
                       kv_hidden_size=4096, dtype=torch.float16)
     assert plan.recompute_tokens == [777] * 4 and plan.ratios == [1.0] * 4
     assert plan.predicted_step_s < 0.55 * plan.baseline_step_s      # ships X: half the bytes
 
 
-def test_stream_overlap_picks_full_recompute_on_h200():
-    # With recompute overlapping the next layer's loads, X-only (l = s) wins on an H200.
-    plan = plan_split(H200, num_layers=6, batch_size=32, seq_len=1024, hidden_size=4096,
-                      kv_hidden_size=4096, dtype=torch.float16, overlap="stream")
-    assert plan.recompute_tokens[:4] == [1024] * 4
-    row = plan_split(H200, num_layers=6, batch_size=32, seq_len=1024, hidden_size=4096,
-                     kv_hidden_size=4096, dtype=torch.float16, overlap="row")
+def test_stream_overlap_recomputes_more_than_row_on_h200():
+    # With recompute overlapping the next layer's loads, the stream schedule recomputes more
+    # than the row schedule; with (nearly) free device memory, i.e. counting GEMMs only, X-only
+    # (l = s) wins on an H200's GEMM and link rates.
+    kw = dict(num_layers=6, batch_size=32, seq_len=1024, hidden_size=4096, kv_hidden_size=4096,
+              dtype=torch.float16)
+    plan = plan_split(H200, overlap="stream", **kw)
+    row = plan_split(H200, overlap="row", **kw)
     assert plan.predicted_step_s < row.predicted_step_s < row.baseline_step_s
     assert plan.baseline_step_s == pytest.approx(row.baseline_step_s)
+    assert min(plan.recompute_tokens[1:-1]) > max(row.recompute_tokens[1:-1])
+    gemm_only = HardwareProfile(**{**H200.to_dict(), "mem_copy_bytes_per_s": 1e18,
+                                   "mem_read_bytes_per_s": 1e18})
+    assert plan_split(gemm_only, overlap="stream", **kw).recompute_tokens[:4] == [1024] * 4
 
 
 @pytest.mark.parametrize("overlap", cm.OVERLAPS)
@@ -155,9 +171,12 @@ def test_budget_uses_resident_prefix_and_more_budget_never_hurts():
         if extra_tokens >= 3000:
             assert sum(plan.resident_tokens) > 0
             assert plan.predicted_step_s < free.predicted_step_s
-    # Everything resident: no bytes loaded, only compute and the append remain.
+    # Everything resident: no bytes loaded, only compute (assemble + rest, one layer after the
+    # other) and the last append remain.
     assert plan.resident_tokens == [2048] * 6 and sum(plan.h2d_bytes) == 0
-    assert plan.predicted_step_s < 0.02 * free.baseline_step_s
+    c = plan.coefficients
+    assert plan.predicted_step_s == pytest.approx(6 * (c.assemble_s + c.rest_s) + c.store_s)
+    assert plan.predicted_step_s < 0.2 * free.baseline_step_s
 
 
 def test_budget_at_the_working_set_forbids_recompute_staging():
@@ -202,7 +221,7 @@ def test_ratio_for_is_cached_and_s_independent():
     r1 = ratio_for(H200, 32, 4096, 4096, torch.float16, 4, overlap="row")
     r2 = ratio_for(H200, 32, 4096, 4096, "float16", 4, overlap="row")
     assert r1 == r2 and scheduler._cached_plan.cache_info().hits == 1
-    want = paper_l_star(1, 4096, 2, 55e9, 650e12)
+    want = mha_row_l_star(1, 4096, 2, H200)
     assert all(abs(r - want) < 2 / 4096 for r in r1)
     # the ratio at another length is the same to within a token
     plan = plan_split(H200, num_layers=4, batch_size=32, seq_len=1000, hidden_size=4096,
@@ -226,14 +245,15 @@ def test_choose_ratios(monkeypatch):
     assert "h200-pcie5" in how and "preset" in how
     assert plan.ratios == ratios and plan.seq_len == scheduler.REPRESENTATIVE_SEQ_LEN
     assert "h200-pcie5" in str(plan) and "ms/step" in str(plan)
-    assert all(abs(r - paper_l_star(1, 4096, 2, 55e9, 650e12)) < 2 / 4096 for r in ratios)
+    assert all(abs(r - mha_row_l_star(1, 4096, 2, H200)) < 2 / 4096 for r in ratios)
     ratios, how, _ = choose_ratios({"profile": "a100-pcie4", "overlap": "row"}, **kw)
     assert "a100-pcie4" in how
-    assert ratios[1] == pytest.approx(paper_l_star(1, 4096, 2, 25e9, 218e12), abs=2 / 4096)
+    assert ratios[1] == pytest.approx(mha_row_l_star(1, 4096, 2, A100), abs=2 / 4096)
     monkeypatch.setenv("KVPR_PROFILE", "a100-pcie4")
     assert choose_ratios({"overlap": "row"}, **kw)[0] == ratios
     ratios, how, _ = choose_ratios({"profile": "h200-pcie5"}, **kw)   # default: stream
-    assert ratios[0] == 1.0 and "stream" in how
+    row = choose_ratios({"profile": "h200-pcie5", "overlap": "row"}, **kw)[0]
+    assert ratios[1] > row[1] and "stream" in how
     assert choose_ratios(None, **{**kw, "kv_hidden_size": 1024})[0] == [0.0] * 3
     with pytest.raises(ValueError, match="unknown hardware profile"):
         choose_ratios({"profile": "tpu"}, **kw)

@@ -59,7 +59,9 @@ def test_single_layer_by_hand():
     l = 300
     g = build_task_graph(c, [l])
     a, r, k = c.x_load_s(l), c.recompute_s(l), c.kv_load_s(l)
-    assert predicted_step_time(g) == pytest.approx(a + max(r, k) + c.rest_s + c.store_s)
+    m, rest = c.assemble_s, c.rest_s
+    assert m > 0 and rest > 0
+    assert predicted_step_time(g) == pytest.approx(a + max(r, k) + m + rest + c.store_s)
 
 
 @pytest.mark.parametrize("overlap", cm.OVERLAPS)

@@ -56,7 +56,8 @@ def test_one_micro_batch_sits_at_the_balanced_split():
                        shape.kv_hidden, shape.seq_len)
     b = shape.micro_batches[0]
     num = shape.weight_s() + 2 * b * s * hkv * p / v + shape.store_s(b) - shape.compute_s(b)
-    den = b * (2 * hkv - h) * p / v + 4 * b * h * hkv / profile.flops("float16")
+    elementwise = 2 * (2 * b * hkv * p) / profile.mem_copy_bytes_per_s   # one read+write pass
+    den = b * (2 * hkv - h) * p / v + 4 * b * h * hkv / profile.flops("float16") + elementwise
     closed = num / den
     assert 0 < closed < s, "the case must be interior to test anything"
     for l in tokens[2:-3]:

@@ -2,43 +2,64 @@
 
 Symbols: batch b, cached length s, hidden h, KV width h_kv (= kv heads * head_dim), p bytes per
 element, n new tokens per step (1 when decoding), host->device bandwidth v_h2d, device->host v_d2h
-(bytes/s), GEMM rate v_gpu (FLOP/s). Per layer, with l recomputed tokens and r resident tokens
-(token order: resident prefix [0, r), recomputed [r, r+l), streamed [r+l, s)):
+(bytes/s), GEMM rate v_gpu (FLOP/s), and two device-memory rates (bytes/s, profiler.py):
+v_copy for strided copies and elementwise passes (bytes read + bytes written), v_read for the
+layer's streaming reads (weights, K,V in attention). Per layer, with l recomputed tokens and r
+resident tokens (token order: resident prefix [0, r), recomputed [r, r+l), streamed [r+l, s)):
 
     A(l)    = b*l*h*p / v_h2d                   ship X[:, r:r+l]
     R(l)    = 4*b*l*h*h_kv / v_gpu              recompute K,V there: two [b*l, h] x [h, h_kv] GEMMs
+              + E*2*(2*b*l*h_kv*p) / v_copy     and its elementwise kernels (RoPE of the new K,
+                                                casts, transposes): E read+write passes over K,V[:l]
     K(l, r) = 2*b*(s-l-r)*h_kv*p / v_h2d        ship K,V[:, r+l:]
     D       = b*n*(h + 2*h_kv)*p / v_d2h        append the new tokens' X, K, V to CPU memory
-    rest    = (2*b*n*P + 4*b*n*(s+n)*h) / v_gpu the rest of the layer: its GEMMs for the new tokens
-                                                (P = 2h^2 + 2*h*h_kv + mlp, mlp = 8h^2 by default)
-                                                plus attention (QK^T and AV) over s+n positions
+    M       = 2*(2*b*(s+n)*h_kv*p) / v_copy     assemble: read the recomputed, loaded and new K,V
+                                                (strided slot views) and write them into fresh
+                                                (b, heads, s+n, d) tensors; needs R and K done
+    rest    = max(2*b*n*P / v_gpu, P*p / v_read) the rest of the layer: its GEMMs for the new
+              + max(4*b*n*(s+n)*h / v_gpu,      tokens (FLOP- or weight-read-bound; P = 2h^2 +
+                    2*b*(s+n)*h_kv*p / v_read)  2*h*h_kv + mlp, mlp = 8h^2 by default) plus
+                                                attention (QK^T and AV FLOPs, or reading K,V)
+
+E = ELEMENTWISE_PASSES (1). Calibration, NVIDIA H100 80GB HBM3, torch 2.11, fp16, llama-7b shape,
+b=16, s~1027, mean l~996 (benchmarks/results/2026-11-26-h100.md, profiler trace): the assemble
+took 0.80 ms/layer for 2*2*16*1028*4096*2 = 539 MB (0.67 TB/s; the h100 preset's v_copy is 700
+GB/s, a permuting-copy measurement of the same kind); the recompute's elementwise kernels took
+~0.75 ms/layer, 522 MB at 700 GB/s = one read+write pass over K and V[:l], hence E = 1; the
+GEMMs ran at ~775 TFLOP/s, as the GEMM term says. With new_tokens = 0 (the paper's bare model)
+M, the elementwise part of R and rest are all 0.
 
 Schedule. The host link and the GPU are each one serial resource; the append shares the link with
-the loads (one copy queue):
+the loads (one copy queue). The GPU task ATT_i is assemble + rest (M + rest): the assemble needs
+both the recompute and the loads, exactly ATT_i's predecessors, so it adds to its duration:
 
     link:  X_0 KV_0 X_1 KV_1 ST_0 X_2 KV_2 ST_1 ... X_{L-1} KV_{L-1} ST_{L-2} ST_{L-1}
-    GPU:   RC_0 ATT_0 RC_1 ATT_1 ...                 (ATT_i = attention + rest of layer i)
+    GPU:   RC_0 ATT_0 RC_1 ATT_1 ...                 (ATT_i = assemble + rest of layer i)
     data:  X_i -> RC_i;  RC_i, KV_i -> ATT_i;  ATT_i -> ST_i
     when layer i+1's loads may start (`overlap`):
       "row"    (the paper's row-by-row schedule): RC_i -> X_{i+1}. Layer i+1's loads are
                issued once layer i's loads and recompute are done, so they overlap layer i's
-               attention and store, never its recompute. Steady state (A >= rest), per layer:
-                   A + max(R, K + D)        (layer 0: A + max(R, K): no append before it)
-               With D = rest = 0 this is the paper's max(A + R, A + K), balanced at
-               l* = s*p*v_gpu / (2*h*v_h2d + p*v_gpu); with D at R = K + D.
+               attention and store, never its recompute. Steady state (A >= M + rest), per
+               layer:  A + max(R, K + D)        (layer 0: A + max(R, K): no append before it)
+               With D = rest = 0 and no memory terms this is the paper's max(A + R, A + K),
+               balanced at l* = s*p*v_gpu / (2*h*v_h2d + p*v_gpu); with D at R = K + D.
       "stream" (the default; deeper pipelining): ATT_{i-1} -> X_{i+1} only (two device slots). The link runs
                ahead as far as the slots allow, so layer i's recompute overlaps layer i+1's loads.
-               Steady state: max(A + K + D, R + rest); for MHA on an H200 this gives l = s, which
-               is what the project measured (ship-X-only 5.11 ms/layer against a 4.87 ms line
-               rate, b=32, s=1024), where "row" would predict 8.3 ms for l = s and pick l = 0.74 s.
-      Both give l = 0 when h >= 2*h_kv (X is then no smaller than K+V).
+               Steady state: max(A + K + D, R + M + rest). Counting GEMMs only, this gave l = s
+               on an H200 (ship-X-only 5.11 ms/layer against a 4.87 ms line rate, b=32,
+               s=1024); on the H100 run above the GEMM-only model picked l/s = 0.97 and
+               predicted 20.4 ms for a step that took 27.4 ms, compute-bound: the memory terms
+               move the balance to l/s ~ 0.8.
+      Both give l = 0 when h >= 2*h_kv (X is then no smaller than K+V, and recompute only adds
+      GPU time).
 
 `schedule()` evaluates this task graph forward (finish = max over predecessors + duration);
 taskgraph.py builds the same graph in networkx (its longest path is the same number) and the LP
-in scheduler.py encodes it with finish-time variables.
+in scheduler.py encodes it with finish-time variables. throughput_graph.py uses the same
+per-token recompute, assemble and rest terms (`recompute_s_per_token`, `assemble_s`,
+`rest_s` below).
 
-D sharing the link is conservative (PCIe is full duplex). rest counts FLOPs only; decode GEMMs
-are really weight-bandwidth bound, so it is a lower bound, but it is small next to the transfers.
+D sharing the link is conservative (PCIe is full duplex).
 """
 from __future__ import annotations
 
@@ -52,6 +73,9 @@ from .profiler import dtype_key
 _BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 OVERLAPS = ("row", "stream")
 DEFAULT_OVERLAP = "stream"
+# Read+write passes over K,V[:l] by the recompute's elementwise kernels (RoPE on the recomputed K,
+# casts, transposes), at the strided-copy rate: 1 reproduces the H100 trace (module docstring).
+ELEMENTWISE_PASSES = 1
 
 
 def bytes_per_element(dtype: torch.dtype | str) -> int:
@@ -88,8 +112,44 @@ def layer_params(hidden: int, kv_hidden: int, mlp_params: int | None = None) -> 
 def rest_flops(batch: int, seq_len: int, hidden: int, kv_hidden: int, new_tokens: int = 1,
                mlp_params: int | None = None) -> int:
     """FLOPs of the layer besides recompute: GEMMs for the new tokens + attention over s+n."""
-    gemms = 2 * batch * new_tokens * layer_params(hidden, kv_hidden, mlp_params)
-    attention = 4 * batch * new_tokens * (seq_len + new_tokens) * hidden
+    return (_gemm_flops(batch, hidden, kv_hidden, new_tokens, mlp_params)
+            + _attention_flops(batch, seq_len, hidden, new_tokens))
+
+
+def _gemm_flops(batch, hidden, kv_hidden, new_tokens, mlp_params) -> int:
+    return 2 * batch * new_tokens * layer_params(hidden, kv_hidden, mlp_params)
+
+
+def _attention_flops(batch, seq_len, hidden, new_tokens) -> int:
+    return 4 * batch * new_tokens * (seq_len + new_tokens) * hidden
+
+
+def recompute_s_per_token(batch: int, hidden: int, kv_hidden: int, p: int, flops_per_s: float,
+                          copy_bytes_per_s: float) -> float:
+    """R per recomputed token: the two K,V GEMMs plus ELEMENTWISE_PASSES read+write passes over
+    the token's K and V (strided-copy rate)."""
+    gemm = recompute_flops_per_token(batch, hidden, kv_hidden) / flops_per_s
+    elementwise = ELEMENTWISE_PASSES * 2 * kv_bytes_per_token(batch, kv_hidden, p)
+    return gemm + elementwise / copy_bytes_per_s
+
+
+def assemble_s(batch: int, seq_len: int, kv_hidden: int, p: int, copy_bytes_per_s: float,
+               new_tokens: int = 1) -> float:
+    """M: read and write K and V of all s+n positions into fresh tensors (strided-copy rate)."""
+    return 2 * kv_bytes_per_token(batch, kv_hidden, p) * (seq_len + new_tokens) / copy_bytes_per_s
+
+
+def rest_s(batch: int, seq_len: int, hidden: int, kv_hidden: int, p: int, flops_per_s: float,
+           read_bytes_per_s: float, new_tokens: int = 1, mlp_params: int | None = None) -> float:
+    """The rest of the layer: its GEMMs for the new tokens (FLOP-bound or bound by reading the
+    weights) plus attention over s+n positions (FLOP-bound or bound by reading K,V)."""
+    if new_tokens == 0:
+        return 0.0
+    gemms = max(_gemm_flops(batch, hidden, kv_hidden, new_tokens, mlp_params) / flops_per_s,
+                layer_params(hidden, kv_hidden, mlp_params) * p / read_bytes_per_s)
+    kv_read = kv_bytes_per_token(batch, kv_hidden, p) * (seq_len + new_tokens)
+    attention = max(_attention_flops(batch, seq_len, hidden, new_tokens) / flops_per_s,
+                    kv_read / read_bytes_per_s)
     return gemms + attention
 
 
@@ -107,9 +167,16 @@ class LayerCoefficients:
     store_bytes: int
     x_s_per_token: float          # A = x_s_per_token * l
     kv_s_per_token: float         # K = kv_s_per_token * (s - l - r)
-    recompute_s_per_token: float  # R = recompute_s_per_token * l
+    recompute_s_per_token: float  # R = recompute_s_per_token * l (GEMMs + elementwise)
     store_s: float                # D
     rest_s: float                 # rest
+    assemble_s: float = 0.0       # M
+    recompute_gemm_s_per_token: float = 0.0  # the GEMM part of recompute_s_per_token
+
+    @property
+    def attention_s(self) -> float:
+        """The GPU task after recompute and loads: assemble + rest of the layer (M + rest)."""
+        return self.assemble_s + self.rest_s
 
     def x_load_s(self, l: float) -> float:
         return self.x_s_per_token * l
@@ -131,12 +198,16 @@ def layer_coefficients(profile, *, batch_size: int, seq_len: int, hidden_size: i
                        kv_hidden_size: int, dtype: torch.dtype | str, new_tokens: int = 1,
                        mlp_params: int | None = None) -> LayerCoefficients:
     """Coefficients of the model above for `profile` (anything with h2d_bytes_per_s,
-    d2h_bytes_per_s and flops(dtype))."""
+    d2h_bytes_per_s, mem_copy_bytes_per_s, mem_read_bytes_per_s and flops(dtype)).
+    new_tokens=0 is the paper's bare model: no append, no rest, no memory terms."""
     p = bytes_per_element(dtype)
     v_h2d, v_d2h, v_gpu = profile.h2d_bytes_per_s, profile.d2h_bytes_per_s, profile.flops(dtype)
+    v_copy, v_read = profile.mem_copy_bytes_per_s, profile.mem_read_bytes_per_s
     xb = x_bytes_per_token(batch_size, hidden_size, p)
     kvb = kv_bytes_per_token(batch_size, kv_hidden_size, p)
     stb = store_bytes(batch_size, hidden_size, kv_hidden_size, p, new_tokens)
+    gemm = recompute_flops_per_token(batch_size, hidden_size, kv_hidden_size) / v_gpu
+    bare = new_tokens == 0
     return LayerCoefficients(
         seq_len=seq_len,
         x_bytes_per_token=xb,
@@ -144,11 +215,14 @@ def layer_coefficients(profile, *, batch_size: int, seq_len: int, hidden_size: i
         store_bytes=stb,
         x_s_per_token=xb / v_h2d,
         kv_s_per_token=kvb / v_h2d,
-        recompute_s_per_token=recompute_flops_per_token(batch_size, hidden_size,
-                                                        kv_hidden_size) / v_gpu,
+        recompute_s_per_token=gemm if bare else recompute_s_per_token(
+            batch_size, hidden_size, kv_hidden_size, p, v_gpu, v_copy),
         store_s=stb / v_d2h,
-        rest_s=rest_flops(batch_size, seq_len, hidden_size, kv_hidden_size, new_tokens,
-                          mlp_params) / v_gpu,
+        rest_s=rest_s(batch_size, seq_len, hidden_size, kv_hidden_size, p, v_gpu, v_read,
+                      new_tokens, mlp_params),
+        assemble_s=0.0 if bare else assemble_s(batch_size, seq_len, kv_hidden_size, p, v_copy,
+                                               new_tokens),
+        recompute_gemm_s_per_token=gemm,
     )
 
 
@@ -204,7 +278,7 @@ def schedule(c: LayerCoefficients, recompute_tokens: Sequence[float],
         fx[i] = max(link_free, window) + c.x_load_s(l)
         frc[i] = max(fx[i], fatt[i - 1] if i else 0.0) + c.recompute_s(l)
         fkv[i] = fx[i] + c.kv_load_s(l, r)
-        fatt[i] = max(frc[i], fkv[i]) + c.rest_s
+        fatt[i] = max(frc[i], fkv[i]) + c.attention_s
         if i:
             fst[i - 1] = max(fatt[i - 1], fkv[i]) + c.store_s
     fst[n - 1] = max(fatt[n - 1], fst[n - 2] if n > 1 else fkv[0]) + c.store_s
@@ -236,12 +310,19 @@ def link_time(c: LayerCoefficients, profile, recompute_tokens: Sequence[int],
 
 
 def closed_form_recompute_tokens(seq_len: int, hidden: int, kv_hidden: int, p: int,
-                                 h2d_bytes_per_s: float, flops_per_s: float) -> float:
-    """The paper's l* = s*p*v_gpu / (2*h*v_h2d + p*v_gpu), clamped to [0, s]; 0 when
-    h >= 2*h_kv (X is then no smaller than K+V, so shipping X never pays)."""
+                                 h2d_bytes_per_s: float, flops_per_s: float,
+                                 copy_bytes_per_s: float | None = None) -> float:
+    """The balance R = K of one layer (the row schedule's layer 0), clamped to [0, s]; 0 when
+    h >= 2*h_kv (X is then no smaller than K+V, so shipping X never pays). Per batch row and
+    token, k = 2*h_kv*p / v_h2d, g = 4*h*h_kv / v_gpu, e = ELEMENTWISE_PASSES*4*h_kv*p / v_copy:
+    l = s*k / (g + e + k). Without copy_bytes_per_s (e = 0) this is the paper's
+    l* = s*p*v_gpu / (2*h*v_h2d + p*v_gpu)."""
     if hidden >= 2 * kv_hidden:
         return 0.0
-    l = seq_len * p * flops_per_s / (2 * hidden * h2d_bytes_per_s + p * flops_per_s)
+    k = 2 * kv_hidden * p / h2d_bytes_per_s
+    g = 4 * hidden * kv_hidden / flops_per_s
+    e = 0.0 if copy_bytes_per_s is None else ELEMENTWISE_PASSES * 4 * kv_hidden * p / copy_bytes_per_s
+    l = seq_len * k / (g + e + k)
     return min(max(l, 0.0), float(seq_len))
 
 
@@ -249,9 +330,10 @@ def balanced_recompute_tokens(c: LayerCoefficients, resident: float = 0,
                               after_store: bool = True, overlap: str = DEFAULT_OVERLAP) -> float:
     """The steady-state optimum of one layer in closed form, clamped to [0, s - r], 0 when X
     costs no less than K+V per token (a, k, g: per-token A, K, R costs; f = s - r):
-      "row":    R = K + D             -> l = (D + k*f) / (g + k)   (valid while A >= rest;
+      "row":    R = K + D             -> l = (D + k*f) / (g + k)   (valid while A >= M + rest;
                 layer 0 has no append before it, `after_store=False`: the paper's l*)
-      "stream": A + K + D = R + rest  -> l = (k*f + D - rest) / (g + k - a)
+      "stream": A + K + D = R + M + rest -> l = (k*f + D - M - rest) / (g + k - a)
+    (g counts the recompute's GEMMs and elementwise passes, rest + M is `attention_s`)
     Layers 0 < i < L-1 of the LP's plan sit at this point (within rounding)."""
     check_overlap(overlap)
     free = c.seq_len - resident
@@ -262,7 +344,7 @@ def balanced_recompute_tokens(c: LayerCoefficients, resident: float = 0,
     if overlap == "row":
         l = (d + k * free) / (g + k)
     else:
-        l = (k * free + d - c.rest_s) / (g + k - a)
+        l = (k * free + d - c.attention_s) / (g + k - a)
     return min(max(l, 0.0), float(free))
 
 

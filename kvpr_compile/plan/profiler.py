@@ -1,9 +1,12 @@
-"""Hardware profile: the two rates the KVPR cost model needs, and where they come from.
+"""Hardware profile: the rates the KVPR cost model needs, and where they come from.
 
-Owns `HardwareProfile` (host<->device bandwidth and GEMM rate per dtype), `measure()` (CUDA
-only: pinned copies and GEMMs timed with CUDA events), the cited `PRESETS`, the per-device JSON
-cache (`load_or_measure`) and `resolve_profile`, which turns whatever a user passed (a profile, a
-preset name, a JSON path, "measure", or nothing) into a profile.
+Owns `HardwareProfile` (host<->device bandwidth, GEMM rate per dtype and two device-memory
+rates: strided copies and streaming reads), `measure()` (CUDA only: pinned copies, device copies
+and GEMMs timed with CUDA events), the cited `PRESETS`, the per-device JSON cache
+(`load_or_measure`) and `resolve_profile`, which turns whatever a user passed (a profile, a preset
+name, a JSON path, "measure", or nothing) into a profile. Profiles saved before the device-memory
+rates existed still load: the missing rates come from the preset of the same device
+(`memory_rates_for`).
 """
 from __future__ import annotations
 
@@ -42,9 +45,28 @@ class HardwareProfile:
     date: str
     source: str  # "measured" | "preset: <cite>" | "file: <path>"
     notes: str = ""
+    # Device memory, bytes/s. mem_copy (bytes read + written): strided copies such as the
+    # assemble (a permuted (s, b, h, d) view into a contiguous (b, h, s, d) tensor) and the
+    # recompute's elementwise passes; mem_read (bytes read): the layer's streaming reads
+    # (weights, K,V in attention). None (a profile saved before these existed): filled by
+    # `memory_rates_for`.
+    mem_copy_bytes_per_s: float | None = None
+    mem_read_bytes_per_s: float | None = None
 
     def __post_init__(self) -> None:
-        for what in ("h2d_bytes_per_s", "d2h_bytes_per_s"):
+        if self.mem_copy_bytes_per_s is None or self.mem_read_bytes_per_s is None:
+            source, copy, read = memory_rates_for(self.name, self.device_name)
+            filled = [what for what, value in (("mem_copy_bytes_per_s", self.mem_copy_bytes_per_s),
+                                               ("mem_read_bytes_per_s", self.mem_read_bytes_per_s))
+                      if value is None]
+            self.mem_copy_bytes_per_s = copy if self.mem_copy_bytes_per_s is None \
+                else self.mem_copy_bytes_per_s
+            self.mem_read_bytes_per_s = read if self.mem_read_bytes_per_s is None \
+                else self.mem_read_bytes_per_s
+            note = f"{', '.join(filled)} not in the profile: taken from {source}"
+            self.notes = f"{self.notes}; {note}" if self.notes else note
+        for what in ("h2d_bytes_per_s", "d2h_bytes_per_s", "mem_copy_bytes_per_s",
+                     "mem_read_bytes_per_s"):
             value = getattr(self, what)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{what} must be a positive finite number, got {value!r}")
@@ -74,7 +96,9 @@ class HardwareProfile:
     def summary(self) -> str:
         rates = ", ".join(f"{k} {v / 1e12:.0f}" for k, v in self.flops_per_s.items())
         return (f"{self.name}: H2D {self.h2d_bytes_per_s / 1e9:.1f} GB/s, "
-                f"D2H {self.d2h_bytes_per_s / 1e9:.1f} GB/s, GEMM TFLOP/s {rates}")
+                f"D2H {self.d2h_bytes_per_s / 1e9:.1f} GB/s, GEMM TFLOP/s {rates}, device "
+                f"memory GB/s copy {self.mem_copy_bytes_per_s / 1e9:.0f} "
+                f"read {self.mem_read_bytes_per_s / 1e9:.0f}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,6 +119,9 @@ class HardwareProfile:
             raise ValueError(f"hardware profile JSON lacks {missing}")
         kwargs = {k: v for k, v in data.items() if k in names}
         kwargs["flops_per_s"] = {str(k): float(v) for k, v in dict(kwargs["flops_per_s"]).items()}
+        for key in ("mem_copy_bytes_per_s", "mem_read_bytes_per_s"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = float(kwargs[key])
         return cls(**kwargs)
 
     @classmethod
@@ -128,13 +155,33 @@ def dtype_key(dtype: torch.dtype | str) -> str:
 # Presets. Datasheet figures are peak numbers; "achievable" figures are estimates unless a
 # project measurement is named.
 # --------------------------------------------------------------------------------------------
+# Device-memory rates (bytes read + written per second). Calibrated on the H100 run
+# (benchmarks/results/2026-11-26-h100.md, NVIDIA H100 80GB HBM3, torch 2.11, fp16, llama-7b
+# shape, b=16, s~1024): copy 700 GB/s is the assemble's strided concatenation (0.8 ms/layer for
+# 539 MB) and the recompute's elementwise kernels (~0.75 ms/layer for 522 MB); read 1.6 TB/s is
+# the eager layer with a plain DynamicCache (6.1 ms for 8 layers, each reading 404 MB of weights
+# and 269 MB of K,V and concatenating 539 MB), i.e. an effective rate with the launch gaps and
+# small kernels included, not HBM's 3.35 TB/s peak. H200 and A100: the H100 figures scaled by
+# the datasheet HBM bandwidth (H200 4.8 TB/s, A100 80GB PCIe 1.94 TB/s, H100 SXM5 3.35 TB/s);
+# estimates, not measurements.
+H100_MEM_COPY_BYTES_PER_S = 700e9
+H100_MEM_READ_BYTES_PER_S = 1.6e12
+H100_HBM_TB_S = 3.35
+
+
+def _hbm_scaled(hbm_tb_s: float) -> tuple[float, float]:
+    scale = hbm_tb_s / H100_HBM_TB_S
+    return H100_MEM_COPY_BYTES_PER_S * scale, H100_MEM_READ_BYTES_PER_S * scale
+
+
 def _preset(name: str, device_name: str, link: float, fp16: float, fp32: float, source: str,
-            torch_version: str = "n/a (preset)") -> HardwareProfile:
-    """A preset with the same rate both ways on the link and bf16 = fp16."""
+            memory: tuple[float, float], torch_version: str = "n/a (preset)") -> HardwareProfile:
+    """A preset with the same rate both ways on the link and bf16 = fp16; memory = (copy, read)."""
     return HardwareProfile(name=name, device_name=device_name, h2d_bytes_per_s=link,
                            d2h_bytes_per_s=link,
                            flops_per_s={"float16": fp16, "bfloat16": fp16, "float32": fp32},
-                           torch_version=torch_version, date="2026-11-26", source=source)
+                           torch_version=torch_version, date="2026-11-26", source=source,
+                           mem_copy_bytes_per_s=memory[0], mem_read_bytes_per_s=memory[1])
 
 
 PRESETS: dict[str, HardwareProfile] = {p.name: p for p in (
@@ -143,21 +190,43 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in (
             "GT/s, 128b/130b); 25 GB/s pinned H2D/D2H is an estimate of the achievable rate "
             "(~80%), not measured by this project. A100 dense fp16/bf16 tensor 312 TFLOP/s and "
             "fp32 19.5 TFLOP/s are NVIDIA datasheet peaks; 218 (70%) and 17.5 (90%) TFLOP/s "
-            "are estimates of achievable GEMM rates."),
+            "are estimates of achievable GEMM rates. Device memory: the H100 figures scaled "
+            "by HBM bandwidth 1.94/3.35 (estimate).", _hbm_scaled(1.94)),
     _preset("h100-pcie5", "NVIDIA H100 SXM5 80GB with a PCIe 5.0 x16 host link", 52e9, 660e12,
             60e12,
             "preset: PCIe 5.0 x16 is 63 GB/s per direction theoretical (PCI-SIG spec: 32 GT/s, "
             "128b/130b); 52 GB/s pinned H2D/D2H is an estimate (~83%; this project measured 55 "
             "GB/s H2D on an H200 over Gen5), not an H100 measurement. H100 SXM5 dense "
             "fp16/bf16 tensor 989 TFLOP/s and fp32 67 TFLOP/s are NVIDIA datasheet peaks; 660 "
-            "(~67%) and 60 (90%) TFLOP/s are estimates of achievable GEMM rates."),
+            "(~67%) and 60 (90%) TFLOP/s are estimates of achievable GEMM rates. Device memory: "
+            "700 GB/s for strided copies and 1.6 TB/s effective reads, both derived from this "
+            "project's profile of an H100 80GB HBM3 (benchmarks/results/2026-11-26-h100.md).",
+            _hbm_scaled(H100_HBM_TB_S)),
     _preset("h200-pcie5", "NVIDIA H200 with a PCIe 5.0 x16 host link", 55e9, 650e12, 60e12,
             "preset: measured on an H200 by the kvpr_compile project (docs/design.md): 55 GB/s "
             "pinned H2D and fp16 GEMM at 600-700 TFLOP/s (650 used). D2H is assumed equal to "
             "H2D and bf16 equal to fp16 (not measured); fp32 60 TFLOP/s is an estimate (90% of "
-            "the 67 TFLOP/s datasheet fp32 peak).", torch_version="2.11 (lent H200 image)"),
+            "the 67 TFLOP/s datasheet fp32 peak). Device memory: the H100 measurements scaled "
+            "by HBM bandwidth 4.8/3.35 (estimate).", _hbm_scaled(4.8),
+            torch_version="2.11 (lent H200 image)"),
 )}
 DEFAULT_PRESET = "h200-pcie5"
+# A profile lacking the device-memory rates whose device matches no preset gets the slowest
+# preset's (A100): with slower device memory the planner recomputes less.
+MEMORY_FALLBACK_PRESET = "a100-pcie4"
+
+
+def memory_rates_for(name: str, device_name: str) -> tuple[str, float, float]:
+    """(where from, copy, read) device-memory rates for a profile that lacks them: the preset
+    named `name`, else the preset whose GPU model (A100/H100/H200) appears in `device_name`,
+    else MEMORY_FALLBACK_PRESET."""
+    key = str(name).lower()
+    if key not in PRESETS:
+        device = str(device_name).upper()
+        key = next((k for k in PRESETS if k.split("-")[0].upper() in device),
+                   MEMORY_FALLBACK_PRESET)
+    chosen = PRESETS[key]
+    return f"preset {key}", chosen.mem_copy_bytes_per_s, chosen.mem_read_bytes_per_s
 
 
 def preset(name: str) -> HardwareProfile:
@@ -213,6 +282,29 @@ def _copy_rates(dev: torch.device, size: int, repeats: int, warmup: int) -> tupl
     return size / (h2d_ms / 1e3), size / (d2h_ms / 1e3)
 
 
+def _memory_rates(dev: torch.device, size: int, repeats: int, warmup: int
+                  ) -> tuple[float, float]:
+    """(copy, read) device-memory rates in bytes/s. copy: a contiguous (b, h, s, d) fp16 tensor
+    written from a permuted view of a sequence-major (s, b, h, d) one, like the assemble's reads
+    of slot views (bytes read + written). read: a decode-shaped GEMM, 16 rows times a weight
+    matrix of `size` bytes, i.e. how fast the layer's GEMMs stream their weights (bytes read)."""
+    b, h, d = 16, 32, 128
+    s = max(1, size // (b * h * d * 2))
+    src = torch.empty(s, b, h, d, device=dev, dtype=torch.float16).normal_()
+    dst = torch.empty(b, h, s, d, device=dev, dtype=torch.float16)
+    stream = torch.cuda.current_stream(dev)
+    moved = 2 * src.numel() * src.element_size()
+    copy_ms = _time_ms(lambda: dst.copy_(src.permute(1, 2, 0, 3)), repeats, warmup, stream)
+    del src, dst
+    rows, k = 16, 4096
+    weight = torch.empty(k, max(1, size // (k * 2)), device=dev, dtype=torch.float16).normal_()
+    x = torch.randn(rows, k, device=dev, dtype=torch.float16)
+    out = torch.empty(rows, weight.shape[1], device=dev, dtype=torch.float16)
+    read_ms = _time_ms(lambda: torch.matmul(x, weight, out=out), repeats, warmup, stream)
+    read = weight.numel() * weight.element_size()
+    return moved / (copy_ms / 1e3), read / (read_ms / 1e3)
+
+
 def _gemm_rate(dev: torch.device, dtype: torch.dtype, shape: tuple[int, int, int],
                repeats: int, warmup: int) -> float:
     m, k, n = shape
@@ -229,12 +321,16 @@ def measure(device: str | torch.device | int = "cuda", *, repeats: int = 10, war
             gemm_shape: tuple[int, int, int] = (16384, 4096, 8192),
             dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32),
             ) -> HardwareProfile:
-    """Measure pinned H2D/D2H bandwidth and GEMM rates on a CUDA device.
+    """Measure pinned H2D/D2H bandwidth, device-memory copy rates and GEMM rates on a CUDA
+    device.
 
     Copies: random bytes in pinned host memory, each size timed with CUDA events (median of
     `repeats` after `warmup`), the best size taken as the plateau. GEMMs: [m, k] x [k, n] at a
     recompute-like shape ([b*l, h] x [h, 2*h_kv]), one rate per dtype (bf16 skipped where the
-    device lacks it; fp32 runs with whatever TF32 setting torch has). Raises RuntimeError without
+    device lacks it; fp32 runs with whatever TF32 setting torch has). Device memory, at the
+    largest size: a permuting copy (mem_copy) and a decode-shaped GEMM's weight reads (mem_read;
+    the presets' read rates are lower: calibrated on whole layers, launch gaps and small kernels
+    included). Raises RuntimeError without
     CUDA: nothing is ever made up.
     """
     dev = _cuda_device(device)
@@ -244,6 +340,7 @@ def measure(device: str | torch.device | int = "cuda", *, repeats: int = 10, war
         rates = [_copy_rates(dev, int(size), repeats, warmup) for size in sizes]
         h2d = max(r[0] for r in rates)
         d2h = max(r[1] for r in rates)
+        mem_copy, mem_read = _memory_rates(dev, int(max(sizes)), repeats, warmup)
         flops = {}
         for dtype in dtypes:
             if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -261,8 +358,12 @@ def measure(device: str | torch.device | int = "cuda", *, repeats: int = 10, war
         torch_version=torch.__version__,
         date=datetime.date.today().isoformat(),
         source="measured",
+        mem_copy_bytes_per_s=mem_copy,
+        mem_read_bytes_per_s=mem_read,
         notes=(f"CUDA events, median of {repeats} after {warmup} warm-up; pinned copies of "
-               f"{[s // MiB for s in sizes]} MiB (best size kept); GEMM {m}x{k}x{n}; "
+               f"{[s // MiB for s in sizes]} MiB (best size kept); device copies of "
+               f"{max(sizes) // MiB} MiB (a permuting copy; a 16-row GEMM over that many weight bytes); "
+               f"GEMM {m}x{k}x{n}; "
                f"fp32 matmul precision {torch.get_float32_matmul_precision()!r}"),
     )
 

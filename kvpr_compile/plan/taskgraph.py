@@ -4,7 +4,7 @@ Per layer i five tasks, each on one serial resource:
     ("x", i)     load X[:, r:r+l] H2D             link
     ("rc", i)    recompute K,V[:, r:r+l] from X    gpu
     ("kv", i)    load K,V[:, r+l:] H2D             link
-    ("attn", i)  attention + rest of the layer     gpu
+    ("attn", i)  assemble + rest of the layer      gpu   (cost_model's M + rest)
     ("store", i) append the new tokens' X,K,V D2H  link
 Edges: data (x->rc, rc->attn, kv->attn, attn->store), resource order (link: x_0 kv_0 x_1 kv_1
 store_0 x_2 kv_2 store_1 ...; gpu: rc_0 attn_0 rc_1 attn_1 ...) and the prefetch window (layer
@@ -46,7 +46,7 @@ def build_task_graph(c: cm.LayerCoefficients, recompute_tokens: Sequence[float],
         task("x", i, "link", c.x_load_s(l))
         task("rc", i, "gpu", c.recompute_s(l))
         task("kv", i, "link", c.kv_load_s(l, r))
-        task("attn", i, "gpu", c.rest_s)
+        task("attn", i, "gpu", c.attention_s)
         task("store", i, "link", c.store_s)
 
     def edge(u, v, why: str) -> None:

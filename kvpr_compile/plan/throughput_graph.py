@@ -10,13 +10,15 @@ micro-batch k (b_k rows), with l_j recomputed tokens out of s cached ones:
     ("x", j, k)     load X[:l_j] of micro-batch k                  link   b_k*l_j*h*p / v_h2d
     ("kv", j, k)    load K,V[l_j:]                                 link   2*b_k*(s-l_j)*h_kv*p / v_h2d
     ("rc", j, k)    recompute K,V[:l_j] from X                     gpu    4*b_k*l_j*h*h_kv / v_gpu
-    ("att", j, k)   the layer for micro-batch k                    gpu    max(FLOPs / v_gpu,
-                                                                          (W + K,V bytes) / v_mem)
+                                                                          + elementwise passes
+    ("att", j, k)   assemble + the layer for micro-batch k         gpu    M(b_k) + rest(b_k)
     ("st", j, k)    append the new token's X, K, V (D2H)            link   b_k*(h+2*h_kv)*p / v_d2h
 
-The compute of a micro-batch reads the layer's weights and its K,V from device memory, so at
-small micro-batches it is bound by device-memory bandwidth v_mem, not FLOPs: that is what makes
-fewer, larger micro-batches pay, and what the micro-batch choice trades against pipelining.
+The recompute, assemble (M) and rest terms are cost_model's (its docstring has the formulas):
+the rest of a micro-batch reads the layer's weights and its K,V from device memory, so at small
+micro-batches it is bound by the device-memory read rate v_read, not FLOPs: that is what makes
+fewer, larger micro-batches pay, and what the micro-batch choice trades against pipelining. The
+assemble and the recompute's elementwise passes run at the strided-copy rate v_copy.
 
 Order and slots:
 - link (one copy queue; the append is charged on it too, as concurrent D2H slows H2D): W_0, then
@@ -58,7 +60,8 @@ class StepShape:
     h2d_bytes_per_s: float
     d2h_bytes_per_s: float
     flops_per_s: float
-    device_mem_bytes_per_s: float
+    device_mem_bytes_per_s: float      # v_read: streaming reads (weights, K,V)
+    copy_bytes_per_s: float            # v_copy: strided copies (assemble, elementwise passes)
 
     def x_s_per_token(self, b: int) -> float:
         return cm.x_bytes_per_token(b, self.hidden, self.bytes_per_element) / self.h2d_bytes_per_s
@@ -67,7 +70,8 @@ class StepShape:
         return cm.kv_bytes_per_token(b, self.kv_hidden, self.bytes_per_element) / self.h2d_bytes_per_s
 
     def recompute_s_per_token(self, b: int) -> float:
-        return cm.recompute_flops_per_token(b, self.hidden, self.kv_hidden) / self.flops_per_s
+        return cm.recompute_s_per_token(b, self.hidden, self.kv_hidden, self.bytes_per_element,
+                                        self.flops_per_s, self.copy_bytes_per_s)
 
     def weight_s(self) -> float:
         return self.layer_weight_bytes / self.h2d_bytes_per_s
@@ -76,10 +80,12 @@ class StepShape:
         return cm.store_bytes(b, self.hidden, self.kv_hidden, self.bytes_per_element) / self.d2h_bytes_per_s
 
     def compute_s(self, b: int) -> float:
-        """The layer for b rows: FLOP-bound or device-memory-bound (weights + its K,V)."""
-        flops = cm.rest_flops(b, self.seq_len, self.hidden, self.kv_hidden, 1, self.mlp_params)
-        kv = cm.kv_bytes_per_token(b, self.kv_hidden, self.bytes_per_element) * (self.seq_len + 1)
-        return max(flops / self.flops_per_s, (self.layer_weight_bytes + kv) / self.device_mem_bytes_per_s)
+        """The layer for b rows after its loads and recompute: assemble + rest (cost_model's
+        M + rest; each part FLOP-bound or device-memory-bound)."""
+        p = self.bytes_per_element
+        return (cm.assemble_s(b, self.seq_len, self.kv_hidden, p, self.copy_bytes_per_s)
+                + cm.rest_s(b, self.seq_len, self.hidden, self.kv_hidden, p, self.flops_per_s,
+                            self.device_mem_bytes_per_s, 1, self.mlp_params))
 
 
 def units(shape: StepShape) -> list[tuple[int, int]]:

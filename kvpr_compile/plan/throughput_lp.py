@@ -33,10 +33,6 @@ from .scheduler import _solve
 from . import throughput_graph as tg
 from .throughput_graph import even_split  # noqa: F401  (re-exported: the planner's split)
 
-# Device-memory bandwidth per preset: ~83% of the datasheet peaks (A100 80GB PCIe 1.94 TB/s,
-# H100 SXM5 3.35 TB/s, H200 4.8 TB/s) -- estimates, not measurements. Anything else: the A100's.
-DEVICE_MEMORY_BYTES_PER_S = {"a100-pcie4": 1.6e12, "h100-pcie5": 2.8e12, "h200-pcie5": 4.0e12}
-DEFAULT_DEVICE_MEMORY_BYTES_PER_S = 1.6e12
 ASSEMBLED = 1       # micro-batch K,V outputs of the assemble alive at once (read by attention)
 HIDDEN_COPIES = 4   # hidden states of the effective batch kept on the device (in, out, residual, norm)
 
@@ -146,16 +142,16 @@ def candidate_counts(batch: int, floor_bytes, budget: float | None) -> list[int]
 def step_shape(profile: HardwareProfile, *, num_layers: int, micro_batches, seq_len: int,
                hidden_size: int, kv_hidden_size: int, dtype, mlp_params: int | None = None,
                device_mem_bytes_per_s: float | None = None) -> tg.StepShape:
+    """device_mem_bytes_per_s overrides the profile's read rate (mem_read_bytes_per_s)."""
     p = cm.bytes_per_element(dtype)
-    mem = device_mem_bytes_per_s or DEVICE_MEMORY_BYTES_PER_S.get(
-        profile.name, DEFAULT_DEVICE_MEMORY_BYTES_PER_S)
+    mem = device_mem_bytes_per_s or profile.mem_read_bytes_per_s
     return tg.StepShape(
         num_layers=num_layers, micro_batches=tuple(micro_batches), seq_len=seq_len,
         hidden=hidden_size, kv_hidden=kv_hidden_size, bytes_per_element=p,
         layer_weight_bytes=cm.layer_params(hidden_size, kv_hidden_size, mlp_params) * p,
         mlp_params=mlp_params, h2d_bytes_per_s=profile.h2d_bytes_per_s,
         d2h_bytes_per_s=profile.d2h_bytes_per_s, flops_per_s=profile.flops(dtype),
-        device_mem_bytes_per_s=mem)
+        device_mem_bytes_per_s=mem, copy_bytes_per_s=profile.mem_copy_bytes_per_s)
 
 
 def plan_throughput(profile: HardwareProfile, *, num_layers: int, batch_size: int, seq_len: int,

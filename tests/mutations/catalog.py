@@ -288,6 +288,15 @@ BREAKAGES = (
              'out.append((("att", j - 2, m - 1), ("w", j), "weight slot"))',
              "pass",
              ("tests/test_throughput_plan.py::test_weight_slots_and_cache_slots_bound_the_prefetch",)),
+    # ---- the cost model's device-memory terms ---------------------------------------------
+    Breakage("recompute-elementwise-pass-dropped", "kvpr_compile/plan/cost_model.py",
+             "return gemm + elementwise / copy_bytes_per_s",
+             "return gemm",
+             ("tests/test_cost_model_memory.py::test_terms_written_out",)),
+    Breakage("assemble-left-off-the-gpu-chain", "kvpr_compile/plan/taskgraph.py",
+             'task("attn", i, "gpu", c.attention_s)',
+             'task("attn", i, "gpu", c.rest_s)',
+             ("tests/test_taskgraph.py::test_single_layer_by_hand",)),
     # ---- the throughput schedule's execution (column order) ------------------------------
     Breakage("micro-batch-rows-off-by-one", COLUMNS,
              "env[p] = a.narrow(0, row, size)",
