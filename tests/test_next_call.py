@@ -14,7 +14,7 @@ import torch
 from conftest import worst_rel_err
 from kvpr_compile.runtime import cuda_runtime
 from test_prefetch_placement import tiny_llama
-from test_runtime_sim import TOL, check, compiled_run, decode, sim, sim_backend  # noqa: F401
+from test_runtime_sim import TOL, check, compiled_run, decode, sim, sim_backend  # noqa: F401  (sim: the fixture)
 
 STEPS = 3
 

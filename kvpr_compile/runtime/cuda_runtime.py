@@ -249,7 +249,8 @@ class CudaRuntime:
                       head_dim: int, dtype: torch.dtype) -> None:
         """Issue ``layer``'s loads of the next call now: records [0, l) (``specs`` None: the
         layer loads none) and K,V[l:end), into a slot of the pool, kept for ``next_call.take``.
-        Called after the step's last assemble; a load this call never gets to is not issued."""
+        Called after the step's last assemble, when no slot is read any more but the last
+        layer's with ``ASSEMBLE_IN_PLACE`` (still held: another one is taken)."""
         current = API.current_stream(self.device)
         next_call.drop(self.slots, current)   # one prefetch at a time
         key = self.key(layer)
