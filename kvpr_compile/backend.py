@@ -1,5 +1,5 @@
 """The Dynamo backend ``kvpr``: options -> find sites -> extract slices -> plan -> rewrite ->
-layer-ahead placement of loads -> inner compiler.
+layer-ahead placement of loads (and the next call's first loads) -> inner compiler.
 
 Registered through the ``torch_dynamo_backends`` entry point (setup.cfg), so
 ``torch.compile(model, backend="kvpr", options={...})`` works without importing this package.
@@ -26,7 +26,7 @@ from . import dynamo_watch
 from . import report as rep
 from .passes.find_sites import find_sites
 from .passes.graph_utils import example_value, hint, param_derived, to_networkx
-from .passes.prefetch import hoist_loads
+from .passes.prefetch import hoist_loads, prefetch_next_call
 from .passes.recompute_slice import Unsupported, extract_slice
 from .passes.rewrite import check_rewritable, rewrite_site
 from .passes.shared_inputs import shared_links
@@ -136,6 +136,7 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
                                                 [s.name for s in sl.token_inputs[1:]], note))
         if rows is None:   # the column order issues loads itself (column_runner.py)
             hoist_loads(graph)  # layer i+1's loads are issued before layer i's assemble
+            prefetch_next_call(graph)   # and layer 0's of the next call after the last assemble
         graph.lint()
         gm.recompile()
     rep.add_report(report)
@@ -145,6 +146,7 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
             return runner
         if slices:   # latency after all: its layer-ahead prefetch
             hoist_loads(graph)
+            prefetch_next_call(graph)
             gm.recompile()
     return compile_inner(gm, example_inputs, options["inner"])
 

@@ -50,11 +50,17 @@ class OffloadedKVCache:
 
     @property
     def k_cpu(self) -> list[torch.Tensor]:
-        return self._store.whole().k
+        return self._exposed().k
 
     @property
     def v_cpu(self) -> list[torch.Tensor]:
-        return self._store.whole().v
+        return self._exposed().v
+
+    def _exposed(self):
+        """The whole store, whose tensors the caller may write: counted as a change of it."""
+        store = self._store.whole()
+        store.writes += 1
+        return store
 
     @property
     def handle(self) -> torch.Tensor:

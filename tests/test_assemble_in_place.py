@@ -36,3 +36,4 @@ def test_in_place_assemble_is_exact_and_race_free(sim, monkeypatch, ratio):  # n
     assert assembled and all(assembled)   # every decode layer read its slot in place
     rt = cuda_runtime.runtime(cache._store, "cpu")
     assert len(rt.slots.slots) == 3       # the slot attention reads is kept one layer longer
+    assert rt.next_call_used >= 2 * 4     # cross-call prefetch into a third slot, read in place

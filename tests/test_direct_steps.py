@@ -90,5 +90,6 @@ def test_lowered_graph_on_simulated_streams(sim, ratio):  # noqa: F811
     calls = targets(lowered[-1])
     assert calls.count(direct.stream_store_assemble) == LAYERS
     assert calls.count(direct.stream_wait) == (LAYERS if ratio > 0 else 0)
+    assert calls.count(direct.stream_prefetch_next) == 1   # the next call's first loads
     rt = cuda_runtime.runtime(cache._store, "cpu")
-    assert len(rt.slots.slots) == 2 and not rt.slots.held
+    assert len(rt.slots.slots) == 2 and rt.slots.held == {0: rt.slots.next_call.slot}

@@ -11,14 +11,25 @@ i+1's loads fill the slot that layer i-1's assemble freed, while layer i reads t
 
 Loads take only the cache handle, the layer index, ``past`` / ``l`` and constants, so they can
 move; a load group whose inputs are not all defined before the new position stays put.
+
+``prefetch_next_call`` does the same across calls: the first site's loads of the next call
+(its past is this call's past plus this call's new tokens) are asked for right after the last
+site's assemble, by one ``kvpr.prefetch_next`` with the first site's own load arguments; the
+runtime decides whether the next call uses them (runtime/next_call.py). Latency schedule only
+(the column runner issues its loads itself), and not for loads into owned tensors (inductor).
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
 
+from ..runtime.recompute import ratio_fraction, split_len
+from .graph_utils import example_value, size_arg
+
 LOAD_ROLES = ("split", "load_tokens", "load_kv")
 ASSEMBLE = torch.ops.kvpr.assemble.default
+LOAD_TOKENS, LOAD_KV = torch.ops.kvpr.load_tokens.default, torch.ops.kvpr.load_kv.default
+PREFETCH_NEXT = torch.ops.kvpr.prefetch_next.default
 
 
 def _custom(node: fx.Node) -> dict:
@@ -74,3 +85,34 @@ def hoist_loads(graph: fx.Graph, distance: int = 1) -> int:
         moved += 1
     graph.lint()
     return moved
+
+
+def prefetch_next_call(graph: fx.Graph) -> bool:
+    """Ask for the first site's loads of the next call after the last site's assemble (see the
+    module docstring). Returns whether the step was added; idempotent; leaves the graph linted."""
+    sites = _sites(graph)
+    if not sites or any(n.target is PREFETCH_NEXT for n in graph.nodes):
+        return False
+    first, group = sites[0]
+    kv = next((n for n in group if n.target is LOAD_KV), None)
+    tokens = next((n for n in group if n.target is LOAD_TOKENS), None)
+    if kv is None or (len(kv.args) > 9 and kv.args[9]):   # owned loads: inductor runs the graph
+        return False
+    handle, layer, l, past, batch, heads, head_dim, dtype, device = kv.args[:9]
+    if tokens is None:
+        num, den, specs = 0, 1, ([], [], [])
+    else:
+        if isinstance(l, fx.Node) and l.target is split_len:
+            num, den = l.args[1], l.args[2]
+        else:   # a static past: l is an int, the ratio is the site's
+            frac = ratio_fraction(_custom(kv)["kvpr_ratio"])
+            num, den = frac.numerator, frac.denominator
+        specs = tokens.args[3:6]
+    k_new = first.args[6]
+    with graph.inserting_before(sites[-1][0].next):
+        new = size_arg(graph, example_value(k_new).shape[2], k_new, 2)
+        node = graph.call_function(PREFETCH_NEXT, (handle, layer, past, new, num, den, *specs, batch,
+                                                   heads, head_dim, dtype, device))
+    node.meta["custom"] = {**_custom(kv), "kvpr_role": "prefetch_next"}
+    graph.lint()
+    return True

@@ -21,6 +21,16 @@ Order of one layer i, loads issued one layer ahead (compute = the current stream
     d2h:     wait compute; copy layer i's new K, V, X into the pinned store -> record stored[i]
     compute: assemble(i) (concatenate into a fresh tensor) -> record free[s(i)]
 
+Cross-call prefetch (``PREFETCH_NEXT_CALL``, next_call.py): after the last layer's assemble the
+graph asks for its first layer's loads of the next call (``prefetch_next``); they are issued
+like layer-ahead loads, into a slot the step no longer reads, and the next call's loads of that
+layer use them only if they ask exactly the same and the store did not change in between:
+
+    compute: ... assemble(L-1) -> record free[s(L-1)]; prefetch_next(0)
+    h2d:     wait free[s], wait stored[0] (this step's token); copy X, K,V of the next step's
+             layer 0 -> record ready[tokens], ready[kv]
+    (next call) load_tokens(0), load_kv(0): the prefetched views, or dropped and loaded again
+
 Micro-batch parts (the throughput schedule, store_parts.py): part k of a cache gets a runtime of
 its own (its ``d2h``, ``stored`` events and staging), but it shares the whole store's runtime's
 ``h2d`` stream and slot pool, keyed by ``(k, layer)`` (``SHARED_SLOTS``). The column order issues
@@ -39,7 +49,7 @@ from collections import deque
 
 import torch
 
-from . import traffic
+from . import next_call, traffic
 from .slots import SlotPool, slot_of
 
 
@@ -80,6 +90,10 @@ ASSEMBLE_IN_PLACE = False
 # Micro-batch parts share their whole store's copy stream and slot pool (see the module docstring).
 # Off: each part fills a pool of its own (at least one slot per micro-batch on the device).
 SHARED_SLOTS = True
+# The first layer's loads of the next call issued at the end of this one (see the module
+# docstring): on by default, exact and race-free on simulated streams (tests/test_next_call.py).
+# Off: ``prefetch_next`` does nothing and every call loads its first layer when it starts.
+PREFETCH_NEXT_CALL = True
 _RUNTIMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # store -> {device: runtime}
 _LIVE: "weakref.WeakSet[CudaRuntime]" = weakref.WeakSet()
 
@@ -140,6 +154,7 @@ class CudaRuntime:
         self.staging: list[list[torch.Tensor]] = [[] for _ in range(store.num_layers)]
         self.in_flight: deque = deque()
         self.read_later: int | None = None   # in-place assemble: the layer whose slot attention reads
+        self.next_call_used = self.next_call_dropped = 0   # prefetched loads used / prefetches dropped
         _LIVE.add(self)
 
     def __del__(self):
@@ -186,6 +201,13 @@ class CudaRuntime:
         if dtype != store.dtype:
             raise RuntimeError(f"kvpr: load_kv of layer {layer} asks for {dtype}; the cache holds {store.dtype}")
         current = API.current_stream(self.device)
+        want = next_call.kv_want(start, end, batch, heads, head_dim, dtype, ASSEMBLE_IN_PLACE)
+        prefetched = next_call.take(self, store, layer, "kv", want, owned, current)
+        if prefetched is not None:
+            return prefetched
+        return self._load_kv(store, layer, start, end, batch, heads, head_dim, dtype, owned, current)
+
+    def _load_kv(self, store, layer, start, end, batch, heads, head_dim, dtype, owned, current):
         n = end - start
         if owned:
             slot, after_free, new_memory = None, False, True
@@ -203,8 +225,15 @@ class CudaRuntime:
     def load_tokens(self, store, layer: int, end: int, specs: list[tuple[tuple, torch.dtype]],
                     owned: bool = False):
         """Records [0, end) as (end, *record) views of a slot (or fresh tensors, ``owned``)."""
-        stores = store.token_sources(layer, specs)   # None: nothing stored that fits
         current = API.current_stream(self.device)
+        prefetched = next_call.take(self, store, layer, "tokens", next_call.tokens_want(end, specs),
+                                    owned, current)
+        if prefetched is not None:
+            return prefetched
+        return self._load_tokens(store, layer, end, specs, owned, current)
+
+    def _load_tokens(self, store, layer, end, specs, owned, current):
+        stores = store.token_sources(layer, specs)   # None: nothing stored that fits
         if owned:
             slot, after_free, new_memory = None, False, True
             buffers = [torch.empty((end, *shape), dtype=dtype, device=self.device) for shape, dtype in specs]
@@ -215,6 +244,29 @@ class CudaRuntime:
         self._fill(layer, slot, after_free, new_memory, current,
                    [(b[:end], s) for b, s in zip(buffers, sources)], part="tokens")
         return [b[:end] for b in buffers]
+
+    def prefetch_next(self, store, layer: int, l: int, end: int, specs, batch: int, heads: int,
+                      head_dim: int, dtype: torch.dtype) -> None:
+        """Issue ``layer``'s loads of the next call now: records [0, l) (``specs`` None: the
+        layer loads none) and K,V[l:end), into a slot of the pool, kept for ``next_call.take``.
+        Called after the step's last assemble, when no slot is read any more but the last
+        layer's with ``ASSEMBLE_IN_PLACE`` (still held: another one is taken)."""
+        current = API.current_stream(self.device)
+        next_call.drop(self.slots, current)   # one prefetch at a time
+        key = self.key(layer)
+        if (not PREFETCH_NEXT_CALL or key in self.slots.held or end > store.max_seq_len
+                or (batch, heads, head_dim, dtype) != (store.batch_size, store.num_kv_heads,
+                                                       store.head_dim, store.dtype)
+                or (specs and specs[0][0] and specs[0][0][0] != store.batch_size)):
+            return   # a slot still read, or a load the next call would refuse: not prefetched
+        wants, views = {}, {}
+        if specs is not None:
+            wants["tokens"] = next_call.tokens_want(l, specs)
+            views["tokens"] = self._load_tokens(store, layer, l, specs, False, current)
+        wants["kv"] = next_call.kv_want(l, end, batch, heads, head_dim, dtype, ASSEMBLE_IN_PLACE)
+        views["kv"] = self._load_kv(store, layer, l, end, batch, heads, head_dim, dtype, False, current)
+        self.slots.next_call = next_call.Prefetched(weakref.ref(self), key, layer, self.slots.held[key],
+                                                    store.writes, wants, views)
 
     # ---- stores --------------------------------------------------------------------------
     def _retire(self) -> None:
@@ -242,6 +294,7 @@ class CudaRuntime:
         copy reads its sources after this returns: they are held (``in_flight``), which keeps
         the allocator from reusing them, but nothing stops a compiler that reuses buffers itself
         or an in-place op from overwriting them (see ``store_tokens_staged``)."""
+        next_call.drop(self.slots, API.current_stream(self.device))   # its copies may read here
         self.d2h.wait_stream(API.current_stream(self.device))
         with API.use(self.d2h):
             store.write_kv(layer, pos, k, v)
@@ -262,6 +315,7 @@ class CudaRuntime:
     def cache_update(self, store, k, v, layer: int, pos: int):
         """The uncompiled contract, stream-ordered on the compute stream (the reference path)."""
         current = API.current_stream(self.device)
+        next_call.drop(self.slots, current)   # its copies may read the positions written here
         if self.stored[layer] is not None:
             current.wait_event(self.stored[layer])
         store.write_kv(layer, pos, k, v)

@@ -23,6 +23,7 @@ import torch
 
 from . import cuda_runtime
 from .checks import check_read, check_token_read, check_write
+from .recompute import split_len
 from .store import KVStore, lookup
 
 
@@ -153,6 +154,17 @@ def stream_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdi
 def stream_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):
     return cuda_runtime.runtime(store, k_new.device).assemble(store, layer, k_rec, v_rec, k_load,
                                                               v_load, k_new, v_new)
+
+
+def stream_prefetch_next(store: KVStore, layer: int, past: int, new: int, num: int, den: int, specs,
+                         batch: int, heads: int, head_dim: int, dtype, device) -> None:
+    """The next call's loads of ``layer``: its past is this one's plus the ``new`` tokens, split at
+    ``num/den`` as the rewrite splits it (``num`` 0: no records loaded). The CPU has nothing to
+    prefetch (its loads are views)."""
+    end = past + new
+    cuda_runtime.runtime(store, device).prefetch_next(
+        store, layer, split_len(end, num, den), end, specs if num else None, batch, heads,
+        head_dim, dtype)
 
 
 def stream_cache_update(store: KVStore, k, v, layer: int, pos: int):

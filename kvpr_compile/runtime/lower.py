@@ -10,7 +10,8 @@ as it is: the report shows it, and inductor gets it under ``inner="inductor"``).
 - on CUDA the store's D2H copy reads runtime-owned copies of its sources when the graph writes one
   of them in place (``store_tokens_staged``); otherwise holding them is enough;
 - on CPU every ``wait`` goes (loads are synchronous); on CUDA the wait for K,V[l:] folds into
-  that call (K,V[l:] has no other reader), the wait for X stays where it is.
+  that call (K,V[l:] has no other reader), the wait for X stays where it is;
+- ``prefetch_next`` goes on CPU (nothing to prefetch) and is a direct call on CUDA.
 
 Nodes this pass does not recognise keep their custom op (correct, only slower). The copy also
 drops casts to the dtype a tensor already has (``x.to(torch.float32)`` on fp32, four per layer of
@@ -29,7 +30,8 @@ from .ops import _split_specs
 kvpr = torch.ops.kvpr
 LOAD_TOKENS, LOAD_KV, WAIT = kvpr.load_tokens.default, kvpr.load_kv.default, kvpr.wait.default
 STORE, ASSEMBLE, CACHE_UPDATE = kvpr.store_tokens.default, kvpr.assemble.default, kvpr.cache_update.default
-KVPR_OPS = {LOAD_TOKENS, LOAD_KV, WAIT, STORE, ASSEMBLE, CACHE_UPDATE}
+PREFETCH_NEXT = kvpr.prefetch_next.default
+KVPR_OPS = {LOAD_TOKENS, LOAD_KV, WAIT, STORE, ASSEMBLE, CACHE_UPDATE, PREFETCH_NEXT}
 
 
 def _device_of(node: fx.Node):
@@ -38,6 +40,8 @@ def _device_of(node: fx.Node):
         return node.args[6]
     if node.target is LOAD_KV:
         return node.args[8]
+    if node.target is PREFETCH_NEXT:
+        return node.args[13]
     if node.target is WAIT:
         t = node.args[0][0]
         src = t.args[0] if t.op == "call_function" and t.target is operator.getitem else t
@@ -155,6 +159,18 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             handle, layer, *tensors = node.args
             target = direct.stream_assemble if on_stream[node] else direct.cpu_assemble
             replace(node, target, (store_of(handle), layer, *tensors))
+        elif node.target is PREFETCH_NEXT:
+            if not on_stream[node]:   # CPU loads are views: nothing to prefetch
+                graph.erase_node(node)
+                continue
+            handle, layer, past, new, num, den, shapes, ranks, codes, *rest = node.args
+            specs = (_split_specs(shapes, ranks, codes) if all(isinstance(s, int) for s in shapes)
+                     else None)
+            if specs is None:
+                with graph.inserting_before(node):
+                    specs = graph.call_function(_split_specs, (shapes, ranks, codes))
+            replace(node, direct.stream_prefetch_next,
+                    (store_of(handle), layer, past, new, num, den, specs, *rest))
         elif node.target is CACHE_UPDATE:
             handle, k, v, layer, pos = node.args
             target = direct.stream_cache_update if on_stream[node] else direct.cpu_cache_update

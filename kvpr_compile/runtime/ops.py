@@ -11,6 +11,9 @@ Op boundaries (the CUDA runtime fills in the same ones with streams and events):
 - ``store_tokens``: append new tokens' K, V and recompute inputs.
 - ``assemble``: recomputed ``[0, l)`` ++ loaded ``[l, past)`` ++ new tokens, with a fallback to
   stored K,V where the recompute inputs were never stored (cache filled by uncompiled code).
+- ``prefetch_next``: after a step's last assemble, the first layer's loads of the next call
+  (cuda_runtime.prefetch_next; nothing on the CPU). It returns nothing and writes nothing the
+  graph reads: graphs handed to inductor do not get it (passes/prefetch.py).
 
 Every op takes the cache's handle tensor; ops with side effects declare it mutated.
 On CUDA each op hands over to ``cuda_runtime`` (side streams, events, device slots); on CPU to
@@ -131,6 +134,21 @@ def store_tokens(handle: Tensor, layer: int, pos: int, k: Tensor, v: Tensor,
     else:
         direct.cpu_store(store, layer, pos, k, v, inputs, tdims, links)
     handle[1] += 1
+
+
+@torch.library.custom_op("kvpr::prefetch_next", mutates_args=())
+def prefetch_next(handle: Tensor, layer: int, past: int, new: int, num: int, den: int,
+                  shapes: list[int], ranks: list[int], dtypes: list[int], batch: int, heads: int,
+                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    if cuda_runtime.handles(device):
+        direct.stream_prefetch_next(lookup(handle), layer, past, new, num, den,
+                                    _split_specs(shapes, ranks, dtypes), batch, heads, head_dim,
+                                    dtype, device)
+
+
+@prefetch_next.register_fake
+def _(handle, layer, past, new, num, den, shapes, ranks, dtypes, batch, heads, head_dim, dtype, device):
+    return None
 
 
 @torch.library.custom_op("kvpr::assemble", mutates_args=())

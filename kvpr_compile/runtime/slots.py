@@ -14,7 +14,9 @@ the copy stream wait on it. A key is a layer (one store), or ``(part, layer)`` w
 micro-batch parts of a cache share their whole store's pool (the throughput schedule; see
 cuda_runtime.runtime). Free slots are reused first-in first-out, so with loads issued one key
 ahead the pool holds two slots (double buffering: the slot being read by layer i, or by (layer j,
-micro-batch k), and the one being filled for the next); d keys ahead it holds d+1.
+micro-batch k), and the one being filled for the next); d keys ahead it holds d+1. The
+cross-call prefetch (next_call.py) takes its slot from the same pool after the step's last
+assemble, so it adds no slot.
 
 ``wait`` receives only tensors, so every buffer's storage is registered here (``slot_of``) to
 find the slot and the part it belongs to, and with them the ``ready`` event of that part's copy:
@@ -109,6 +111,7 @@ class SlotPool:
         self.slots: list[Slot] = []
         self.free: deque[Slot] = deque()
         self.held: dict = {}   # key -> the slot its loads went to, until its assemble
+        self.next_call = None  # next_call.Prefetched: loads issued for the next call, not yet used
 
     def take(self, layer, part: str, compute_stream) -> tuple[Slot, bool]:
         """The slot that receives ``part`` of key ``layer``'s loads; whether it must wait on
@@ -144,5 +147,5 @@ class SlotPool:
     def close(self) -> None:
         for slot in self.slots:
             slot.forget()
-        self.slots, self.held = [], {}
+        self.slots, self.held, self.next_call = [], {}, None
         self.free.clear()

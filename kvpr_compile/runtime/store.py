@@ -22,6 +22,11 @@ and a read whose specs passed the fit check since the last layout change (``_gen
 the checks; on the CPU, K,V are written and read through ``(batch, heads, seq, head_dim)`` views
 made once, one indexing call per tensor, and nothing is moved when ``device`` is None.
 
+``writes`` counts every change of what the store holds (a K/V or record write, an invalidation,
+a reset, new buffers, the stored records narrowed or dropped, the K/V tensors handed out through
+``OffloadedKVCache.k_cpu``): a copy made from the store stays valid while it is unchanged (the
+cross-call prefetch, cuda_runtime.prefetch_next).
+
 Every cache is reachable from compiled graphs through a small int64 *handle* tensor
 ``[uid, version]`` (a graph input, guarded on shape only, so new caches reuse compiled graphs).
 
@@ -67,6 +72,7 @@ class KVStore:
         self._layout: list = [None] * num_layers   # record layout last written with no change
         self._fit: list = [None] * num_layers      # (generation, specs, sources) of the last fit
         self._generation = 0                       # bumped whenever any layer's stores change
+        self.writes = 0   # bumped by every change of what the store holds (module docstring)
         self.checked_write = self.checked_read = None   # geometry last accepted (checks.py)
         self.buffers_replaced()
         self.dropped_tokens = 0   # times stored records did not fit a graph (see token_sources)
@@ -91,6 +97,7 @@ class KVStore:
     def write_kv(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens' k, v ``(b, hkv, n, d)`` at positions ``[pos, pos + n)``."""
         n = k.shape[2]
+        self.writes += 1
         self.written[layer] = max(self.written[layer], pos + n)
         if self.pin:   # D2H from a side stream: the copy must not block
             self.k[layer][pos:pos + n].copy_(k.permute(2, 0, 1, 3), non_blocking=True)
@@ -123,6 +130,7 @@ class KVStore:
         records, other links) replaces the stores with the new layout: positions before ``pos``
         then have no usable records and assemble takes the stored K,V for them (exact, no
         recompute)."""
+        self.writes += 1
         if not records:
             self.invalidate_tokens(layer, pos)
             return
@@ -140,6 +148,7 @@ class KVStore:
         if not values or self.pin or (tuple([(t.shape, t.dtype) for t in values]), links) != self._layout[layer]:
             self.write_tokens(layer, pos, [t.unsqueeze(0) for t in values], links)
             return
+        self.writes += 1
         for s, t in zip(self.tokens[layer], values):
             s[pos] = t
         self._extend(layer, pos, 1)
@@ -280,12 +289,14 @@ class KVStore:
         self.tokens[layer][i] = narrow
         self._layout[layer] = None   # the write fast path must see the new layout
         self._generation += 1
+        self.writes += 1
         return narrow
 
     def _drop(self, layer: int, held, wanted) -> None:
         """Stored records do not fit a graph: none of them is used again (exact, no recompute)."""
         self.token_len[layer] = 0
         self.dropped_tokens += 1
+        self.writes += 1
         warn_once(f"kvpr: layer {layer}: the per-token recompute inputs stored by an earlier graph "
                   f"{held} do not fit this graph's {wanted}; positions stored before use the stored "
                   "K,V (exact, not recomputed)")
@@ -305,9 +316,11 @@ class KVStore:
 
     def invalidate_tokens(self, layer: int, pos: int) -> None:
         """A write without recompute inputs at ``pos`` ends the valid prefix there."""
+        self.writes += 1
         self.token_len[layer] = min(self.token_len[layer], pos)
 
     def reset(self) -> None:
+        self.writes += 1
         self.token_len = [0] * self.num_layers
         for part in self.parts or ():
             part.reset()
@@ -321,6 +334,7 @@ class KVStore:
         self._layout = [None] * self.num_layers
         self._fit = [None] * self.num_layers
         self._generation += 1
+        self.writes += 1
 
     def whole(self) -> "KVStore":
         """This store with its micro-batch parts copied back (see store_parts.merge)."""

@@ -31,6 +31,8 @@ TPUT_SLOTS = "tests/test_throughput_slots.py::test_micro_batches_share_two_slots
 VALUES = "tests/test_ops_values.py"
 ASSEMBLE = VALUES + "::test_assemble_orders_recomputed_loaded_new_and_falls_back_past_stored_x"
 SIM_RUN = "tests/test_runtime_sim.py::test_layer_ahead_uses_two_slots_without_races[0.5]"
+NEXT_CALL = "kvpr_compile/runtime/next_call.py"
+NEXT_TESTS = "tests/test_next_call.py"
 OVERLAP = "tests/test_runtime_sim.py::test_decode_recompute_overlaps_the_kv_copy"
 ROWS_PAST_X = "tests/test_custom_models.py::test_rows_past_the_stored_x_never_leak_into_results"
 CHUNK_POISON = "tests/test_multi_token.py::test_chunks_on_a_poisoned_past_full_recompute[hf-qwen2-gqa]"
@@ -194,6 +196,37 @@ BREAKAGES = (
              "zip(sites, sites[distance + 1:])",
              ("tests/test_prefetch_placement.py::test_next_layer_loads_precede_this_layers_assemble[0.5]",),
              "layer i+2's loads issued before layer i's assemble instead of layer i+1's"),
+    # ---- cross-call prefetch (runtime/next_call.py) ---------------------------------------
+    Breakage("prefetch-next-ignores-writes", NEXT_CALL,
+             "and pending.writes == store.writes and",
+             "and",
+             (NEXT_TESTS + "::test_store_rewritten_between_calls_is_loaded_again",),
+             "a prefetch used although the store changed since it was issued"),
+    Breakage("prefetch-next-k-cpu-not-counted", "kvpr_compile/cache.py",
+             "        store.writes += 1\n",
+             "",
+             (NEXT_TESTS + "::test_store_rewritten_between_calls_is_loaded_again",),
+             "K/V handed out through k_cpu (and written there) do not invalidate the prefetch"),
+    Breakage("prefetch-next-wrong-range", NEXT_CALL,
+             "and pending.wants.get(part) == want",
+             "and part in pending.wants",
+             (NEXT_TESTS + "::test_graphs_of_another_ratio_drop_the_prefetch",),
+             "a prefetch used by a load that asks other ranges"),
+    Breakage("prefetch-next-drop-without-wait", NEXT_CALL,
+             "        current.wait_event(slot.ready[part])\n",
+             "",
+             (NEXT_TESTS + "::test_graphs_of_another_ratio_drop_the_prefetch",),
+             "a dropped prefetch's slot reused while its copies may still run"),
+    Breakage("prefetch-next-writer-keeps-it", RT,
+             "next_call.drop(self.slots, current)   # its copies may read the positions written here",
+             "pass",
+             (NEXT_TESTS + "::test_reset_and_a_same_length_prompt_written_uncompiled_drop_the_prefetch",),
+             "the uncompiled write does not drop a prefetch whose copies read what it overwrites"),
+    Breakage("prefetch-next-wrong-past", DIRECT,
+             "    end = past + new\n",
+             "    end = past\n",
+             (NEXT_TESTS + "::test_every_decode_step_uses_the_loads_prefetched_by_the_call_before[0.5]",),
+             "the next call's ranges computed from this call's past: never used"),
     # ---- the direct steps the compiled graph calls (runtime/direct.py) --------------------
     Breakage("direct-loads-zeros", DIRECT,
              "return store.read_kv(layer, start, end, _moved_to(device))",
