@@ -83,9 +83,10 @@ API = CudaApi()
 # Assemble in place (issue 7, item 7): K,V[l:] land at rows [l, past) of the slot, the recompute
 # and the new tokens are written around them, and attention reads the slot itself: no copy of the
 # loaded rows into a fresh tensor. The slot is then read after its assemble, so it is given back
-# one layer later (the pool grows to a third slot). Off by default: it needs a GPU to show that
-# the strided (b, h, s, d) view of a sequence-major slot keeps SDPA on its fast kernels, and that
-# the saved device copy is worth the third slot; tests run it on simulated streams.
+# one layer later (the pool grows to a third slot). Off by default: on the first H100 run SDPA
+# kept its fast kernel on the strided view and the concatenation was gone, but the step took 2x
+# longer, with the compute stream idle for tens of ms per step (cause not traced yet; see
+# docs/design.md). Tests run it on simulated streams.
 ASSEMBLE_IN_PLACE = False
 # Micro-batch parts share their whole store's copy stream and slot pool (see the module docstring).
 # Off: each part fills a pool of its own (at least one slot per micro-batch on the device).
