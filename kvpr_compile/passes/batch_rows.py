@@ -14,7 +14,9 @@ micro-batch), so every op must act on each row alone. On Dynamo's graph, before 
 - ops that mix rows are refused: a tensor computed from batch values without the batch (a
   reduction or a row pick), a scan, sort, concatenation, split or index along the batch axis, a
   ``squeeze()`` without a dim (a micro-batch of one row would lose its batch axis), and in-place
-  writes into shared inputs (they would run once per micro-batch).
+  writes into shared inputs (they would run once per micro-batch);
+- row numbers (``arange(batch)``) are refused as values but allowed as the index that picks each
+  row's own row along the batch axis (transformers 5.17's padding mask): passes/row_numbers.py.
 
 ``analyse`` returns the roles or raises ``Unsupported`` with the reason; the backend then keeps
 the latency schedule and warns once.
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from . import row_numbers
 from .graph_utils import example_value, is_cache_update
 from .recompute_slice import Unsupported
 
@@ -171,12 +174,15 @@ def analyse(graph: fx.Graph) -> BatchRows:
         inputs.append(role)
     if "rows" not in inputs and "batch" not in inputs:
         raise Unsupported("no input carries the batch")
+    numbered: set = set()   # row-number tensors (row_numbers.py)
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
         if _writes_shared_input(node, roles):
             raise Unsupported(f"{node.name} writes in place into the shared input "
                               f"{node.args[0].name} (would run once per micro-batch)")
+        if row_numbers.check(node, sym, numbered):
+            continue
         why = _mixes_rows(node, sym)
         if why:
             raise Unsupported(f"{node.name} ({_name(node)}) {why}")
@@ -185,6 +191,9 @@ def analyse(graph: fx.Graph) -> BatchRows:
     for leaf in torch.utils._pytree.tree_leaves(out_node.args[0]):
         if not isinstance(leaf, fx.Node):
             continue
+        if leaf in numbered:
+            raise Unsupported(f"output {leaf.name} is the row numbers arange(batch): a "
+                              "micro-batch numbers its rows from 0")
         value = example_value(leaf)
         dims = _shape_symbols(value)
         if isinstance(value, torch.Tensor) and any(sym in s for s in dims):

@@ -25,6 +25,8 @@ COLUMNS = "kvpr_compile/runtime/column_runner.py"
 SEGMENTS = "kvpr_compile/passes/column_order.py"
 PARTS = "kvpr_compile/runtime/store_parts.py"
 ROWS = "kvpr_compile/passes/batch_rows.py"
+ROW_NUMBERS = "kvpr_compile/passes/row_numbers.py"
+ROW_REFUSED = "tests/test_row_numbers.py::test_row_numbers_as_values_keep_the_latency_schedule"
 TPUT = "tests/test_throughput_schedule.py"
 TPUT_SLOTS = "tests/test_throughput_slots.py::test_micro_batches_share_two_slots_loaded_one_ahead"
 
@@ -407,6 +409,22 @@ BREAKAGES = (
              "if not isinstance(batch, torch.SymInt) or batch.node.maybe_as_int() is not None:",
              "if False:",
              (TPUT + "::test_static_batch_keeps_the_latency_schedule_with_one_warning",)),
+    Breakage("row-numbers-as-values-allowed", ROW_NUMBERS,
+             "why = _own_row_pick(node, sym, numbered)",
+             "why = None",
+             (ROW_REFUSED + "[values]",),
+             "arange(batch) used as a value runs in column order: each micro-batch numbers its "
+             "rows from 0"),
+    Breakage("arange-over-batch-range-allowed", ROW_NUMBERS,
+             "if not any(_mentions(a, sym) for a in (start, end, step)):",
+             "if not (_expr(start) == 0 and _expr(step) == 1 and _expr(end) == sym):",
+             (ROW_REFUSED + "[range]",),
+             "arange(1, batch + 1) passes as a plain tensor: a micro-batch numbers it from 1"),
+    Breakage("row-pick-crossing-rows-allowed", ROW_NUMBERS,
+             "if len(_batch_dims(example_value(node), sym)) != 1:   # another index tensor's batch axis",
+             "if False:",
+             (ROW_REFUSED + "[crossed]",),
+             "x[arange(b)[None, :], per_row[:, None]] (row i reads every row) runs in column order"),
     # ---- the test tools themselves -------------------------------------------------------
     Breakage("race-checker-no-op", SIM,
              "if s is not stream and stream.clock.get(s.name, 0) < when:",
