@@ -16,7 +16,9 @@ micro-batch), so every op must act on each row alone. On Dynamo's graph, before 
   ``squeeze()`` without a dim (a micro-batch of one row would lose its batch axis), and in-place
   writes into shared inputs (they would run once per micro-batch);
 - row numbers (``arange(batch)``) are refused as values but allowed as the index that picks each
-  row's own row along the batch axis (transformers 5.17's padding mask): passes/row_numbers.py.
+  row's own row along the batch axis (transformers 5.17's padding mask): passes/row_numbers.py;
+- the batch size as a value, a slice bound or a second axis's size is refused:
+  passes/batch_values.py.
 
 ``analyse`` returns the roles or raises ``Unsupported`` with the reason; the backend then keeps
 the latency schedule and warns once.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from . import row_numbers
+from . import batch_values, row_numbers
 from .graph_utils import example_value, is_cache_update
 from .recompute_slice import Unsupported
 
@@ -183,7 +185,7 @@ def analyse(graph: fx.Graph) -> BatchRows:
                               f"{node.args[0].name} (would run once per micro-batch)")
         if row_numbers.check(node, sym, numbered):
             continue
-        why = _mixes_rows(node, sym)
+        why = batch_values.check(node, sym) or _mixes_rows(node, sym)
         if why:
             raise Unsupported(f"{node.name} ({_name(node)}) {why}")
     outputs = []

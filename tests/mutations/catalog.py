@@ -27,6 +27,9 @@ PARTS = "kvpr_compile/runtime/store_parts.py"
 ROWS = "kvpr_compile/passes/batch_rows.py"
 ROW_NUMBERS = "kvpr_compile/passes/row_numbers.py"
 ROW_REFUSED = "tests/test_row_numbers.py::test_row_numbers_as_values_keep_the_latency_schedule"
+BATCH_VALUES = "kvpr_compile/passes/batch_values.py"
+BATCH_REFUSED = ("tests/test_batch_values.py::"
+                 "test_batch_size_beyond_the_batch_axis_keeps_the_latency_schedule")
 TPUT = "tests/test_throughput_schedule.py"
 TPUT_SLOTS = "tests/test_throughput_slots.py::test_micro_batches_share_two_slots_loaded_one_ahead"
 
@@ -425,6 +428,21 @@ BREAKAGES = (
              "if False:",
              (ROW_REFUSED + "[crossed]",),
              "x[arange(b)[None, :], per_row[:, None]] (row i reads every row) runs in column order"),
+    Breakage("batch-size-as-value-allowed", BATCH_VALUES,
+             'if _name(node) not in SIZE_OPS:',
+             'if False:',
+             (BATCH_REFUSED,),
+             "logits / b runs in column order: each micro-batch divides by its own size"),
+    Breakage("batch-size-slice-allowed", BATCH_VALUES,
+             "if node.target is operator.getitem:",
+             "if False:",
+             (BATCH_REFUSED,),
+             "table[:b] runs in column order: every micro-batch reads the table's first rows"),
+    Breakage("batch-size-second-axis-allowed", BATCH_VALUES,
+             "if len(axes) > 1:",
+             "if False:",
+             (BATCH_REFUSED,),
+             "a (b, b) matrix of rows runs in column order: row i meets only its micro-batch"),
     # ---- the test tools themselves -------------------------------------------------------
     Breakage("race-checker-no-op", SIM,
              "if s is not stream and stream.clock.get(s.name, 0) < when:",
