@@ -126,3 +126,15 @@ def nan_kv(k_cpu, v_cpu):
     """Fill stored K and V with NaN."""
     for t in k_cpu + v_cpu:
         t.fill_(float("nan"))
+
+
+def hf_llama(layers=2, hidden=64, kv_heads=4, vocab=128, seed=0):
+    """A seeded tiny transformers Llama (sdpa, eval, pad token 0): the HF model most tests use."""
+    import transformers
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads,
+                                   vocab_size=vocab, num_hidden_layers=layers)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    return model

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import worst_rel_err
+from conftest import hf_llama, worst_rel_err
 from kvpr_compile.runtime import cuda_runtime
 from test_prefetch_placement import tiny_llama
 from test_runtime_sim import TOL, check, compiled_run, decode, sim, sim_backend  # noqa: F401  (sim: the fixture)
@@ -140,13 +140,9 @@ def test_graphs_of_another_ratio_drop_the_prefetch(sim):  # noqa: F811
 def test_hf_llama_generate_uses_the_prefetch(sim):  # noqa: F811
     """A tiny HF Llama generating through KVPRCache with backend="kvpr": every step after the
     first compiled decode graph uses the prefetched loads; tokens and logits equal eager."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from kvpr_compile.hf import KVPRCache, cache_kwargs
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                   num_key_value_heads=4, vocab_size=128, num_hidden_layers=2)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    model.generation_config.pad_token_id = 0
+    model = hf_llama()
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
 
     def generate():

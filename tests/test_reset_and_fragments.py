@@ -10,20 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import kvpr_compile
-from conftest import worst_rel_err
+from conftest import hf_llama, worst_rel_err
 from kvpr_compile.hf import KVPRCache, cache_kwargs
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-5
-
-
-def hf_llama():
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                   num_key_value_heads=4, vocab_size=128, num_hidden_layers=2)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 @torch.no_grad()

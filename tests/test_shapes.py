@@ -16,7 +16,7 @@ import torch
 import kvpr_compile
 from kvpr_compile import report as report_mod
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
-from conftest import max_rel_err, worst_rel_err
+from conftest import hf_llama, max_rel_err, worst_rel_err
 
 TOL = 1e-5
 STEPS = 3
@@ -178,11 +178,7 @@ def test_hf_generate_serves_every_shape_without_recompiling():
     transformers = pytest.importorskip("transformers")
     from kvpr_compile.hf import KVPRCache, cache_kwargs
 
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=97, num_hidden_layers=2)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    model.generation_config.pad_token_id = 0
+    model = hf_llama(hidden=32, kv_heads=2, vocab=97)
     new = 3
 
     class PoisonAfterPrefill(transformers.LogitsProcessor):
