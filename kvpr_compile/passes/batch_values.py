@@ -59,8 +59,8 @@ def _batch_args(node: fx.Node, sym) -> list[str]:
                 visit(part)
         elif isinstance(arg, fx.Node):
             value = example_value(arg)
-            if _mentions(value, sym):
-                found.append(f"{arg.name} = {value}")
+            if _mentions(value, sym):   # "s52", or "mul_3 = 2*s52"
+                found.append(arg.name if str(value) == arg.name else f"{arg.name} = {value}")
         elif _mentions(arg, sym):
             found.append(str(arg))
     visit(node.args)
