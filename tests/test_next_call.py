@@ -161,3 +161,16 @@ def test_hf_llama_generate_uses_the_prefetch(sim):  # noqa: F811
     assert api.races.accesses > 100 and api.races.found == []
     rt = cuda_runtime.runtime(cache.offloaded._store, "cpu")
     assert rt.next_call_used >= 2 * 2   # X and K,V of layer 0 in (at least) steps 2..3
+
+
+def test_piecewise_inner_keeps_the_prefetch_step(sim):  # noqa: F811
+    """``inner="piecewise"`` runs the lowered graph split at the kvpr steps: the prefetch step,
+    which returns nothing, must still run there (a piece with no output is not dropped)."""
+    model = tiny_llama(layers=2)
+    ref = decode(model, model.make_cache(2, 96), STEPS)
+    api = sim()
+    compiled = torch.compile(model, backend=sim_backend(),
+                             options={"ratio": 1.0, "inner": "piecewise"})
+    cache = model.make_cache(2, 96)
+    check(api, ref, decode(model, cache, STEPS, compiled))
+    assert runtime_of(cache).next_call_used == 2 * (STEPS - 1)
