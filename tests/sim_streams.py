@@ -93,6 +93,14 @@ class Races:
         self.found: list[str] = []
         self.accesses = 0
 
+    def forget(self, t: torch.Tensor) -> None:
+        """``t`` is fresh host memory (a store buffer): on a GPU it shares no history with device
+        tensors, but here every tensor is CPU memory, and the allocator may hand it the address of
+        a released simulated device tensor, whose logged release would then look like a race
+        with the first copy that reads the store."""
+        key, lo, hi = _span(t)
+        self.log[key] = [e for e in self.log[key] if e[2] <= lo or hi <= e[1]]
+
     def _access(self, kind: str, stream: SimStream, t: torch.Tensor, what: str) -> None:
         self.access_span(kind, stream, _span(t), what)
 

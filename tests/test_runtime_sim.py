@@ -72,6 +72,14 @@ def sim(monkeypatch):
                 races.read(stream, buf, "slot (recompute/assemble)")
             give_back(self, layer, stream)
 
+        alloc = KVStore._alloc
+
+        def host_alloc(self, shape, dtype, zero=True):
+            t = alloc(self, shape, dtype, zero)
+            races.forget(t)   # host memory: no device history (Races.forget)
+            return t
+
+        monkeypatch.setattr(KVStore, "_alloc", host_alloc)
         monkeypatch.setattr(KVStore, "write_kv", logged_write_kv)
         monkeypatch.setattr(KVStore, "write_tokens", logged_write_tokens)
         monkeypatch.setattr(KVStore, "read_kv", logged_read_kv)
