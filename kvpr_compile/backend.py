@@ -24,16 +24,18 @@ from torch import fx
 
 from . import dynamo_watch
 from . import report as rep
+from .ops.errors import Unsupported
+from .ops.nodes import args_of
+from .ops.split import ratio_fraction
 from .passes.find_sites import find_sites
 from .passes.graph_utils import example_value, hint, param_derived, to_networkx
 from .passes.prefetch import hoist_loads, prefetch_next_call
-from .passes.recompute_slice import Unsupported, extract_slice
+from .passes.recompute_slice import extract_slice
 from .passes.rewrite import check_rewritable, rewrite_site
 from .passes.shared_inputs import shared_links
-from .runtime.recompute import ratio_fraction
 from .inner import INNER, compile_inner, default_inner
 from . import schedule
-from .runtime import ops  # noqa: F401  (registers kvpr:: ops before any graph runs)
+from .runtime import kernels  # noqa: F401  (registers the kvpr:: ops' bodies before any graph runs)
 _KNOWN = {"ratio", "inner", "profile", "overlap"} | schedule.OPTIONS
 
 
@@ -66,7 +68,7 @@ def _choose_ratios(options, slices, layers_in_graph):
         return {layer: options["ratio"] for layer in layers_in_graph}, "forced", None
     from .plan.scheduler import choose_ratios  # local: keeps mip out of import time
     cache_node, sl = next(iter(slices.items()))
-    k_new, x = example_value(cache_node.args[1]), example_value(sl.x)
+    k_new, x = example_value(args_of(cache_node).k), example_value(sl.x)
     b, hkv, _, d = k_new.shape
     # hints, not int(): the graph stays dynamic in batch (the plan uses the batch seen first)
     ratios, source, plan = choose_ratios(
@@ -112,12 +114,12 @@ def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     rows = _throughput_rows(options, graph, report) if slices else None
     budget = schedule.budget_check(options, slices, len(slices)) if rows is not None else None
     if slices:
-        layers = [node.args[3] for node in slices]
+        layers = [args_of(node).layer for node in slices]
         ratios, report.ratio_source, report.plan = _choose_ratios(options, slices, layers)
-        links = shared_links(graph, [(node.args[3], sl) for node, sl in slices.items()
-                                     if ratio_fraction(ratios[node.args[3]]) > 0])
+        links = shared_links(graph, [(args_of(node).layer, sl) for node, sl in slices.items()
+                                     if ratio_fraction(ratios[args_of(node).layer]) > 0])
         for node, sl in slices.items():
-            layer = node.args[3]
+            layer = args_of(node).layer
             effective = rewrite_site(graph, node, sl, ratios[layer],
                                      owned_loads=options["inner"] == "inductor",
                                      links=links.get(layer, ()))
@@ -172,6 +174,7 @@ def _keep_latency(report, reason: str) -> None:
 
 def _column_runner(options, gm, rows, budget, report):
     """The column-order step of the rewritten ``gm``, or None (latency, with a warning)."""
+    from .runtime.column_order import cut
     from .runtime.column_runner import ColumnRunner
     from .runtime.lower import lower
     if options["micro_batches"] is not None:
@@ -180,7 +183,7 @@ def _column_runner(options, gm, rows, budget, report):
         planned = len(report.plan.micro_batches)
         count = lambda batch: planned   # noqa: E731  (capped at the batch by the runner)
     try:
-        runner = ColumnRunner(lower(gm), rows, count, budget)
+        runner = ColumnRunner(cut(lower(gm)), rows, count, budget)
     except Unsupported as err:
         _keep_latency(report, str(err))
         return None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import ops  # noqa: F401  (registers the kvpr:: ops)
+from .runtime import kernels  # noqa: F401  (registers the kvpr:: ops' bodies)
 from .runtime.checks import check_write
 from .runtime.store import KVStore
 

@@ -28,6 +28,7 @@ import inspect
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import hf_checks
 from .cache import OffloadedKVCache
 
 
@@ -163,6 +164,5 @@ def cache_kwargs(model, cache) -> dict:
     the installed transformers accepts without a deprecation warning (see cache_keyword).
     Also installs, once per model, the check that each call matches what the cache holds
     (hf_checks.py: a ``reset()`` in the middle of a generation raises instead of running on)."""
-    from . import hf_checks
-    hf_checks.install(model)
+    hf_checks.install(model, KVPRCache)
     return {cache_keyword(model): cache}

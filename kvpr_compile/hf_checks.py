@@ -16,9 +16,12 @@ model runs (nothing is written):
 
 The check runs outside the compiled forward (a module pre-hook), so Dynamo never guards on it.
 
-``cache_kwargs(model, cache)`` installs the hook once per model.
+``cache_kwargs(model, cache)`` (hf.py) installs the hook once per model, naming the cache class
+it checks (``KVPRCache``), so this module does not import hf.py.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -47,11 +50,11 @@ def _first_position(kwargs) -> int | None:
     return None
 
 
-def check_cache_matches_mask(module: nn.Module, args, kwargs) -> None:
-    from .hf import KVPRCache
+def check_cache_matches_mask(module: nn.Module, args, kwargs, cache_type: type) -> None:
+    """Raise if a ``cache_type`` cache in ``kwargs`` does not hold the past the call describes."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     mask = kwargs.get("attention_mask")
-    if not isinstance(cache, KVPRCache):
+    if not isinstance(cache, cache_type):
         return
     new = _call_tokens(kwargs)
     if new is None:
@@ -70,8 +73,9 @@ def check_cache_matches_mask(module: nn.Module, args, kwargs) -> None:
                              f"continues at position {first}{_RESET_HINT}; nothing was written")
 
 
-def install(model: nn.Module) -> None:
-    """Add the check as a forward pre-hook of ``model`` (once)."""
+def install(model: nn.Module, cache_type: type) -> None:
+    """Add the check of ``cache_type`` caches as a forward pre-hook of ``model`` (once)."""
     if getattr(model, _HOOKED, None) is None:
-        handle = model.register_forward_pre_hook(check_cache_matches_mask, with_kwargs=True)
+        handle = model.register_forward_pre_hook(
+            functools.partial(check_cache_matches_mask, cache_type=cache_type), with_kwargs=True)
         object.__setattr__(model, _HOOKED, handle)

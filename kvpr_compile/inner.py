@@ -3,7 +3,7 @@
 - ``eager`` (default): the graph itself, with the kvpr steps lowered to direct calls
   (runtime/lower.py): the steps run in program order, so layer-ahead loads overlap compute.
 - ``piecewise``: the same, with every piece between kvpr steps compiled by inductor
-  (passes/piecewise.py): the model's ops fused, the steps and their overlap unchanged.
+  (runtime/piecewise.py): the model's ops fused, the steps and their overlap unchanged.
 - ``inductor``: the whole graph, kvpr:: custom ops included, handed to inductor. Loads then go to
   fresh tensors (inductor may recycle op outputs' memory) and wait for the whole compute stream,
   and stores copy their sources into runtime-owned buffers first (store race): correct, but the
@@ -36,6 +36,6 @@ def compile_inner(gm: fx.GraphModule, example_inputs, inner: str):
         return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
     lowered = lower(gm)
     if inner == "piecewise":
-        from .passes.piecewise import compile_piecewise
+        from .runtime.piecewise import compile_piecewise
         return compile_piecewise(lowered).forward
     return lowered.forward

@@ -37,9 +37,10 @@ def parse(options: dict) -> None:
 
 def dims(slices) -> dict:
     """The planner's dims from the graph's first rewritten site (example sizes, no guards)."""
+    from .ops.nodes import args_of
     from .passes.graph_utils import example_value, hint
     cache_node, sl = next(iter(slices.items()))
-    k_new, x = example_value(cache_node.args[1]), example_value(sl.x)
+    k_new, x = example_value(args_of(cache_node).k), example_value(sl.x)
     b, hkv, _, d = k_new.shape
     return dict(batch_size=hint(b), hidden_size=hint(x.shape[-1]), kv_hidden_size=hint(hkv) * hint(d),
                 dtype=x.dtype, device=x.device)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvpr_compile import OffloadedKVCache
-from kvpr_compile.runtime.ops import record_specs
+from kvpr_compile.ops.specs import record_specs
 
 kvpr = torch.ops.kvpr
 B, H, D, HIDDEN, N = 2, 4, 8, 32, 3

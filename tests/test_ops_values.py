@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kvpr_compile import OffloadedKVCache
-from kvpr_compile.runtime.ops import record_specs
+from kvpr_compile.ops.specs import record_specs
 
 kvpr = torch.ops.kvpr
 B, H, D, HID, S = 2, 3, 4, 5, 16

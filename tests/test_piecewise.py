@@ -1,4 +1,4 @@
-"""inner="piecewise" (passes/piecewise.py): the lowered graph split at the kvpr steps, the pieces
+"""inner="piecewise" (runtime/piecewise.py): the lowered graph split at the kvpr steps, the pieces
 between them compiled by inductor. Exact against eager (<= 1e-5, identical tokens) on a few tiny
 models, NaN-poisoned stored K/V at ratio 1 included; the steps stay uncompiled, in program order."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from conftest import max_rel_err, worst_rel_err
 from kvpr_compile.backend import kvpr_backend
-from kvpr_compile.passes.piecewise import Piece, compile_piecewise, is_step
+from kvpr_compile.runtime.piecewise import Piece, compile_piecewise, is_step
 from kvpr_compile.runtime import direct
 from kvpr_compile.runtime.lower import lower
 from test_custom_models import MODELS, compare, decode

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvpr_compile.passes.token_dims import token_dims
-from kvpr_compile.runtime.recompute import recompute_tokens
+from kvpr_compile.ops.split import recompute_tokens
 from kvpr_compile.runtime.store import KVStore
 from test_prefetch_placement import tiny_llama
 

@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..runtime.recompute import recompute_tokens
+from ..ops.split import recompute_tokens
 
 
 def split_tokens(ratio: float, past: int) -> int:

@@ -1,2 +1,2 @@
 """FX passes on Dynamo graphs: find attention sites, extract recompute slices, rewrite."""
-from ..runtime import ops  # noqa: F401  (the passes name kvpr:: ops at import time)
+from ..ops import library  # noqa: F401  (the passes name kvpr:: ops at import time)

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..ops.nodes import args_of
 from . import batch_values, row_numbers
 from .graph_utils import example_value, is_cache_update
-from .recompute_slice import Unsupported
+from ..ops.errors import Unsupported
 
 # ops that act along one axis: name -> (position of the dim argument, its default; "all": the
 # op acts on every axis). Along the batch axis they mix rows.
@@ -140,7 +141,7 @@ def analyse(graph: fx.Graph) -> BatchRows:
     sites = [n for n in graph.nodes if is_cache_update(n)]
     if not sites:
         raise Unsupported("no cache read to split by rows")
-    batches = [example_value(n.args[1]).shape[0] for n in sites]
+    batches = [example_value(args_of(n).k).shape[0] for n in sites]
     batch = batches[0]
     if not isinstance(batch, torch.SymInt) or batch.node.maybe_as_int() is not None:
         raise Unsupported(
@@ -151,7 +152,7 @@ def analyse(graph: fx.Graph) -> BatchRows:
             not isinstance(b, torch.SymInt) or b.node.expr != sym for b in batches):
         raise Unsupported(f"the cache reads disagree on the batch ({sorted(set(map(str, batches)))})")
     for n in sites:
-        if sym in _symbols(n.args[4]):
+        if sym in _symbols(args_of(n).pos):
             raise Unsupported(f"the batch size and the cached length share Dynamo's symbol {sym} "
                               "(duck sizing: equal example values); rows cannot be told apart")
     roles: dict = {}

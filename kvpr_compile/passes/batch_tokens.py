@@ -21,7 +21,7 @@ from torch import fx
 from .graph_utils import (ADDMM, BINARY_FUNCTIONS, BINARY_METHODS, COMPLEX_VIEWS, LINEAR, MATMUL,
                           TRAILING_NORMS, UNARY_FUNCTIONS, UNARY_METHODS, einsum_operands,
                           example_value, is_einsum)
-from .recompute_slice import Unsupported
+from ..ops.errors import Unsupported
 
 _TRAILING_FUNCTIONS = TRAILING_NORMS  # act on trailing dims only
 _DIM_REDUCTIONS = {"sum", "mean", "amax", "amin", "var", "norm", "softmax", "cumsum"}

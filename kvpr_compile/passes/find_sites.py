@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from ..ops.nodes import args_of
 from .graph_utils import is_cache_update, is_matmul, is_sdpa, is_softmax
 
 # Ops that only move, broadcast, cast or scale K/V between the cache read and the attention.
@@ -73,7 +74,7 @@ def _attention_kv(node: fx.Node):
 
 def find_sites(graph: fx.Graph) -> SiteScan:
     scan = SiteScan()
-    scan.sites = [Site(node, int(node.args[3])) for node in graph.nodes if is_cache_update(node)]
+    scan.sites = [Site(node, int(args_of(node).layer)) for node in graph.nodes if is_cache_update(node)]
     for node in graph.nodes:
         kv = _attention_kv(node) if node.op in ("call_function", "call_method") else None
         if kv is None:

@@ -21,8 +21,9 @@ import operator
 import torch
 from torch import fx
 
+from ..ops.errors import Unsupported
 from .graph_utils import example_value, hint
-from .recompute_slice import RecomputeSlice, Unsupported, _same
+from .slices import RecomputeSlice, same
 
 _SHAPED = {"view", "reshape", "expand"}
 
@@ -49,7 +50,7 @@ class _OneToken:
         self.env: dict = {}
 
     def _is_n(self, value) -> bool:
-        return _same(value, self.n)
+        return same(value, self.n)
 
     def _const(self, c, ph: fx.Node):
         """One-token value of a slice input that is not a token input (None: itself)."""

@@ -20,16 +20,11 @@ runtime decides whether the next call uses them (runtime/next_call.py). Latency 
 """
 from __future__ import annotations
 
-import torch
 from torch import fx
 
-from ..runtime.recompute import ratio_fraction, split_len
+from ..ops.nodes import ASSEMBLE, LOAD_KV, LOAD_ROLES, LOAD_TOKENS, PREFETCH_NEXT, args_of
+from ..ops.split import ratio_fraction, split_len
 from .graph_utils import example_value, size_arg
-
-LOAD_ROLES = ("split", "load_tokens", "load_kv")
-ASSEMBLE = torch.ops.kvpr.assemble.default
-LOAD_TOKENS, LOAD_KV = torch.ops.kvpr.load_tokens.default, torch.ops.kvpr.load_kv.default
-PREFETCH_NEXT = torch.ops.kvpr.prefetch_next.default
 
 
 def _custom(node: fx.Node) -> dict:
@@ -96,9 +91,10 @@ def prefetch_next_call(graph: fx.Graph) -> bool:
     first, group = sites[0]
     kv = next((n for n in group if n.target is LOAD_KV), None)
     tokens = next((n for n in group if n.target is LOAD_TOKENS), None)
-    if kv is None or (len(kv.args) > 9 and kv.args[9]):   # owned loads: inductor runs the graph
+    load = None if kv is None else args_of(kv)
+    if load is None or load.owned:   # owned loads: inductor runs the graph
         return False
-    handle, layer, l, past, batch, heads, head_dim, dtype, device = kv.args[:9]
+    handle, layer, l, past = load.handle, load.layer, load.start, load.end
     if tokens is None:
         num, den, specs = 0, 1, ([], [], [])
     else:
@@ -107,12 +103,14 @@ def prefetch_next_call(graph: fx.Graph) -> bool:
         else:   # a static past: l is an int, the ratio is the site's
             frac = ratio_fraction(_custom(kv)["kvpr_ratio"])
             num, den = frac.numerator, frac.denominator
-        specs = tokens.args[3:6]
-    k_new = first.args[6]
+        token_load = args_of(tokens)
+        specs = token_load.shapes, token_load.ranks, token_load.dtypes
+    k_new = args_of(first).k_new
     with graph.inserting_before(sites[-1][0].next):
         new = size_arg(graph, example_value(k_new).shape[2], k_new, 2)
-        node = graph.call_function(PREFETCH_NEXT, (handle, layer, past, new, num, den, *specs, batch,
-                                                   heads, head_dim, dtype, device))
+        node = graph.call_function(PREFETCH_NEXT, (handle, layer, past, new, num, den, *specs,
+                                                   load.batch, load.heads, load.head_dim,
+                                                   load.dtype, load.device))
     node.meta["custom"] = {**_custom(kv), "kvpr_role": "prefetch_next"}
     graph.lint()
     return True

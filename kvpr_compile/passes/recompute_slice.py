@@ -17,43 +17,19 @@ input the others are computed from. The slice itself is everything between X and
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import networkx as nx
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..ops.errors import Unsupported
+from ..ops.nodes import args_of
+from .batch_tokens import batch_over_tokens
+from .one_token import check_batched, one_token_slice
+from .prune_projection import prune_fused_projection
+from .slices import RecomputeSlice, same
 from .token_dims import token_dims
 from .graph_utils import (between, example_value, reachable, is_cache_update, is_call, is_sdpa, is_softmax,
                           einsum_operands, is_einsum, projection_args)
-
-
-class Unsupported(Exception):
-    """This site cannot be rewritten; the message is the reason shown to the user."""
-
-
-@dataclass
-class RecomputeSlice:
-    x: fx.Node
-    token_inputs: list[fx.Node]   # X first, then per-token side inputs
-    tdims: list[int]              # token dim of each in this graph; -1: one record per call
-    consts: list                  # other slice inputs (nodes or values), passed unchanged
-    nodes: list[fx.Node]          # the slice, in graph order
-    single_token: bool            # this graph adds one token per call
-    module: fx.GraphModule | None = None  # (records[l, ...]..., consts...) -> K,V (b, hkv, l, d);
-                                          # None: this graph loads the whole past
-    narrowed: bool = False        # a fused QKV projection recomputes only its K/V columns
-    past_note: str = ""           # multi-token graphs: whether and why (not) the past is recomputed
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    try:
-        return statically_known_true(a == b)
-    except Exception:  # noqa: BLE001 - mixed symbolic types: not provably equal
-        return False
 
 
 def is_tensor_node(node) -> bool:
@@ -167,11 +143,11 @@ def _side_tdim(node: fx.Node, n, traced: dict) -> int:
     shape = example_value(node).shape
     if node in traced:  # aligned with the cache's token axis through the slice's ops
         d = traced[node]
-        if _same(shape[d], n):
+        if same(shape[d], n):
             return d
-        if _same(shape[d], 1):
+        if same(shape[d], 1):
             return -1
-    dims = [i for i, s in enumerate(shape) if _same(s, n)]
+    dims = [i for i, s in enumerate(shape) if same(s, n)]
     if len(dims) > 1:
         raise Unsupported(f"side input {node.name} {tuple(shape)} has several dims of the token "
                           f"count {n}; its token dim is ambiguous")
@@ -179,14 +155,15 @@ def _side_tdim(node: fx.Node, n, traced: dict) -> int:
 
 
 def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> RecomputeSlice:
-    k_new, v_new = cache_node.args[1], cache_node.args[2]
+    update = args_of(cache_node)
+    k_new, v_new = update.k, update.v
     if not (is_tensor_node(k_new) and is_tensor_node(v_new)):
         raise Unsupported("K/V passed to the cache are not graph tensors")
     kv = example_value(k_new)
     b, n = kv.shape[0], kv.shape[2]
     x = _find_x(nxg, v_new, params)
     xv = example_value(x)
-    if xv is None or xv.dim() != 3 or not _same(xv.shape[0], b) or not _same(xv.shape[1], n):
+    if xv is None or xv.dim() != 3 or not same(xv.shape[0], b) or not same(xv.shape[1], n):
         raise Unsupported(f"projection input {x.name} is not (batch, tokens, hidden) "
                           f"(got {None if xv is None else tuple(xv.shape)})")
     # The slice is below X and above K or V. Every path from X to K/V lies between them in graph
@@ -236,10 +213,9 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
     sl = RecomputeSlice(x, [x, *sides], tdims, consts, nodes, single)
     if single:
         _batch(sl, _build_module(sl, k_new, v_new))
-    elif isinstance(cache_node.args[4], int) and cache_node.args[4] == 0:
+    elif isinstance(update.pos, int) and update.pos == 0:
         sl.past_note = "multi-token graph on an empty past: stores X, nothing to recompute"
     else:   # chunked prefill, speculative verification, a chat's next turn: recompute the past
-        from .one_token import check_batched, one_token_slice
         try:
             _batch(sl, one_token_slice(sl, n, traced, k_new, v_new))
             check_batched(sl.module, sl, kv)
@@ -253,8 +229,6 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
 
 def _batch(sl: RecomputeSlice, per_token: fx.GraphModule) -> None:
     """The one-token slice, narrowed to the K/V columns where fused, with a leading axis of l."""
-    from .batch_tokens import batch_over_tokens
-    from .prune_projection import prune_fused_projection
     sl.narrowed = prune_fused_projection(per_token)
     sl.module = batch_over_tokens(per_token, len(sl.token_inputs))
 

@@ -29,11 +29,13 @@ import operator
 import torch
 from torch import fx
 
-from ..runtime.ops import record_specs
-from ..runtime.recompute import empty_past, ratio_fraction, split_len
+from ..ops.errors import Unsupported
+from ..ops.nodes import args_of
+from ..ops.specs import record_specs
+from ..ops.split import empty_past, ratio_fraction, split_len
 from .graph_utils import example_value, size_arg
 from .one_token import record_shape
-from .recompute_slice import RecomputeSlice, Unsupported
+from .slices import RecomputeSlice
 
 ops = torch.ops.kvpr
 
@@ -65,7 +67,7 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
     """Rewrite in place; returns the ratio that applies in this graph (0 where nothing is
     recomputed). ``links``: side inputs an earlier layer stores for this one
     (passes/shared_inputs.py): not stored here, loaded from the owner's record."""
-    handle, k_new, v_new, layer, past = cache_node.args
+    handle, k_new, v_new, layer, past = args_of(cache_node)
     kv = example_value(k_new)
     frac = ratio_fraction(ratio)
     recompute = sl.module is not None and frac > 0

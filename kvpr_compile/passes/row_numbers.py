@@ -28,7 +28,7 @@ import torch
 from torch import fx
 
 from .graph_utils import example_value
-from .recompute_slice import Unsupported
+from ..ops.errors import Unsupported
 
 _KEEP_VALUES = ("unsqueeze", "to", "contiguous", "clone")
 

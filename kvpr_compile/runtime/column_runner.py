@@ -1,6 +1,7 @@
 """Run a lowered kvpr graph in the throughput schedule's column order.
 
-For each layer segment j (passes/column_order.py) and each micro-batch k: segment j on micro-batch
+For each layer segment j (column_order.py: the backend cuts the lowered graph and hands the cut
+over) and each micro-batch k: segment j on micro-batch
 k's rows, with one environment of values per micro-batch. Per call:
 
 1. the batch (a ``rows`` input's dim 0, or the ``batch`` input) is split into m micro-batches,
@@ -17,7 +18,7 @@ k's rows, with one environment of values per micro-batch. Per call:
 5. ``rows`` outputs are concatenated in batch order, ``shared`` ones come from micro-batch 0.
 
 Cache loads one micro-batch ahead: a segment's loads are a module of their own (``prefetch``,
-passes/column_order.py), and micro-batch k+1's loads of layer j are issued right before micro-batch
+column_order.py), and micro-batch k+1's loads of layer j are issued right before micro-batch
 k's body of layer j runs; before layer j's last micro-batch, layer j+1's micro-batch 0 loads are
 issued (when everything they read is there: with one micro-batch, that is the layer-ahead
 prefetch of the latency schedule). So (j, k+1)'s copies are queued behind (j, k)'s compute,
@@ -31,27 +32,22 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..passes.column_order import READY, RELEASE, segments
-from ..passes.recompute_slice import Unsupported
-from . import direct
+from ..ops.errors import Unsupported
+from .column_order import ColumnCut
 from .store import KVStore, lookup
 from .store_parts import split
 
 
 class ColumnRunner:
-    def __init__(self, lowered: fx.GraphModule, roles, micro_batches, check_budget=None):
-        """``roles``: passes.batch_rows.BatchRows; ``micro_batches``: int m, or a function of the
-        batch giving m (planned); ``check_budget(sizes, store)``: raises if the working set of
-        these micro-batches does not fit (or None)."""
-        self.segments, placeholders, self.out_node, self.cut_rule = segments(lowered)
-        self.placeholders = placeholders
-        self.roles = dict(zip(placeholders, roles.inputs))
-        handles = {n.args[0] for n in lowered.graph.nodes
-                   if n.op == "call_function" and n.target is direct.resolve}
-        handles |= {n.args[0] for n in lowered.graph.nodes if n.op == "call_function"
-                    and getattr(n.target, "namespace", None) == "kvpr"
-                    and n.target not in READY + RELEASE}
-        for h in handles:
+    def __init__(self, cut: ColumnCut, roles, micro_batches, check_budget=None):
+        """``cut``: column_order.cut of the lowered graph; ``roles``: passes.batch_rows.BatchRows
+        (its inputs' roles); ``micro_batches``: int m, or a function of the batch giving m
+        (planned); ``check_budget(sizes, store)``: raises if the working set of these
+        micro-batches does not fit (or None)."""
+        self.segments, self.out_node, self.cut_rule = cut.segments, cut.output, cut.rule
+        self.placeholders = cut.placeholders
+        self.roles = dict(zip(cut.placeholders, roles.inputs))
+        for h in cut.handles:
             if h not in self.roles:
                 raise Unsupported(f"the cache handle {h.name} is not an input of the graph")
             self.roles[h] = "cache"

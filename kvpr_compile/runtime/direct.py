@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.split import split_len
 from . import cuda_runtime
 from .checks import check_read, check_token_read, check_write
-from .recompute import split_len
 from .store import KVStore, lookup
 
 

@@ -24,32 +24,27 @@ import operator
 import torch
 from torch import fx
 
+from ..ops.nodes import (ASSEMBLE, CACHE_UPDATE, LOAD_KV, LOAD_TOKENS, PREFETCH_NEXT, WAIT,
+                         LOAD_ROLES, args_of, role_of)
+from ..ops.nodes import STORE_TOKENS as STORE
+from ..ops.specs import split_specs
 from . import cuda_runtime, direct
-from .ops import _split_specs
 
-kvpr = torch.ops.kvpr
-LOAD_TOKENS, LOAD_KV, WAIT = kvpr.load_tokens.default, kvpr.load_kv.default, kvpr.wait.default
-STORE, ASSEMBLE, CACHE_UPDATE = kvpr.store_tokens.default, kvpr.assemble.default, kvpr.cache_update.default
-PREFETCH_NEXT = kvpr.prefetch_next.default
 KVPR_OPS = {LOAD_TOKENS, LOAD_KV, WAIT, STORE, ASSEMBLE, CACHE_UPDATE, PREFETCH_NEXT}
 
 
 def _device_of(node: fx.Node):
     """The compute device of a kvpr node: its device argument, or that of what it reads."""
-    if node.target is LOAD_TOKENS:
-        return node.args[6]
-    if node.target is LOAD_KV:
-        return node.args[8]
-    if node.target is PREFETCH_NEXT:
-        return node.args[13]
+    a = args_of(node)
+    if node.target in (LOAD_TOKENS, LOAD_KV, PREFETCH_NEXT):
+        return a.device
     if node.target is WAIT:
-        t = node.args[0][0]
+        t = a.tensors[0]
         src = t.args[0] if t.op == "call_function" and t.target is operator.getitem else t
         if isinstance(src, fx.Node) and src.target in (LOAD_TOKENS, LOAD_KV):
             return _device_of(src)
         return t.meta["example_value"].device
-    k = node.args[3] if node.target is STORE else node.args[1] if node.target is CACHE_UPDATE \
-        else node.args[6]
+    k = a.k if node.target in (STORE, CACHE_UPDATE) else a.k_new
     return k.meta["example_value"].device
 
 
@@ -74,110 +69,148 @@ def _copy(gm: fx.GraphModule) -> fx.Graph:
     return graph
 
 
+def _op_nodes(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in KVPR_OPS]
+
+
 def lower(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` whose kvpr steps call direct.py (see the module docstring)."""
     graph = _copy(gm)
-    nodes = [n for n in graph.nodes if n.op == "call_function" and n.target in KVPR_OPS]
-    if not nodes:
+    if not _op_nodes(graph):
         return gm
-    first_op = next(n for n in graph.nodes if n.op != "placeholder")
-    stores: dict[fx.Node, fx.Node] = {}
-
-    def store_of(handle: fx.Node) -> fx.Node:
-        if handle not in stores:
-            with graph.inserting_before(first_op):
-                stores[handle] = graph.call_function(direct.resolve, (handle,))
-        return stores[handle]
-
-    def replace(node: fx.Node, target, args) -> fx.Node:
-        with graph.inserting_before(node):
-            new = graph.call_function(target, tuple(args))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        return new
-
-    # a layer's store and assemble: one call at the assemble, where only loads sit between them
-    fused: set[fx.Node] = set()
-    pending_store: dict[tuple, fx.Node] = {}   # (handle, layer) -> store_tokens not yet paired
-    for node in nodes:
-        if node.target is STORE:
-            pending_store[(node.args[0], node.args[1])] = node
-        elif node.target is ASSEMBLE:
-            handle, layer, *tensors = node.args
-            store_node = pending_store.pop((handle, layer), None)
-            if store_node is None or not (store_node.args[3] is tensors[4] and store_node.args[4] is tensors[5]) \
-                    or not _only_loads_between(store_node, node):
-                continue   # lowered one by one below
-            _, _, pos, _, _, inputs, tdims, *shared = store_node.args
-            args = (store_of(handle), layer, pos, inputs, tdims, *tensors, _links(shared))
-            if not _on_stream(node):
-                target = direct.cpu_store_assemble
-            else:
-                target = direct.stream_store_assemble
-                args += _staged(tensors[4], tensors[5], inputs)
-            fused.add(replace(node, target, args))
-            graph.erase_node(store_node)
-    nodes = [n for n in graph.nodes if n.op == "call_function" and n.target in KVPR_OPS]   # left
-    on_stream = {n: _on_stream(n) for n in nodes}   # decided before any load is replaced
-    folded = {n for n in nodes if n.target is WAIT and _folds_into(n.args[0], fused)}
-    for node in nodes:
-        if node.target is LOAD_TOKENS:
-            handle, layer, end, shapes, ranks, codes, device, *owned = node.args
-            specs = (_split_specs(shapes, ranks, codes) if all(isinstance(s, int) for s in shapes)
-                     else None)
-            if specs is None:
-                with graph.inserting_before(node):
-                    specs = graph.call_function(_split_specs, (shapes, ranks, codes))
-            if on_stream[node]:
-                replace(node, direct.stream_load_tokens,
-                        (store_of(handle), layer, end, specs, device, bool(owned and owned[0])))
-            else:
-                replace(node, direct.cpu_load_tokens, (store_of(handle), layer, end, specs, device))
-        elif node.target is LOAD_KV:
-            handle, layer, start, end, b, h, d, dtype, device, *owned = node.args
-            if on_stream[node]:
-                replace(node, direct.stream_load_kv, (store_of(handle), layer, start, end, b, h, d,
-                                                      dtype, device, bool(owned and owned[0])))
-            else:
-                replace(node, direct.cpu_load_kv, (store_of(handle), layer, start, end, b, h, d,
-                                                   dtype, device))
-        elif node.target is WAIT:
-            tensors = node.args[0]
-            if not on_stream[node] or node in folded:
-                graph.erase_node(node)
-            else:
-                replace(node, direct.stream_wait, (tensors,))
-        elif node.target is STORE:
-            handle, layer, pos, k_new, v_new, inputs, tdims, *shared = node.args
-            args = (store_of(handle), layer, pos, k_new, v_new, inputs, tdims, _links(shared))
-            if on_stream[node]:
-                replace(node, direct.stream_store, args + _staged(k_new, v_new, inputs))
-            else:
-                replace(node, direct.cpu_store, args)
-        elif node.target is ASSEMBLE:
-            handle, layer, *tensors = node.args
-            target = direct.stream_assemble if on_stream[node] else direct.cpu_assemble
-            replace(node, target, (store_of(handle), layer, *tensors))
-        elif node.target is PREFETCH_NEXT:
-            if not on_stream[node]:   # CPU loads are views: nothing to prefetch
-                graph.erase_node(node)
-                continue
-            handle, layer, past, new, num, den, shapes, ranks, codes, *rest = node.args
-            specs = (_split_specs(shapes, ranks, codes) if all(isinstance(s, int) for s in shapes)
-                     else None)
-            if specs is None:
-                with graph.inserting_before(node):
-                    specs = graph.call_function(_split_specs, (shapes, ranks, codes))
-            replace(node, direct.stream_prefetch_next,
-                    (store_of(handle), layer, past, new, num, den, specs, *rest))
-        elif node.target is CACHE_UPDATE:
-            handle, k, v, layer, pos = node.args
-            target = direct.stream_cache_update if on_stream[node] else direct.cpu_cache_update
-            replace(node, target, (store_of(handle), k, v, layer, pos))
+    steps = _Steps(graph)
+    fused = steps.fuse_stores(_op_nodes(graph))
+    left = _op_nodes(graph)
+    on_stream = {n: _on_stream(n) for n in left}   # decided before any load is replaced
+    folded = {n for n in left if n.target is WAIT and _folds_into(args_of(n).tensors, fused)}
+    for node in left:
+        _LOWER[node.target](steps, node, on_stream[node], node in folded)
     _drop_identity_casts(graph)
     graph.lint()
     return fx.GraphModule(gm, graph)
+
+
+def _tensors(asm) -> tuple:
+    """An assemble's K,V operands: recomputed, loaded, new."""
+    return asm.k_rec, asm.v_rec, asm.k_load, asm.v_load, asm.k_new, asm.v_new
+
+
+class _Steps:
+    """The graph being lowered: one ``resolve`` per cache handle, and the node replacements."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.first_op = next(n for n in graph.nodes if n.op != "placeholder")
+        self.stores: dict[fx.Node, fx.Node] = {}
+
+    def store_of(self, handle: fx.Node) -> fx.Node:
+        if handle not in self.stores:
+            with self.graph.inserting_before(self.first_op):
+                self.stores[handle] = self.graph.call_function(direct.resolve, (handle,))
+        return self.stores[handle]
+
+    def replace(self, node: fx.Node, target, args) -> fx.Node:
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(target, tuple(args))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        return new
+
+    def specs(self, node: fx.Node, shapes, ranks, codes):
+        """The decoded record specs: now when their sizes are plain ints, else a graph call."""
+        if all(isinstance(s, int) for s in shapes):
+            return split_specs(shapes, ranks, codes)
+        with self.graph.inserting_before(node):
+            return self.graph.call_function(split_specs, (shapes, ranks, codes))
+
+    def fuse_stores(self, nodes: list[fx.Node]) -> set[fx.Node]:
+        """A layer's store and assemble as one call at the assemble, where only loads sit
+        between them; returns the fused calls."""
+        fused: set[fx.Node] = set()
+        pending: dict[tuple, fx.Node] = {}   # (handle, layer) -> store_tokens not yet paired
+        for node in nodes:
+            if node.target is STORE:
+                st = args_of(node)
+                pending[(st.handle, st.layer)] = node
+            elif node.target is ASSEMBLE:
+                asm = args_of(node)
+                store_node = pending.pop((asm.handle, asm.layer), None)
+                if store_node is None:
+                    continue
+                st = args_of(store_node)
+                if not (st.k is asm.k_new and st.v is asm.v_new) \
+                        or not _only_loads_between(store_node, node):
+                    continue   # lowered one by one
+                args = (self.store_of(asm.handle), asm.layer, st.pos, st.inputs, st.tdims,
+                        *_tensors(asm), direct.links_of(st.shared))
+                if not _on_stream(node):
+                    target = direct.cpu_store_assemble
+                else:
+                    target = direct.stream_store_assemble
+                    args += _staged(asm.k_new, asm.v_new, st.inputs)
+                fused.add(self.replace(node, target, args))
+                self.graph.erase_node(store_node)
+        return fused
+
+    def load_tokens(self, node, on_stream: bool, folded: bool) -> None:
+        a = args_of(node)
+        specs = self.specs(node, a.shapes, a.ranks, a.dtypes)
+        store = self.store_of(a.handle)
+        if on_stream:
+            self.replace(node, direct.stream_load_tokens,
+                         (store, a.layer, a.end, specs, a.device, bool(a.owned)))
+        else:
+            self.replace(node, direct.cpu_load_tokens, (store, a.layer, a.end, specs, a.device))
+
+    def load_kv(self, node, on_stream: bool, folded: bool) -> None:
+        a = args_of(node)
+        args = (self.store_of(a.handle), a.layer, a.start, a.end, a.batch, a.heads, a.head_dim,
+                a.dtype, a.device)
+        if on_stream:
+            self.replace(node, direct.stream_load_kv, args + (bool(a.owned),))
+        else:
+            self.replace(node, direct.cpu_load_kv, args)
+
+    def wait(self, node, on_stream: bool, folded: bool) -> None:
+        if not on_stream or folded:   # CPU loads are synchronous; a folded wait is in its call
+            self.graph.erase_node(node)
+        else:
+            self.replace(node, direct.stream_wait, (args_of(node).tensors,))
+
+    def store_tokens(self, node, on_stream: bool, folded: bool) -> None:
+        a = args_of(node)
+        args = (self.store_of(a.handle), a.layer, a.pos, a.k, a.v, a.inputs, a.tdims,
+                direct.links_of(a.shared))
+        if on_stream:
+            self.replace(node, direct.stream_store, args + _staged(a.k, a.v, a.inputs))
+        else:
+            self.replace(node, direct.cpu_store, args)
+
+    def assemble(self, node, on_stream: bool, folded: bool) -> None:
+        a = args_of(node)
+        target = direct.stream_assemble if on_stream else direct.cpu_assemble
+        self.replace(node, target, (self.store_of(a.handle), a.layer, *_tensors(a)))
+
+    def prefetch_next(self, node, on_stream: bool, folded: bool) -> None:
+        if not on_stream:   # CPU loads are views: nothing to prefetch
+            self.graph.erase_node(node)
+            return
+        a = args_of(node)
+        specs = self.specs(node, a.shapes, a.ranks, a.dtypes)
+        self.replace(node, direct.stream_prefetch_next,
+                     (self.store_of(a.handle), a.layer, a.past, a.new, a.num, a.den, specs,
+                      a.batch, a.heads, a.head_dim, a.dtype, a.device))
+
+    def cache_update(self, node, on_stream: bool, folded: bool) -> None:
+        a = args_of(node)
+        target = direct.stream_cache_update if on_stream else direct.cpu_cache_update
+        self.replace(node, target, (self.store_of(a.handle), a.k, a.v, a.layer, a.pos))
+
+
+_LOWER = {LOAD_TOKENS: _Steps.load_tokens, LOAD_KV: _Steps.load_kv, WAIT: _Steps.wait,
+          STORE: _Steps.store_tokens, ASSEMBLE: _Steps.assemble,
+          PREFETCH_NEXT: _Steps.prefetch_next, CACHE_UPDATE: _Steps.cache_update}
 
 
 def _drop_identity_casts(graph: fx.Graph) -> None:
@@ -192,17 +225,11 @@ def _drop_identity_casts(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def _links(shared: list) -> tuple:
-    """The store_tokens node's optional ``shared`` argument as the store's ``links``."""
-    return direct.links_of(shared[0] if shared else None)
-
-
 def _only_loads_between(first: fx.Node, last: fx.Node) -> bool:
     """Whether every node strictly between ``first`` and ``last`` is a (hoisted) load."""
     node = first.next
     while node is not last:
-        role = (node.meta.get("custom") or {}).get("kvpr_role")
-        if role not in ("split", "load_tokens", "load_kv"):
+        if role_of(node) not in LOAD_ROLES:
             return False
         node = node.next
     return True

@@ -27,6 +27,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ..ops import library
 from . import cuda_runtime
 
 _REGISTRY: "weakref.WeakValueDictionary[int, WeightStream]" = weakref.WeakValueDictionary()
@@ -157,14 +158,18 @@ def lookup(handle: Tensor) -> WeightStream:
     return stream
 
 
-@torch.library.custom_op("kvpr::weights_ready", mutates_args=("handle",))
 def weights_ready(handle: Tensor, layer: int) -> None:
+    """The body of ``kvpr::weights_ready`` (defined in ops/library.py)."""
     lookup(handle).ready(layer)
 
 
-@torch.library.custom_op("kvpr::weights_release", mutates_args=("handle",))
 def weights_release(handle: Tensor, layer: int) -> None:
+    """The body of ``kvpr::weights_release``."""
     lookup(handle).release(layer)
+
+
+torch.library.register_kernel(library.weights_ready, None, weights_ready)
+torch.library.register_kernel(library.weights_release, None, weights_release)
 
 
 def stream_weights(model: nn.Module, layers=None, device=None, num_slots: int = 2) -> WeightStream:

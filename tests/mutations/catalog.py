@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-OPS = "kvpr_compile/runtime/ops.py"
+OPS = "kvpr_compile/runtime/kernels.py"
 RT = "kvpr_compile/runtime/cuda_runtime.py"
 STORE = "kvpr_compile/runtime/store.py"
 REWRITE = "kvpr_compile/passes/rewrite.py"
 PREFETCH = "kvpr_compile/passes/prefetch.py"
-SPLIT = "kvpr_compile/runtime/recompute.py"
+SPLIT = "kvpr_compile/ops/split.py"
 TOKEN_DIMS = "kvpr_compile/passes/token_dims.py"
 SLICE = "kvpr_compile/passes/recompute_slice.py"
 ONE_TOKEN = "kvpr_compile/passes/one_token.py"
@@ -22,7 +22,7 @@ DIRECT = "kvpr_compile/runtime/direct.py"
 WEIGHTS = "kvpr_compile/runtime/weight_stream.py"
 THROUGHPUT = "kvpr_compile/plan/throughput_graph.py"
 COLUMNS = "kvpr_compile/runtime/column_runner.py"
-SEGMENTS = "kvpr_compile/passes/column_order.py"
+SEGMENTS = "kvpr_compile/runtime/column_order.py"
 PARTS = "kvpr_compile/runtime/store_parts.py"
 ROWS = "kvpr_compile/passes/batch_rows.py"
 ROW_NUMBERS = "kvpr_compile/passes/row_numbers.py"
@@ -124,7 +124,7 @@ BREAKAGES = (
              "side inputs stored with the wrong token dim (RoPE tables as long as head_dim)"),
     # ---- multi-token graphs on a non-empty past (one_token.py) ----------------------------
     Breakage("multi-token-loads-whole-past", SLICE,
-             "elif isinstance(cache_node.args[4], int) and cache_node.args[4] == 0:",
+             "elif isinstance(update.pos, int) and update.pos == 0:",
              "elif True:",
              (CHUNK_POISON,),
              "chunks on a past store X but load the whole past (the behaviour before)"),

@@ -1,5 +1,9 @@
 """Cut a lowered kvpr graph into layer segments for the throughput schedule's column order.
 
+The backend makes the cut (``cut(lower(gm))``) and hands it to the runner (column_runner.py),
+which only runs segments. It lives with the runtime because it reads the lowered graph's
+vocabulary (direct.py's calls, ``resolve``), which only the runtime defines.
+
 The step runs segment j for every micro-batch before segment j + 1, so the layer weights a
 segment uses serve all micro-batches while they are on the device. Cuts (in graph order):
 
@@ -17,9 +21,9 @@ what later segments or the graph's output read), built once and called for every
 compile time grows with the layers, not with layers x micro-batches.
 
 A segment's cache loads are a GraphModule of their own, ``prefetch``: the ``load_tokens`` /
-``load_kv`` calls (``kvpr_role`` in prefetch.LOAD_ROLES, their getitems) with what they need
+``load_kv`` calls (``kvpr_role`` in ops.nodes.LOAD_ROLES, their getitems) with what they need
 from the segment itself, where that is only ``resolve``, ``split_len`` or the record specs
-(``_split_specs``): loads read the handle, positions and static specs, never the micro-batch's
+(``split_specs``): loads read the handle, positions and static specs, never the micro-batch's
 activations. The runner issues micro-batch k+1's prefetch before micro-batch k's body
 (column_runner.py); the body takes the loaded views as inputs. Load groups that read anything
 else stay in the body. The backend leaves the loads at their own layer for this schedule (no
@@ -33,18 +37,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from ..runtime import direct
-from ..runtime import weight_stream  # noqa: F401  (registers the kvpr::weights_* ops)
-from ..runtime.ops import _split_specs
-from ..runtime.recompute import split_len
-from .prefetch import LOAD_ROLES
-from .recompute_slice import Unsupported
+from ..ops.errors import Unsupported
+from ..ops.nodes import (ASSEMBLE, CACHE_UPDATE, LOAD_ROLES, WEIGHTS_READY, WEIGHTS_RELEASE,
+                         args_of, is_kvpr, role_of)
+from ..ops.specs import split_specs
+from ..ops.split import split_len
+from . import direct
 
-READY = (torch.ops.kvpr.weights_ready.default, torch.ops.kvpr.weights_ready)
-RELEASE = (torch.ops.kvpr.weights_release.default, torch.ops.kvpr.weights_release)
+READY = (WEIGHTS_READY, torch.ops.kvpr.weights_ready)
+RELEASE = (WEIGHTS_RELEASE, torch.ops.kvpr.weights_release)
 _ASSEMBLES = {direct.cpu_store_assemble, direct.stream_store_assemble, direct.cpu_assemble,
               direct.stream_assemble, direct.cpu_cache_update, direct.stream_cache_update,
-              torch.ops.kvpr.assemble.default, torch.ops.kvpr.cache_update.default}
+              ASSEMBLE, CACHE_UPDATE}
 
 
 @dataclass
@@ -75,22 +79,21 @@ def _cuts(body: list[fx.Node]) -> tuple[set[fx.Node], str]:
     return cuts, "assemble"
 
 
-_LOAD_HELPERS = {direct.resolve, split_len, _split_specs}
+_LOAD_HELPERS = {direct.resolve, split_len, split_specs}
 
 
 def _loads(kept: list[fx.Node], seg_of: dict, s: int) -> set[fx.Node]:
     """The nodes of segment ``s`` (``kept``, in order) that its prefetch runs: load nodes and
     the helpers they read, each reading only earlier segments, inputs or other such nodes."""
-    role = lambda n: (n.meta.get("custom") or {}).get("kvpr_role")  # noqa: E731
     wanted = {n for n in kept if n.op == "call_function"
-              and (role(n) in LOAD_ROLES or n.target in _LOAD_HELPERS)}
+              and (role_of(n) in LOAD_ROLES or n.target in _LOAD_HELPERS)}
     while True:   # drop nodes reading something of this segment outside the set
         out = {n for n in wanted
                if all(seg_of[src] != s or src in wanted for src in n.all_input_nodes)}
         if out == wanted:
             break
         wanted = out
-    loads = {n for n in wanted if role(n) in ("load_tokens", "load_kv")
+    loads = {n for n in wanted if role_of(n) in ("load_tokens", "load_kv")
              and n.target is not operator.getitem}
     keep = set()
     for n in reversed(kept):   # the loads and the helpers they read (helpers alone stay put)
@@ -98,6 +101,25 @@ def _loads(kept: list[fx.Node], seg_of: dict, s: int) -> set[fx.Node]:
             keep.add(n)
     keep |= {n for n in wanted if n.target is operator.getitem and n.args[0] in keep}
     return keep
+
+
+@dataclass
+class ColumnCut:
+    """What the column runner runs: the segments of a lowered graph, in order."""
+    segments: list[Segment]
+    placeholders: list[fx.Node]   # the lowered graph's inputs, in order
+    output: fx.Node               # its output node
+    rule: str                     # what the cuts follow: "weights_ready" or "assemble"
+    handles: set[fx.Node]         # the cache handles its steps read (graph inputs, if runnable)
+
+
+def cut(lowered: fx.GraphModule) -> ColumnCut:
+    """The column cut of ``lowered`` (raises Unsupported where the column order cannot run it)."""
+    segs, placeholders, out_node, rule = segments(lowered)
+    nodes = [n for n in lowered.graph.nodes if n.op == "call_function"]
+    handles = {n.args[0] for n in nodes if n.target is direct.resolve}
+    handles |= {args_of(n).handle for n in nodes if is_kvpr(n) and n.target not in READY + RELEASE}
+    return ColumnCut(segs, placeholders, out_node, rule, handles)
 
 
 def segments(gm: fx.GraphModule) -> tuple[list[Segment], list[fx.Node], fx.Node, str]:

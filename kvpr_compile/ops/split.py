@@ -1,5 +1,6 @@
-"""The split rule (how many past tokens a ratio recomputes) and small helpers called from
-rewritten graphs. The benchmarks' physical limit uses the same rule."""
+"""The split rule (how many past tokens a ratio recomputes) and the empty prefix rewritten graphs
+call where nothing is recomputed. The rewrite, the loads, the runtime's cross-call prefetch and
+the benchmarks' physical limit all use this one rule."""
 from __future__ import annotations
 
 from fractions import Fraction

@@ -1,7 +1,7 @@
 """Piecewise inner compiler: inductor between the kvpr steps, the steps themselves in program order.
 
 ``compile_piecewise(lowered)`` takes the rewritten graph with its kvpr steps lowered to direct
-calls (runtime/lower.py) and splits it (``torch.fx.passes.split_module``) into runs of kvpr nodes
+calls (lower.py) and splits it (``torch.fx.passes.split_module``) into runs of kvpr nodes
 (the direct calls, the items of their results, the split rule) and runs of everything else. The
 outer graph calls the runs in the original order, so a layer's loads are still issued before the
 previous layer's attention and its waits stay right before first use: copy/compute overlap is
@@ -24,12 +24,12 @@ import torch
 from torch import fx
 from torch.fx.passes.split_module import split_module
 
-from ..runtime import direct
-from ..runtime.ops import _split_specs
-from ..runtime.recompute import split_len
+from ..ops.specs import split_specs
+from ..ops.split import split_len
+from . import direct
 
 STEP_FUNCTIONS = {getattr(direct, name) for name in dir(direct)
-                  if callable(getattr(direct, name)) and not name.startswith("_")} | {split_len, _split_specs}
+                  if callable(getattr(direct, name)) and not name.startswith("_")} | {split_len, split_specs}
 
 
 def is_step(node: fx.Node) -> bool:
