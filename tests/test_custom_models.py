@@ -10,6 +10,7 @@ import torch
 
 import kvpr_compile
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
+from kvpr_compile.ops.nodes import args_of
 from custom_models import ComplexRopeModel, FusedQKVModel, make_cache
 from conftest import decode_steps, max_rel_err, worst_rel_err
 
@@ -190,10 +191,11 @@ def test_batch_size_change_reuses_a_dynamic_graph_and_keeps_layer_ahead_loads():
     graph = kvpr_compile.last_report().graph_module.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     kvpr = torch.ops.kvpr
-    load1 = [n for n in graph.nodes if n.target == kvpr.load_kv.default and n.args[1] == 1]
-    asm0 = [n for n in graph.nodes if n.target == kvpr.assemble.default and n.args[1] == 0]
+    load1 = [n for n in graph.nodes if n.target == kvpr.load_kv.default and args_of(n).layer == 1]
+    asm0 = [n for n in graph.nodes if n.target == kvpr.assemble.default and args_of(n).layer == 0]
     assert load1 and asm0 and order[load1[0]] < order[asm0[0]]
-    assert any(isinstance(a, torch.fx.Node) for a in load1[0].args[4:7])   # symbolic batch
+    load = args_of(load1[0])
+    assert any(isinstance(a, torch.fx.Node) for a in (load.batch, load.heads, load.head_dim))
 
 
 def test_fused_qkv_recomputes_only_the_kv_columns():

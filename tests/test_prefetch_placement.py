@@ -11,6 +11,7 @@ from torch import fx
 from conftest import worst_rel_err
 from kvpr_compile.backend import kvpr_backend
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama, greedy_generate
+from kvpr_compile.ops.nodes import args_of
 from kvpr_compile.passes.prefetch import hoist_loads
 
 kvpr = torch.ops.kvpr
@@ -65,7 +66,7 @@ def check_placement(graph, distance=1):
         assert pos[loads[later]] < pos[assembles[earlier]], (earlier, later)
     for layer in layers:
         wait = waits[layer]
-        loaded = wait.args[0]
+        loaded = args_of(wait).tensors
         assert all(n.op == "call_function" and n.target is operator.getitem for n in loaded)
         assert all(pos[n] < pos[wait] for n in loaded)     # the wait follows its loads ...
         first_use = min(pos[u] for n in loaded for u in n.users if u is not wait)

@@ -17,6 +17,7 @@ import torch
 
 from conftest import worst_rel_err
 from kvpr_compile.backend import kvpr_backend
+from kvpr_compile.ops.nodes import args_of
 from kvpr_compile.runtime import cuda_runtime
 from kvpr_compile.runtime.lower import STORE, lower
 from kvpr_compile.runtime.store import KVStore
@@ -142,7 +143,8 @@ def scribbling_backend(lowered: bool):
         graph = gm.graph
         order = {n: i for i, n in enumerate(graph.nodes)}
         for store in [n for n in graph.nodes if n.target is STORE]:
-            _, _, _, k_new, v_new, inputs, *_ = store.args
+            st = args_of(store)
+            k_new, v_new, inputs = st.k, st.v, st.inputs
             for src in (k_new, v_new, *inputs[:1]):
                 last = max(src.users, key=order.__getitem__)
                 with graph.inserting_after(last):

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..ops.errors import Unsupported
 from ..ops.nodes import args_of
 from . import batch_values, row_numbers
 from .graph_utils import example_value, is_cache_update
-from ..ops.errors import Unsupported
 
 # ops that act along one axis: name -> (position of the dim argument, its default; "all": the
 # op acts on every axis). Along the batch axis they mix rows.

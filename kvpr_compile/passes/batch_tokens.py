@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..ops.errors import Unsupported
 from .graph_utils import (ADDMM, BINARY_FUNCTIONS, BINARY_METHODS, COMPLEX_VIEWS, LINEAR, MATMUL,
                           TRAILING_NORMS, UNARY_FUNCTIONS, UNARY_METHODS, einsum_operands,
                           example_value, is_einsum)
-from ..ops.errors import Unsupported
 
 _TRAILING_FUNCTIONS = TRAILING_NORMS  # act on trailing dims only
 _DIM_REDUCTIONS = {"sum", "mean", "amax", "amin", "var", "norm", "softmax", "cumsum"}
@@ -104,112 +104,115 @@ class _Batcher:
             nd.op == "call_function" and nd.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size))
 
     def _rule(self, nd: fx.Node):
-        t, args, kwargs = nd.target, list(nd.args), dict(nd.kwargs)
+        """The batched node(s) for ``nd``: the rule for its target (``_RULES``), or Unsupported."""
+        rule = _RULES.get((nd.op == "call_method", nd.target))
+        if rule is None and is_einsum(nd):
+            rule = _Batcher._einsum
+        if rule is None:
+            t = nd.target
+            raise Unsupported(f"no token-batching rule for {nd.op} {getattr(t, '__name__', t)} ({nd.name})")
+        return rule(self, nd, list(nd.args), dict(nd.kwargs))
+
+    def _size(self, nd, args, kwargs):
+        m, x = self._m, args[0]
+        if nd.op == "call_method" and nd.target == "dim":
+            return _rank(x)
+        if len(args) > 1 or "dim" in kwargs:
+            d = args[1] if len(args) > 1 else kwargs["dim"]
+            return self._emit("call_method", "size", (m(x), _shift(d)))
+        full = self._emit("call_method", "size", (m(x),))
+        return self._emit("call_function", operator.getitem, (full, slice(1, None)))
+
+    def _pointwise(self, nd, args, kwargs):
+        """Unary ops, complex views and trailing-dim norms: the same call on the batched input."""
+        t, x = nd.target, args[0] if args else None
+        if t in _TRAILING_FUNCTIONS and any(self._is_b(a) for a in nd.all_input_nodes if a is not x):
+            raise Unsupported(f"{t} with a per-token weight")
+        return self._emit(nd.op, t, self._m(args), self._m(kwargs))
+
+    def _normalize(self, nd, args, kwargs):   # normalize(input, p=2, dim=1, eps=1e-12)
+        names = ("p", "dim", "eps")
+        kw = {**dict(zip(names, args[1:])), **kwargs}
+        if any(self._is_b(a) for a in kw.values()):
+            raise Unsupported("normalize with a per-token argument")
+        kw["dim"] = _shift(kw.get("dim", 1))
+        return self._emit(nd.op, nd.target, (self._m(args[0]),), self._m(kw))
+
+    def _binary(self, nd, args, kwargs):
+        rank = _rank(nd)
+        operands = [self._align(self._m(a), a, rank) for a in args]
+        return self._emit(nd.op, nd.target, operands, self._m(kwargs))
+
+    def _linear(self, nd, args, kwargs):
+        if any(self._is_b(a) for a in args[1:]) or any(self._is_b(a) for a in kwargs.values()):
+            raise Unsupported("projection weight depends on the token")
+        return self._emit(nd.op, nd.target, self._m(args), self._m(kwargs))
+
+    def _addmm(self, nd, args, kwargs):
         m = self._m
-        method = nd.op == "call_method"
-        x = args[0] if args else None
+        bias, m1, m2 = args[:3]
+        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or self._is_b(m2) or self._is_b(bias):
+            raise Unsupported("addmm with scaling or a per-token weight")
+        mm = self._emit("call_function", torch.matmul, (m(m1), m(m2)))
+        return self._emit("call_function", torch.add, (mm, m(bias)))
 
-        if self._is_size(nd):
-            if method and t == "dim":
-                return _rank(x)
-            if len(args) > 1 or "dim" in kwargs:
-                d = args[1] if len(args) > 1 else kwargs["dim"]
-                return self._emit("call_method", "size", (m(x), _shift(d)))
-            full = self._emit("call_method", "size", (m(x),))
-            return self._emit("call_function", operator.getitem, (full, slice(1, None)))
+    def _matmul(self, nd, args, kwargs):
+        if self._is_b(args[1]):
+            raise Unsupported("matmul of two per-token operands")
+        return self._emit("call_function", torch.matmul, (self._m(args[0]), self._m(args[1])))
 
-        if (method and t in UNARY_METHODS) or (not method and t in UNARY_FUNCTIONS | COMPLEX_VIEWS | _TRAILING_FUNCTIONS):
-            if t in _TRAILING_FUNCTIONS and any(self._is_b(a) for a in nd.all_input_nodes if a is not x):
-                raise Unsupported(f"{t} with a per-token weight")
-            return self._emit(nd.op, t, m(args), m(kwargs))
+    def _reshape(self, nd, args, kwargs):
+        shape = args[1:] if nd.op == "call_method" else [args[1]]
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+            shape = list(shape[0])
+        elif len(shape) == 1 and isinstance(shape[0], fx.Node) and not isinstance(
+                example_value(shape[0]), (int, torch.SymInt)):
+            # a whole size computed in the graph (GPT-2 under dynamic=True): not batched
+            raise Unsupported(f"{nd.name}: reshape to a size computed in the graph")
+        shape = _explicit(shape, nd)   # a -1 cannot be resolved when l = 0 (no elements)
+        return self._emit("call_method", "reshape", (self._m(args[0]), self.L, *self._m(list(shape))))
 
-        if not method and t is F.normalize:   # normalize(input, p=2, dim=1, eps=1e-12)
-            names = ("p", "dim", "eps")
-            kw = {**dict(zip(names, args[1:])), **kwargs}
-            if any(self._is_b(a) for a in kw.values()):
-                raise Unsupported("normalize with a per-token argument")
-            kw["dim"] = _shift(kw.get("dim", 1))
-            return self._emit(nd.op, t, (m(x),), m(kw))
+    def _transpose(self, nd, args, kwargs):
+        return self._emit("call_method", "transpose",
+                          (self._m(args[0]), _shift(args[1]), _shift(args[2])))
 
-        if (method and t in BINARY_METHODS) or (not method and t in BINARY_FUNCTIONS):
-            rank = _rank(nd)
-            operands = [self._align(m(a), a, rank) for a in args]
-            return self._emit(nd.op, t, operands, m(kwargs))
+    def _permute(self, nd, args, kwargs):
+        x = args[0]
+        dims = args[1:] if nd.op == "call_method" else args[1]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        r = _rank(x)
+        return self._emit("call_method", "permute", (self._m(x), 0, *[(d % r) + 1 for d in dims]))
 
-        if not method and t in LINEAR:
-            if any(self._is_b(a) for a in args[1:]) or any(self._is_b(a) for a in kwargs.values()):
-                raise Unsupported("projection weight depends on the token")
-            return self._emit(nd.op, t, m(args), m(kwargs))
+    def _along_dim(self, nd, args, kwargs):
+        name = nd.target if nd.op == "call_method" else nd.target.__name__
+        return self._dim_rule(nd, name, args, kwargs)
 
-        if not method and t in ADDMM:
-            bias, m1, m2 = args[:3]
-            if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or self._is_b(m2) or self._is_b(bias):
-                raise Unsupported("addmm with scaling or a per-token weight")
-            mm = self._emit("call_function", torch.matmul, (m(m1), m(m2)))
-            return self._emit("call_function", torch.add, (mm, m(bias)))
+    def _getitem(self, nd, args, kwargs):
+        m, x, idx = self._m, args[0], args[1]
+        if not isinstance(example_value(x), torch.Tensor):
+            return self._emit("call_function", operator.getitem, (m(x), idx))
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        lists = [i for i in idx if isinstance(i, list)]
+        if any(isinstance(i, (fx.Node, torch.Tensor)) for i in idx) or len(lists) > 1 or any(
+                not all(isinstance(j, int) for j in lst) for lst in lists):
+            # one constant list index keeps its dim in place; anything else may move dims
+            raise Unsupported("advanced indexing in the recompute slice")
+        return self._emit("call_function", operator.getitem, (m(x), (slice(None), *idx)))
 
-        if (not method and t in MATMUL) or (method and t in ("matmul", "mm")):
-            if self._is_b(args[1]):
-                raise Unsupported("matmul of two per-token operands")
-            return self._emit("call_function", torch.matmul, (m(args[0]), m(args[1])))
+    def _concat(self, nd, args, kwargs):
+        tensors = args[0]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        parts = []
+        for a in tensors:
+            if self._is_b(a):
+                parts.append(self._m(a))
+            else:
+                u = self._emit("call_method", "unsqueeze", (self._m(a), 0))
+                parts.append(self._emit("call_method", "expand", (u, self.L, *([-1] * _rank(a)))))
+        return self._emit("call_function", nd.target, (parts, _shift(dim)))
 
-        if (method and t in ("view", "reshape")) or (not method and t is torch.reshape):
-            shape = args[1:] if method else [args[1]]
-            if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
-                shape = list(shape[0])
-            elif len(shape) == 1 and isinstance(shape[0], fx.Node) and not isinstance(
-                    example_value(shape[0]), (int, torch.SymInt)):
-                # a whole size computed in the graph (GPT-2 under dynamic=True): not batched
-                raise Unsupported(f"{nd.name}: reshape to a size computed in the graph")
-            shape = _explicit(shape, nd)   # a -1 cannot be resolved when l = 0 (no elements)
-            return self._emit("call_method", "reshape", (m(x), self.L, *m(list(shape))))
-
-        if t in ("transpose",) or t is torch.transpose:
-            return self._emit("call_method", "transpose", (m(x), _shift(args[1]), _shift(args[2])))
-
-        if t == "permute" or t is torch.permute:
-            dims = args[1:] if method else args[1]
-            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-                dims = dims[0]
-            r = _rank(x)
-            return self._emit("call_method", "permute", (m(x), 0, *[(d % r) + 1 for d in dims]))
-
-        if t in ("unsqueeze", "squeeze", "flatten", "movedim", "split", "chunk", "tensor_split",
-                 "expand", "unbind", *_DIM_REDUCTIONS) or t in (
-                     torch.unsqueeze, torch.squeeze, torch.flatten, torch.split, torch.chunk,
-                     torch.unbind, torch.softmax, F.softmax, torch.sum, torch.mean):
-            return self._dim_rule(nd, t if method else t.__name__, args, kwargs)
-
-        if t is operator.getitem:
-            idx = args[1]
-            if not isinstance(example_value(x), torch.Tensor):
-                return self._emit("call_function", operator.getitem, (m(x), idx))
-            idx = idx if isinstance(idx, tuple) else (idx,)
-            lists = [i for i in idx if isinstance(i, list)]
-            if any(isinstance(i, (fx.Node, torch.Tensor)) for i in idx) or len(lists) > 1 or any(
-                    not all(isinstance(j, int) for j in lst) for lst in lists):
-                # one constant list index keeps its dim in place; anything else may move dims
-                raise Unsupported("advanced indexing in the recompute slice")
-            return self._emit("call_function", operator.getitem, (m(x), (slice(None), *idx)))
-
-        if is_einsum(nd):
-            return self._einsum(nd)
-
-        if t in (torch.cat, torch.stack, torch.concat):
-            tensors = args[0]
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            parts = []
-            for a in tensors:
-                if self._is_b(a):
-                    parts.append(m(a))
-                else:
-                    u = self._emit("call_method", "unsqueeze", (m(a), 0))
-                    parts.append(self._emit("call_method", "expand", (u, self.L, *([-1] * _rank(a)))))
-            return self._emit("call_function", t, (parts, _shift(dim)))
-
-        raise Unsupported(f"no token-batching rule for {nd.op} {getattr(t, '__name__', t)} ({nd.name})")
-
-    def _einsum(self, nd):
+    def _einsum(self, nd, args=None, kwargs=None):
         """One more subscript, a letter the equation does not use, leads every batched operand
         and the output: the same contraction for each token."""
         equation, operands = nd.args[0], einsum_operands(nd)
@@ -251,6 +254,43 @@ class _Batcher:
             raise Unsupported(f"{name} without an explicit dim would reach the token axis")
         dim = tuple(_shift(d) for d in dim) if isinstance(dim, (tuple, list)) else _shift(dim)
         return self._emit("call_method", name, (m(x), dim, *m(rest)), m(kw))
+
+
+def _rule_table() -> dict:
+    """(is a method call, target) -> rule; where sets overlap the first rule listed wins."""
+    b, rules = _Batcher, {}
+
+    def add(method: bool, targets, rule):
+        for target in targets:
+            rules.setdefault((method, target), rule)
+
+    add(True, ("size", "dim"), b._size)
+    add(False, (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size), b._size)
+    add(True, UNARY_METHODS, b._pointwise)
+    add(False, UNARY_FUNCTIONS | COMPLEX_VIEWS | _TRAILING_FUNCTIONS, b._pointwise)
+    add(False, (F.normalize,), b._normalize)
+    add(True, BINARY_METHODS, b._binary)
+    add(False, BINARY_FUNCTIONS, b._binary)
+    add(False, LINEAR, b._linear)
+    add(False, ADDMM, b._addmm)
+    add(False, MATMUL, b._matmul)
+    add(True, ("matmul", "mm"), b._matmul)
+    add(True, ("view", "reshape"), b._reshape)
+    add(False, (torch.reshape,), b._reshape)
+    add(True, ("transpose",), b._transpose)
+    add(False, (torch.transpose,), b._transpose)
+    add(True, ("permute",), b._permute)
+    add(False, (torch.permute,), b._permute)
+    add(True, ("unsqueeze", "squeeze", "flatten", "movedim", "split", "chunk", "tensor_split",
+               "expand", "unbind", *_DIM_REDUCTIONS), b._along_dim)
+    add(False, (torch.unsqueeze, torch.squeeze, torch.flatten, torch.split, torch.chunk,
+                torch.unbind, torch.softmax, F.softmax, torch.sum, torch.mean), b._along_dim)
+    add(False, (operator.getitem,), b._getitem)
+    add(False, (torch.cat, torch.stack, torch.concat), b._concat)
+    return rules   # einsum (any function named einsum with an equation) is matched apart
+
+
+_RULES = _rule_table()
 
 
 def batch_over_tokens(module: fx.GraphModule, num_token_inputs: int) -> fx.GraphModule:

@@ -27,8 +27,8 @@ import operator
 import torch
 from torch import fx
 
-from .graph_utils import example_value
 from ..ops.errors import Unsupported
+from .graph_utils import example_value
 
 _KEEP_VALUES = ("unsqueeze", "to", "contiguous", "clone")
 

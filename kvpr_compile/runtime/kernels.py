@@ -2,7 +2,8 @@
 
 On CUDA each op hands over to ``cuda_runtime`` (side streams, events, device slots); on CPU to
 ``direct``'s synchronous functions, the same ones the compiled step calls. Importing this module
-is what makes the ops runnable: ``cache.py`` and the backend import it before any graph runs.
+is what makes the ops runnable (the weight hooks' bodies come with weight_stream.py): ``cache.py``
+and the backend import it before any graph runs.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from ..ops import library
 from ..ops.specs import split_specs
 from . import cuda_runtime, direct
+from . import weight_stream  # noqa: F401  (registers the bodies of the kvpr::weights_* ops)
 from .checks import check_read, check_token_read, check_write
 from .store import lookup
 
