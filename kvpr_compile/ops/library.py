@@ -54,7 +54,8 @@ def set_slot_views(rule: Callable) -> None:
 
 
 @torch.library.custom_op("kvpr::cache_update", mutates_args=("handle",))
-def cache_update(handle: Tensor, k: Tensor, v: Tensor, layer: int, pos: int) -> tuple[Tensor, Tensor]:
+def cache_update(handle: Tensor, k: Tensor, v: Tensor, layer: int,
+                 pos: int) -> tuple[Tensor, Tensor]:
     _unimplemented("cache_update")
 
 
@@ -103,7 +104,8 @@ def wait(tensors: list[Tensor]) -> None:
 
 @torch.library.custom_op("kvpr::store_tokens", mutates_args=("handle",))
 def store_tokens(handle: Tensor, layer: int, pos: int, k: Tensor, v: Tensor,
-                 inputs: list[Tensor], tdims: list[int], shared: Optional[list[int]] = None) -> None:
+                 inputs: list[Tensor], tdims: list[int],
+                 shared: Optional[list[int]] = None) -> None:
     """``shared``: flat ``(index, owner, owner_index)`` triples, the side inputs this layer
     reads from an earlier layer's records (stored once per graph; see store.py ``links``)."""
     _unimplemented("store_tokens")
@@ -117,7 +119,8 @@ def prefetch_next(handle: Tensor, layer: int, past: int, new: int, num: int, den
 
 
 @prefetch_next.register_fake
-def _(handle, layer, past, new, num, den, shapes, ranks, dtypes, batch, heads, head_dim, dtype, device):
+def _(handle, layer, past, new, num, den, shapes, ranks, dtypes, batch, heads, head_dim, dtype,
+      device):
     return None
 
 

@@ -110,7 +110,8 @@ class _Batcher:
             rule = _Batcher._einsum
         if rule is None:
             t = nd.target
-            raise Unsupported(f"no token-batching rule for {nd.op} {getattr(t, '__name__', t)} ({nd.name})")
+            raise Unsupported(f"no token-batching rule for {nd.op} {getattr(t, '__name__', t)} "
+                              f"({nd.name})")
         return rule(self, nd, list(nd.args), dict(nd.kwargs))
 
     def _size(self, nd, args, kwargs):
@@ -126,7 +127,8 @@ class _Batcher:
     def _pointwise(self, nd, args, kwargs):
         """Unary ops, complex views and trailing-dim norms: the same call on the batched input."""
         t, x = nd.target, args[0] if args else None
-        if t in _TRAILING_FUNCTIONS and any(self._is_b(a) for a in nd.all_input_nodes if a is not x):
+        if t in _TRAILING_FUNCTIONS and any(self._is_b(a) for a in nd.all_input_nodes
+                                            if a is not x):
             raise Unsupported(f"{t} with a per-token weight")
         return self._emit(nd.op, t, self._m(args), self._m(kwargs))
 
@@ -151,7 +153,8 @@ class _Batcher:
     def _addmm(self, nd, args, kwargs):
         m = self._m
         bias, m1, m2 = args[:3]
-        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or self._is_b(m2) or self._is_b(bias):
+        if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or self._is_b(m2) \
+                or self._is_b(bias):
             raise Unsupported("addmm with scaling or a per-token weight")
         mm = self._emit("call_function", torch.matmul, (m(m1), m(m2)))
         return self._emit("call_function", torch.add, (mm, m(bias)))
@@ -170,7 +173,8 @@ class _Batcher:
             # a whole size computed in the graph (GPT-2 under dynamic=True): not batched
             raise Unsupported(f"{nd.name}: reshape to a size computed in the graph")
         shape = _explicit(shape, nd)   # a -1 cannot be resolved when l = 0 (no elements)
-        return self._emit("call_method", "reshape", (self._m(args[0]), self.L, *self._m(list(shape))))
+        return self._emit("call_method", "reshape",
+                          (self._m(args[0]), self.L, *self._m(list(shape))))
 
     def _transpose(self, nd, args, kwargs):
         return self._emit("call_method", "transpose",

@@ -74,7 +74,8 @@ def _attention_kv(node: fx.Node):
 
 def find_sites(graph: fx.Graph) -> SiteScan:
     scan = SiteScan()
-    scan.sites = [Site(node, int(args_of(node).layer)) for node in graph.nodes if is_cache_update(node)]
+    scan.sites = [Site(node, int(args_of(node).layer)) for node in graph.nodes
+                  if is_cache_update(node)]
     for node in graph.nodes:
         kv = _attention_kv(node) if node.op in ("call_function", "call_method") else None
         if kv is None:

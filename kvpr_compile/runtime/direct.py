@@ -1,7 +1,7 @@
 """Direct implementations of the kvpr steps: what the compiled decode step calls at run time.
 
-The ``kvpr::`` custom ops (ops.py) are what Dynamo, AOT and inductor see; calling one from Python
-goes through the dispatcher (schema checks, autograd and ADInplaceOrView keys, alias checks):
+The ``kvpr::`` custom ops (ops/library.py) are what Dynamo, AOT and inductor see; calling one from
+Python goes through the dispatcher (schema checks, autograd and ADInplaceOrView keys, alias checks):
 25-70 us of host time for 1-35 us of work on a small machine. Once the backend has rewritten a
 graph, the graph it runs (``lower.py``) calls these plain functions instead, with
 

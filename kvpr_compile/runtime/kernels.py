@@ -90,8 +90,8 @@ def prefetch_next(handle, layer, past, new, num, den, shapes, ranks, dtypes, bat
 def assemble(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new):
     store = lookup(handle)
     if cuda_runtime.handles(k_new.device):
-        return cuda_runtime.runtime(store, k_new.device).assemble(store, layer, k_rec, v_rec, k_load,
-                                                                  v_load, k_new, v_new)
+        return cuda_runtime.runtime(store, k_new.device).assemble(store, layer, k_rec, v_rec,
+                                                                  k_load, v_load, k_new, v_new)
     return direct.cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new)
 
 

@@ -29,7 +29,8 @@ from ..ops.split import split_len
 from . import direct
 
 STEP_FUNCTIONS = {getattr(direct, name) for name in dir(direct)
-                  if callable(getattr(direct, name)) and not name.startswith("_")} | {split_len, split_specs}
+                  if callable(getattr(direct, name)) and not name.startswith("_")} \
+    | {split_len, split_specs}
 
 
 def is_step(node: fx.Node) -> bool:
