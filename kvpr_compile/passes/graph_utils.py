@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from ..ops.nodes import CACHE_UPDATE
+
 LINEAR = {torch._C._nn.linear, F.linear}
 ADDMM = {torch.addmm}
 MATMUL = {torch.matmul, operator.matmul, torch.mm}
 SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
 SOFTMAX = {torch.softmax, F.softmax, torch.nn.functional.softmax}
-
-CACHE_UPDATE = torch.ops.kvpr.cache_update.default
 
 # Elementwise ops, as Dynamo records them (methods by name, functions by object).
 UNARY_METHODS = {"contiguous", "float", "half", "bfloat16", "double", "to", "type", "type_as",

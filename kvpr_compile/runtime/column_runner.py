@@ -1,8 +1,8 @@
 """Run a lowered kvpr graph in the throughput schedule's column order.
 
 For each layer segment j (column_order.py: the backend cuts the lowered graph and hands the cut
-over) and each micro-batch k: segment j on micro-batch
-k's rows, with one environment of values per micro-batch. Per call:
+over) and each micro-batch k: segment j on micro-batch k's rows, with one environment of values
+per micro-batch. Per call:
 
 1. the batch (a ``rows`` input's dim 0, or the ``batch`` input) is split into m micro-batches,
    sizes differing by at most one (larger first; ``plan.throughput_graph.even_split``); m larger
