@@ -20,12 +20,10 @@ import pytest
 import torch
 
 import kvpr_compile
-from conftest import max_rel_err, worst_rel_err
 from custom_models import make_cache
+from helpers import CUSTOM_MODELS, hoisting_backend, max_rel_err, worst_rel_err
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
 from kvpr_compile.runtime import cuda_runtime, direct
-from test_custom_models import MODELS
-from test_prefetch_placement import hoisting_backend
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -35,7 +33,7 @@ STEPS = 12
 
 
 def build(name, dtype, batch=2):
-    model, _ = MODELS[name]()
+    model, _ = CUSTOM_MODELS[name]()
     cast = {torch.float32: model.float, torch.float16: model.half, torch.bfloat16: model.bfloat16}
     model = cast[dtype]().to(DEV)    # floating tensors only: complex RoPE tables stay complex
     if name.startswith("llama"):
@@ -95,12 +93,12 @@ def check_close(model, new_cache, fn, dtype, poison=False):
 
 def _matrix():
     """Every model in fp16 at a mixed split, fp32 and bf16 spot checks; the rest with --run-slow."""
-    quick = {(n, torch.float16, 0.37) for n in MODELS} | {
+    quick = {(n, torch.float16, 0.37) for n in CUSTOM_MODELS} | {
         ("llama-mha", torch.float32, 0.0), ("llama-mha", torch.float32, 1.0),
         ("llama-gqa", torch.bfloat16, 1.0), ("complex-rope", torch.bfloat16, 0.37)}
     return [pytest.param(n, d, r, marks=() if (n, d, r) in quick else pytest.mark.slow,
                          id=f"{n}-{str(d).removeprefix('torch.')}-{r}")
-            for n in sorted(MODELS) for d in (torch.float32, torch.float16, torch.bfloat16)
+            for n in sorted(CUSTOM_MODELS) for d in (torch.float32, torch.float16, torch.bfloat16)
             for r in (0.0, 0.37, 1.0)]
 
 

@@ -1,5 +1,5 @@
 """Drawn decoders (tests/decoder_zoo.py), compiled at ratios 0, 0.37 and 1.0: each is exact
-against eager (fp32 CPU, max relative error of logits <= 1e-5 via conftest's helpers, which
+against eager (fp32 CPU, max relative error of logits <= 1e-5 via helpers.py, which
 return inf on any NaN; identical greedy tokens over the prefill and 3 decode steps), and every
 layer the report says it recomputed at the ratio still matches eager with the stored K/V rows it
 recomputes (the first floor(ratio * prompt)) poisoned by NaN after the prefill -- or the layer
@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, assume, given, seed, settings, strategies as
 
 import kvpr_compile
 from kvpr_compile import report as report_mod
-from conftest import max_rel_err, worst_rel_err
+from helpers import max_rel_err, worst_rel_err
 from decoder_zoo import AXES, Choices, build, make_cache, run_decode
 
 TOL = 1e-5

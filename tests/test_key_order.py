@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kvpr_compile
-from conftest import max_rel_err, worst_rel_err
+from helpers import max_rel_err, worst_rel_err
 from padded_models import PaddedAlibiModel, make_padded_cache
 
 TOL = 1e-5

@@ -14,7 +14,7 @@ import torch
 
 import kvpr_compile
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
-from conftest import chunk_tokens, conversation, nan_kv, worst_rel_err
+from helpers import chunk_tokens, conversation, nan_kv, worst_rel_err
 from custom_models import ComplexRopeModel, make_cache
 from padded_models import PaddedAlibiModel, make_padded_cache
 
@@ -180,8 +180,8 @@ def test_chunks_on_a_poisoned_past_under_inductor(inner):
 def test_static_shapes_chunk_as_long_as_the_batch_and_the_kv_heads(monkeypatch):
     """dynamic=False: the token count is a plain int in the slice (2, like the batch and the KV
     heads of ``view(2, 2, 2, 8)``); the token dim traced from K tells them apart."""
-    import conftest
-    monkeypatch.setattr(conftest, "CHUNKS", (2, 3))
+    import helpers
+    monkeypatch.setattr(helpers, "CHUNKS", (2, 3))
     model, _, new_cache, poison = _tiny_llama()
     ref = conversation(model, new_cache())
     first = len(kvpr_compile.reports())

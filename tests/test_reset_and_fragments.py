@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kvpr_compile
-from conftest import hf_llama, worst_rel_err
+from helpers import hf_llama, worst_rel_err
 from kvpr_compile.hf import KVPRCache, cache_kwargs
 
 transformers = pytest.importorskip("transformers")

@@ -16,7 +16,7 @@ import torch
 import kvpr_compile
 from kvpr_compile import report as report_mod
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
-from conftest import hf_llama, max_rel_err, worst_rel_err
+from helpers import hf_llama, max_rel_err, worst_rel_err
 
 TOL = 1e-5
 STEPS = 3

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import decode_steps, max_rel_err, worst_rel_err
+from helpers import decode_steps, max_rel_err, worst_rel_err
 from custom_models import ComplexRopeModel, make_cache
 from kvpr_compile import OffloadedKVCache
 from kvpr_compile.runtime.store import layout_bytes
