@@ -67,7 +67,8 @@ def decode(model, cache, steps, forced=None, poison=False, ids=None):
 
 
 def compiled(model, ratio, inner="eager"):
-    return torch.compile(model, backend=hoisting_backend([]), options={"ratio": ratio, "inner": inner})
+    return torch.compile(model, backend=hoisting_backend([]),
+                         options={"ratio": ratio, "inner": inner})
 
 
 def tokens_agree_except_near_ties(got_logits, want_logits, tol) -> None:
@@ -115,7 +116,8 @@ def test_backend_by_name_on_cuda(dtype):
     check_close(model, new_cache, fn, dtype)
 
 
-@pytest.mark.parametrize("name", ["llama-mha", pytest.param("complex-rope", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["llama-mha",
+                                  pytest.param("complex-rope", marks=pytest.mark.slow)])
 def test_inductor_inner_on_cuda(name):   # inductor's first CUDA compile takes a while
     model, new_cache = build(name, torch.float16)
     check_close(model, new_cache, compiled(model, 0.37, inner="inductor"), torch.float16)
@@ -205,10 +207,10 @@ def test_store_is_asynchronous():
     x = torch.randn(4, n, 1024, dtype=torch.float16, device=DEV)
     kvpr.store_tokens(cache.handle, 1, 0, k[:, :, :1], v[:, :, :1], [x[:, :1]], [1])  # allocates
     torch.cuda.synchronize()                                                   # the X store
-    direct.stream_store(cache._store, 1, 1, k, v, [x], [1])        # what eager graphs run: no staging
+    direct.stream_store(cache._store, 1, 1, k, v, [x], [1])   # what eager graphs run: no staging
     rt = cuda_runtime.runtime(cache._store, DEV)
     assert not rt.d2h.query() and torch.cuda.current_stream().query()
-    assert rt.in_flight                                          # sources held until the copy is done
+    assert rt.in_flight                                     # sources held until the copy is done
     torch.cuda.synchronize()
     assert torch.equal(cache.k_cpu[1][1:n + 1], k.permute(2, 0, 1, 3).cpu())
     assert torch.equal(cache._store.tokens[1][0][1:n + 1, :, 0], x.transpose(0, 1).cpu())

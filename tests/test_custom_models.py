@@ -72,7 +72,8 @@ def test_ratio_is_annotated_on_the_graph():
             torch.ops.kvpr.store_tokens.default, torch.ops.kvpr.assemble.default} <= ops
     assert all(n.meta["custom"]["kvpr_ratio"] == 0.25 for n in nodes)
     assert {n.meta["custom"]["kvpr_layer"] for n in nodes} == {0, 1}
-    assert not any(n.target == torch.ops.kvpr.cache_update.default for n in report.graph_module.graph.nodes)
+    nodes = report.graph_module.graph.nodes
+    assert not any(n.target == torch.ops.kvpr.cache_update.default for n in nodes)
     text = str(report)
     assert "layer" in text and "0.250" in text
 
@@ -101,14 +102,16 @@ def test_scheduler_ratios_reach_the_graph_and_the_report(monkeypatch):
     would be 0, MHA on the H200 preset recomputes), and the report prints its per-layer plan."""
     monkeypatch.delenv("KVPR_PROFILE", raising=False)
     model, new_cache = CUSTOM_MODELS["llama-mha"]()
-    compiled = torch.compile(model, backend="kvpr", options={"profile": "h200-pcie5", "overlap": "row"})
+    compiled = torch.compile(model, backend="kvpr",
+                             options={"profile": "h200-pcie5", "overlap": "row"})
     prompt = torch.randint(0, 89, (2, 5), generator=torch.Generator().manual_seed(7))
     ref = decode_steps(model, prompt, new_cache(2), 4)
     out = decode_steps(compiled, prompt, new_cache(2), 4)
     assert worst_rel_err(out[1], ref[1]) <= TOL
     report = kvpr_compile.last_report()
     assert report.plan is not None and "h200-pcie5" in report.ratio_source
-    assert [report.ratios[i] for i in sorted(report.ratios)] == pytest.approx(report.plan.ratios, abs=1e-3)
+    ratios = [report.ratios[i] for i in sorted(report.ratios)]
+    assert ratios == pytest.approx(report.plan.ratios, abs=1e-3)
     assert 0 < min(report.plan.ratios) < 1          # the row schedule's interior optimum
     text = str(report)
     assert "predicted step" in text and "full-KV" in text
@@ -122,7 +125,8 @@ def test_prompt_as_long_as_a_feature_dim_still_stores_x(name, prompt_len):
     prompt = torch.randint(0, 89, (2, prompt_len), generator=torch.Generator().manual_seed(8))
     ref = decode_steps(model, prompt, new_cache(2), 4)
     cache = new_cache(2)
-    out = decode_steps(torch.compile(model, backend="kvpr", options={"ratio": 1.0}), prompt, cache, 4)
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 1.0})
+    out = decode_steps(compiled, prompt, cache, 4)
     assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
     assert all(not r.skipped for r in kvpr_compile.reports()[-2:])
     assert cache._store.token_len == [prompt_len + 4] * 2     # X stored from the prefill on
@@ -135,7 +139,8 @@ def test_ratio_zero_layers_keep_no_x():
     prompt = torch.randint(0, 89, (2, 5), generator=torch.Generator().manual_seed(9))
     ref = decode_steps(model, prompt, new_cache(2), 4)
     cache = new_cache(2)
-    out = decode_steps(torch.compile(model, backend="kvpr", options={"ratio": 0.0}), prompt, cache, 4)
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.0})
+    out = decode_steps(compiled, prompt, cache, 4)
     assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
     assert cache._store.tokens == [[], []] and cache._store.token_len == [0, 0]
 

@@ -82,14 +82,17 @@ def test_kvpr_cache_storage_follows_the_config():
         cache.reorder_cache(torch.tensor([0, 1, 2]))
 
 
-EXTRA = {  # more layouts: q/k norms, interleaved fused QKV, multi-query, partial/interleaved RoPE, ALiBi
-    "qwen3": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+GQA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+# more layouts: q/k norms, interleaved fused QKV, multi-query, partial/interleaved RoPE, ALiBi
+EXTRA = {
+    "qwen3": dict(GQA, head_dim=16),
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4),
-    "falcon": dict(hidden_size=64, num_attention_heads=4, multi_query=True, new_decoder_architecture=False),
-    "gemma2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "stablelm": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
-    "cohere": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
-    "olmo2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+    "falcon": dict(hidden_size=64, num_attention_heads=4, multi_query=True,
+                   new_decoder_architecture=False),
+    "gemma2": dict(GQA, head_dim=16),
+    "stablelm": GQA,
+    "cohere": GQA,
+    "olmo2": GQA,
     "gptj": dict(n_embd=64, n_head=4, rotary_dim=8),
     "bloom": dict(hidden_size=64, n_head=4),
     "gpt_bigcode": dict(n_embd=64, n_head=4, multi_query=True),
@@ -107,7 +110,8 @@ def test_more_architectures_full_recompute(arch):
     first_report = len(kvpr_compile.reports())
     model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": 1.0})
     out = hf_generate(model, ids)
-    assert worst_rel_err(out.logits, ref.logits) <= TOL and torch.equal(out.sequences, ref.sequences)
+    assert worst_rel_err(out.logits, ref.logits) <= TOL
+    assert torch.equal(out.sequences, ref.sequences)
     mine = kvpr_compile.reports()[first_report:]
     assert all(sorted(r.ratios) == [0, 1] and not r.skipped for r in mine)
     assert any(r.ratios == {0: 1.0, 1: 1.0} for r in mine)
@@ -154,5 +158,6 @@ def test_left_padded_batch_recomputes_with_each_rows_positions():
     ref = run()
     model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": 1.0})
     out = run()
-    assert worst_rel_err(out.logits, ref.logits) <= TOL and torch.equal(out.sequences, ref.sequences)
+    assert worst_rel_err(out.logits, ref.logits) <= TOL
+    assert torch.equal(out.sequences, ref.sequences)
     assert kvpr_compile.last_report().ratios == {0: 1.0, 1: 1.0}

@@ -76,7 +76,8 @@ def test_store_rewritten_between_calls_is_loaded_again(sim):
     results = []
     for compiled in (False, True):
         api = sim() if compiled else None
-        run = torch.compile(model, backend=sim_backend(), options={"ratio": 0.0}) if compiled else model
+        run = torch.compile(model, backend=sim_backend(),
+                            options={"ratio": 0.0}) if compiled else model
         cache = model.make_cache(2, 96)
         ref_logits, tokens = decode_seeded(model, cache, 2, run if compiled else None)
         _rewrite_layer0(cache, cache.seq_len(0))
@@ -97,7 +98,8 @@ def test_reset_and_a_same_length_prompt_written_uncompiled_drop_the_prefetch(sim
     results = []
     for compiled in (False, True):
         api = sim() if compiled else None
-        run = torch.compile(model, backend=sim_backend(), options={"ratio": 0.5}) if compiled else model
+        run = torch.compile(model, backend=sim_backend(),
+                            options={"ratio": 0.5}) if compiled else model
         cache = model.make_cache(2, 96)
         decode_seeded(model, cache, 2, run if compiled else None)   # 6 + 2 tokens
         cache.reset()
@@ -121,7 +123,8 @@ def test_graphs_of_another_ratio_drop_the_prefetch(sim):
         nxt = model(torch.arange(1, 13).view(2, 6), cache_ref)[:, -1].argmax(-1, keepdim=True)
     ref, _ = _steps(model, cache_ref, nxt, 4)
     api = sim()
-    half, zero = (torch.compile(model, backend=sim_backend(), options={"ratio": r}) for r in (0.5, 0.0))
+    half, zero = (torch.compile(model, backend=sim_backend(), options={"ratio": r})
+                  for r in (0.5, 0.0))
     cache = model.make_cache(2, 96)
     out = []
     with torch.no_grad():

@@ -117,7 +117,7 @@ def deferred(monkeypatch):
         if not records or api.current is api.compute:
             return original_write_tokens(self, layer, pos, records, links)
         layout = (tuple((r.shape[1:], r.dtype) for r in records), links)
-        if layout != self._layout[layer]:   # the store's own layout logic; only the copies are faked
+        if layout != self._layout[layer]:  # the store's own layout logic; only the copies are faked
             self._arrange(layer, records, links)
             self._layout[layer] = layout
         n = records[0].shape[0]
@@ -165,8 +165,10 @@ def test_store_sources_overwritten_after_the_store_do_not_reach_the_cache(deferr
 def test_without_staging_the_overwrite_reaches_the_cache(deferred, monkeypatch, lowered):
     """Negative control: the D2H copy reading the sources themselves (the code before staging)."""
     rt = cuda_runtime.CudaRuntime
-    monkeypatch.setattr(rt, "store_tokens_staged", lambda self, store, layer, pos, k, v, records, links=():
-                        self.store_tokens(store, layer, pos, k, v, records, (k, v, *records), links))
+
+    def unstaged(self, store, layer, pos, k, v, records, links=()):
+        return self.store_tokens(store, layer, pos, k, v, records, (k, v, *records), links)
+    monkeypatch.setattr(rt, "store_tokens_staged", unstaged)
     model = tiny_llama(layers=2)
     ref = decode_seeded(model, model.make_cache(2, 96), 6)
     compiled = torch.compile(model, backend=scribbling_backend(lowered), options={"ratio": 0.5})

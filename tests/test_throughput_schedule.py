@@ -201,7 +201,8 @@ def test_ops_mixing_rows_keep_the_latency_schedule():
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         want_pre = model(prompt, make_cache(model, 4))
-        got_pre = throughput_compile(model, micro_batches=2, ratio=1.0)(prompt, make_cache(model, 4))
+        compiled = throughput_compile(model, micro_batches=2, ratio=1.0)
+        got_pre = compiled(prompt, make_cache(model, 4))
     assert any("batch" in str(w.message) and "latency" in str(w.message) for w in caught)
     assert kvpr_compile.last_report().schedule == "latency"
     assert worst_rel_err([got_pre], [want_pre]) <= TOL
@@ -281,8 +282,8 @@ def test_an_inner_the_segments_do_not_use_is_named_once():
     want = decode_steps(model, prompt, model.make_cache(3), STEPS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = decode_steps(throughput_compile(model, micro_batches=2, ratio=0.5, inner="piecewise"), prompt,
-                           model.make_cache(3), STEPS)
+        compiled = throughput_compile(model, micro_batches=2, ratio=0.5, inner="piecewise")
+        got = decode_steps(compiled, prompt, model.make_cache(3), STEPS)
     assert worst_rel_err(got[1], want[1]) <= TOL and torch.equal(got[2], want[2])
     named = [w for w in caught if "inner='piecewise' not used" in str(w.message)]
     assert len(named) == 1 and kvpr_compile.last_report().schedule == "throughput"

@@ -52,8 +52,8 @@ def _run(sim, monkeypatch, batch, m, ratio, poison=False):
     monkeypatch.setattr(SlotPool, "give_back", logged_give_back)
     cache = model.make_cache(batch)
     with torch.no_grad():
-        got = decode_steps(throughput_compile(model, micro_batches=m, ratio=ratio), prompt, cache, STEPS,
-                           poison=poison)
+        compiled = throughput_compile(model, micro_batches=m, ratio=ratio)
+        got = decode_steps(compiled, prompt, cache, STEPS, poison=poison)
     return api, cache, log, got, want
 
 
@@ -63,7 +63,8 @@ def _first(log, kind, key, after=0) -> int:
 
 @pytest.mark.parametrize("batch,m,ratio", [
     (5, 2, 0.5), (7, 3, 1.0),
-    pytest.param(7, 3, 0.5, marks=pytest.mark.slow), pytest.param(5, 2, 1.0, marks=pytest.mark.slow)])
+    pytest.param(7, 3, 0.5, marks=pytest.mark.slow),
+    pytest.param(5, 2, 1.0, marks=pytest.mark.slow)])
 def test_micro_batches_share_two_slots_loaded_one_ahead(sim, monkeypatch, batch, m, ratio):
     """Batch 5 as [3, 2], 7 as [3, 2, 2]; at ratio 1.0 the stored K/V is poisoned after the
     prefill. Exact; race-free; two distinct slots over the whole run, never more than two held;
@@ -95,7 +96,8 @@ def test_micro_batches_share_two_slots_loaded_one_ahead(sim, monkeypatch, batch,
             for k in range(m):
                 after = (k + 1, layer) if k + 1 < m else (0, layer + 1)
                 if after[1] < LAYERS:
-                    assert _first(log, "take", after, start) < _first(log, "free", (k, layer), start)
+                    taken = _first(log, "take", after, start)
+                    assert taken < _first(log, "free", (k, layer), start)
 
 
 def test_parts_with_a_pool_each_hold_a_slot_per_micro_batch(sim, monkeypatch):
@@ -114,4 +116,5 @@ def test_a_slot_refilled_without_its_free_event_is_a_race(sim, monkeypatch):
     monkeypatch.setattr(cuda_runtime.CudaRuntime, "_fill", lambda self, layer, slot, after_free,
                         *a, **kw: fill(self, layer, slot, False, *a, **kw))
     api, *_ = _run(sim, monkeypatch, 5, 2, 0.5)
-    assert any("copy destination" in r and "slot (recompute/assemble)" in r for r in api.races.found)
+    assert any("copy destination" in r and "slot (recompute/assemble)" in r
+               for r in api.races.found)

@@ -23,7 +23,8 @@ def _model(layers=5):
 
 def _decode(model, compiled=None, steps=6):
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(2))
-    return greedy_generate(model if compiled is None else compiled, prompt, model.make_cache(2), steps)
+    run = model if compiled is None else compiled
+    return greedy_generate(run, prompt, model.make_cache(2), steps)
 
 
 def _layer_storages(model):
