@@ -54,7 +54,7 @@ def test_hf_compiled_matches_eager_inductor(arch):
 
 
 def test_cache_kwargs_use_the_keyword_this_transformers_takes_without_warning():
-    """5.17 rejects hf_generate(cache=...); later 5.x deprecate past_key_values=: cache_kwargs picks
+    """5.17 rejects generate(cache=...); later 5.x deprecate past_key_values=: cache_kwargs picks
     by the model's forward signature, and neither generate nor forward warns."""
     import inspect
     import warnings

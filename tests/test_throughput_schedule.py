@@ -42,7 +42,7 @@ def test_custom_llama_matches_eager(batch, m):
 
 @pytest.mark.parametrize("arch,m", [pytest.param("opt", 2, marks=pytest.mark.slow), ("llama", 4)])
 def test_hf_generate_matches_eager(arch, m):
-    """HF OPT and Llama (MHA) through hf_generate(), set up by compile_throughput: batch 5 as
+    """HF OPT and Llama (MHA) through generate(), set up by compile_throughput: batch 5 as
     [3, 2] and as [2, 1, 1, 1]."""
     pytest.importorskip("transformers")
     model = hf_build(arch)
@@ -62,7 +62,7 @@ def test_hf_generate_matches_eager(arch, m):
 @pytest.mark.slow
 def test_gpt2_size_nodes_fall_back_exactly():
     """GPT-2 under dynamic=True reshapes to a torch.Size built in the graph: those sites stay
-    plain cache reads (a warning), and hf_generate() is still exact (it crashed before)."""
+    plain cache reads (a warning), and generate() is still exact (it crashed before)."""
     pytest.importorskip("transformers")
     model = hf_build("gpt2")
     ids = torch.randint(1, 128, (5, 7), generator=torch.Generator().manual_seed(1))
