@@ -1,4 +1,6 @@
-"""Shared fixtures: fresh Dynamo state per test, comparison helpers, --run-slow."""
+"""pytest hooks and shared fixtures: --run-slow and the cuda marker, fresh Dynamo state per test,
+the op paths (CPU, CUDA runtime on simulated streams) and the simulated-stream fixtures. Plain
+helpers live in helpers.py."""
 from __future__ import annotations
 
 import pytest
@@ -26,53 +28,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| (b is the eager reference); ``inf`` if either side has a NaN or an
-    inf, so that no comparison built on it can pass while a non-finite value leaks."""
-    a, b = a.float(), b.float()
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        return float("inf")
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def worst_rel_err(outs, refs) -> float:
-    """The worst ``max_rel_err`` over paired outputs; ``inf`` as soon as any pair is non-finite
-    (a plain ``max()`` would skip a NaN that follows a finite value)."""
-    outs, refs = list(outs), list(refs)
-    assert len(outs) == len(refs) and outs, "compare at least one output, the same count on each side"
-    worst = 0.0
-    for a, b in zip(outs, refs):
-        err = max_rel_err(a, b)
-        if not err <= worst:   # also true for NaN, which then wins
-            worst = err
-    return worst
-
-
-@torch.no_grad()
-def decode_steps(model, prompt, cache, steps, poison=False, position_ids=None):
-    """Prefill, then ``steps`` greedy steps of ``model(tokens, cache)``. ``poison``: fill the
-    stored K/V with NaN after the prefill (a step that reads them must then show NaN).
-    ``position_ids``: None, or "prefill" / "decode" / "both" to pass them as (B, n) in those
-    graphs only. Returns (prefill logits, per-step logits, tokens)."""
-    b, n = prompt.shape
-    kw = {"position_ids": torch.arange(n).expand(b, n)} if position_ids in ("prefill", "both") else {}
-    prefill = model(prompt, cache, **kw)
-    if poison:
-        for k, v in zip(cache.k_cpu, cache.v_cpu):
-            k.fill_(float("nan"))
-            v.fill_(float("nan"))
-    logits, tokens = [], []
-    nxt = prefill[:, -1].argmax(-1, keepdim=True)
-    for _ in range(steps):
-        tokens.append(nxt)
-        pos = cache.seq_len(0)
-        kw = {"position_ids": torch.full((b, 1), pos)} if position_ids in ("decode", "both") else {}
-        out = model(nxt, cache, **kw)[:, -1]
-        logits.append(out)
-        nxt = out.argmax(-1, keepdim=True)
-    return prefill, logits, torch.cat(tokens, 1)
-
-
 @pytest.fixture(params=["cpu", "runtime-sim"])
 def path(request, monkeypatch):
     """Run the kvpr ops on the synchronous CPU path, or through the CUDA runtime's logic on
@@ -85,10 +40,10 @@ def path(request, monkeypatch):
 
 
 @pytest.fixture
-def sim(monkeypatch):
+def sim_api(monkeypatch):
     """The CUDA runtime's stream and event calls on simulated streams, every device counted as
     one the runtime handles; returns the sim_streams.SimApi (``races`` lists what it caught).
-    test_runtime_sim.py has its own ``sim`` (it also instruments the store)."""
+    ``sim`` is the one that also logs the store's reads and writes."""
     from kvpr_compile.runtime import cuda_runtime
     from sim_streams import SimApi
     api = SimApi()
@@ -97,44 +52,76 @@ def sim(monkeypatch):
     return api
 
 
-CHUNK_PREFILL, CHUNKS, CHUNK_STEPS, NEXT_TURN = 6, (3, 5), 2, 4
+@pytest.fixture
+def sim(monkeypatch):
+    """Call the returned function to route CPU ops through the CUDA runtime on SimApi
+    (``complete_after``: see ``SimApi``), with the store's reads and writes, the stores' sources,
+    the waits and the slots' give-backs logged to its race checker."""
+    from kvpr_compile.runtime import cuda_runtime
+    from kvpr_compile.runtime.slots import SlotPool
+    from kvpr_compile.runtime.store import KVStore
+    from sim_streams import SimApi
+    api = SimApi()
 
+    def enable(complete_after=None):
+        api.complete_after = complete_after
+        monkeypatch.setattr(cuda_runtime, "API", api)
+        races = api.races
+        cur = lambda: api.current  # noqa: E731
 
-def chunk_tokens(batch, n, seed, vocab=80):
-    """Seeded tokens (batch, n) in [1, vocab)."""
-    return torch.randint(1, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
+        write_kv, write_tokens, read_kv = KVStore.write_kv, KVStore.write_tokens, KVStore.read_kv
+        wait, give_back = cuda_runtime.wait, SlotPool.give_back
+        store_tokens = cuda_runtime.CudaRuntime.store_tokens
 
+        def logged_write_kv(self, layer, pos, k, v):
+            n = k.shape[2]
+            for src, dst in ((k, self.k[layer]), (v, self.v[layer])):
+                races.read(cur(), src, "new K/V")
+                races.write(cur(), dst[pos:pos + n], f"stored K/V {layer}")
+            write_kv(self, layer, pos, k, v)
 
-@torch.no_grad()
-def conversation(call, cache, batch=2, poison=None):
-    """Prefill, chunks of 3 and 5 on that past (chunked prefill, speculative verification),
-    greedy steps, a next turn of 4 tokens, one more step: the logits of each
-    ``call(tokens, cache)``. ``poison(cache)`` runs after the prefill."""
-    outs = [call(chunk_tokens(batch, CHUNK_PREFILL, 0), cache)]
-    if poison is not None:
-        poison(cache)
-    for n in CHUNKS:
-        outs.append(call(chunk_tokens(batch, n, n), cache))
-    for _ in range(CHUNK_STEPS):
-        outs.append(call(outs[-1][:, -1:].argmax(-1), cache))
-    outs.append(call(chunk_tokens(batch, NEXT_TURN, 9), cache))
-    outs.append(call(outs[-1][:, -1:].argmax(-1), cache))
-    return outs
+        def logged_write_tokens(self, layer, pos, records, links=()):
+            write_tokens(self, layer, pos, records, links)
+            for src, dst in zip(records, self.tokens[layer]):
+                races.read(cur(), src, "new record")
+                races.write(cur(), dst[pos:pos + src.shape[0]], f"stored record {layer}")
 
+        def logged_read_kv(self, layer, start, end, device):
+            for src in (self.k[layer], self.v[layer]):
+                races.read(cur(), src[start:end], f"stored K/V {layer}")
+            return read_kv(self, layer, start, end, device)
 
-def nan_kv(k_cpu, v_cpu):
-    """Fill stored K and V with NaN."""
-    for t in k_cpu + v_cpu:
-        t.fill_(float("nan"))
+        def logged_store_tokens(self, store, layer, pos, k, v, records, keep, links=()):
+            for t in (k, v, *records):   # compute produced them just before (once: cos/sin are
+                if not api.is_watched(t):   # shared by every layer)
+                    races.write(api.compute, t, "compute output")
+                    api.watch_release(t, "a store copy's source")   # read by the D2H copy
+            return store_tokens(self, store, layer, pos, k, v, records, keep, links)
 
+        def logged_wait(tensors):
+            wait(tensors)
+            for t in tensors:
+                races.read(cur(), t, "loaded (after wait)")
 
-def hf_llama(layers=2, hidden=64, kv_heads=4, vocab=128, seed=0):
-    """A seeded tiny transformers Llama (sdpa, eval, pad token 0): the HF model most tests use."""
-    import transformers
-    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
-                                   num_attention_heads=4, num_key_value_heads=kv_heads,
-                                   vocab_size=vocab, num_hidden_layers=layers)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    return model
+        def logged_give_back(self, layer, stream):
+            slot = self.held.get(layer)
+            for buf in ([*(slot.kv or ()), *slot.tokens] if slot else []):
+                races.read(stream, buf, "slot (recompute/assemble)")
+            give_back(self, layer, stream)
+
+        alloc = KVStore._alloc
+
+        def host_alloc(self, shape, dtype, zero=True):
+            t = alloc(self, shape, dtype, zero)
+            races.forget(t)   # host memory: no device history (Races.forget)
+            return t
+
+        monkeypatch.setattr(KVStore, "_alloc", host_alloc)
+        monkeypatch.setattr(KVStore, "write_kv", logged_write_kv)
+        monkeypatch.setattr(KVStore, "write_tokens", logged_write_tokens)
+        monkeypatch.setattr(KVStore, "read_kv", logged_read_kv)
+        monkeypatch.setattr(cuda_runtime.CudaRuntime, "store_tokens", logged_store_tokens)
+        monkeypatch.setattr(cuda_runtime, "wait", logged_wait)
+        monkeypatch.setattr(SlotPool, "give_back", logged_give_back)
+        return api
+    return enable

@@ -92,12 +92,14 @@ class ComplexRopeModel(nn.Module):
         super().__init__()
         self.heads, self.head_dim, self.num_kv_heads = heads, dim // heads, kv_heads
         self.emb = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(ComplexRopeBlock(dim, heads, kv_heads, i) for i in range(layers))
+        self.blocks = nn.ModuleList(ComplexRopeBlock(dim, heads, kv_heads, i)
+                                    for i in range(layers))
         self.out = nn.Linear(dim, vocab)
         d = dim // heads
         freqs = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
         angles = torch.outer(torch.arange(max_len).float(), freqs)
-        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles), persistent=False)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles),
+                             persistent=False)
 
     def forward(self, tokens, cache):
         pos, n = cache.seq_len(0), tokens.shape[1]

@@ -33,7 +33,8 @@ from kvpr_compile import OffloadedKVCache
 DIM, HEADS, HEAD_DIM, VOCAB, MAX_LEN, LORA_RANK = 32, 4, 8, 53, 32, 4
 
 AXES = {
-    "proj": ("separate", "fused_qkv", "fused_kv", "fused_heads", "lora", "matmul", "matmul_t", "einsum"),
+    "proj": ("separate", "fused_qkv", "fused_kv", "fused_heads", "lora", "matmul", "matmul_t",
+             "einsum"),
     "bias": (False, True),
     "kv_heads": (4, 2, 1),
     "gqa": ("repeat_interleave", "expand", "enable_gqa", "group_q"),
@@ -65,22 +66,28 @@ class Choices:
     kv_heads: int = 4               # 4: MHA, 2: GQA, 1: MQA (HEADS = 4)
     gqa: str = "repeat_interleave"  # repeat_interleave | expand | enable_gqa (SDPA) | group_q
     pos: str = "rope"               # rope | learned | alibi | none
-    rope: str = "half"              # half (HF) | interleaved (GPT-J) | complex (Meta) | unbind (llama2.c)
+    rope: str = "half"              # half (HF) | interleaved (GPT-J) | complex (Meta)
+                                    # | unbind (llama2.c)
     rope_partial: bool = False      # rotate only the first half of each head
-    rope_source: str = "computed"   # computed | table_tensor: table[positions] | table_int: table[p:p+n]
+    rope_source: str = "computed"   # computed | table_tensor: table[positions]
+                                    # | table_int: table[p:p+n]
     rope_rank: str = "full"         # full: broadcast dims kept | low: (n, d) / (n, 1, d) against K
     rope_layout: str = "bhnd"       # RoPE after (bhnd) or before (bnhd) the head transpose
-    rope_keys: str = "new"          # new: cache rotated K | cached: unrotated, all keys rotated after reads
+    rope_keys: str = "new"          # new: cache rotated K
+                                    # | cached: unrotated, all keys rotated after reads
     qk_norm: str = "none"           # none | rms | layernorm | normalize (F.normalize) | rms_full
     v_norm: bool = False            # RMSNorm on V's heads too (Gemma 3n style)
     attn: str = "sdpa"              # sdpa | manual (matmul-softmax-matmul) | einsum
-    mask: str = "explicit"          # explicit bool mask | is_causal (SDPA: in the prefill; no mask after)
-    window: int = 0                 # sliding window (keys within the last `window` positions); 0: none
-    window_by: str = "mask"         # mask | slice: decode steps also cut K, V to the last `window` keys
+    mask: str = "explicit"          # explicit bool mask
+                                    # | is_causal (SDPA: in the prefill; no mask after)
+    window: int = 0                 # sliding window (keys in the last `window` positions); 0: none
+    window_by: str = "mask"         # mask | slice: decode steps also cut K, V to the last
+                                    # `window` keys
     block: str = "pre"              # pre | post (norm after the residual) | parallel (GPT-J)
     position_ids: str = "none"      # none: from cache.seq_len | decode_only | always (B, n) tensors
     nope_odd: bool = False          # odd layers skip RoPE (NoPE layers, as in SmolLM3 / Llama 4)
-    prompt_len: int = 5             # 4 and 8 equal feature dims of RoPE tables (rot/2, rot, head_dim)
+    prompt_len: int = 5             # 4 and 8 equal feature dims of RoPE tables
+                                    # (rot/2, rot, head_dim)
 
     def canonical(self) -> "Choices":
         """Reset the fields that have no effect under the other choices, so that equal models
@@ -209,7 +216,8 @@ class ZooAttention(nn.Module):
             self.qkv = nn.Linear(DIM, (h + 2 * hkv) * d, bias=c.bias)
         elif c.proj in ("matmul", "matmul_t", "einsum"):
             for name, m in (("q", h), ("k", hkv), ("v", hkv)):
-                shape = {"matmul": (DIM, m * d), "matmul_t": (m * d, DIM), "einsum": (DIM, m, d)}[c.proj]
+                shape = {"matmul": (DIM, m * d), "matmul_t": (m * d, DIM),
+                         "einsum": (DIM, m, d)}[c.proj]
                 self.register_parameter(f"w{name}", nn.Parameter(torch.randn(shape) / DIM ** 0.5))
                 if c.bias:
                     self.register_parameter(f"b{name}", nn.Parameter(0.1 * torch.randn(m * d)))
@@ -279,7 +287,8 @@ class ZooAttention(nn.Module):
         if rep > 1 and c.gqa == "repeat_interleave":
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         elif rep > 1 and c.gqa == "expand":   # HF repeat_kv
-            k, v = (t[:, :, None].expand(b, c.kv_heads, rep, s, d).reshape(b, HEADS, s, d) for t in (k, v))
+            k, v = (t[:, :, None].expand(b, c.kv_heads, rep, s, d).reshape(b, HEADS, s, d)
+                    for t in (k, v))
         if c.attn == "sdpa":
             kw = {"enable_gqa": True} if rep > 1 and c.gqa == "enable_gqa" else {}
             if c.mask == "is_causal":   # HF style: causal for the prefill (no past), no mask after
@@ -295,7 +304,8 @@ class ZooAttention(nn.Module):
                 scores = torch.einsum("bhqd,bhkd->bhqk", q, k)
         else:
             if grouped:
-                scores = (q.reshape(b, c.kv_heads, rep * n, d) @ k.transpose(-2, -1)).view(b, HEADS, n, s)
+                scores = (q.reshape(b, c.kv_heads, rep * n, d) @ k.transpose(-2, -1))
+                scores = scores.view(b, HEADS, n, s)
             else:
                 scores = q @ k.transpose(-2, -1)
         scores = scores / d ** 0.5
@@ -361,7 +371,8 @@ class ZooDecoder(nn.Module):
         if c.rope_source == "computed":
             tables = rope_tables(c, positions[..., None].float() * self.inv_freq)
         else:
-            stored = [getattr(self, f"rope_table_{i}") for i in range(1 if c.rope == "complex" else 2)]
+            tables = 1 if c.rope == "complex" else 2
+            stored = [getattr(self, f"rope_table_{i}") for i in range(tables)]
             if c.rope_source == "table_int":
                 tables = tuple(t[pos:pos + n] for t in stored)
             else:
@@ -421,7 +432,8 @@ def run_decode(model, prompt, cache, steps, position_ids="none", poison=None):
     nxt = prefill[:, -1].argmax(-1, keepdim=True)
     for _ in range(steps):
         tokens.append(nxt)
-        kw = {"position_ids": torch.full((b, 1), cache.seq_len(0))} if position_ids != "none" else {}
+        pos = cache.seq_len(0)
+        kw = {"position_ids": torch.full((b, 1), pos)} if position_ids != "none" else {}
         out = model(nxt, cache, **kw)[:, -1]
         logits.append(out)
         nxt = out.argmax(-1, keepdim=True)

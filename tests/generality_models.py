@@ -16,7 +16,6 @@ cache in an OffloadedKVCache; each option is one way attention code is written i
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +48,8 @@ class PatternBlock(nn.Module):
         self.idx, self.heads, self.kv_heads, self.d = idx, heads, kv_heads, dim // heads
         self.rope, self.knorm_kind = rope, knorm
         self.norm = nn.RMSNorm(dim)
-        proj = (lambda i, o: LoraLinear(i, o)) if lora else (lambda i, o: nn.Linear(i, o, bias=False))
+        proj = (lambda i, o: LoraLinear(i, o)) if lora else \
+            (lambda i, o: nn.Linear(i, o, bias=False))
         self.wq = nn.Linear(dim, heads * self.d, bias=False)
         self.wk, self.wv = proj(dim, kv_heads * self.d), proj(dim, kv_heads * self.d)
         self.wo = nn.Linear(heads * self.d, dim, bias=False)
@@ -101,7 +101,8 @@ class PatternModel(nn.Module):
     def __init__(self, rope="in-graph", knorm=None, lora=False, vocab=83, dim=32, heads=4,
                  kv_heads=2, layers=2, max_len=64, theta=10000.0):
         super().__init__()
-        self.rope, self.heads, self.num_kv_heads, self.head_dim = rope, heads, kv_heads, dim // heads
+        self.rope, self.heads, self.num_kv_heads = rope, heads, kv_heads
+        self.head_dim = dim // heads
         d = dim // heads
         self.emb = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(PatternBlock(dim, heads, kv_heads, i, rope, knorm, lora)

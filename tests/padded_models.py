@@ -26,7 +26,8 @@ class PaddedBlock(nn.Module):
     def forward(self, x, mask, cache):
         b, n, c = x.shape
         h = self.norm(x)
-        q, k, v = (p(h).view(b, n, self.heads, self.d).transpose(1, 2) for p in (self.wq, self.wk, self.wv))
+        q, k, v = (p(h).view(b, n, self.heads, self.d).transpose(1, 2)
+                   for p in (self.wq, self.wk, self.wv))
         k, v = cache.update(self.idx, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.wo(y.transpose(1, 2).reshape(b, n, c))
@@ -54,9 +55,10 @@ class PaddedAlibiModel(nn.Module):
         x = self.wte(tokens) + self.wpe((q_pos[None, :] - pad[:, None]).clamp_min(0))
         causal = k_pos[None, :] <= q_pos[:, None]                               # (n, S)
         visible = (k_pos[None, None, :] >= pad[:, None, None]) & causal[None]   # (b, n, S)
-        visible = visible | (k_pos[None, :] == q_pos[:, None])[None]            # pads see themselves
+        visible = visible | (k_pos[None, :] == q_pos[:, None])[None]   # pads see themselves
         bias = -self.slopes[:, None, None] * (q_pos[:, None] - k_pos[None, :]).float()   # (H, n, S)
-        mask = torch.where(visible[:, None], bias[None], torch.tensor(float("-inf")))    # (b, H, n, S)
+        mask = torch.where(visible[:, None], bias[None],
+                           torch.tensor(float("-inf")))                      # (b, H, n, S)
         for blk in self.blocks:
             x = blk(x, mask, cache)
         return self.head(x)

@@ -104,7 +104,8 @@ class Races:
     def _access(self, kind: str, stream: SimStream, t: torch.Tensor, what: str) -> None:
         self.access_span(kind, stream, _span(t), what)
 
-    def access_span(self, kind: str, stream: SimStream, span: tuple[int, int, int], what: str) -> None:
+    def access_span(self, kind: str, stream: SimStream, span: tuple[int, int, int],
+                    what: str) -> None:
         key, lo, hi = span
         if hi <= lo:
             return
@@ -157,7 +158,8 @@ class SimApi:
         def released():
             self.watched.discard(ptr)
             self.releases += 1
-            self.races.access_span("write", self.compute, span, f"release of {what} (memory reusable)")
+            self.races.access_span("write", self.compute, span,
+                                   f"release of {what} (memory reusable)")
         weakref.finalize(storage, released)
 
     def is_watched(self, t: torch.Tensor) -> bool:

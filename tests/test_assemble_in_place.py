@@ -9,16 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import check_race_free, decode_seeded, tiny_llama
 from kvpr_compile.runtime import cuda_runtime
 from kvpr_compile.runtime.slots import slot_of
-from test_prefetch_placement import tiny_llama
-from test_runtime_sim import check, decode, sim  # noqa: F401  (the fixture)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
-def test_in_place_assemble_is_exact_and_race_free(sim, monkeypatch, ratio):  # noqa: F811
+def test_in_place_assemble_is_exact_and_race_free(sim, monkeypatch, ratio):
     model = tiny_llama()
-    ref = decode(model, model.make_cache(2, 96), 6)
+    ref = decode_seeded(model, model.make_cache(2, 96), 6)
     api = sim()
     monkeypatch.setattr(cuda_runtime, "ASSEMBLE_IN_PLACE", True)
     assembled = []
@@ -31,8 +30,8 @@ def test_in_place_assemble_is_exact_and_race_free(sim, monkeypatch, ratio):  # n
     monkeypatch.setattr(cuda_runtime.CudaRuntime, "_assemble_in_place", spy)
     compiled = torch.compile(model, backend="kvpr", options={"ratio": ratio})
     cache = model.make_cache(2, 96)
-    out = decode(model, cache, 6, compiled, poison=ratio == 1.0)
-    check(api, ref, out)
+    out = decode_seeded(model, cache, 6, compiled, poison=ratio == 1.0)
+    check_race_free(api, ref, out)
     assert assembled and all(assembled)   # every decode layer read its slot in place
     rt = cuda_runtime.runtime(cache._store, "cpu")
     assert len(rt.slots.slots) == 3       # the slot attention reads is kept one layer longer

@@ -378,7 +378,8 @@ def test_results_file_in_the_issue_schema(tmp_path):
     row = doc["rows"][0]
     assert set(row) == {"model", "attention", "batch", "prompt", "resident_ms", "hf_offloaded_ms",
                         "kvpr_ratio0_ms", "kvpr_ms", "limit_ms"}
-    assert (row["model"], row["attention"], row["batch"], row["prompt"]) == ("opt-6.7b", "MHA", 32, 256)
+    assert (row["model"], row["attention"], row["batch"], row["prompt"]) == \
+        ("opt-6.7b", "MHA", 32, 256)
     assert (row["resident_ms"], row["hf_offloaded_ms"], row["kvpr_ratio0_ms"], row["kvpr_ms"]) == \
         (4.0, 26.0, 21.0, 11.0)
     assert row["limit_ms"] == pytest.approx(8 * 257 * 32 * 4096 * 2 / 55e9 * 1e3)

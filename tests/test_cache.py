@@ -11,7 +11,8 @@ from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
 
 def kv(b=2, h=3, n=4, d=5, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, h, n, d, generator=g, dtype=dtype), torch.randn(b, h, n, d, generator=g, dtype=dtype)
+    return (torch.randn(b, h, n, d, generator=g, dtype=dtype),
+            torch.randn(b, h, n, d, generator=g, dtype=dtype))
 
 
 def test_update_returns_full_history_and_tracks_length_per_layer():
@@ -34,7 +35,8 @@ def test_update_returns_full_history_and_tracks_length_per_layer():
 
 
 def _snapshot(cache):
-    return [t.clone() for t in cache.k_cpu + cache.v_cpu], [cache.seq_len(i) for i in range(cache.num_layers)]
+    return ([t.clone() for t in cache.k_cpu + cache.v_cpu],
+            [cache.seq_len(i) for i in range(cache.num_layers)])
 
 
 @pytest.mark.parametrize("bad,err,match", [
@@ -67,7 +69,8 @@ def test_overflow_and_bad_layer_raise_and_leave_cache_unchanged():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(num_layers=0), "num_layers"), (dict(head_dim=-1), "head_dim"), (dict(max_seq_len=2.5), "max_seq_len")])
+    (dict(num_layers=0), "num_layers"), (dict(head_dim=-1), "head_dim"),
+    (dict(max_seq_len=2.5), "max_seq_len")])
 def test_constructor_validates(kwargs, match):
     args = {**dict(num_layers=2, batch_size=1, max_seq_len=8, num_kv_heads=1, head_dim=4), **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -75,8 +78,8 @@ def test_constructor_validates(kwargs, match):
 
 
 def test_compiled_overflow_is_a_clear_error_and_cache_is_intact():
-    cfg = TinyLlamaConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=32,
-                          max_seq_len=64)
+    cfg = TinyLlamaConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                          intermediate_size=32, max_seq_len=64)
     model = build_tiny_llama(cfg)
     compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.5})
     cache = model.make_cache(1, 10)

@@ -204,7 +204,8 @@ def test_demo_shows_exactness_bytes_per_step_and_the_plan(capsys):
     out = capsys.readouterr().out
     assert out.count("greedy tokens identical: True") == 2
     import re
-    found = re.search(r"H2D per step: ([\d.]+) (\w+) kvpr vs ([\d.]+) (\w+) full K,V \(([\d.]+)x\)", out)
+    found = re.search(r"H2D per step: ([\d.]+) (\w+) kvpr vs ([\d.]+) (\w+) full K,V "
+                      r"\(([\d.]+)x\)", out)
     assert found, out
     scale = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
     kvpr_b = float(found[1]) * scale[found[2]]
@@ -214,7 +215,8 @@ def test_demo_shows_exactness_bytes_per_step_and_the_plan(capsys):
     assert 0 < kvpr_b < full_b and float(found[5]) == pytest.approx(kvpr_b / full_b, abs=0.01)
     assert "profile h200-pcie5 (preset)" in out and "tokens/s: not shown on a CPU" in out
     assert "DESIGN" not in out
-    assert re.search(r"split: (ratios layer 0: |ratio [\d.]+ in every layer)", out), out   # decode graph found
+    # the decode graph was found
+    assert re.search(r"split: (ratios layer 0: |ratio [\d.]+ in every layer)", out), out
 
 
 def test_throughput_plan_prints_tokens_per_s_against_ratio_zero_and_the_link(capsys):

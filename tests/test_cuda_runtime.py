@@ -20,12 +20,10 @@ import pytest
 import torch
 
 import kvpr_compile
-from conftest import max_rel_err, worst_rel_err
 from custom_models import make_cache
+from helpers import CUSTOM_MODELS, hoisting_backend, max_rel_err, worst_rel_err
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
 from kvpr_compile.runtime import cuda_runtime, direct
-from test_custom_models import MODELS
-from test_prefetch_placement import hoisting_backend
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -35,7 +33,7 @@ STEPS = 12
 
 
 def build(name, dtype, batch=2):
-    model, _ = MODELS[name]()
+    model, _ = CUSTOM_MODELS[name]()
     cast = {torch.float32: model.float, torch.float16: model.half, torch.bfloat16: model.bfloat16}
     model = cast[dtype]().to(DEV)    # floating tensors only: complex RoPE tables stay complex
     if name.startswith("llama"):
@@ -69,7 +67,8 @@ def decode(model, cache, steps, forced=None, poison=False, ids=None):
 
 
 def compiled(model, ratio, inner="eager"):
-    return torch.compile(model, backend=hoisting_backend([]), options={"ratio": ratio, "inner": inner})
+    return torch.compile(model, backend=hoisting_backend([]),
+                         options={"ratio": ratio, "inner": inner})
 
 
 def tokens_agree_except_near_ties(got_logits, want_logits, tol) -> None:
@@ -95,12 +94,12 @@ def check_close(model, new_cache, fn, dtype, poison=False):
 
 def _matrix():
     """Every model in fp16 at a mixed split, fp32 and bf16 spot checks; the rest with --run-slow."""
-    quick = {(n, torch.float16, 0.37) for n in MODELS} | {
+    quick = {(n, torch.float16, 0.37) for n in CUSTOM_MODELS} | {
         ("llama-mha", torch.float32, 0.0), ("llama-mha", torch.float32, 1.0),
         ("llama-gqa", torch.bfloat16, 1.0), ("complex-rope", torch.bfloat16, 0.37)}
     return [pytest.param(n, d, r, marks=() if (n, d, r) in quick else pytest.mark.slow,
                          id=f"{n}-{str(d).removeprefix('torch.')}-{r}")
-            for n in sorted(MODELS) for d in (torch.float32, torch.float16, torch.bfloat16)
+            for n in sorted(CUSTOM_MODELS) for d in (torch.float32, torch.float16, torch.bfloat16)
             for r in (0.0, 0.37, 1.0)]
 
 
@@ -117,7 +116,8 @@ def test_backend_by_name_on_cuda(dtype):
     check_close(model, new_cache, fn, dtype)
 
 
-@pytest.mark.parametrize("name", ["llama-mha", pytest.param("complex-rope", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["llama-mha",
+                                  pytest.param("complex-rope", marks=pytest.mark.slow)])
 def test_inductor_inner_on_cuda(name):   # inductor's first CUDA compile takes a while
     model, new_cache = build(name, torch.float16)
     check_close(model, new_cache, compiled(model, 0.37, inner="inductor"), torch.float16)
@@ -207,10 +207,10 @@ def test_store_is_asynchronous():
     x = torch.randn(4, n, 1024, dtype=torch.float16, device=DEV)
     kvpr.store_tokens(cache.handle, 1, 0, k[:, :, :1], v[:, :, :1], [x[:, :1]], [1])  # allocates
     torch.cuda.synchronize()                                                   # the X store
-    direct.stream_store(cache._store, 1, 1, k, v, [x], [1])        # what eager graphs run: no staging
+    direct.stream_store(cache._store, 1, 1, k, v, [x], [1])   # what eager graphs run: no staging
     rt = cuda_runtime.runtime(cache._store, DEV)
     assert not rt.d2h.query() and torch.cuda.current_stream().query()
-    assert rt.in_flight                                          # sources held until the copy is done
+    assert rt.in_flight                                     # sources held until the copy is done
     torch.cuda.synchronize()
     assert torch.equal(cache.k_cpu[1][1:n + 1], k.permute(2, 0, 1, 3).cpu())
     assert torch.equal(cache._store.tokens[1][0][1:n + 1, :, 0], x.transpose(0, 1).cpu())

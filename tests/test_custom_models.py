@@ -9,54 +9,17 @@ import pytest
 import torch
 
 import kvpr_compile
-from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
+from helpers import CUSTOM_MODELS, compare_custom, decode_steps, max_rel_err, worst_rel_err
 from kvpr_compile.ops.nodes import args_of
-from custom_models import ComplexRopeModel, FusedQKVModel, make_cache
-from conftest import decode_steps, max_rel_err, worst_rel_err
 
 TOL = 1e-5
 STEPS = 16
 
 
-def _tiny_llama(kv_heads):
-    cfg = TinyLlamaConfig(vocab_size=101, hidden_size=64, num_layers=2, num_heads=4,
-                          num_kv_heads=kv_heads, intermediate_size=96, max_seq_len=128)
-    model = build_tiny_llama(cfg, seed=1)
-    return model, lambda b: model.make_cache(b, 128)
-
-
-def _custom(cls):
-    torch.manual_seed(2)
-    model = cls().eval()
-    return model, lambda b: make_cache(model, b, 128)
-
-
-MODELS = {
-    "llama-mha": lambda: _tiny_llama(4),
-    "llama-gqa": lambda: _tiny_llama(2),
-    "fused-qkv": lambda: _custom(FusedQKVModel),
-    "complex-rope": lambda: _custom(ComplexRopeModel),
-}
-
-
-def decode(model, prompt, cache, steps, poison_after_prefill=False):
-    """Prefill logits (all positions), then `steps` greedy steps; returns (prefill, steps, tokens)."""
-    return decode_steps(model, prompt, cache, steps, poison=poison_after_prefill)
-
-
-def compare(name, ratio, inner, batch=2, prompt_len=7):
-    model, new_cache = MODELS[name]()
-    prompt = torch.randint(0, 89, (batch, prompt_len), generator=torch.Generator().manual_seed(3))
-    ref = decode(model, prompt, new_cache(batch), STEPS)
-    compiled = torch.compile(model, backend="kvpr", options={"ratio": ratio, "inner": inner})
-    out = decode(compiled, prompt, new_cache(batch), STEPS)
-    return ref, out
-
-
 @pytest.mark.parametrize("ratio", [0.0, 0.37, 1.0])
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(CUSTOM_MODELS))
 def test_compiled_matches_eager(name, ratio):
-    ref, out = compare(name, ratio, "eager")
+    ref, out = compare_custom(name, ratio, "eager")
     assert max_rel_err(out[0], ref[0]) <= TOL                 # prefill
     assert worst_rel_err(out[1], ref[1]) <= TOL               # 16 decode steps
     assert torch.equal(out[2], ref[2])                        # greedy tokens
@@ -67,7 +30,7 @@ def test_compiled_matches_eager(name, ratio):
 
 @pytest.mark.parametrize("name", ["fused-qkv", "complex-rope"])
 def test_compiled_matches_eager_inductor(name):
-    ref, out = compare(name, 0.37, "inductor")
+    ref, out = compare_custom(name, 0.37, "inductor")
     assert max_rel_err(out[0], ref[0]) <= TOL
     assert worst_rel_err(out[1], ref[1]) <= TOL
     assert torch.equal(out[2], ref[2])
@@ -78,31 +41,31 @@ def test_compiled_matches_eager_inductor(name):
 def test_recompute_is_real_poisoned_kv(name):
     """NaN in every stored K/V after prefill: ratio 1.0 rebuilds K,V from stored X and still
     matches the clean eager run; ratio 0 (which reads the stored K/V) must not."""
-    model, new_cache = MODELS[name]()
+    model, new_cache = CUSTOM_MODELS[name]()
     prompt = torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(4))
-    ref = decode(model, prompt, new_cache(2), 6)
+    ref = decode_steps(model, prompt, new_cache(2), 6)
     full = torch.compile(model, backend="kvpr", options={"ratio": 1.0})
-    out = decode(full, prompt, new_cache(2), 6, poison_after_prefill=True)
+    out = decode_steps(full, prompt, new_cache(2), 6, poison=True)
     assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
     torch._dynamo.reset()
     none = torch.compile(model, backend="kvpr", options={"ratio": 0.0})
-    bad = decode(none, prompt, new_cache(2), 6, poison_after_prefill=True)
+    bad = decode_steps(none, prompt, new_cache(2), 6, poison=True)
     assert torch.isnan(bad[1][0]).all()
 
 
 def test_decode_loop_compiles_at_most_three_graphs():
-    model, new_cache = MODELS["llama-gqa"]()
+    model, new_cache = CUSTOM_MODELS["llama-gqa"]()
     compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.5})
     before = len(kvpr_compile.reports())
     prompt = torch.randint(0, 89, (2, 5), generator=torch.Generator().manual_seed(5))
-    decode(compiled, prompt, new_cache(2), 64)
+    decode_steps(compiled, prompt, new_cache(2), 64)
     assert len(kvpr_compile.reports()) - before <= 3
 
 
 def test_ratio_is_annotated_on_the_graph():
-    model, new_cache = MODELS["llama-mha"]()
+    model, new_cache = CUSTOM_MODELS["llama-mha"]()
     compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.25})
-    decode(compiled, torch.zeros(1, 4, dtype=torch.long), new_cache(1), 3)
+    decode_steps(compiled, torch.zeros(1, 4, dtype=torch.long), new_cache(1), 3)
     report = kvpr_compile.last_report()
     nodes = [n for n in report.graph_module.graph.nodes if "kvpr_ratio" in n.meta.get("custom", {})]
     ops = {n.target for n in nodes if n.op == "call_function"}
@@ -110,7 +73,8 @@ def test_ratio_is_annotated_on_the_graph():
             torch.ops.kvpr.store_tokens.default, torch.ops.kvpr.assemble.default} <= ops
     assert all(n.meta["custom"]["kvpr_ratio"] == 0.25 for n in nodes)
     assert {n.meta["custom"]["kvpr_layer"] for n in nodes} == {0, 1}
-    assert not any(n.target == torch.ops.kvpr.cache_update.default for n in report.graph_module.graph.nodes)
+    nodes = report.graph_module.graph.nodes
+    assert not any(n.target == torch.ops.kvpr.cache_update.default for n in nodes)
     text = str(report)
     assert "layer" in text and "0.250" in text
 
@@ -118,9 +82,9 @@ def test_ratio_is_annotated_on_the_graph():
 def test_cache_filled_uncompiled_then_compiled_decode_falls_back_to_stored_kv():
     """X is only stored by compiled graphs: an eager prefill leaves nothing to recompute from,
     and the compiled decode must then load those positions instead (still exact)."""
-    model, new_cache = MODELS["llama-mha"]()
+    model, new_cache = CUSTOM_MODELS["llama-mha"]()
     prompt = torch.randint(0, 89, (2, 6), generator=torch.Generator().manual_seed(6))
-    ref = decode(model, prompt, new_cache(2), 5)
+    ref = decode_steps(model, prompt, new_cache(2), 5)
     cache = new_cache(2)
     with torch.no_grad():
         prefill = model(prompt, cache)                        # uncompiled
@@ -138,15 +102,17 @@ def test_scheduler_ratios_reach_the_graph_and_the_report(monkeypatch):
     """Without a forced ratio the scheduler picks per-layer ratios from the profile (GQA 2:1 here
     would be 0, MHA on the H200 preset recomputes), and the report prints its per-layer plan."""
     monkeypatch.delenv("KVPR_PROFILE", raising=False)
-    model, new_cache = MODELS["llama-mha"]()
-    compiled = torch.compile(model, backend="kvpr", options={"profile": "h200-pcie5", "overlap": "row"})
+    model, new_cache = CUSTOM_MODELS["llama-mha"]()
+    compiled = torch.compile(model, backend="kvpr",
+                             options={"profile": "h200-pcie5", "overlap": "row"})
     prompt = torch.randint(0, 89, (2, 5), generator=torch.Generator().manual_seed(7))
-    ref = decode(model, prompt, new_cache(2), 4)
-    out = decode(compiled, prompt, new_cache(2), 4)
+    ref = decode_steps(model, prompt, new_cache(2), 4)
+    out = decode_steps(compiled, prompt, new_cache(2), 4)
     assert worst_rel_err(out[1], ref[1]) <= TOL
     report = kvpr_compile.last_report()
     assert report.plan is not None and "h200-pcie5" in report.ratio_source
-    assert [report.ratios[i] for i in sorted(report.ratios)] == pytest.approx(report.plan.ratios, abs=1e-3)
+    ratios = [report.ratios[i] for i in sorted(report.ratios)]
+    assert ratios == pytest.approx(report.plan.ratios, abs=1e-3)
     assert 0 < min(report.plan.ratios) < 1          # the row schedule's interior optimum
     text = str(report)
     assert "predicted step" in text and "full-KV" in text
@@ -156,11 +122,12 @@ def test_scheduler_ratios_reach_the_graph_and_the_report(monkeypatch):
 def test_prompt_as_long_as_a_feature_dim_still_stores_x(name, prompt_len):
     """RoPE tables then have two dims of the token count; the token axis is traced from the
     cache's K instead, so the prefill still stores X and later steps recompute it."""
-    model, new_cache = MODELS[name]()
+    model, new_cache = CUSTOM_MODELS[name]()
     prompt = torch.randint(0, 89, (2, prompt_len), generator=torch.Generator().manual_seed(8))
-    ref = decode(model, prompt, new_cache(2), 4)
+    ref = decode_steps(model, prompt, new_cache(2), 4)
     cache = new_cache(2)
-    out = decode(torch.compile(model, backend="kvpr", options={"ratio": 1.0}), prompt, cache, 4)
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 1.0})
+    out = decode_steps(compiled, prompt, cache, 4)
     assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
     assert all(not r.skipped for r in kvpr_compile.reports()[-2:])
     assert cache._store.token_len == [prompt_len + 4] * 2     # X stored from the prefill on
@@ -169,11 +136,12 @@ def test_prompt_as_long_as_a_feature_dim_still_stores_x(name, prompt_len):
 def test_ratio_zero_layers_keep_no_x():
     """A layer planned at ratio 0 never reads X, so none is shipped or kept (for GQA 4:1, X
     would take twice the memory of the K/V cache itself)."""
-    model, new_cache = MODELS["llama-gqa"]()
+    model, new_cache = CUSTOM_MODELS["llama-gqa"]()
     prompt = torch.randint(0, 89, (2, 5), generator=torch.Generator().manual_seed(9))
-    ref = decode(model, prompt, new_cache(2), 4)
+    ref = decode_steps(model, prompt, new_cache(2), 4)
     cache = new_cache(2)
-    out = decode(torch.compile(model, backend="kvpr", options={"ratio": 0.0}), prompt, cache, 4)
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.0})
+    out = decode_steps(compiled, prompt, cache, 4)
     assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
     assert cache._store.tokens == [[], []] and cache._store.token_len == [0, 0]
 
@@ -181,12 +149,12 @@ def test_ratio_zero_layers_keep_no_x():
 def test_batch_size_change_reuses_a_dynamic_graph_and_keeps_layer_ahead_loads():
     """A second batch size makes Dynamo's batch dim symbolic; the loads' sizes then come from
     graph inputs (not raw symbols), stay exact, and can still be issued a layer ahead."""
-    model, new_cache = MODELS["llama-gqa"]()
+    model, new_cache = CUSTOM_MODELS["llama-gqa"]()
     compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.5})
     for batch, plen in [(2, 7), (3, 7), (4, 9)]:
         prompt = torch.randint(0, 89, (batch, plen), generator=torch.Generator().manual_seed(batch))
-        ref = decode(model, prompt, new_cache(batch), 4)
-        out = decode(compiled, prompt, new_cache(batch), 4)
+        ref = decode_steps(model, prompt, new_cache(batch), 4)
+        out = decode_steps(compiled, prompt, new_cache(batch), 4)
         assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
     graph = kvpr_compile.last_report().graph_module.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -199,9 +167,9 @@ def test_batch_size_change_reuses_a_dynamic_graph_and_keeps_layer_ahead_loads():
 
 
 def test_fused_qkv_recomputes_only_the_kv_columns():
-    model, new_cache = MODELS["fused-qkv"]()
+    model, new_cache = CUSTOM_MODELS["fused-qkv"]()
     compiled = torch.compile(model, backend="kvpr", options={"ratio": 1.0})
-    decode(compiled, torch.zeros(2, 5, dtype=torch.long), new_cache(2), 3)
+    decode_steps(compiled, torch.zeros(2, 5, dtype=torch.long), new_cache(2), 3)
     report = kvpr_compile.last_report()
     assert all("K/V columns only" in e.note for e in report.layers)
     recompute = [n for n in report.graph_module.graph.nodes
@@ -217,9 +185,9 @@ def test_rows_past_the_stored_x_never_leak_into_results():
     """Compiled prefill, then uncompiled steps (no X for them), then compiled steps at ratio 1.0:
     the X rows past the stored prefix hold whatever memory held (NaN here); the recompute still
     runs over them and assemble must replace every such row by the stored K/V."""
-    model, new_cache = MODELS["llama-mha"]()
+    model, new_cache = CUSTOM_MODELS["llama-mha"]()
     prompt = torch.randint(0, 89, (2, 6), generator=torch.Generator().manual_seed(10))
-    ref = decode(model, prompt, new_cache(2), 6)
+    ref = decode_steps(model, prompt, new_cache(2), 6)
     compiled = torch.compile(model, backend="kvpr", options={"ratio": 1.0})
     cache = new_cache(2)
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """Drawn decoders (tests/decoder_zoo.py), compiled at ratios 0, 0.37 and 1.0: each is exact
-against eager (fp32 CPU, max relative error of logits <= 1e-5 via conftest's helpers, which
+against eager (fp32 CPU, max relative error of logits <= 1e-5 via helpers.py, which
 return inf on any NaN; identical greedy tokens over the prefill and 3 decode steps), and every
 layer the report says it recomputed at the ratio still matches eager with the stored K/V rows it
 recomputes (the first floor(ratio * prompt)) poisoned by NaN after the prefill -- or the layer
@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, assume, given, seed, settings, strategies as
 
 import kvpr_compile
 from kvpr_compile import report as report_mod
-from conftest import max_rel_err, worst_rel_err
+from helpers import max_rel_err, worst_rel_err
 from decoder_zoo import AXES, Choices, build, make_cache, run_decode
 
 TOL = 1e-5
@@ -118,19 +118,22 @@ def check_ratio(c: Choices, ratio: float, prompt, ref) -> Outcome:
 
 def check(c: Choices, ratios=RATIOS, want_recompute: bool | None = None) -> list[Outcome]:
     """Every ratio exact or a clean fallback. ``want_recompute``: also require (True) that every
-    layer is recomputed at every ratio > 0; None: required unless a known entry says it falls back."""
+    layer is recomputed at every ratio > 0; None: required unless a known entry says it falls
+    back."""
     c = c.canonical()
     model = build(c, seed=1)
     prompt = torch.randint(0, 53, (BATCH, c.prompt_len), generator=torch.Generator().manual_seed(7))
     ref = run_decode(model, prompt, make_cache(model, BATCH), STEPS, c.position_ids)
-    assert all(torch.isfinite(t).all() for t in (ref[0], *ref[1])), f"eager is not finite: {c.short()}"
+    assert all(torch.isfinite(t).all() for t in (ref[0], *ref[1])), \
+        f"eager is not finite: {c.short()}"
     if want_recompute is None:
         want_recompute = not any(KNOWN_FAILURES[n].kind == "should recompute" for n in known(c))
     outcomes = []
     for ratio in ratios:
         o = check_ratio(c, ratio, prompt, ref)
         if want_recompute and ratio > 0:
-            assert not o.fallbacks and sorted(o.rewritten) == list(range(len(model.blocks))) and all(
+            every_layer = sorted(o.rewritten) == list(range(len(model.blocks)))
+            assert not o.fallbacks and every_layer and all(
                 r == pytest.approx(ratio, abs=1e-3) for r in o.rewritten.values()), \
                 f"not recomputed at ratio {ratio} ({o.fallbacks}): {c.short()}"
         outcomes.append(o)

@@ -7,12 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import worst_rel_err
+from helpers import check_race_free, decode_seeded, tiny_llama, worst_rel_err
 from kvpr_compile.backend import kvpr_backend
 from kvpr_compile.runtime import cuda_runtime, direct
 from kvpr_compile.runtime.lower import KVPR_OPS, lower
-from test_prefetch_placement import tiny_llama
-from test_runtime_sim import check, decode, sim  # noqa: F401  (the fixture)
 
 TOL = 1e-5
 LAYERS = 4
@@ -33,10 +31,10 @@ def targets(gm):
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
 def test_lowered_graph_is_exact_and_has_no_custom_ops(ratio):
     model = tiny_llama()
-    ref = decode(model, model.make_cache(2, 96), 8)
+    ref = decode_seeded(model, model.make_cache(2, 96), 8)
     lowered = []
     compiled = torch.compile(model, backend=lowering_backend(lowered), options={"ratio": ratio})
-    out = decode(model, model.make_cache(2, 96), 8, compiled, poison=ratio == 1.0)
+    out = decode_seeded(model, model.make_cache(2, 96), 8, compiled, poison=ratio == 1.0)
     assert worst_rel_err(out[0], ref[0]) <= TOL and torch.equal(out[1], ref[1])
     decode_graph = lowered[-1]
     calls = targets(decode_graph)
@@ -77,16 +75,16 @@ def test_resolve_finds_the_store_without_reading_the_handle():
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
-def test_lowered_graph_on_simulated_streams(sim, ratio):  # noqa: F811
+def test_lowered_graph_on_simulated_streams(sim, ratio):
     """Direct calls on the CUDA runtime's logic: exact, race-free, one wait per layer (X)."""
     model = tiny_llama()
-    ref = decode(model, model.make_cache(2, 96), 8)
+    ref = decode_seeded(model, model.make_cache(2, 96), 8)
     api = sim()
     lowered = []
     compiled = torch.compile(model, backend=lowering_backend(lowered), options={"ratio": ratio})
     cache = model.make_cache(2, 96)
-    out = decode(model, cache, 8, compiled, poison=ratio == 1.0)
-    check(api, ref, out)
+    out = decode_seeded(model, cache, 8, compiled, poison=ratio == 1.0)
+    check_race_free(api, ref, out)
     calls = targets(lowered[-1])
     assert calls.count(direct.stream_store_assemble) == LAYERS
     assert calls.count(direct.stream_wait) == (LAYERS if ratio > 0 else 0)

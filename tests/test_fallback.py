@@ -26,7 +26,8 @@ class NoCacheAttention(nn.Module):
     def forward(self, x):
         b, n, c = x.shape
         q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(c, 2))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, c)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return y.transpose(1, 2).reshape(b, n, c)
 
 
 class ValueWithoutProjection(nn.Module):
@@ -45,8 +46,8 @@ class ValueWithoutProjection(nn.Module):
         k, v = cache.update(0, k, v)
         pos = cache.seq_len(0)
         mask = torch.arange(pos - n, pos)[:, None] >= torch.arange(pos)[None, :]
-        return self.out(F.scaled_dot_product_attention(x.view(b, n, 1, c).transpose(1, 2), k, v,
-                                                       attn_mask=mask).transpose(1, 2).reshape(b, n, c))
+        y = F.scaled_dot_product_attention(x.view(b, n, 1, c).transpose(1, 2), k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, n, c))
 
 
 def test_graph_without_offloaded_cache_is_unchanged_and_warns_once():
@@ -92,8 +93,9 @@ def test_unsupported_site_is_left_as_plain_read_with_reason():
 
 def test_hf_dynamic_cache_model_falls_back():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 64, (1, 6))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvpr_compile
-from conftest import decode_steps as decode, max_rel_err, worst_rel_err
+from helpers import decode_steps as decode, max_rel_err, worst_rel_err
 from generality_models import PatternModel, make_cache
 
 TOL = 1e-5

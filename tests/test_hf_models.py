@@ -10,46 +10,10 @@ transformers = pytest.importorskip("transformers")
 
 import kvpr_compile  # noqa: E402
 from kvpr_compile.hf import KVPRCache, cache_kwargs  # noqa: E402
-from conftest import max_rel_err, worst_rel_err  # noqa: E402
+from helpers import (HF_SMALL, hf_build, hf_configs, hf_generate,  # noqa: E402
+                     max_rel_err, worst_rel_err)
 
 TOL = 1e-5
-NEW = 16
-SMALL = dict(vocab_size=128, num_hidden_layers=2)
-
-
-def configs():
-    t = transformers
-    return {
-        "llama": t.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                               num_key_value_heads=4, **SMALL),
-        "llama-gqa": t.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                   num_key_value_heads=2, **SMALL),
-        "qwen2": t.Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                               num_key_value_heads=2, **SMALL),
-        "mistral": t.MistralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                   num_key_value_heads=1, sliding_window=None, **SMALL),
-        "opt": t.OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
-                           max_position_embeddings=256, **SMALL),
-        "gpt2": t.GPT2Config(n_embd=64, n_head=4, n_positions=256, vocab_size=128, n_layer=2,
-                             bos_token_id=0, eos_token_id=0),
-        "phi": t.PhiConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                           partial_rotary_factor=0.5, **SMALL),
-    }
-
-
-def build(arch):
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(configs()[arch]).eval()
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def generate(model, ids, **kw):
-    cache = KVPRCache(model.config, ids.shape[0], 64)
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                              do_sample=False, output_logits=True, return_dict_in_generate=True,
-                              **cache_kwargs(model, cache), **kw)
 
 
 @torch.no_grad()
@@ -59,13 +23,13 @@ def prefill_logits(model, ids):
 
 
 def check(arch, ratio, inner):
-    model = build(arch)
+    model = hf_build(arch)
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    ref, ref_prefill = generate(model, ids), prefill_logits(model, ids)
+    ref, ref_prefill = hf_generate(model, ids), prefill_logits(model, ids)
     first_report = len(kvpr_compile.reports())
     model.forward = torch.compile(model.forward, backend="kvpr",
                                   options={"ratio": ratio, "inner": inner})
-    out = generate(model, ids)
+    out = hf_generate(model, ids)
     assert len(kvpr_compile.reports()) - first_report <= 3   # no recompile per decode step
     out_prefill = prefill_logits(model, ids)
     assert max_rel_err(out_prefill, ref_prefill) <= TOL
@@ -79,7 +43,7 @@ def check(arch, ratio, inner):
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.37, 1.0])
-@pytest.mark.parametrize("arch", sorted(configs()))
+@pytest.mark.parametrize("arch", sorted(hf_configs()))
 def test_hf_compiled_matches_eager(arch, ratio):
     check(arch, ratio, "eager")
 
@@ -94,7 +58,7 @@ def test_cache_kwargs_use_the_keyword_this_transformers_takes_without_warning():
     by the model's forward signature, and neither generate nor forward warns."""
     import inspect
     import warnings
-    model = build("llama")
+    model = hf_build("llama")
     ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(2))
     cache = KVPRCache(model.config, 1, 64)
     kwargs = cache_kwargs(model, cache)
@@ -105,12 +69,12 @@ def test_cache_kwargs_use_the_keyword_this_transformers_takes_without_warning():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
                              do_sample=False, **kwargs)
     assert out.shape == (1, 9) and cache.get_seq_length() == 8   # last token not fed back
-    ref = generate(build("llama"), ids)
+    ref = hf_generate(hf_build("llama"), ids)
     assert torch.equal(out, ref.sequences[:, :9])
 
 
 def test_kvpr_cache_storage_follows_the_config():
-    cfg = configs()["llama-gqa"]
+    cfg = hf_configs()["llama-gqa"]
     cache = KVPRCache(cfg, batch_size=3, max_seq_len=20)
     assert len(cache.offloaded.k_cpu) == cfg.num_hidden_layers
     assert tuple(cache.offloaded.k_cpu[0].shape) == (20, 3, 2, 16)
@@ -118,14 +82,17 @@ def test_kvpr_cache_storage_follows_the_config():
         cache.reorder_cache(torch.tensor([0, 1, 2]))
 
 
-EXTRA = {  # more layouts: q/k norms, interleaved fused QKV, multi-query, partial/interleaved RoPE, ALiBi
-    "qwen3": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+GQA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+# more layouts: q/k norms, interleaved fused QKV, multi-query, partial/interleaved RoPE, ALiBi
+EXTRA = {
+    "qwen3": dict(GQA, head_dim=16),
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4),
-    "falcon": dict(hidden_size=64, num_attention_heads=4, multi_query=True, new_decoder_architecture=False),
-    "gemma2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-    "stablelm": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
-    "cohere": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
-    "olmo2": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+    "falcon": dict(hidden_size=64, num_attention_heads=4, multi_query=True,
+                   new_decoder_architecture=False),
+    "gemma2": dict(GQA, head_dim=16),
+    "stablelm": GQA,
+    "cohere": GQA,
+    "olmo2": GQA,
     "gptj": dict(n_embd=64, n_head=4, rotary_dim=8),
     "bloom": dict(hidden_size=64, n_head=4),
     "gpt_bigcode": dict(n_embd=64, n_head=4, multi_query=True),
@@ -134,16 +101,17 @@ EXTRA = {  # more layouts: q/k norms, interleaved fused QKV, multi-query, partia
 
 @pytest.mark.parametrize("arch", sorted(EXTRA))
 def test_more_architectures_full_recompute(arch):
-    cfg = transformers.AutoConfig.for_model(arch, **SMALL, **EXTRA[arch])
+    cfg = transformers.AutoConfig.for_model(arch, **HF_SMALL, **EXTRA[arch])
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     model.generation_config.pad_token_id = 0
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    ref = generate(model, ids)
+    ref = hf_generate(model, ids)
     first_report = len(kvpr_compile.reports())
     model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": 1.0})
-    out = generate(model, ids)
-    assert worst_rel_err(out.logits, ref.logits) <= TOL and torch.equal(out.sequences, ref.sequences)
+    out = hf_generate(model, ids)
+    assert worst_rel_err(out.logits, ref.logits) <= TOL
+    assert torch.equal(out.sequences, ref.sequences)
     mine = kvpr_compile.reports()[first_report:]
     assert all(sorted(r.ratios) == [0, 1] and not r.skipped for r in mine)
     assert any(r.ratios == {0: 1.0, 1: 1.0} for r in mine)
@@ -151,7 +119,7 @@ def test_more_architectures_full_recompute(arch):
 
 def test_hf_poisoned_kv_full_recompute():
     """Stored K/V poisoned with NaN after a compiled prefill; ratio 1.0 decode still exact."""
-    model = build("llama-gqa")
+    model = hf_build("llama-gqa")
     ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(3))
 
     @torch.no_grad()
@@ -176,7 +144,7 @@ def test_hf_poisoned_kv_full_recompute():
 def test_left_padded_batch_recomputes_with_each_rows_positions():
     """Left padding gives each row its own positions; the stored RoPE records carry them, so a
     full recompute stays exact (regenerating cos/sin for 0..l-1 would not be)."""
-    model = build("llama")
+    model = hf_build("llama")
     ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     mask[0, :3], ids[0, :3] = 0, 0
@@ -190,5 +158,6 @@ def test_left_padded_batch_recomputes_with_each_rows_positions():
     ref = run()
     model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": 1.0})
     out = run()
-    assert worst_rel_err(out.logits, ref.logits) <= TOL and torch.equal(out.sequences, ref.sequences)
+    assert worst_rel_err(out.logits, ref.logits) <= TOL
+    assert torch.equal(out.sequences, ref.sequences)
     assert kvpr_compile.last_report().ratios == {0: 1.0, 1: 1.0}

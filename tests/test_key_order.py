@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kvpr_compile
-from conftest import max_rel_err, worst_rel_err
+from helpers import max_rel_err, worst_rel_err
 from padded_models import PaddedAlibiModel, make_padded_cache
 
 TOL = 1e-5
@@ -40,7 +40,8 @@ def padded_prompt(pad, length=9):
     return prompt
 
 
-@pytest.mark.parametrize("alibi,pad,ratio", [(True, PAD, 0.37), (True, PAD, 0.5), (False, PAD, 0.37),
+@pytest.mark.parametrize("alibi,pad,ratio", [(True, PAD, 0.37), (True, PAD, 0.5),
+                                              (False, PAD, 0.37),
                                               (True, torch.tensor([0, 0]), 0.5)],
                          ids=["alibi-padded-0.37", "alibi-padded-0.5", "padded-0.37", "alibi-0.5"])
 def test_custom_position_dependent_attention(alibi, pad, ratio):
@@ -54,7 +55,8 @@ def test_custom_position_dependent_attention(alibi, pad, ratio):
     assert worst_rel_err(out[1], ref[1]) <= TOL
     assert torch.equal(out[2], ref[2])
     report = kvpr_compile.last_report()
-    assert report.ratios == {0: pytest.approx(ratio), 1: pytest.approx(ratio)} and not report.skipped
+    assert report.ratios == {0: pytest.approx(ratio), 1: pytest.approx(ratio)}
+    assert not report.skipped
 
 
 def test_key_order_changes_the_logits():

@@ -14,7 +14,7 @@ import torch
 
 import kvpr_compile
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
-from conftest import chunk_tokens, conversation, nan_kv, worst_rel_err
+from helpers import chunk_tokens, conversation, nan_kv, worst_rel_err
 from custom_models import ComplexRopeModel, make_cache
 from padded_models import PaddedAlibiModel, make_padded_cache
 
@@ -41,7 +41,8 @@ def _complex_rope():
 
 def _hf(arch, layers=2, **kw):
     def build():
-        cfg = transformers.AutoConfig.for_model(arch, vocab_size=128, num_hidden_layers=layers, **kw)
+        cfg = transformers.AutoConfig.for_model(arch, vocab_size=128, num_hidden_layers=layers,
+                                                **kw)
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
@@ -85,13 +86,14 @@ def _chunk_reports(reports, recomputing=True):
     return [r for r in reports if any(e.note.startswith(prefix) for e in r.layers)]
 
 
-DEFAULT_EXACT = set()             # fractional ratios by default: the padded test; all with --run-slow
+DEFAULT_EXACT = set()   # fractional ratios by default: the padded test; all with --run-slow
 DEFAULT_POISONED = {"hf-qwen2-gqa", "hf-gpt2"}   # tiny-llama: test_runtime_sim.py
 
 
 def _cases(names, default, with_ratio):
     return [pytest.param(*((name, r) if with_ratio else (name,)),
-                         marks=() if ((name, r) if with_ratio else name) in default else pytest.mark.slow,
+                         marks=() if ((name, r) if with_ratio else name) in default
+                         else pytest.mark.slow,
                          id=f"{name}-{r}" if with_ratio else name)
             for name in sorted(names) for r in ((0.0, 0.5) if with_ratio else (None,))]
 
@@ -145,7 +147,8 @@ class _TokensTimesHeads(torch.nn.Module):
         k = self.wk(x).view(b, n * self.heads, self.head_dim).view(split).transpose(1, 2)
         q, v = (p(x).view(split).transpose(1, 2) for p in (self.wq, self.wv))
         k, v = cache.update(0, k, v)
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=n > 1 and k.shape[2] == n)
+        causal = n > 1 and k.shape[2] == n
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -157,10 +160,12 @@ def test_a_chunk_that_cannot_be_specialised_loads_the_past_and_says_why():
     first = len(kvpr_compile.reports())
     kvpr_compile.report._WARNED.clear()
     with pytest.warns(UserWarning, match="computed from the token count"):
-        out = conversation(torch.compile(model, backend="kvpr", options={"ratio": 1.0}), new_cache())
+        compiled = torch.compile(model, backend="kvpr", options={"ratio": 1.0})
+        out = conversation(compiled, new_cache())
     assert worst_rel_err(out, ref) <= TOL
     notes = [e.note for r in kvpr_compile.reports()[first:] for e in r.layers]
-    assert any("loads the whole past" in n and "computed from the token count" in n for n in notes), notes
+    assert any("loads the whole past" in n and "computed from the token count" in n
+               for n in notes), notes
     assert "" in notes   # decode steps still recompute
 
 
@@ -180,8 +185,8 @@ def test_chunks_on_a_poisoned_past_under_inductor(inner):
 def test_static_shapes_chunk_as_long_as_the_batch_and_the_kv_heads(monkeypatch):
     """dynamic=False: the token count is a plain int in the slice (2, like the batch and the KV
     heads of ``view(2, 2, 2, 8)``); the token dim traced from K tells them apart."""
-    import conftest
-    monkeypatch.setattr(conftest, "CHUNKS", (2, 3))
+    import helpers
+    monkeypatch.setattr(helpers, "CHUNKS", (2, 3))
     model, _, new_cache, poison = _tiny_llama()
     ref = conversation(model, new_cache())
     first = len(kvpr_compile.reports())
@@ -190,7 +195,8 @@ def test_static_shapes_chunk_as_long_as_the_batch_and_the_kv_heads(monkeypatch):
     assert len(_chunk_reports(kvpr_compile.reports()[first:])) == 3   # 2, 3 and the next turn's 4
 
 
-@pytest.mark.parametrize("ratio,poison", [(0.37, False), pytest.param(1.0, True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("ratio,poison", [(0.37, False),
+                                          pytest.param(1.0, True, marks=pytest.mark.slow)])
 def test_left_padded_batch_chunk_recomputes_with_each_rows_positions(ratio, poison):
     """Row 0 left-padded: per-row learned positions in X and a per-row key mask with ALiBi. The
     chunk on the padded past recomputes K,V[:l] in the right order at a fractional ratio and
@@ -235,7 +241,8 @@ def test_hf_left_padded_rows_recompute_the_past_with_their_stored_positions():
     def run(forward, poison):
         cache, att = KVPRCache(model.config, 2, 40), mask
         outs = []
-        chunks = [ids, *(chunk_tokens(2, n, n, 128) for n in (3, 5, 1))]   # prefill, 2 chunks, a step
+        # the prefill, 2 chunks, a step
+        chunks = [ids, *(chunk_tokens(2, n, n, 128) for n in (3, 5, 1))]
         for i, chunk in enumerate(chunks):
             att = att if i == 0 else torch.cat([att, torch.ones_like(chunk)], 1)
             pos = (att.cumsum(-1) - 1).clamp_min(0)[:, -chunk.shape[1]:]

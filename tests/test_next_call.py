@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hf_llama, worst_rel_err
+from helpers import (check_race_free, compiled_run, decode_seeded, hf_llama, sim_backend,
+                     tiny_llama, worst_rel_err)
 from kvpr_compile.runtime import cuda_runtime
-from test_prefetch_placement import tiny_llama
-from test_runtime_sim import TOL, check, compiled_run, decode, sim, sim_backend  # noqa: F401  (sim: the fixture)
 
+TOL = 1e-5
 STEPS = 3
 
 
@@ -24,16 +24,16 @@ def runtime_of(cache):
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
-def test_every_decode_step_uses_the_loads_prefetched_by_the_call_before(sim, ratio):  # noqa: F811
+def test_every_decode_step_uses_the_loads_prefetched_by_the_call_before(sim, ratio):
     """Each step's prefetch serves the next step's first layer: X and K,V[l:] (K,V only at
     ratio 0); exact, race-free, no slot beyond the two. The prefill recomputes nothing (an empty
     past), so it prefetches K,V only: used by the first step at ratio 0, dropped otherwise."""
     model = tiny_llama(layers=2)
-    ref = decode(model, model.make_cache(2, 96), STEPS)
+    ref = decode_seeded(model, model.make_cache(2, 96), STEPS)
     api = sim()
     compiled = torch.compile(model, backend=sim_backend(), options={"ratio": ratio})
     cache = model.make_cache(2, 96)
-    check(api, ref, decode(model, cache, STEPS, compiled))
+    check_race_free(api, ref, decode_seeded(model, cache, STEPS, compiled))
     rt = runtime_of(cache)
     if ratio == 0.0:
         assert rt.next_call_used == STEPS and rt.next_call_dropped == 0
@@ -43,10 +43,10 @@ def test_every_decode_step_uses_the_loads_prefetched_by_the_call_before(sim, rat
 
 
 @pytest.mark.slow
-def test_off_loads_at_the_start_of_each_call(sim, monkeypatch):  # noqa: F811
+def test_off_loads_at_the_start_of_each_call(sim, monkeypatch):
     monkeypatch.setattr(cuda_runtime, "PREFETCH_NEXT_CALL", False)
     api, cache, ref, out = compiled_run(sim, 0.5, steps=3)
-    check(api, ref, out)
+    check_race_free(api, ref, out)
     rt = runtime_of(cache)
     assert rt.next_call_used == 0 and rt.slots.next_call is None and not rt.slots.held
 
@@ -68,7 +68,7 @@ def _steps(run, cache, nxt, steps):
     return logits, nxt
 
 
-def test_store_rewritten_between_calls_is_loaded_again(sim):  # noqa: F811
+def test_store_rewritten_between_calls_is_loaded_again(sim):
     """Ratio 0 (layer 0 reads its stored K,V): between two steps layer 0's K,V are rewritten
     through ``k_cpu``; the next step asks the prefetched ranges, but the store changed: the
     prefetch is dropped and the step reads the new values, like eager."""
@@ -76,9 +76,10 @@ def test_store_rewritten_between_calls_is_loaded_again(sim):  # noqa: F811
     results = []
     for compiled in (False, True):
         api = sim() if compiled else None
-        run = torch.compile(model, backend=sim_backend(), options={"ratio": 0.0}) if compiled else model
+        run = torch.compile(model, backend=sim_backend(),
+                            options={"ratio": 0.0}) if compiled else model
         cache = model.make_cache(2, 96)
-        ref_logits, tokens = decode(model, cache, 2, run if compiled else None)
+        ref_logits, tokens = decode_seeded(model, cache, 2, run if compiled else None)
         _rewrite_layer0(cache, cache.seq_len(0))
         logits, _ = _steps(run, cache, ref_logits[-1].argmax(-1, keepdim=True), 3)
         results.append(logits)
@@ -88,7 +89,7 @@ def test_store_rewritten_between_calls_is_loaded_again(sim):  # noqa: F811
     assert rt.next_call_dropped == 1 and rt.next_call_used == 2 + 2   # all but the rewritten one
 
 
-def test_reset_and_a_same_length_prompt_written_uncompiled_drop_the_prefetch(sim):  # noqa: F811
+def test_reset_and_a_same_length_prompt_written_uncompiled_drop_the_prefetch(sim):
     """After compiled steps the cache is reset and another prompt, as long as the cached one,
     is prefilled by the uncompiled model: the next compiled step asks exactly the ranges that
     were prefetched, from a store that now holds other tokens."""
@@ -97,9 +98,10 @@ def test_reset_and_a_same_length_prompt_written_uncompiled_drop_the_prefetch(sim
     results = []
     for compiled in (False, True):
         api = sim() if compiled else None
-        run = torch.compile(model, backend=sim_backend(), options={"ratio": 0.5}) if compiled else model
+        run = torch.compile(model, backend=sim_backend(),
+                            options={"ratio": 0.5}) if compiled else model
         cache = model.make_cache(2, 96)
-        decode(model, cache, 2, run if compiled else None)   # 6 + 2 tokens
+        decode_seeded(model, cache, 2, run if compiled else None)   # 6 + 2 tokens
         cache.reset()
         with torch.no_grad():
             nxt = model(other, cache)[:, -1].argmax(-1, keepdim=True)
@@ -111,7 +113,7 @@ def test_reset_and_a_same_length_prompt_written_uncompiled_drop_the_prefetch(sim
     assert rt.next_call_dropped == 2 and rt.next_call_used == 2 * (1 + 2)
 
 
-def test_graphs_of_another_ratio_drop_the_prefetch(sim):  # noqa: F811
+def test_graphs_of_another_ratio_drop_the_prefetch(sim):
     """Steps alternate between graphs compiled at ratios 0.5 and 0: each prefetch asks for the
     ranges of the graph that issued it, the next call asks others; exact and race-free (the
     dropped copies are waited for before their slot is reused)."""
@@ -121,7 +123,8 @@ def test_graphs_of_another_ratio_drop_the_prefetch(sim):  # noqa: F811
         nxt = model(torch.arange(1, 13).view(2, 6), cache_ref)[:, -1].argmax(-1, keepdim=True)
     ref, _ = _steps(model, cache_ref, nxt, 4)
     api = sim()
-    half, zero = (torch.compile(model, backend=sim_backend(), options={"ratio": r}) for r in (0.5, 0.0))
+    half, zero = (torch.compile(model, backend=sim_backend(), options={"ratio": r})
+                  for r in (0.5, 0.0))
     cache = model.make_cache(2, 96)
     out = []
     with torch.no_grad():
@@ -137,7 +140,7 @@ def test_graphs_of_another_ratio_drop_the_prefetch(sim):  # noqa: F811
     assert rt.next_call_used == 1 and rt.next_call_dropped == 3
 
 
-def test_hf_llama_generate_uses_the_prefetch(sim):  # noqa: F811
+def test_hf_llama_generate_uses_the_prefetch(sim):
     """A tiny HF Llama generating through KVPRCache with backend="kvpr": every step after the
     first compiled decode graph uses the prefetched loads; tokens and logits equal eager."""
     pytest.importorskip("transformers")
@@ -163,14 +166,14 @@ def test_hf_llama_generate_uses_the_prefetch(sim):  # noqa: F811
     assert rt.next_call_used >= 2 * 2   # X and K,V of layer 0 in (at least) steps 2..3
 
 
-def test_piecewise_inner_keeps_the_prefetch_step(sim):  # noqa: F811
+def test_piecewise_inner_keeps_the_prefetch_step(sim):
     """``inner="piecewise"`` runs the lowered graph split at the kvpr steps: the prefetch step,
     which returns nothing, must still run there (a piece with no output is not dropped)."""
     model = tiny_llama(layers=2)
-    ref = decode(model, model.make_cache(2, 96), STEPS)
+    ref = decode_seeded(model, model.make_cache(2, 96), STEPS)
     api = sim()
     compiled = torch.compile(model, backend=sim_backend(),
                              options={"ratio": 1.0, "inner": "piecewise"})
     cache = model.make_cache(2, 96)
-    check(api, ref, decode(model, cache, STEPS, compiled))
+    check_race_free(api, ref, decode_seeded(model, cache, STEPS, compiled))
     assert runtime_of(cache).next_call_used == 2 * (STEPS - 1)

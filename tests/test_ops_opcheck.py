@@ -1,5 +1,6 @@
-"""torch.library.opcheck on every kvpr:: op with realistic inputs (a real OffloadedKVCache's handle):
-schema (declared mutations, no aliasing), fake implementations, AOT dispatch with dynamic shapes.
+"""torch.library.opcheck on every kvpr:: op with realistic inputs (a real OffloadedKVCache's
+handle): schema (declared mutations, no aliasing), fake implementations, AOT dispatch with dynamic
+shapes.
 
 Run on the CPU path, and on the CUDA runtime's code path driven on CPU by simulated streams
 (slot views, sequence-major strides that the fake of load_kv must reproduce)."""
@@ -23,8 +24,8 @@ def cache():
     c = OffloadedKVCache(num_layers=2, batch_size=B, max_seq_len=32, num_kv_heads=H, head_dim=D)
     g = torch.Generator().manual_seed(0)
     c.update(0, torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g))
-    kvpr.store_tokens(c.handle, 1, 0, *new_kv(N), [torch.randn(B, N, HIDDEN), torch.randn(1, 1, N, D)],
-                      [1, 2])
+    kvpr.store_tokens(c.handle, 1, 0, *new_kv(N),
+                      [torch.randn(B, N, HIDDEN), torch.randn(1, 1, N, D)], [1, 2])
     return c
 
 

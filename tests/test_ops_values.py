@@ -56,7 +56,8 @@ def test_load_kv_returns_the_stored_rows(path, cache, start, end):
 
 def x_and_cos(pos, n):
     """New tokens' X (b, n, hidden) and a side input with its token dim at 2, (1, 1, n, d)."""
-    return numbered(B, n, HID, offset=10_000.0 + 100 * pos), numbered(1, 1, n, D, offset=-50.0 - 10 * pos)
+    return (numbered(B, n, HID, offset=10_000.0 + 100 * pos),
+            numbered(1, 1, n, D, offset=-50.0 - 10 * pos))
 
 
 def test_store_tokens_then_load_tokens(path, cache):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import max_rel_err, worst_rel_err
+from helpers import (CUSTOM_MODELS, compare_custom, decode_steps, max_rel_err,
+                     worst_rel_err)
 from kvpr_compile.backend import kvpr_backend
 from kvpr_compile.runtime.piecewise import Piece, compile_piecewise, is_step
 from kvpr_compile.runtime import direct
 from kvpr_compile.runtime.lower import lower
-from test_custom_models import MODELS, compare, decode
 
 TOL = 1e-5
 
@@ -29,20 +29,20 @@ def check(ref, out):
                                   pytest.param("complex-rope", marks=pytest.mark.slow),
                                   pytest.param("llama-gqa", marks=pytest.mark.slow)])
 def test_piecewise_matches_eager(name):
-    check(*compare(name, 0.37, "piecewise"))
+    check(*compare_custom(name, 0.37, "piecewise"))
 
 
 def test_piecewise_recomputes_from_x_with_poisoned_kv():
-    model, new_cache = MODELS["fused-qkv"]()
+    model, new_cache = CUSTOM_MODELS["fused-qkv"]()
     prompt = torch.randint(0, 89, (2, 9), generator=torch.Generator().manual_seed(4))
-    ref = decode(model, prompt, new_cache(2), 4)
+    ref = decode_steps(model, prompt, new_cache(2), 4)
     full = torch.compile(model, backend="kvpr", options={"ratio": 1.0, "inner": "piecewise"})
-    out = decode(full, prompt, new_cache(2), 4, poison_after_prefill=True)
+    out = decode_steps(full, prompt, new_cache(2), 4, poison=True)
     assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
 
 
 def test_split_keeps_steps_in_order_and_compiles_only_compute():
-    model, new_cache = MODELS["llama-mha"]()
+    model, new_cache = CUSTOM_MODELS["llama-mha"]()
     splits = []
 
     def backend(gm, example_inputs, **kwargs):
@@ -53,8 +53,8 @@ def test_split_keeps_steps_in_order_and_compiles_only_compute():
 
     prompt = torch.randint(0, 89, (2, 7), generator=torch.Generator().manual_seed(3))
     compiled = torch.compile(model, backend=backend, options={"ratio": 0.5})
-    out = decode(compiled, prompt, new_cache(2), 3)
-    check(decode(model, prompt, new_cache(2), 3), out)
+    out = decode_steps(compiled, prompt, new_cache(2), 3)
+    check(decode_steps(model, prompt, new_cache(2), 3), out)
     lowered, split = splits[-1]
     steps = [n.target for n in lowered.graph.nodes if n.op == "call_function" and is_step(n)
              and n.target in (direct.cpu_load_kv, direct.cpu_store_assemble)]

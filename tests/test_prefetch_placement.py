@@ -8,32 +8,14 @@ import pytest
 import torch
 from torch import fx
 
-from conftest import worst_rel_err
-from kvpr_compile.backend import kvpr_backend
-from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama, greedy_generate
+from helpers import hoisting_backend, tiny_llama, worst_rel_err
+from kvpr_compile.models import greedy_generate
 from kvpr_compile.ops.nodes import args_of
 from kvpr_compile.passes.prefetch import hoist_loads
 
 kvpr = torch.ops.kvpr
 TOL = 1e-5
 LAYERS = 4
-
-
-def hoisting_backend(graphs: list, distance: int = 1):
-    """kvpr_backend (eager inner) followed by hoist_loads; keeps each rewritten graph."""
-    def backend(gm, example_inputs, **kwargs):
-        kvpr_backend(gm, example_inputs, **kwargs)
-        hoist_loads(gm.graph, distance)
-        gm.recompile()
-        graphs.append(gm)
-        return gm.forward
-    return backend
-
-
-def tiny_llama(layers=LAYERS, kv_heads=4):
-    cfg = TinyLlamaConfig(vocab_size=97, hidden_size=64, num_layers=layers, num_heads=4,
-                          num_kv_heads=kv_heads, intermediate_size=96, max_seq_len=96)
-    return build_tiny_llama(cfg, seed=3)
 
 
 def run(model, ratio, graphs, distance=1, steps=8):

@@ -36,7 +36,7 @@ def test_presets_exist_with_cited_realistic_numbers():
     assert PRESETS["a100-pcie4"].h2d_bytes_per_s < 31.5e9          # PCIe 4.0 theoretical
     assert PRESETS["a100-pcie4"].flops(torch.float16) < 312e12      # datasheet peak
     h200 = PRESETS["h200-pcie5"]
-    assert h200.h2d_bytes_per_s == 55e9                            # the project measurement in docs/design.md
+    assert h200.h2d_bytes_per_s == 55e9   # the project measurement in docs/design.md
     assert 600e12 <= h200.flops(torch.float16) <= 700e12
     assert "measured on an H200" in h200.source
     for p in PRESETS.values():

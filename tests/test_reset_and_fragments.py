@@ -1,5 +1,6 @@
-"""A cache reset between generations (and one in the middle of a generation: an error), cached lengths under 1/ratio (l = 0 recomputed tokens in a
-rewritten decode graph), and graph fragments without attention (no misleading warning)."""
+"""A cache reset between generations (and one in the middle of a generation: an error), cached
+lengths under 1/ratio (l = 0 recomputed tokens in a rewritten decode graph), and graph fragments
+without attention (no misleading warning)."""
 from __future__ import annotations
 
 import warnings
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kvpr_compile
-from conftest import hf_llama, worst_rel_err
+from helpers import hf_llama, worst_rel_err
 from kvpr_compile.hf import KVPRCache, cache_kwargs
 
 transformers = pytest.importorskip("transformers")
@@ -19,7 +20,8 @@ TOL = 1e-5
 
 @torch.no_grad()
 def hf_decode(model, cache, ids, steps):
-    logits, out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1], []
+    logits = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
+    out = []
     for _ in range(steps):
         nxt = logits.argmax(-1, keepdim=True)
         logits = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
@@ -77,7 +79,8 @@ def test_reset_in_the_middle_of_generate_raises_and_writes_nothing(compiled):
     # the cache is usable: the next generation from a (left-padded) prompt matches a fresh cache
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, :2] = 0
-    fresh = model.generate(ids, attention_mask=mask, **cache_kwargs(model, KVPRCache(model.config, 2, 32)),
+    fresh = model.generate(ids, attention_mask=mask,
+                           **cache_kwargs(model, KVPRCache(model.config, 2, 32)),
                            max_new_tokens=4, do_sample=False)
     cache.reset()
     again = model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=4,
@@ -93,7 +96,8 @@ def test_an_attention_mask_longer_than_the_cached_past_raises():
         model(input_ids=ids, attention_mask=torch.ones(2, 5), **cache_kwargs(model, cache))
         cache.reset()
         with pytest.raises(ValueError, match="covers 6 tokens but the cache holds 0"):
-            model(input_ids=ids[:, :1], attention_mask=torch.ones(2, 6), **cache_kwargs(model, cache))
+            model(input_ids=ids[:, :1], attention_mask=torch.ones(2, 6),
+                  **cache_kwargs(model, cache))
     assert cache.get_seq_length() == 0
 
 

@@ -10,7 +10,7 @@ import torch
 from kvpr_compile.passes.token_dims import token_dims
 from kvpr_compile.ops.split import recompute_tokens
 from kvpr_compile.runtime.store import KVStore
-from test_prefetch_placement import tiny_llama
+from helpers import tiny_llama
 
 
 @pytest.mark.parametrize("ratio,num,den", [(0.37, 37, 100), (0.5, 1, 2), (1.0, 1, 1)])

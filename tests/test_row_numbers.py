@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kvpr_compile
-from conftest import decode_steps, worst_rel_err
+from helpers import decode_steps, worst_rel_err
 from custom_models import FusedQKVModel, make_cache
 
 TOL = 1e-5

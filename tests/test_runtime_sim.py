@@ -9,164 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import conversation, nan_kv, worst_rel_err
+from helpers import (check_race_free, compiled_run, conversation, decode_seeded, nan_kv,
+                     sim_backend, tiny_llama, worst_rel_err)
 from kvpr_compile.runtime import cuda_runtime
-from kvpr_compile.runtime.lower import lower
-from kvpr_compile.runtime.slots import SlotPool
-from kvpr_compile.runtime.store import KVStore
-from sim_streams import SimApi
-from test_prefetch_placement import hoisting_backend, tiny_llama
 
 TOL = 1e-5
-
-
-@pytest.fixture
-def sim(monkeypatch):
-    """Call the returned function to route CPU ops through the CUDA runtime on SimApi
-    (``complete_after``: see ``SimApi``)."""
-    api = SimApi()
-
-    def enable(complete_after=None):
-        api.complete_after = complete_after
-        monkeypatch.setattr(cuda_runtime, "API", api)
-        races = api.races
-        cur = lambda: api.current  # noqa: E731
-
-        write_kv, write_tokens, read_kv = KVStore.write_kv, KVStore.write_tokens, KVStore.read_kv
-        wait, give_back = cuda_runtime.wait, SlotPool.give_back
-        store_tokens = cuda_runtime.CudaRuntime.store_tokens
-
-        def logged_write_kv(self, layer, pos, k, v):
-            n = k.shape[2]
-            for src, dst in ((k, self.k[layer]), (v, self.v[layer])):
-                races.read(cur(), src, "new K/V")
-                races.write(cur(), dst[pos:pos + n], f"stored K/V {layer}")
-            write_kv(self, layer, pos, k, v)
-
-        def logged_write_tokens(self, layer, pos, records, links=()):
-            write_tokens(self, layer, pos, records, links)
-            for src, dst in zip(records, self.tokens[layer]):
-                races.read(cur(), src, "new record")
-                races.write(cur(), dst[pos:pos + src.shape[0]], f"stored record {layer}")
-
-        def logged_read_kv(self, layer, start, end, device):
-            for src in (self.k[layer], self.v[layer]):
-                races.read(cur(), src[start:end], f"stored K/V {layer}")
-            return read_kv(self, layer, start, end, device)
-
-        def logged_store_tokens(self, store, layer, pos, k, v, records, keep, links=()):
-            for t in (k, v, *records):   # compute produced them just before (once: cos/sin are
-                if not api.is_watched(t):   # shared by every layer)
-                    races.write(api.compute, t, "compute output")
-                    api.watch_release(t, "a store copy's source")   # read by the D2H copy
-            return store_tokens(self, store, layer, pos, k, v, records, keep, links)
-
-        def logged_wait(tensors):
-            wait(tensors)
-            for t in tensors:
-                races.read(cur(), t, "loaded (after wait)")
-
-        def logged_give_back(self, layer, stream):
-            slot = self.held.get(layer)
-            for buf in ([*(slot.kv or ()), *slot.tokens] if slot else []):
-                races.read(stream, buf, "slot (recompute/assemble)")
-            give_back(self, layer, stream)
-
-        alloc = KVStore._alloc
-
-        def host_alloc(self, shape, dtype, zero=True):
-            t = alloc(self, shape, dtype, zero)
-            races.forget(t)   # host memory: no device history (Races.forget)
-            return t
-
-        monkeypatch.setattr(KVStore, "_alloc", host_alloc)
-        monkeypatch.setattr(KVStore, "write_kv", logged_write_kv)
-        monkeypatch.setattr(KVStore, "write_tokens", logged_write_tokens)
-        monkeypatch.setattr(KVStore, "read_kv", logged_read_kv)
-        monkeypatch.setattr(cuda_runtime.CudaRuntime, "store_tokens", logged_store_tokens)
-        monkeypatch.setattr(cuda_runtime, "wait", logged_wait)
-        monkeypatch.setattr(SlotPool, "give_back", logged_give_back)
-        return api
-    return enable
-
-
-PROMPT = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(11))
-
-
-def decode(model, cache, steps, compiled=None, poison=False, eager_prefill=False):
-    run = model if compiled is None else compiled
-    with torch.no_grad():
-        first = (model if eager_prefill else run)(PROMPT, cache)
-        if poison:
-            for k, v in zip(cache.k_cpu, cache.v_cpu):
-                k.fill_(float("nan"))
-                v.fill_(float("nan"))
-        nxt, logits, tokens = first[:, -1].argmax(-1, keepdim=True), [], []
-        for _ in range(steps):
-            tokens.append(nxt)
-            out = run(nxt, cache)[:, -1]
-            logits.append(out)
-            nxt = out.argmax(-1, keepdim=True)
-    return logits, torch.cat(tokens, 1)
-
-
-LOAD_ROLES = ("load_tokens", "load_kv")
-WAIT = torch.ops.kvpr.wait.default
-
-
-def _first_use(tensors) -> None:
-    """Called from the graph right before a node that reads loaded tensors: the compute stream
-    reads them there (the recompute as well as the assemble)."""
-    api = cuda_runtime.API
-    for t in tensors:
-        api.races.read(api.current, t, "loaded (read by compute)")
-
-
-def sim_backend(distance=1):
-    """hoisting_backend, then every node that reads a loaded tensor (other than wait) logs that
-    read on the compute stream first: a use the graph does not wait for becomes a race. The graph
-    is then lowered to direct calls, as the default inner runs it (the custom ops' own store
-    stages its sources: see test_store_race.py)."""
-    inner = hoisting_backend([], distance)
-
-    def backend(gm, example_inputs, **kwargs):
-        inner(gm, example_inputs, **kwargs)
-        for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target is WAIT:
-                continue
-            loaded = [a for a in node.all_input_nodes
-                      if (a.meta.get("custom") or {}).get("kvpr_role") in LOAD_ROLES
-                      and a.target is not WAIT]
-            if loaded and (node.meta.get("custom") or {}).get("kvpr_role") not in LOAD_ROLES:
-                with gm.graph.inserting_before(node):
-                    gm.graph.call_function(_first_use, (loaded,))
-        gm.recompile()
-        return lower(gm).forward   # what the default inner runs: direct calls, unstaged stores
-    return backend
-
-
-def compiled_run(sim, ratio, distance=1, steps=10, complete_after=None, **kw):
-    model = tiny_llama()
-    ref = decode(model, model.make_cache(2, 96), steps)         # plain CPU path
-    api = sim(complete_after)
-    compiled = torch.compile(model, backend=sim_backend(distance), options={"ratio": ratio})
-    cache = model.make_cache(2, 96)
-    out = decode(model, cache, steps, compiled, **kw)
-    return api, cache, ref, out
-
-
-def check(api, ref, out):
-    assert worst_rel_err(out[0], ref[0]) <= TOL
-    assert torch.equal(out[1], ref[1])
-    assert api.races.accesses > 100
-    assert api.races.found == []
-    assert api.stream_waits[("compute", "side1")] == 0   # every wait found its slot's event
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
 def test_layer_ahead_uses_two_slots_without_races(sim, ratio):
     api, cache, ref, out = compiled_run(sim, ratio)
-    check(api, ref, out)
+    check_race_free(api, ref, out)
     rt = cuda_runtime.runtime(cache._store, "cpu")
     assert len(rt.slots.slots) == 2
     # only the next call's first loads (cross-call prefetch, test_next_call.py) hold a slot
@@ -175,13 +28,13 @@ def test_layer_ahead_uses_two_slots_without_races(sim, ratio):
 
 def test_two_layers_ahead(sim):
     api, cache, ref, out = compiled_run(sim, 0.5, distance=2)
-    check(api, ref, out)
+    check_race_free(api, ref, out)
     assert len(cuda_runtime.runtime(cache._store, "cpu").slots.slots) == 3
 
 
 def test_poisoned_kv_is_never_read_at_ratio_one(sim):
     api, cache, ref, out = compiled_run(sim, 1.0, poison=True)
-    check(api, ref, out)
+    check_race_free(api, ref, out)
 
 
 def test_chunks_on_a_poisoned_past_recompute_without_races(sim):
@@ -201,7 +54,7 @@ def test_eager_prefill_then_compiled_decode_falls_back(sim):
     """cache_update (uncompiled) on the compute stream, then compiled loads on the copy stream
     and the assemble fallback (no stored X for the prompt)."""
     api, cache, ref, out = compiled_run(sim, 1.0, eager_prefill=True)
-    check(api, ref, out)
+    check_race_free(api, ref, out)
 
 
 def test_wait_maps_tensors_to_slots(sim):
@@ -260,7 +113,7 @@ def test_stores_retired_after_their_event_release_sources_without_races(sim):
     """With events completing a few records later, ``in_flight`` is drained as copies finish:
     sources are released (and their memory reused) only once the host knows the copy is done."""
     api, cache, ref, out = compiled_run(sim, 0.5, complete_after=6)
-    check(api, ref, out)
+    check_race_free(api, ref, out)
     assert api.releases > 20
     assert len(cuda_runtime.runtime(cache._store, "cpu").in_flight) < 8
 
@@ -269,11 +122,11 @@ def test_inductor_graphs_load_into_owned_tensors(sim):
     """inner="inductor": loads land in fresh tensors (inductor may recycle op outputs' memory,
     which slot views must never be); still exact and race-free, and no slot is used."""
     model = tiny_llama()
-    ref = decode(model, model.make_cache(2, 96), 6)
+    ref = decode_seeded(model, model.make_cache(2, 96), 6)
     api = sim()
     compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.5, "inner": "inductor"})
     cache = model.make_cache(2, 96)
-    out = decode(model, cache, 6, compiled)
+    out = decode_seeded(model, cache, 6, compiled)
     assert worst_rel_err(out[0], ref[0]) <= TOL and torch.equal(out[1], ref[1])
     assert api.races.found == [] and api.races.accesses > 100
     assert not cuda_runtime.runtime(cache._store, "cpu").slots.slots
@@ -310,7 +163,8 @@ def test_recompute_waits_for_x_only(sim):
     copies = {name: _latest_copy(api, t) for name, t in (("x", x), ("k", k), ("v", v))}
     assert not any(_covers(api, c) for c in copies.values())
     torch.ops.kvpr.wait([x])
-    assert _covers(api, copies["x"]) and not _covers(api, copies["k"]) and not _covers(api, copies["v"])
+    assert _covers(api, copies["x"])
+    assert not _covers(api, copies["k"]) and not _covers(api, copies["v"])
     torch.ops.kvpr.wait([k, v])
     assert all(_covers(api, c) for c in copies.values())
     assert torch.equal(x[:, :, 0], x_all[:, :4].transpose(0, 1))
@@ -347,7 +201,7 @@ def test_decode_recompute_overlaps_the_kv_copy(sim, monkeypatch):
         monkeypatch.setattr(cuda_runtime, "wait", checking_wait)
         return api
     api, _, ref, out = compiled_run(sim_with_check, 0.5, steps=4)
-    check(api, ref, out)
+    check_race_free(api, ref, out)
     assert seen["tokens"] >= 4 * 4 and seen["kv"] >= 2 * 4 * 4   # 4 steps x 4 layers
 
 

@@ -229,7 +229,8 @@ def test_ratio_for_is_cached_and_s_independent():
     assert all(abs(a - b) <= 2 / 1000 for a, b in zip(plan.ratios, r1))
     assert ratio_for(H200, 32, 4096, 1024, torch.float16, 4) == [0.0] * 4
     slower = HardwareProfile(**{**H200.to_dict(), "flops_per_s": {"float16": 100e12}})
-    assert ratio_for(slower, 32, 4096, 4096, torch.float16, 4, overlap="row")[1] < r1[1]  # keyed on rates
+    # keyed on rates
+    assert ratio_for(slower, 32, 4096, 4096, torch.float16, 4, overlap="row")[1] < r1[1]
 
 
 def test_choose_ratios(monkeypatch):

@@ -16,7 +16,7 @@ import torch
 import kvpr_compile
 from kvpr_compile import report as report_mod
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
-from conftest import hf_llama, max_rel_err, worst_rel_err
+from helpers import hf_llama, max_rel_err, worst_rel_err
 
 TOL = 1e-5
 STEPS = 3
@@ -37,7 +37,8 @@ def _model():
 
 
 def _prompt(batch, length):
-    return torch.randint(0, 101, (batch, length), generator=torch.Generator().manual_seed(batch * 100 + length))
+    seed = batch * 100 + length
+    return torch.randint(0, 101, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -92,7 +93,8 @@ def test_decode_keeps_one_graph_for_every_position():
 def test_recompile_limit_is_reported_once_in_words():
     model = _model()
     compiled = torch.compile(model, backend="kvpr", options={"ratio": 1.0})
-    with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings(record=True) as caught:
+    with torch._dynamo.config.patch(recompile_limit=2), \
+            warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for batch, length in [(1, 5), (2, 7), (3, 4), (1, 9)]:   # needs more than 2 graphs
             prompt = _prompt(batch, length)
@@ -108,8 +110,8 @@ def test_recompile_limit_is_reported_once_in_words():
 def _snapshot(cache):
     store = cache._store
     # stored X rows past token_len are never-written memory: compare the valid rows only
-    tensors = cache.k_cpu + cache.v_cpu + [t[:store.token_len[i]] for i, layer in enumerate(store.tokens)
-                                           for t in layer]
+    tensors = cache.k_cpu + cache.v_cpu + [t[:store.token_len[i]]
+                                           for i, layer in enumerate(store.tokens) for t in layer]
     return ([t.clone() for t in tensors], [cache.seq_len(i) for i in range(cache.num_layers)],
             list(store.token_len), store.handle.clone())
 
@@ -135,7 +137,8 @@ BAD_CACHES = {   # (cache arguments, prompt batch, error, message)
     "other head_dim": (dict(head_dim=4), 2, ValueError, "head_dim=4"),
     "batch larger than the cache's": (dict(batch=2), 3, ValueError, "batch=2"),
     "batch smaller than the cache's": (dict(batch=3), 2, ValueError, "batch=3"),
-    "other dtype": (dict(dtype=torch.float64), 2, TypeError, "dtype torch.float32, cache holds torch.float64"),
+    "other dtype": (dict(dtype=torch.float64), 2, TypeError,
+                    "dtype torch.float32, cache holds torch.float64"),
     "other device": (dict(device="meta"), 2, ValueError, "is on cpu, cache computes on meta"),
 }
 
@@ -153,7 +156,8 @@ def test_bad_caches_are_clear_errors_under_compilation_and_stay_intact():
     for case, (kwargs, batch, err, match) in sorted(BAD_CACHES.items()):
         steps = [("prefill", _cache(model, **kwargs), 5)]
         if "batch" in case or case == "too short":   # also fail at a step after a good prefill
-            cache = _cache(model, **{**kwargs, **({"max_seq_len": 6} if case == "too short" else {})})
+            short = {"max_seq_len": 6} if case == "too short" else {}
+            cache = _cache(model, **{**kwargs, **short})
             with torch.no_grad():
                 compiled(_prompt(cache.batch_size, 6), cache)
             steps.append(("decode", cache, 1))
@@ -193,7 +197,8 @@ def test_hf_generate_serves_every_shape_without_recompiling():
             return scores
 
     def run(batch, length, poison):
-        ids = torch.randint(1, 97, (batch, length), generator=torch.Generator().manual_seed(batch * 31 + length))
+        seed = batch * 31 + length
+        ids = torch.randint(1, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
         cache = KVPRCache(model.config, batch, length + new)
         procs = transformers.LogitsProcessorList([PoisonAfterPrefill(cache)] if poison else [])
         with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import decode_steps, max_rel_err, worst_rel_err
+from helpers import decode_steps, max_rel_err, worst_rel_err
 from custom_models import ComplexRopeModel, make_cache
 from kvpr_compile import OffloadedKVCache
 from kvpr_compile.runtime.store import layout_bytes
@@ -46,7 +46,7 @@ def hf_llama():
 
     def new_cache(batch):
         cache = KVPRCache(model.hf.config, batch, 64, dtype=torch.float32)
-        cache.offloaded.owner = cache   # decode_steps passes the OffloadedKVCache; HF wants the wrapper
+        cache.offloaded.owner = cache   # decode_steps passes the OffloadedKVCache; HF wants this
         return cache.offloaded
     return model, new_cache
 
@@ -164,7 +164,8 @@ def test_store_bytes_at_llama2_7b_dims():
     kvx = before["kv"] + before["x"]
     assert (before["kv"], before["x"]) == (32 * 2 * 32 * 128 * 2, 32 * 4096 * 2)
     assert before["sides"] == 32 * 512 and after["sides"] == 512
-    assert round(100 * before["sides"] / kvx, 2) == 2.08 and round(100 * after["sides"] / kvx, 3) == 0.065
+    assert round(100 * before["sides"] / kvx, 2) == 2.08
+    assert round(100 * after["sides"] / kvx, 3) == 0.065
 
 
 def test_a_linked_layer_recomputes_only_where_its_owner_holds_rows():

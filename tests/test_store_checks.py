@@ -74,14 +74,15 @@ def test_batch_one_records_widen_to_the_batch():
     out = st.read_tokens(0, 5, spec, "cpu")[0]
     assert torch.equal(out[:4], first[0].expand(4, 3, 1, 4)) and torch.equal(out[4:], nxt[0])
     st.write_tokens(0, 5, _records(2, (1, 1, 4), start=7.0))   # narrower record, written expanded
-    assert st.token_len == [7] and torch.equal(st.tokens[0][0][5:7, 2], _records(2, (1, 4), start=7.0)[0])
+    assert st.token_len == [7]
+    assert torch.equal(st.tokens[0][0][5:7, 2], _records(2, (1, 4), start=7.0)[0])
 
 
 def test_misfit_write_replaces_the_layout_and_keeps_no_prefix():
     st = _store()
     st.write_tokens(0, 0, _records(4, (3, 1, 8)))
     with _misfit():
-        st.write_tokens(0, 4, _records(1, (3, 1, 8), (1, 1, 4)))   # one more record kind from here on
+        st.write_tokens(0, 4, _records(1, (3, 1, 8), (1, 1, 4)))  # one more record kind from here
     assert len(st.tokens[0]) == 2 and st.token_len == [0] and st.dropped_tokens == 1
     st.write_tokens(0, 0, _records(3, (3, 1, 8), (1, 1, 4)))   # a fresh sequence starts over
     assert st.token_len == [3]

@@ -9,23 +9,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import decode_steps, worst_rel_err
+from helpers import (batch_prompt, decode_steps, throughput_compile, throughput_llama,
+                     worst_rel_err)
 from kvpr_compile.runtime import cuda_runtime
 from kvpr_compile.runtime.slots import Slot, SlotPool
-from test_runtime_sim import sim  # noqa: F401  (the fixture)
-from test_throughput_schedule import _compile, _llama, _prompt
 
 TOL = 1e-5
 STEPS = 2
 LAYERS = 3
 
 
-def _run(sim, monkeypatch, batch, m, ratio, poison=False):  # noqa: F811
+def _run(sim, monkeypatch, batch, m, ratio, poison=False):
     """Eager, then the compiled throughput steps on simulated streams, logging every slot take,
     free and buffer allocation: (api, cache, log of ("take" | "free" | "alloc", key or buffer
     kind, slot, slots held), result, reference)."""
-    model = _llama(layers=LAYERS)
-    prompt = _prompt(batch)
+    model = throughput_llama(layers=LAYERS)
+    prompt = batch_prompt(batch)
     want = decode_steps(model, prompt, model.make_cache(batch), STEPS)
     api = sim()
     log = []
@@ -53,8 +52,8 @@ def _run(sim, monkeypatch, batch, m, ratio, poison=False):  # noqa: F811
     monkeypatch.setattr(SlotPool, "give_back", logged_give_back)
     cache = model.make_cache(batch)
     with torch.no_grad():
-        got = decode_steps(_compile(model, micro_batches=m, ratio=ratio), prompt, cache, STEPS,
-                           poison=poison)
+        compiled = throughput_compile(model, micro_batches=m, ratio=ratio)
+        got = decode_steps(compiled, prompt, cache, STEPS, poison=poison)
     return api, cache, log, got, want
 
 
@@ -64,8 +63,9 @@ def _first(log, kind, key, after=0) -> int:
 
 @pytest.mark.parametrize("batch,m,ratio", [
     (5, 2, 0.5), (7, 3, 1.0),
-    pytest.param(7, 3, 0.5, marks=pytest.mark.slow), pytest.param(5, 2, 1.0, marks=pytest.mark.slow)])
-def test_micro_batches_share_two_slots_loaded_one_ahead(sim, monkeypatch, batch, m, ratio):  # noqa: F811
+    pytest.param(7, 3, 0.5, marks=pytest.mark.slow),
+    pytest.param(5, 2, 1.0, marks=pytest.mark.slow)])
+def test_micro_batches_share_two_slots_loaded_one_ahead(sim, monkeypatch, batch, m, ratio):
     """Batch 5 as [3, 2], 7 as [3, 2, 2]; at ratio 1.0 the stored K/V is poisoned after the
     prefill. Exact; race-free; two distinct slots over the whole run, never more than two held;
     in each step (j, k+1)'s first load is taken before (j, k)'s slot is freed, and (j+1, 0)'s
@@ -96,10 +96,11 @@ def test_micro_batches_share_two_slots_loaded_one_ahead(sim, monkeypatch, batch,
             for k in range(m):
                 after = (k + 1, layer) if k + 1 < m else (0, layer + 1)
                 if after[1] < LAYERS:
-                    assert _first(log, "take", after, start) < _first(log, "free", (k, layer), start)
+                    taken = _first(log, "take", after, start)
+                    assert taken < _first(log, "free", (k, layer), start)
 
 
-def test_parts_with_a_pool_each_hold_a_slot_per_micro_batch(sim, monkeypatch):  # noqa: F811
+def test_parts_with_a_pool_each_hold_a_slot_per_micro_batch(sim, monkeypatch):
     """Negative control for the slot count: the parts' own pools (the runtime before sharing)
     hold more than two micro-batch slots at three micro-batches."""
     monkeypatch.setattr(cuda_runtime, "SHARED_SLOTS", False)
@@ -108,11 +109,12 @@ def test_parts_with_a_pool_each_hold_a_slot_per_micro_batch(sim, monkeypatch):  
     assert len({slot for _, _, slot, _ in log}) > 2
 
 
-def test_a_slot_refilled_without_its_free_event_is_a_race(sim, monkeypatch):  # noqa: F811
+def test_a_slot_refilled_without_its_free_event_is_a_race(sim, monkeypatch):
     """Negative control for the ordering: the copy into a slot another micro-batch's assemble
     just freed, without waiting on its free event, is caught by the race checker."""
     fill = cuda_runtime.CudaRuntime._fill
     monkeypatch.setattr(cuda_runtime.CudaRuntime, "_fill", lambda self, layer, slot, after_free,
                         *a, **kw: fill(self, layer, slot, False, *a, **kw))
     api, *_ = _run(sim, monkeypatch, 5, 2, 0.5)
-    assert any("copy destination" in r and "slot (recompute/assemble)" in r for r in api.races.found)
+    assert any("copy destination" in r and "slot (recompute/assemble)" in r
+               for r in api.races.found)

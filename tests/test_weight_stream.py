@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from conftest import worst_rel_err
+from helpers import hf_configs, hf_generate, worst_rel_err
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama, greedy_generate
 from kvpr_compile.runtime.weight_stream import WeightStream, stream_weights
 
@@ -23,7 +23,8 @@ def _model(layers=5):
 
 def _decode(model, compiled=None, steps=6):
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(2))
-    return greedy_generate(model if compiled is None else compiled, prompt, model.make_cache(2), steps)
+    run = model if compiled is None else compiled
+    return greedy_generate(run, prompt, model.make_cache(2), steps)
 
 
 def _layer_storages(model):
@@ -130,36 +131,36 @@ def _sim_steps(model, stream, api, steps=3):
     return x
 
 
-def test_slot_copies_are_ordered_after_readers_on_simulated_streams(sim):
+def test_slot_copies_are_ordered_after_readers_on_simulated_streams(sim_api):
     model = _model(layers=5)
     stream = stream_weights(model, device="cpu")
-    assert stream.api is sim
-    _sim_steps(model, stream, sim)
-    assert sim.races.accesses > 20
-    assert sim.races.found == []
+    assert stream.api is sim_api
+    _sim_steps(model, stream, sim_api)
+    assert sim_api.races.accesses > 20
+    assert sim_api.races.found == []
     assert stream.on_demand == 0   # every layer was prefetched by the release of layer i - 2
 
 
-def test_refilling_a_slot_before_its_free_event_is_caught(sim, monkeypatch):
+def test_refilling_a_slot_before_its_free_event_is_caught(sim_api, monkeypatch):
     """Negative control: a copy stream that does not wait for the slot's free event races with
     the compute still reading the previous layer's weights."""
     model = _model(layers=5)
     stream = stream_weights(model, device="cpu")
     real_wait = stream.copy_stream.wait_event
     monkeypatch.setattr(stream.copy_stream, "wait_event", lambda event: None)
-    _sim_steps(model, stream, sim)
-    assert any("copy destination" in r for r in sim.races.found)
+    _sim_steps(model, stream, sim_api)
+    assert any("copy destination" in r for r in sim_api.races.found)
     monkeypatch.setattr(stream.copy_stream, "wait_event", real_wait)
 
 
-def test_reading_before_the_ready_event_is_caught(sim, monkeypatch):
+def test_reading_before_the_ready_event_is_caught(sim_api, monkeypatch):
     """Negative control: a compute stream that does not wait for the copy reads a half-filled
     slot."""
     model = _model(layers=5)
     stream = stream_weights(model, device="cpu")
-    monkeypatch.setattr(sim.compute, "wait_event", lambda event: None)
-    _sim_steps(model, stream, sim)
-    assert any("weights of layer" in r for r in sim.races.found)
+    monkeypatch.setattr(sim_api.compute, "wait_event", lambda event: None)
+    _sim_steps(model, stream, sim_api)
+    assert any("weights of layer" in r for r in sim_api.races.found)
 
 
 @pytest.mark.parametrize("arch,ratio", [("opt", 1.0), ("llama-gqa", 0.0)])
@@ -169,11 +170,10 @@ def test_hf_generate_with_streamed_weights_matches_the_resident_model(arch, rati
     streamed)."""
     pytest.importorskip("transformers")
     import transformers
-    from test_hf_models import configs, generate
 
     def build():   # three layers, so that two slots must be refilled every step
         torch.manual_seed(0)
-        cfg = configs()[arch]
+        cfg = hf_configs()[arch]
         cfg.num_hidden_layers = 3
         model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
         model.generation_config.pad_token_id = 0
@@ -181,11 +181,11 @@ def test_hf_generate_with_streamed_weights_matches_the_resident_model(arch, rati
 
     ref = build()
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    want = generate(ref, ids)
+    want = hf_generate(ref, ids)
     model = build()
     stream = stream_weights(model)
     assert stream.num_layers == 3 and len(_layer_storages_of(stream)) == 2
     model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": ratio})
-    got = generate(model, ids)
+    got = hf_generate(model, ids)
     assert worst_rel_err(got.logits, want.logits) <= TOL
     assert torch.equal(got.sequences, want.sequences)

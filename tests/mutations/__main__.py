@@ -7,8 +7,9 @@
 3. Runs the union of the selected tests on the unbroken copy (the baseline): they must pass,
    or a "caught" would mean nothing.
 4. For each breakage alone: patches a copy, runs its tests with ``PYTHONPATH`` pointing at that
-   copy, restores the file (``-j N``: N breakages at once, each in its own copy). Caught = pytest reports failed tests (exit code 1); a collection or
-   usage error, or a timeout, is reported as such and counts as not caught.
+   copy, restores the file (``-j N``: N breakages at once, each in its own copy). Caught = pytest
+   reports failed tests (exit code 1); a collection or usage error, or a timeout, is reported as
+   such and counts as not caught.
 
 Prints a table ``breakage | caught? | seconds | failed tests``; exits non-zero if any breakage
 survives, errs, or no longer applies.
@@ -48,17 +49,20 @@ def problem(copy: Path, b: Breakage) -> str | None:
         return f"file {b.path} not found"
     count = path.read_text().count(b.old)
     if count != 1:
-        return f"snippet {'not found' if count == 0 else f'found {count} times'} in {b.path}: {b.old!r}"
+        found = "not found" if count == 0 else f"found {count} times"
+        return f"snippet {found} in {b.path}: {b.old!r}"
     return None
 
 
 def run_pytest(copy: Path, tests, timeout: float) -> tuple[str, float, list[str]]:
     """(outcome, seconds, failed test ids); outcome: passed | failed | error (rc N) | timeout."""
     env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "--no-header", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "--no-header",
+           *tests]
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", time.perf_counter() - start, []
     seconds = time.perf_counter() - start
@@ -71,7 +75,8 @@ def run_pytest(copy: Path, tests, timeout: float) -> tuple[str, float, list[str]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.mutations", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.mutations",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("-k", dest="select", action="append", default=[], metavar="NAME",
                         help="only breakages whose name contains NAME (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the breakages and their tests")
@@ -80,7 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run (600)")
     parser.add_argument("-j", "--jobs", type=int, default=1,
                         help="breakages run at once, each in its own scratch copy (1)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch copies and print their paths")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the scratch copies and print their paths")
     args = parser.parse_args(argv)
 
     chosen = [b for b in BREAKAGES if not args.select or any(s in b.name for s in args.select)]
@@ -138,7 +144,8 @@ def main(argv=None) -> int:
             secs = "-" if seconds is None else f"{seconds:.0f}"
             print(f"| {name:<{width}} | {verdict} | {secs} | {detail} |")
         bad = [r[0] for r in rows if r[1] != "yes"]
-        print(f"\n{len(rows) - len(bad)}/{len(rows)} caught" + (f"; not caught: {', '.join(bad)}" if bad else ""))
+        missed = f"; not caught: {', '.join(bad)}" if bad else ""
+        print(f"\n{len(rows) - len(bad)}/{len(rows)} caught" + missed)
         return 1 if bad else 0
     finally:
         for copy in copies:
