@@ -26,6 +26,8 @@ SEGMENTS = "kvpr_compile/passes/column_order.py"
 PARTS = "kvpr_compile/runtime/store_parts.py"
 STAGING_RATIO_0 = ("tests/test_store_race.py::"
                    "test_staging_buffers_reused_at_ratio_0_wait_for_their_copy")
+NEXT_BREAKS = ("tests/test_next_call_graph_breaks.py::"
+               "test_each_graphs_prefetch_serves_only_its_own_first_layer")
 ROWS = "kvpr_compile/passes/batch_rows.py"
 ROW_NUMBERS = "kvpr_compile/passes/row_numbers.py"
 ROW_REFUSED = "tests/test_row_numbers.py::test_row_numbers_as_values_keep_the_latency_schedule"
@@ -458,4 +460,10 @@ BREAKAGES = (
              (STAGING_RATIO_0,),
              "a layer's staging buffers rewritten before the previous step's D2H copy from them "
              "ran: at ratio 0 no wait for X orders it"),
+    Breakage("prefetch-next-any-layer", NEXT_CALL,
+             "pending.runtime() is rt and pending.layer == layer and not owned",
+             "pending.runtime() is rt and not owned",
+             (NEXT_BREAKS + "[0.5]",),
+             "a prefetch served to another layer's load asking the same ranges (with a graph "
+             "break, the next call's layer 0 gets the layer 2 prefetched by the graph after it)"),
 )
