@@ -28,6 +28,7 @@ STAGING_RATIO_0 = ("tests/test_store_race.py::"
                    "test_staging_buffers_reused_at_ratio_0_wait_for_their_copy")
 NEXT_BREAKS = ("tests/test_next_call_graph_breaks.py::"
                "test_each_graphs_prefetch_serves_only_its_own_first_layer")
+RESPLIT = "tests/test_throughput_resplit.py::test_a_merged_store_split_again_keeps_every_row"
 ROWS = "kvpr_compile/passes/batch_rows.py"
 ROW_NUMBERS = "kvpr_compile/passes/row_numbers.py"
 ROW_REFUSED = "tests/test_row_numbers.py::test_row_numbers_as_values_keep_the_latency_schedule"
@@ -466,4 +467,10 @@ BREAKAGES = (
              (NEXT_BREAKS + "[0.5]",),
              "a prefetch served to another layer's load asking the same ranges (with a graph "
              "break, the next call's layer 0 gets the layer 2 prefetched by the graph after it)"),
+    Breakage("resplit-v-from-first-rows", PARTS,
+             "part.v[layer][:n].copy_(store.v[layer][:n, row:row + size])",
+             "part.v[layer][:n].copy_(store.v[layer][:n, :size])",
+             (RESPLIT + "[k_cpu]",),
+             "a filled store split again (after a k_cpu read merged it) gives every part the "
+             "first rows' V: read by the steps at ratio < 1"),
 )
