@@ -57,5 +57,6 @@ def test_a_budget_picks_its_micro_batch_count_by_the_gqa_working_set():
                            mlp_params=GQA.mlp_params, gpu_budget_bytes=budget)
     assert [c["micro_batches"] for c in plan.candidates] == [2, 4, 8]
     assert all(c["fits"] for c in plan.candidates)
-    assert plan.micro_batches == list(even_split(BATCH, 8)) and plan.recompute_tokens == [0] * LAYERS
+    assert plan.micro_batches == list(even_split(BATCH, 8))
+    assert plan.recompute_tokens == [0] * LAYERS
     assert plan.working_set_bytes == by_formula(plan.micro_batches, SEQ, 0) <= budget
