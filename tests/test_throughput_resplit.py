@@ -43,10 +43,10 @@ def check_parts_hold_the_rows(parts, whole, upto: int):
             assert torch.equal(part.k[layer][:upto], k[:upto, row:row + size]), (layer, row)
             assert torch.equal(part.v[layer][:upto], v[:upto, row:row + size]), (layer, row)
             assert len(part.tokens[layer]) == len(records), layer
-            valid = min(upto, records[0].shape[0]) if records else 0
-            assert not records or part.token_len[layer] >= valid, layer
             for mine, rec in zip(part.tokens[layer], records):
+                valid = min(upto, rec.shape[0])
                 want = rec[:valid] if rec.shape[1] == 1 else rec[:valid, row:row + size]
+                assert part.token_len[layer] >= valid, layer
                 assert torch.equal(mine[:valid], want), (layer, row)
         row += size
 
