@@ -8,7 +8,8 @@ latest a GPU could run it. The graph under test is the rewritten one plus, right
 layer's last reader of new K, V and the recompute inputs, a write of NaN into them: what inductor
 does when it hands their memory to a later buffer. With the copy reading the sources themselves,
 NaN lands in the store and decoding goes wrong (negative control); with the runtime-owned staging
-copies (``CudaRuntime.store_tokens_staged``) it matches eager.
+copies (``CudaRuntime.store_tokens_staged``) it matches eager. The staging buffers are reused
+by the next step: at ratio 0 nothing but their own wait orders that reuse (see below).
 """
 from __future__ import annotations
 
@@ -191,3 +192,57 @@ def test_deferred_copies_run_when_waited_for(deferred):
     assert dst.sum() == 0
     api.compute.wait_event(event)
     assert torch.equal(dst, torch.full((4,), 2.0))
+
+
+# ---- staging at ratio 0 -------------------------------------------------------------------------
+# At ratio > 0 the compute stream waits for a layer's X before its store, and that load waited for
+# the layer's previous store: the wait for X orders the staging buffers' reuse as a side effect.
+# At ratio 0 no X is loaded, so only the staging's own wait for that store keeps the next step's
+# staging copy from overwriting a buffer whose D2H copy has not run yet. (The lowered graph folds
+# the wait for K,V[l:] into the assemble, after the store; the custom-op graph inductor gets
+# waits for K,V before the store, which orders the reuse there too.)
+
+def staged_backend(inner: str, ratios, loading_x: list):
+    """kvpr's rewrite with per-layer ``ratios`` (a list, by layer), NaN written into the store
+    sources after their last reader (so the lowered graph stages them too), then ``inner``.
+    Appends to ``loading_x`` the layers each graph loads X for."""
+    from kvpr_compile import backend as kvpr
+    from kvpr_compile.inner import compile_inner
+
+    def backend(gm, example_inputs, **kwargs):
+        real = kvpr._choose_ratios
+
+        def forced(options, slices, layers):
+            chosen, _, plan = real(options, slices, layers)
+            return {layer: ratios[layer] for layer in chosen}, "forced per layer", plan
+        kvpr._choose_ratios = forced
+        try:
+            scribbling_backend(True)(gm, example_inputs, options={"ratio": 0.5, "inner": "eager"})
+        finally:
+            kvpr._choose_ratios = real
+        loading_x.append({n.args[1] for n in gm.graph.nodes
+                          if n.target is torch.ops.kvpr.load_tokens.default})
+        return compile_inner(gm, example_inputs, inner)
+    return backend
+
+
+RATIO_MIXES = {"all-0": [0.0, 0.0], "0-then-0.5": [0.0, 0.5], "0.5-then-0": [0.5, 0.0]}
+FAST_INNER = {"eager"}   # piecewise and inductor compile C++ on the CPU: --run-slow
+
+
+@pytest.mark.parametrize("inner", [
+    p if p in FAST_INNER else pytest.param(p, marks=pytest.mark.slow)
+    for p in ("eager", "piecewise", "inductor")])
+@pytest.mark.parametrize("mix", list(RATIO_MIXES))
+def test_staging_buffers_reused_at_ratio_0_wait_for_their_copy(deferred, inner, mix):
+    """Layers at ratio 0 (all, or next to a layer at 0.5): the staging buffers of a layer are
+    rewritten only after the previous step's D2H copy from them ran. Exact against eager, and
+    the race checker finds nothing."""
+    model = tiny_llama(layers=2)
+    ref = decode(model, model.make_cache(2, 96), 6)
+    loading_x = []
+    compiled = torch.compile(model, backend=staged_backend(inner, RATIO_MIXES[mix], loading_x))
+    out = decode(model, model.make_cache(2, 96), 6, compiled)
+    assert loading_x[-1] == {i for i, r in enumerate(RATIO_MIXES[mix]) if r > 0}   # the decode step
+    assert worst_rel_err(out[0], ref[0]) <= TOL and torch.equal(out[1], ref[1])
+    assert deferred.races.found == []

@@ -21,9 +21,16 @@ SIM = "tests/sim_streams.py"
 DIRECT = "kvpr_compile/runtime/direct.py"
 WEIGHTS = "kvpr_compile/runtime/weight_stream.py"
 THROUGHPUT = "kvpr_compile/plan/throughput_graph.py"
+THROUGHPUT_LP = "kvpr_compile/plan/throughput_lp.py"
 COLUMNS = "kvpr_compile/runtime/column_runner.py"
 SEGMENTS = "kvpr_compile/runtime/column_order.py"
 PARTS = "kvpr_compile/runtime/store_parts.py"
+STAGING_RATIO_0 = ("tests/test_store_race.py::"
+                   "test_staging_buffers_reused_at_ratio_0_wait_for_their_copy")
+NEXT_BREAKS = ("tests/test_next_call_graph_breaks.py::"
+               "test_each_graphs_prefetch_serves_only_its_own_first_layer")
+RESPLIT = "tests/test_throughput_resplit.py::test_a_merged_store_split_again_keeps_every_row"
+PLAN_GQA = "tests/test_throughput_plan_gqa.py"
 ROWS = "kvpr_compile/passes/batch_rows.py"
 ROW_NUMBERS = "kvpr_compile/passes/row_numbers.py"
 ROW_REFUSED = "tests/test_row_numbers.py::test_row_numbers_as_values_keep_the_latency_schedule"
@@ -449,4 +456,30 @@ BREAKAGES = (
              "if False:",
              ("tests/test_runtime_sim.py::test_store_sources_released_before_their_event_is_a_race",),
              "also caught by test_race_checker_catches_a_missing_wait"),
+    # ---- scenarios the suite ran no test of before (each caught by a test written for it) ----
+    Breakage("staging-reuse-unordered", RT,
+             "elif self.stored[layer] is not None:",
+             "elif False:",
+             (STAGING_RATIO_0,),
+             "a layer's staging buffers rewritten before the previous step's D2H copy from them "
+             "ran: at ratio 0 no wait for X orders it"),
+    Breakage("prefetch-next-any-layer", NEXT_CALL,
+             "pending.runtime() is rt and pending.layer == layer and not owned",
+             "pending.runtime() is rt and not owned",
+             (NEXT_BREAKS + "[0.5]",),
+             "a prefetch served to another layer's load asking the same ranges (with a graph "
+             "break, the next call's layer 0 gets the layer 2 prefetched by the graph after it)"),
+    Breakage("resplit-v-from-first-rows", PARTS,
+             "part.v[layer][:n].copy_(store.v[layer][:n, row:row + size])",
+             "part.v[layer][:n].copy_(store.v[layer][:n, :size])",
+             (RESPLIT + "[k_cpu]",),
+             "a filled store split again (after a k_cpu read merged it) gives every part the "
+             "first rows' V: read by the steps at ratio < 1"),
+    Breakage("working-set-kv-h-wide", THROUGHPUT_LP,
+             "kv = cm.kv_bytes_per_token(b, shape.kv_hidden, p) * (shape.seq_len + 1)",
+             "kv = cm.kv_bytes_per_token(b, shape.hidden, p) * (shape.seq_len + 1)",
+             (PLAN_GQA + "::test_a_budget_picks_its_micro_batch_count_by_the_gqa_working_set",
+              PLAN_GQA + "::test_working_set_is_its_formula_with_kv_h_kv_wide[8-8-7-x300]"),
+             "the throughput working set counts K,V h wide: the same for multi-head shapes, "
+             "4x too many K,V bytes for Llama-3-8B's (more micro-batches than the budget needs)"),
 )
