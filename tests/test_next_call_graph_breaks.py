@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kvpr_compile
-from conftest import worst_rel_err
+from helpers import worst_rel_err
 from kvpr_compile.models import TinyLlama, TinyLlamaConfig
 from kvpr_compile.runtime import cuda_runtime
 

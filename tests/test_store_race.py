@@ -220,7 +220,7 @@ def staged_backend(inner: str, ratios, loading_x: list):
             scribbling_backend(True)(gm, example_inputs, options={"ratio": 0.5, "inner": "eager"})
         finally:
             kvpr._choose_ratios = real
-        loading_x.append({n.args[1] for n in gm.graph.nodes
+        loading_x.append({args_of(n).layer for n in gm.graph.nodes
                           if n.target is torch.ops.kvpr.load_tokens.default})
         return compile_inner(gm, example_inputs, inner)
     return backend

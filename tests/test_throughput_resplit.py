@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kvpr_compile
-from conftest import worst_rel_err
+from helpers import worst_rel_err
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
 
 TOL = 1e-5
