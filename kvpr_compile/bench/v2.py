@@ -123,7 +123,9 @@ def run(args) -> int:
                 got = run_rounds(child, names, rounds=args.rounds, order_seed=seed,
                                  deadline=deadline, workdir=workdir / f"{key}-b{batch}-p{prompt}",
                                  in_process=args.in_process, log=log)
-                doc["rows"].append(build_row(facts, profile, got))
+                row = build_row(facts, profile, got)
+                row.update(order_seed=seed, argv=sys.argv[1:], in_process=args.in_process)
+                doc["rows"].append(row)
                 if args.json:
                     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                     Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
