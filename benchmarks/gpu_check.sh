@@ -3,8 +3,8 @@
 #   call 1 (<= 480 s):  bash benchmarks/gpu_check.sh "$OUT"
 #     install -> env (versions, clocks, power, PCIe generation and width, NUMA node) -> one
 #     profile -> the MHA case (Llama-7B-like b16 p1024, 8 layers) and the GQA case
-#     (Llama-3-8B-like b16 p1024), every contender in its own process, two rounds each -> the CUDA
-#     tests' quick selection -> <date>-<card>-v2.json
+#     (Llama-3-8B-like b16 p1024), every contender in its own process, round 1 of both cases then
+#     round 2 (reversed) -> the CUDA tests' quick selection -> <date>-<card>-v2.json
 #   call 2 (<= 300 s):  KVPR_CHECK_BUDGET=290 bash benchmarks/gpu_check.sh "$OUT" call2
 #     install -> env -> profile -> the throughput schedule (OPT-6.7B/13B-like, b128, weights
 #     streamed; a row that names no micro-batches is flagged) -> host rates (CPU attention over
@@ -13,7 +13,7 @@
 # Usage, from the repo root:  bash benchmarks/gpu_check.sh [DEST [STEPS]]
 #   DEST defaults to $OUT (the device tool's output folder), else /tmp/kvpr_gpu.
 #   STEPS: "call1" (default), "call2", or a comma-separated subset of
-#   env,profile,mha,gqa,tests,results,throughput,hostrates,mha32,results2 (install always runs).
+#   env,profile,cases,tests,results,throughput,hostrates,mha32,results2 (install always runs).
 #   KVPR_CHECK_BUDGET (seconds; 470, or 290 for call2) is the deadline every step is cut to.
 #   KVPR_CHECK_SMOKE=1 runs the same plumbing on a CPU (toy models, preset profile): a dry run.
 # DEST receives few files: results/*.json, results.md, steps.log and check.tgz (everything else).
@@ -22,7 +22,7 @@ set -uo pipefail
 dest="${1:-${OUT:-/tmp/kvpr_gpu}}"
 steps="${2:-call1}"
 case "$steps" in
-    call1) steps="env,profile,mha,gqa,tests,results"; default_budget=470 ;;
+    call1) steps="env,profile,cases,tests,results"; default_budget=470 ;;
     call2) steps="env,profile,throughput,hostrates,mha32,results2"; default_budget=290 ;;
     *) default_budget=470 ;;
 esac
@@ -98,12 +98,11 @@ if want profile; then
     fi
 fi
 
-# call 1: the two cases share what is left after the tests (100 s) and the results (15 s)
+# call 1: both cases in one run (round 1 of each, then round 2), with what is left after the
+# tests (100 s) and the results (15 s)
 reserve=0; want tests && reserve=100; want results && reserve=$((reserve + 15))
-half=$((($(left) - reserve) / 2))
-want mha && v2 mha "$half" --models llama-7b --batch 16 --prompt 1024 --layers 8
-rest=$(($(left) - reserve))
-want gqa && v2 gqa "$rest" --models llama-3-8b --batch 16 --prompt 1024 --layers 8
+want cases && v2 cases $(($(left) - reserve)) --models llama-7b llama-3-8b --batch 16 \
+    --prompt 1024 --layers 8
 # -o addopts=-ra: setup.cfg's --benchmark-disable needs pytest-benchmark, which the image may lack
 want tests && run cuda_tests 100 $py -m pytest -q -p no:cacheprovider -o addopts=-ra \
     --junitxml="$out/cuda_tests.xml" \

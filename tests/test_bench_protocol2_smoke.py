@@ -77,3 +77,18 @@ def test_full_cpu_smoke_one_process_per_contender(tmp_path, capsys):
         pids = {r["pid"] for c in row["contenders"].values() for r in c["rounds"]}
         assert len(pids) == 2 * len(row["contenders"])        # one process each, per round
         assert row["orders"][1] == row["orders"][0][::-1]
+
+
+def test_kvpr_bench_protocol_2_parses_and_needs_cuda_or_cpu_smoke(capsys):
+    import argparse
+
+    from kvpr_compile.commands import bench
+    parser = argparse.ArgumentParser(prog="kvpr")
+    bench.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--protocol", "2", "--steps", "32", "--repeats", "3",
+                              "--only", ct.KVPR, ct.COPY_ONLY, "--order-seed", "4"])
+    assert (args.protocol, args.steps, args.repeats, args.only) == (2, 32, 3, [ct.KVPR,
+                                                                            ct.COPY_ONLY])
+    if not torch.cuda.is_available():
+        assert main(["--protocol", "2"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err

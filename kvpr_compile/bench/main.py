@@ -116,6 +116,9 @@ def _protocol2_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline-s", type=float, default=None,
                    help="seconds for the whole run; a contender that cannot finish is absent")
     p.add_argument("--workdir", default=None, help="children's specs, results and stderr")
+    p.add_argument("--no-prestart", action="store_true",
+                   help="start each child only when the previous one has ended (default: the "
+                        "next child imports while the current one runs, then waits)")
     p.add_argument("--in-process", action="store_true",
                    help="run the children as calls in this process (a quick test mode)")
     p.add_argument("--results-dir", default=None,

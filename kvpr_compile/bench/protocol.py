@@ -1,6 +1,9 @@
 """One contender in one process, by benchmark protocol 2 (the parent is rounds.py).
 
-    python -m kvpr_compile.bench.protocol SPEC.json OUT.json
+    python -m kvpr_compile.bench.protocol [--wait] SPEC.json OUT.json
+
+(``--wait``: import everything, then wait for "go" on stdin before step 1; rounds.py starts
+the next child that way while the current one runs.)
 
 SPEC names the contender, the case (model key, layers, batch, prompt), N (``steps``), R
 (``repeats``), dtype, device, seed and the run's one profile (a JSON path or preset name; never
@@ -164,12 +167,29 @@ def run_spec(spec: dict) -> dict:
     return out
 
 
+def preimport() -> None:
+    """What every contender imports anyway, before it may touch the device (no CUDA call)."""
+    import transformers  # noqa: F401
+    from transformers import DynamicCache, StaticCache  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
+    from transformers.models.opt import modeling_opt  # noqa: F401
+
+    from .. import backend, hf  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    wait = bool(argv) and argv[0] == "--wait"
+    argv = argv[1:] if wait else argv
     if len(argv) != 2:
-        print("usage: python -m kvpr_compile.bench.protocol SPEC.json OUT.json", file=sys.stderr)
+        print("usage: python -m kvpr_compile.bench.protocol [--wait] SPEC.json OUT.json",
+              file=sys.stderr)
         return 2
     spec = json.loads(open(argv[0]).read())
+    if wait:   # started early by the parent: import, then wait for the previous child to end
+        preimport()
+        if sys.stdin.readline().strip() != "go":
+            return 3
     result = run_spec(spec)
     tmp = argv[1] + ".tmp"
     with open(tmp, "w") as fh:

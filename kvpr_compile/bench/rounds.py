@@ -2,11 +2,15 @@
 
 Round 1 runs the contenders in an order shuffled with a recorded seed, round 2 in the reverse
 order, so a contender that gains or loses from its position shows it as a round difference.
-Each child is ``python -m kvpr_compile.bench.protocol SPEC OUT`` (protocol.py) under a timeout;
-the parent only collects its JSON. Before starting a child the parent checks the deadline against
-the slowest child so far: one that cannot finish is recorded absent ("no time left"), so a run cut
-short still writes a file. ``in_process=True`` runs the children as function calls (the fast CPU
-test); the file then says so.
+Rounds are the outer loop over the cases (round 1 of every case, then round 2), so a run cut
+short by its deadline still has one round of each case. Each child is
+``python -m kvpr_compile.bench.protocol --wait SPEC OUT`` (protocol.py); the parent only collects
+its JSON. With ``prestart`` the next child is started while the current one runs: it imports
+torch, transformers and the bench, then waits for a line on stdin before touching the device,
+so the interpreter's start-up is off the run's clock but no two contenders ever run together.
+Before letting a child go the parent checks the deadline against the slowest child so far: one
+that cannot finish is recorded absent ("no time left"). ``in_process=True`` runs the children
+as function calls (the quick CPU test); the file then says so.
 """
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 CHILD_CAP_S = 240.0      # one contender's process never runs longer than this
@@ -29,36 +33,71 @@ def orders(names, seed: int, rounds: int = 2) -> list[list[str]]:
     return [first if i % 2 == 0 else first[::-1] for i in range(rounds)]
 
 
-def _absent(name: str, reason: str) -> dict:
-    return {"contender": name, "status": "absent", "reason": reason}
+def schedule(cases: list[dict], names, *, rounds: int, seed: int) -> list[dict]:
+    """Every child's spec, in run order: round by round, case by case, the round's order."""
+    plan = orders(names, seed, rounds)
+    return [{**case, "case": index, "contender": name, "round": r, "order": position}
+            for r, order in enumerate(plan, start=1) for index, case in enumerate(cases)
+            for position, name in enumerate(order, start=1)]
 
 
-def run_child(spec: dict, workdir: Path, timeout_s: float, log=None) -> dict:
-    """One contender in a fresh interpreter; its JSON, or an error record with stderr's tail."""
-    tag = f"{spec['contender']}-r{spec['round']}"
-    spec_path, out_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.json"
+def _absent(spec: dict, reason: str, status: str = "absent") -> dict:
+    return {"contender": spec["contender"], "status": status, "reason": reason}
+
+
+def _tag(spec: dict) -> str:
+    return f"case{spec.get('case', 0)}-{spec['contender']}-r{spec['round']}"
+
+
+@dataclass
+class Child:
+    spec: dict
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+
+def start_child(spec: dict, workdir: Path) -> Child:
+    """A child that imports and then waits for ``go``."""
+    tag = _tag(spec)
+    spec_path, out, err = (workdir / f"{tag}.spec.json", workdir / f"{tag}.json",
+                           workdir / f"{tag}.stderr.txt")
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "kvpr_compile.bench.protocol", "--wait",
+                             str(spec_path), str(out)], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=err.open("w"),
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True)
+    return Child(spec, proc, out, err)
+
+
+def stop(child: Child) -> None:
+    if child.proc.poll() is None:
+        child.proc.kill()
+        child.proc.wait()
+
+
+def finish_child(child: Child, timeout_s: float) -> dict:
+    """Let ``child`` go and collect its JSON (an error record with stderr's tail otherwise)."""
     try:
-        proc = subprocess.run([sys.executable, "-m", "kvpr_compile.bench.protocol",
-                               str(spec_path), str(out_path)], capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
-        err, code = proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        code = None
-    (workdir / f"{tag}.stderr.txt").write_text(err or "")
-    if log is not None:
-        log(f"{tag}: exit {code} after {time.perf_counter() - started:.1f} s")
-    if code is None:
-        return {**_absent(spec["contender"], f"timed out after {timeout_s:.0f} s"),
-                "status": "error"}
-    if not out_path.is_file():
-        tail = "\n".join((err or "").strip().splitlines()[-5:])
-        return {"contender": spec["contender"], "status": "error",
-                "reason": f"child exited {code} without a result: {tail}"}
-    return json.loads(out_path.read_text())
+        child.proc.stdin.write("go\n")
+        child.proc.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass
+    try:
+        code = child.proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stop(child)
+        return _absent(child.spec, f"timed out after {timeout_s:.0f} s", "error")
+    if not child.out.is_file():
+        tail = " | ".join(child.err.read_text().strip().splitlines()[-5:])
+        return _absent(child.spec, f"child exited {code} without a result: {tail}", "error")
+    return json.loads(child.out.read_text())
+
+
+def run_child(spec: dict, workdir: Path, timeout_s: float) -> dict:
+    """One contender in a fresh interpreter, started now."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return finish_child(start_child(spec, workdir), timeout_s)
 
 
 def run_in_process(spec: dict) -> dict:
@@ -72,39 +111,54 @@ def run_in_process(spec: dict) -> dict:
         torch.compiler.reset()
 
 
-def run_rounds(base: dict, names, *, rounds: int, order_seed: int, deadline: float | None,
-               workdir: Path | None = None, in_process: bool = False, log=None) -> dict:
-    """{"orders": [[name...] per round], "results": {name: [child result per round]},
-    "in_process": bool}. ``deadline``: a ``time.monotonic()`` value, or None."""
-    plan = orders(names, order_seed, rounds)
-    results: dict[str, list[dict]] = {n: [] for n in names}
-    slowest = 0.0
-    tmp = None
-    if workdir is None and not in_process:
-        tmp = tempfile.TemporaryDirectory(prefix="kvpr-bench-")
-        workdir = Path(tmp.name)
-    if workdir is not None:
+def run_all(specs: list[dict], *, deadline: float | None, workdir: Path | None,
+            in_process: bool = False, prestart: bool = True, log=None, on_result=None
+            ) -> list[dict]:
+    """Every spec's result, in order; ``deadline`` is a ``time.monotonic()`` value or None;
+    ``on_result(results so far)`` after each child (e.g. to save)."""
+    if not in_process:
         workdir.mkdir(parents=True, exist_ok=True)
+    results, slowest = [], 0.0
+    pending: Child | None = None
     try:
-        for r, order in enumerate(plan, start=1):
-            for position, name in enumerate(order, start=1):
-                spec = {**base, "contender": name, "round": r, "order": position}
-                started = time.monotonic()
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left < max(10.0, 1.2 * slowest):
-                    res = _absent(name, f"no time left ({left:.0f} s) for round {r}")
-                elif in_process:
-                    res = run_in_process(spec)
-                else:
-                    cap = CHILD_CAP_S if left is None else min(CHILD_CAP_S, left)
-                    res = run_child(spec, workdir, cap, log)
-                if res["status"] != "absent":
-                    slowest = max(slowest, time.monotonic() - started)
-                res.update(round=r, order=position)
-                results[name].append(res)
-                if log is not None:
-                    log(f"round {r} #{position} {name}: {res['status']} {res.get('reason', '')}")
+        for i, spec in enumerate(specs):
+            left = None if deadline is None else deadline - time.monotonic()
+            started = time.monotonic()
+            if left is not None and left < max(10.0, 1.2 * slowest):
+                res = _absent(spec, f"no time left ({left:.0f} s) for round {spec['round']}")
+                if pending is not None:
+                    stop(pending)
+                    pending = None
+            elif in_process:
+                res = run_in_process(spec)
+            else:
+                child = pending if pending is not None else start_child(spec, workdir)
+                pending = None
+                if prestart and i + 1 < len(specs):
+                    pending = start_child(specs[i + 1], workdir)
+                cap = CHILD_CAP_S if left is None else min(CHILD_CAP_S, left)
+                res = finish_child(child, cap)
+            if res["status"] != "absent":
+                slowest = max(slowest, time.monotonic() - started)
+            res.update(round=spec["round"], order=spec["order"], case=spec.get("case", 0),
+                       parent_s=time.monotonic() - started)
+            results.append(res)
+            if on_result is not None:
+                on_result(list(results))
+            if log is not None:
+                log(f"case {spec.get('case', 0)} round {spec['round']} #{spec['order']} "
+                    f"{spec['contender']}: {res['status']} {res.get('reason', '')} "
+                    f"[{res['parent_s']:.1f} s]")
     finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return {"orders": plan, "results": results, "in_process": in_process}
+        if pending is not None:
+            stop(pending)
+    return results
+
+
+def collect(results: list[dict], case: int, names, plan: list[list[str]]) -> dict:
+    """One case's share of ``run_all``'s results, as assemble.build_row takes it."""
+    mine = {n: [] for n in names}
+    for res in results:
+        if res.get("case", 0) == case:
+            mine[res["contender"]].append(res)
+    return {"orders": plan, "results": mine}

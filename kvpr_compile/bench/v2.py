@@ -3,8 +3,8 @@ benchmark protocol 2, one protocol-2 document.
 
 Per run: one profile (``--profile`` path or preset; measured once on CUDA and saved where the
 children read it; the h200-pcie5 preset on a CPU), the order seed (``--order-seed``, else drawn
-and recorded), then per case the rounds (rounds.py, one process per contender), the row
-(assemble.py), and the document rewritten after every case (``--json``). ``--results-dir`` also
+and recorded), then the rounds over every case (rounds.py: round 1 of each case, then round 2,
+one process per contender), a row per case (assemble.py), and the document (``--json``). ``--results-dir`` also
 writes ``<date>-<card>-v2.json`` there under a name no folder of ``--also-check`` holds.
 Defaults: on CUDA Llama-7B-like (MHA) and Llama-3-8B-like (GQA) at b16 p1024, 8 layers, fp16,
 N = 32, R = 3; ``--cpu-smoke``: their toy-width versions at b2 p16, 2 layers, fp32, N = 6, R = 2
@@ -70,7 +70,7 @@ def run(args) -> int:
     from . import schema
     from .assemble import build_row
     from .main import NO_CUDA, _device
-    from .rounds import run_rounds
+    from .rounds import collect, orders, run_all, schedule
     from .v2_table import markdown
     device = _device(args)
     cpu = device.type != "cuda"
@@ -110,25 +110,33 @@ def run(args) -> int:
 
     def log(text):
         print(f"  {text}", file=sys.stderr, flush=True)
+    cases, facts = [], []
     for key in models:
         for batch in args.batch or base["batches"]:
             for prompt in args.prompt or base["prompts"]:
-                facts = case_facts(key, specs[key], layers, batch, prompt, steps, dtype)
-                child = {"model": key, "cpu": cpu, "layers": layers, "batch": batch,
-                         "prompt": prompt, "steps": steps, "repeats": repeats, "dtype": dtype,
-                         "device": str(device), "seed": args.seed, "profile": profile_path,
-                         "inner": args.inner, "overlap": args.overlap}
-                print(f"protocol 2: {key} b{batch} p{prompt} ({facts['attention']}, {layers} "
-                      f"layers), order seed {seed}", file=sys.stderr, flush=True)
-                got = run_rounds(child, names, rounds=args.rounds, order_seed=seed,
-                                 deadline=deadline, workdir=workdir / f"{key}-b{batch}-p{prompt}",
-                                 in_process=args.in_process, log=log)
-                row = build_row(facts, profile, got)
-                row.update(order_seed=seed, argv=sys.argv[1:], in_process=args.in_process)
-                doc["rows"].append(row)
-                if args.json:
-                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+                facts.append(case_facts(key, specs[key], layers, batch, prompt, steps, dtype))
+                cases.append({"model": key, "cpu": cpu, "layers": layers, "batch": batch,
+                              "prompt": prompt, "steps": steps, "repeats": repeats,
+                              "dtype": dtype, "device": str(device), "seed": args.seed,
+                              "profile": profile_path, "inner": args.inner,
+                              "overlap": args.overlap})
+    print(f"protocol 2: {len(cases)} case(s) x {len(names)} contenders x {args.rounds} rounds, "
+          f"order seed {seed}", file=sys.stderr, flush=True)
+    plan = orders(names, seed, args.rounds)
+    doc["prestart"] = not args.no_prestart and not args.in_process
+
+    def save(results):   # after every child: a run cut short keeps what it measured
+        doc["rows"] = []
+        for index, case in enumerate(facts):
+            row = build_row(case, profile, collect(results, index, names, plan))
+            row.update(order_seed=seed, argv=sys.argv[1:], in_process=args.in_process)
+            doc["rows"].append(row)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    save(run_all(schedule(cases, names, rounds=args.rounds, seed=seed), deadline=deadline,
+                 workdir=workdir, in_process=args.in_process, prestart=not args.no_prestart,
+                 log=log, on_result=save))
     if args.junit:
         from .results import test_counts
         doc["tests"] = test_counts(Path(args.junit))
