@@ -283,3 +283,34 @@ def test_orders_shuffle_with_the_seed_then_reverse():
     one, two = orders(ct.NAMES, seed=7)
     assert sorted(one) == sorted(ct.NAMES) and two == one[::-1]
     assert orders(ct.NAMES, seed=7) == [one, two] and orders(ct.NAMES, seed=8)[0] != one
+
+
+def test_schedule_runs_round_one_of_every_case_before_round_two():
+    from kvpr_compile.bench.rounds import schedule
+    specs = schedule([{"model": "a"}, {"model": "b"}], ["x", "y", "z"], rounds=2, seed=1)
+    assert [(s["round"], s["case"]) for s in specs] == [(1, 0)] * 3 + [(1, 1)] * 3 + \
+        [(2, 0)] * 3 + [(2, 1)] * 3
+    first, second = [s["contender"] for s in specs[:3]], [s["contender"] for s in specs[6:9]]
+    assert second == first[::-1] and [s["order"] for s in specs[:3]] == [1, 2, 3]
+
+
+def test_run_all_records_what_the_deadline_leaves_no_time_for(monkeypatch):
+    import time
+
+    from kvpr_compile.bench import rounds
+    clock = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+
+    def fake(spec):
+        clock[0] += 30.0                      # every child takes 30 s
+        return {"contender": spec["contender"], "status": "ok"}
+    monkeypatch.setattr(rounds, "run_in_process", fake)
+    specs = rounds.schedule([{"model": "a"}], ["x", "y", "z"], rounds=2, seed=0)
+    saved = []
+    got = rounds.run_all(specs, deadline=100.0, workdir=None, in_process=True,
+                         on_result=saved.append)
+    # 100 s: three children of 30 s start (each with >= 1.2 x the slowest left), then none
+    assert [r["status"] for r in got] == ["ok"] * 3 + ["absent"] * 3
+    assert "no time left" in got[3]["reason"] and len(saved) == 6
+    mine = rounds.collect(got, 0, ["x", "y", "z"], rounds.orders(["x", "y", "z"], 0))
+    assert sum(len(v) for v in mine["results"].values()) == 6

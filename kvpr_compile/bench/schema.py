@@ -118,7 +118,8 @@ def throughput_rows(doc: dict) -> list[dict]:
 def base_document(env: dict, profile: dict) -> dict:
     """The file-level fields when no case document ran (a call of throughput rows only)."""
     return {"protocol": PROTOCOL, "device": env.get("device") or "unknown",
-            "torch": env.get("torch", "unknown"), "transformers": env.get("transformers", "unknown"),
+            "torch": env.get("torch", "unknown"),
+            "transformers": env.get("transformers", "unknown"),
             "driver": env.get("driver", "unknown"),
             "h2d_gbps": profile["h2d_bytes_per_s"] / 1e9,
             "d2h_gbps": profile["d2h_bytes_per_s"] / 1e9, "tests": {"passed": 0, "failed": 0},

@@ -4,8 +4,9 @@ benchmark protocol 2, one protocol-2 document.
 Per run: one profile (``--profile`` path or preset; measured once on CUDA and saved where the
 children read it; the h200-pcie5 preset on a CPU), the order seed (``--order-seed``, else drawn
 and recorded), then the rounds over every case (rounds.py: round 1 of each case, then round 2,
-one process per contender), a row per case (assemble.py), and the document (``--json``). ``--results-dir`` also
-writes ``<date>-<card>-v2.json`` there under a name no folder of ``--also-check`` holds.
+one process per contender), a row per case (assemble.py), and the document (``--json``).
+``--results-dir`` also writes ``<date>-<card>-v2.json`` there, under a name that no folder of
+``--also-check`` holds.
 Defaults: on CUDA Llama-7B-like (MHA) and Llama-3-8B-like (GQA) at b16 p1024, 8 layers, fp16,
 N = 32, R = 3; ``--cpu-smoke``: their toy-width versions at b2 p16, 2 layers, fp32, N = 6, R = 2
 (timings meaningless, the CUDA-only contenders absent with the reason).

@@ -42,6 +42,7 @@ def markdown(doc: dict) -> str:
             text = f"{h['value']:.2f}" if h["value"] is not None else f"withheld ({h['withheld']})"
             lines.append(f"- {key}: {text}")
     for r in doc.get("throughput_rows", []):
+        flags = ", ".join(r.get("flags", [])) or "-"
         lines.append(f"- throughput {r.get('model')} b{r.get('batch')}: micro-batches "
-                     f"{r.get('micro_batches') or '-'}, flags {', '.join(r.get('flags', [])) or '-'}")
+                     f"{r.get('micro_batches') or '-'}, flags {flags}")
     return "\n".join(lines)
