@@ -83,7 +83,8 @@ v2() {
     local room=$(($(left) - 15))
     local limit=$((cap < room ? cap : room))
     local extra=()
-    [[ "$smoke" == 1 ]] && extra=(--cpu-smoke --layers 1 --steps 3 --repeats 1)
+    [[ "$smoke" == 1 ]] &&
+        extra=(--cpu-smoke --layers 1 --batch 2 --prompt 16 --steps 3 --repeats 1)
     run "$name" "$cap" $py -m kvpr_compile.bench.v2 --profile "$out/profile.json" \
         --json "$out/cases/$name.json" --workdir "$out/work/$name" --deadline-s $((limit - 20)) \
         --call-id "$KVPR_CALL_ID" "$@" "${extra[@]}"

@@ -8,8 +8,9 @@ short by its deadline still has one round of each case. Each child is
 its JSON. With ``prestart`` the next child is started while the current one runs: it imports
 torch, transformers and the bench, then waits for a line on stdin before touching the device,
 so the interpreter's start-up is off the run's clock but no two contenders ever run together.
-Before letting a child go the parent checks the deadline against the slowest child so far: one
-that cannot finish is recorded absent ("no time left"). ``in_process=True`` runs the children
+Before letting a child go the parent checks the deadline against that contender's time in the
+previous round (else the slowest child so far): one that cannot finish is recorded absent ("no
+time left"). A CUDA-only contender on a CPU is recorded absent without a process. ``in_process=True`` runs the children
 as function calls (the quick CPU test); the file then says so.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .contenders import CUDA_ONLY
 
 CHILD_CAP_S = 240.0      # one contender's process never runs longer than this
 
@@ -118,28 +121,36 @@ def run_all(specs: list[dict], *, deadline: float | None, workdir: Path | None,
     ``on_result(results so far)`` after each child (e.g. to save)."""
     if not in_process:
         workdir.mkdir(parents=True, exist_ok=True)
-    results, slowest = [], 0.0
+    results, slowest, took = [], 0.0, {}
     pending: Child | None = None
     try:
         for i, spec in enumerate(specs):
             left = None if deadline is None else deadline - time.monotonic()
             started = time.monotonic()
-            if left is not None and left < max(10.0, 1.2 * slowest):
+            need = 1.2 * took.get(spec["contender"], slowest)   # its own last time, if known
+            if spec.get("device") == "cpu" and spec["contender"] in CUDA_ONLY:
+                res = _absent(spec, f"needs CUDA ({CUDA_ONLY[spec['contender']]})")
+            elif left is not None and left < max(10.0, need):
                 res = _absent(spec, f"no time left ({left:.0f} s) for round {spec['round']}")
-                if pending is not None:
+                if pending is not None and pending.spec is spec:
                     stop(pending)
                     pending = None
             elif in_process:
                 res = run_in_process(spec)
             else:
-                child = pending if pending is not None else start_child(spec, workdir)
-                pending = None
-                if prestart and i + 1 < len(specs):
-                    pending = start_child(specs[i + 1], workdir)
+                if pending is not None and pending.spec is spec:
+                    child, pending = pending, None
+                else:
+                    child = start_child(spec, workdir)
+                following = next((s for s in specs[i + 1:] if not (
+                    s.get("device") == "cpu" and s["contender"] in CUDA_ONLY)), None)
+                if prestart and pending is None and following is not None:
+                    pending = start_child(following, workdir)
                 cap = CHILD_CAP_S if left is None else min(CHILD_CAP_S, left)
                 res = finish_child(child, cap)
             if res["status"] != "absent":
-                slowest = max(slowest, time.monotonic() - started)
+                took[spec["contender"]] = time.monotonic() - started
+                slowest = max(slowest, took[spec["contender"]])
             res.update(round=spec["round"], order=spec["order"], case=spec.get("case", 0),
                        parent_s=time.monotonic() - started)
             results.append(res)
