@@ -92,3 +92,15 @@ def test_kvpr_bench_protocol_2_parses_and_needs_cuda_or_cpu_smoke(capsys):
     if not torch.cuda.is_available():
         assert main(["--protocol", "2"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_the_runs_one_profile_falls_back_when_its_file_is_missing(tmp_path, capsys):
+    import argparse
+
+    from kvpr_compile.bench.v2 import _profile
+    args = argparse.Namespace(profile=str(tmp_path / "gone.json"))
+    path, prof = _profile(args, torch.device("cpu"), tmp_path)
+    assert json.loads(open(path).read()) == prof and prof["name"] == "h200-pcie5"
+    assert "no profile at" in capsys.readouterr().err
+    again, same = _profile(argparse.Namespace(profile=path), torch.device("cpu"), tmp_path)
+    assert again == path and same == prof          # a file is read, never re-measured

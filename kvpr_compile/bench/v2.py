@@ -45,11 +45,17 @@ def _profile(args, device, workdir: Path) -> tuple[str, dict]:
     from ..plan.profiler import DEFAULT_PRESET, measure, resolve_profile
     if args.profile and os.path.isfile(args.profile):
         return args.profile, json.loads(Path(args.profile).read_text())
-    if device.type == "cuda" and not args.profile:
+    missing = bool(args.profile) and args.profile.endswith(".json")
+    if missing:
+        print(f"kvpr bench: no profile at {args.profile}; "
+              f"{'measuring one' if device.type == 'cuda' else 'using the preset'}",
+              file=sys.stderr)
+    if device.type == "cuda" and (missing or not args.profile):
         print("measuring the profile once for every process ...", file=sys.stderr, flush=True)
         prof = measure(device)
     else:
-        prof = resolve_profile(args.profile or DEFAULT_PRESET, device=device)
+        prof = resolve_profile(DEFAULT_PRESET if missing or not args.profile else args.profile,
+                               device=device)
     path = workdir / "profile.json"
     path.write_text(prof.to_json())
     return str(path), prof.to_dict()
@@ -99,7 +105,11 @@ def run(args) -> int:
     note = cf.CPU_NOTE if cpu else ""
     if args.in_process:
         note += ("; " if note else "") + "children run in-process (test mode), not one process each"
-    doc = {"protocol": 2, "device": "cpu" if cpu else torch.cuda.get_device_name(device),
+    # a measured profile names the card: the parent then never opens a CUDA context itself
+    measured = not cpu and str(profile.get("source", "")).startswith("measured")
+    card = profile["device_name"] if measured else (
+        "cpu" if cpu else torch.cuda.get_device_name(device))
+    doc = {"protocol": 2, "device": card,
            "torch": torch.__version__, "transformers": transformers.__version__,
            "driver": "none (CPU run)" if cpu else driver(),
            "h2d_gbps": profile["h2d_bytes_per_s"] / 1e9,
