@@ -43,3 +43,9 @@ def test_quick_rates_from_the_command(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert "needs CUDA" in rates["round_trip"]["absent"]
     assert "GB/s of K,V" in capsys.readouterr().out
+
+
+def test_attention_past_the_budget_is_recorded_absent():
+    rates = hr.measure(quick=True, max_s=0.0)
+    assert rates["attention"][0]["gb_per_s"] > 0            # the first always runs
+    assert all("past the 0 s budget" in a["absent"] for a in rates["attention"][1:])

@@ -69,14 +69,18 @@ def _time(fn, repeats: int, budget_s: float) -> float:
     return statistics.median(times)
 
 
-def attention_rate(shape: dict, dtype: str, threads: int, repeats: int = 5,
-                   budget_s: float = 1.0) -> dict:
+def decode_tensors(shape: dict, dtype: str) -> tuple[torch.Tensor, ...]:
+    """q (b, h, 1, d) and host-resident K, V (b, h_kv, past, d) of one decode step."""
     dt = getattr(torch, dtype)
     gen = torch.Generator().manual_seed(0)
     b, h, h_kv, d, s = (shape[k] for k in ("batch", "heads", "kv_heads", "head_dim", "past"))
-    q = torch.randn(b, h, 1, d, generator=gen).to(dt)
-    k = torch.randn(b, h_kv, s, d, generator=gen).to(dt)
-    v = torch.randn(b, h_kv, s, d, generator=gen).to(dt)
+    return tuple(torch.randn(*dims, generator=gen, dtype=dt)
+                 for dims in ((b, h, 1, d), (b, h_kv, s, d), (b, h_kv, s, d)))
+
+
+def attention_rate(shape: dict, dtype: str, threads: int, repeats: int = 5,
+                   budget_s: float = 1.0, tensors=None) -> dict:
+    q, k, v = tensors if tensors is not None else decode_tensors(shape, dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -120,11 +124,22 @@ def round_trip(nbytes: int = 4096, repeats: int = 50) -> dict:
             "repeats": repeats}
 
 
-def measure(quick: bool = False, cores: int | None = None) -> dict:
+def measure(quick: bool = False, cores: int | None = None, max_s: float = 40.0) -> dict:
+    """Every rate; attention measurements past ``max_s`` seconds are recorded as absent."""
     shapes = QUICK_SHAPES if quick else DECODE_SHAPES
     counts = thread_counts(cores) if not quick else thread_counts(min(2, os.cpu_count() or 1))
-    attention = [attention_rate(shape, dtype, n, repeats=2 if quick else 5)
-                 for shape in shapes for dtype in DTYPES for n in counts]
+    attention, started = [], time.perf_counter()
+    for shape in shapes:
+        for dtype in DTYPES:
+            tensors = decode_tensors(shape, dtype)       # built once, attended per thread count
+            for n in counts:
+                if attention and time.perf_counter() - started > max_s:
+                    attention.append({"shape": shape["name"], "dtype": dtype, "threads": n,
+                                      "absent": f"past the {max_s:.0f} s budget"})
+                    continue
+                attention.append(attention_rate(shape, dtype, n, repeats=2 if quick else 5,
+                                                tensors=tensors))
+            del tensors
     return {"cores": os.cpu_count(), "torch": torch.__version__, "attention": attention,
             "memory": memory_bandwidth(mib=8 if quick else 256, repeats=2 if quick else 5),
             "round_trip": round_trip(repeats=5 if quick else 50)}
