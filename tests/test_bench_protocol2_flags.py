@@ -314,3 +314,8 @@ def test_run_all_records_what_the_deadline_leaves_no_time_for(monkeypatch):
     assert "no time left" in got[3]["reason"] and len(saved) == 6
     mine = rounds.collect(got, 0, ["x", "y", "z"], rounds.orders(["x", "y", "z"], 0))
     assert sum(len(v) for v in mine["results"].values()) == 6
+
+
+def test_the_command_lines_contender_names_are_the_protocols():
+    from kvpr_compile.bench.main import V2_CONTENDERS
+    assert V2_CONTENDERS == ct.NAMES       # named twice so that --help needs no torch
