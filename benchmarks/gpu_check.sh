@@ -1,55 +1,61 @@
 #!/usr/bin/env bash
-# The whole first-GPU check in one command, sized for <= 480 s on an H100/H200:
-#   install the checkout (and carried wheels) -> versions, backend="kvpr" by name -> measured
-#   H2D/D2H -> the resident decode under three HF caches -> three table cases, one process each
-#   (trace PNG for the first) -> CUDA tests (quick selection, up to 150 s) -> the results file
-#   benchmarks/results/<date>-<card>.json, copied to DEST with the rest packed in DEST/check.tgz.
-# Usage, from the repo root on the GPU machine:  bash benchmarks/gpu_check.sh [DEST [STEPS]]
+# The GPU check by benchmark protocol 2 (docs/design.md, "Benchmark protocol 2"), two calls:
+#   call 1 (<= 480 s):  bash benchmarks/gpu_check.sh "$OUT"
+#     install -> env (versions, clocks, power, PCIe generation and width, NUMA node) -> one
+#     profile -> the MHA case (Llama-7B-like b16 p1024, 8 layers) and the GQA case
+#     (Llama-3-8B-like b16 p1024), every contender in its own process, round 1 of both cases then
+#     round 2 (reversed) -> the CUDA tests' quick selection -> <date>-<card>-v2.json
+#   call 2 (<= 300 s):  KVPR_CHECK_BUDGET=290 bash benchmarks/gpu_check.sh "$OUT" call2
+#     install -> env -> profile -> the throughput schedule (OPT-6.7B/13B-like, b128, weights
+#     streamed; a row that names no micro-batches is flagged) -> host rates (CPU attention over
+#     host fp16/bf16 K,V, 1..all cores, host memory bandwidth, small D2H+H2D round trip) -> the
+#     MHA case at 32 layers with what time is left -> <date>-<card>-v2-call2.json
+# Usage, from the repo root:  bash benchmarks/gpu_check.sh [DEST [STEPS]]
 #   DEST defaults to $OUT (the device tool's output folder), else /tmp/kvpr_gpu.
-#   STEPS: comma-separated subset of env,profile,resident,tests,cases,order,throughput,piecewise,results (default:
-#   all but throughput and piecewise; the install always runs), e.g. "tests,results" for a short
-#   second run. The throughput schedule's benchmark and the inner="piecewise" case (which decides
-#   the default inner on CUDA, inner.py) are the second call (<= 300 s):
-#     KVPR_CHECK_BUDGET=290 bash benchmarks/gpu_check.sh "$OUT" throughput,piecewise,results
-#   (its results file is <date>-<card>-throughput.json).
-#   KVPR_CHECK_BUDGET (seconds, default 470) is the deadline every step's timeout is cut to.
-# Every step writes its files as soon as it is done, so a step cut short loses only itself.
-# Wheels carried in .whl/ (mip==1.16rc0, cffi, pycparser; setuptools, wheel; .whl/plot/: matplotlib
-# and its dependencies) are installed first, each only where its module is missing: the lent
-# image has no network and no mip. Commands run as `python3 -m kvpr_compile.cli` (from the repo
-# root this works even if the install failed; the bench then passes the backend function).
+#   STEPS: "call1" (default), "call2", or a comma-separated subset of
+#   env,profile,cases,tests,results,throughput,hostrates,mha32,results2 (install always runs).
+#   KVPR_CHECK_BUDGET (seconds; 470, or 290 for call2) is the deadline every step is cut to.
+#   KVPR_CHECK_SMOKE=1 runs the same plumbing on a CPU (toy models, preset profile): a dry run.
+# DEST receives few files: results/*.json, results.md, steps.log and check.tgz (everything else).
+# The results file's name is chosen so that no file in benchmarks/results/ is overwritten.
 set -uo pipefail
 dest="${1:-${OUT:-/tmp/kvpr_gpu}}"
-steps=",${2:-env,profile,resident,tests,cases,order,results},"
-budget="${KVPR_CHECK_BUDGET:-470}"
-# Steps write into a work folder outside DEST; DEST gets only a few files (the device tool returns
-# a limited number of files: the first run lost its results file among 21): check.tgz (all of
-# the work folder but trace JSONs, refreshed after every step), traces.tgz, and copies of
-# results/*.json, results.md and steps.log.
+steps="${2:-call1}"
+case "$steps" in
+    call1) steps="env,profile,cases,tests,results"; default_budget=470 ;;
+    call2) steps="env,profile,throughput,hostrates,mha32,results2"; default_budget=290 ;;
+    *) default_budget=470 ;;
+esac
+steps=",$steps,"
+budget="${KVPR_CHECK_BUDGET:-$default_budget}"
+smoke="${KVPR_CHECK_SMOKE:-0}"
 out="${KVPR_CHECK_WORK:-/tmp/kvpr_gpu_work}"
 rm -rf "$out"
-mkdir -p "$dest" "$out/cases" "$out/trace" "$out/results"
+mkdir -p "$dest" "$out/cases" "$out/results" "$out/throughput"
+export KVPR_CALL_ID="${KVPR_CALL_ID:-$(date -u +%Y%m%dT%H%M%SZ)-$$}"
+export PYTHONUNBUFFERED=1 KVPR_CACHE_DIR="$out/profile-cache"
 pack() {
-    tar czf "$dest/check.tgz" -C "$out" --exclude='./trace/*.json' --exclude='./profile-cache' . 2>/dev/null
+    tar czf "$dest/check.tgz" -C "$out" --exclude='./profile-cache' . 2>/dev/null
     cp "$out"/results/*.json "$out/results.md" "$out/steps.log" "$dest/" 2>/dev/null
     return 0
 }
-trap 'pack; ls "$out"/trace/*.json > /dev/null 2>&1 && tar czf "$dest/traces.tgz" -C "$out" trace' EXIT
-export PYTHONUNBUFFERED=1 KVPR_CACHE_DIR="$out/profile-cache"
-py="${PYTHON:-python3}"   # the interpreter to install into and run with
+trap pack EXIT
+py="${PYTHON:-python3}"
 start=$SECONDS
 log() { echo "[gpu_check $((SECONDS - start))s] $*" | tee -a "$out/steps.log"; }
-# run NAME CAP CMD...: CMD under a timeout of min(CAP, time left - 20 s for the results file);
-# SIGINT first so pytest still writes its junit XML, SIGKILL 10 s later.
+left() { echo $((budget - (SECONDS - start))); }
+# run NAME CAP CMD...: CMD under min(CAP, time left - 15 s); SIGINT first (pytest then still
+# writes its junit XML), SIGKILL 10 s later. The log's tail goes to stdout and steps.log.
 run() {
     local name=$1 cap=$2; shift 2
-    local left=$((budget - (SECONDS - start) - 20))
-    local limit=$((cap < left ? cap : left))
-    if ((limit < 15)); then log "$name: skipped, ${left}s left"; return 124; fi
+    local room=$(($(left) - 15))
+    local limit=$((cap < room ? cap : room))
+    if ((limit < 15)); then log "$name: skipped, $(left)s left"; return 124; fi
     log "$name: start (limit ${limit}s)"
     timeout -s INT -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
     local rc=$?
-    log "$name: rc=$rc"; tail -n 25 "$out/$name.log"
+    log "$name: rc=$rc"
+    tail -n 30 "$out/$name.log" | tee -a "$out/steps.log"
     pack
     return $rc
 }
@@ -58,81 +64,74 @@ pip_install() {   # into the interpreter's environment; Debian-style pythons nee
     $py -m pip install -q --no-index --no-deps "$@" 2>/dev/null ||
         $py -m pip install -q --no-index --no-deps --break-system-packages "$@"
 }
-
 # carried wheel (glob) -> installed only where its module (arg 2) does not import
 need() { $py -c "import $2" 2>/dev/null || { ls $1 > /dev/null 2>&1 && pip_install $1; }; }
+
+log "call $KVPR_CALL_ID: steps $steps budget ${budget}s smoke $smoke"
 log "install"
 $py -c "import setuptools as s, sys; sys.exit(int(s.__version__.split('.')[0]) < 68)" 2>/dev/null ||
     pip_install .whl/setuptools-*.whl .whl/wheel-*.whl
 need ".whl/pycparser-*.whl" pycparser; need ".whl/cffi-*.whl" cffi; need ".whl/mip-*.whl" mip
-for pair in six:six packaging:packaging pyparsing:pyparsing python_dateutil:dateutil cycler:cycler \
-        kiwisolver:kiwisolver fonttools:fontTools pillow:PIL contourpy:contourpy matplotlib:matplotlib; do
-    need ".whl/plot/${pair%%:*}-*.whl" "${pair##*:}"   # the trace PNG needs matplotlib
-done
-pip_install --no-build-isolation -e . > "$out/install.log" 2>&1 || { log "install failed"; cat "$out/install.log"; }
+if [[ "$smoke" != 1 ]]; then
+    pip_install --no-build-isolation -e . > "$out/install.log" 2>&1 ||
+        { log "install failed"; tail -n 20 "$out/install.log"; }
+fi
 
-want env && run env 60 $py - "$out/env.json" <<'EOF'
-import json, platform, subprocess, sys
-import torch, transformers
-info = {"python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "kvpr_by_name": "kvpr" in torch.compiler.list_backends(exclude_tags=()),
-        "host_cache_calls": {"torch.accelerator.empty_host_cache":
-                             hasattr(getattr(torch, "accelerator", None), "empty_host_cache"),
-                             "torch._C._host_emptyCache": hasattr(torch._C, "_host_emptyCache")}}
-try:
-    import mip
-    info["mip"] = mip.__version__ if hasattr(mip, "__version__") else "importable"
-except Exception as exc:  # noqa: BLE001
-    info["mip"] = f"not importable: {exc}"
-try:
-    info["nvidia_smi"] = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-        capture_output=True, text=True, timeout=20).stdout.strip()
-except (OSError, subprocess.SubprocessError) as exc:
-    info["nvidia_smi"] = f"not run: {exc}"
-print(json.dumps(info, indent=2))
-open(sys.argv[1], "w").write(json.dumps(info, indent=2) + "\n")
-EOF
+# protocol-2 case: NAME CAP EXTRA-ARGS... (the case's own --deadline-s comes from CAP)
+v2() {
+    local name=$1 cap=$2; shift 2
+    local room=$(($(left) - 15))
+    local limit=$((cap < room ? cap : room))
+    local extra=()
+    [[ "$smoke" == 1 ]] &&
+        extra=(--cpu-smoke --layers 1 --batch 2 --prompt 16 --steps 3 --repeats 1)
+    run "$name" "$cap" $py -m kvpr_compile.bench.v2 --profile "$out/profile.json" \
+        --json "$out/cases/$name.json" --workdir "$out/work/$name" --deadline-s $((limit - 20)) \
+        --call-id "$KVPR_CALL_ID" "$@" "${extra[@]}"
+}
 
-want profile && run profile 60 $py -m kvpr_compile.cli profile --refresh -o "$out/profile.json"
+want env && run env 40 $py -m benchmarks.gpu_env "$out/env.json"
+if want profile; then
+    if [[ "$smoke" == 1 ]]; then
+        run profile 30 $py -m kvpr_compile.cli profile --preset h200-pcie5 -o "$out/profile.json"
+    else
+        run profile 60 $py -m kvpr_compile.cli profile --refresh -o "$out/profile.json"
+    fi
+fi
 
-# the resident decode under three HF caches in one process (the first run's resident column was
-# 10x too slow; benchmarks/resident_caches.py)
-want resident && run resident 60 $py -m benchmarks.resident_caches
-
-# the reduced table: one process per case (its pinned memory goes back to the OS at exit)
-want cases && run case_llama-7b_b16_p1024 100 $py -m kvpr_compile.cli bench --models llama-7b --batch 16 --prompt 1024 --no-paper \
-    --json "$out/cases/llama-7b-b16-p1024.json" --trace "$out/trace" --trace-steps 2
-want cases && run case_opt-6.7b_paper 80 $py -m kvpr_compile.cli bench --models opt-6.7b --paper-only \
-    --json "$out/cases/opt-6.7b-b32-p256.json"
-want cases && run case_llama-3-8b_b16_p1024 80 $py -m kvpr_compile.cli bench --models llama-3-8b --batch 16 --prompt 1024 --no-paper \
-    --json "$out/cases/llama-3-8b-b16-p1024.json"
-
-# the GQA case's kvpr contenders in the other order: on the first run ratio 0 (first) stepped 5x
-# slower than the scheduler's split (last) with the same plan (ratio 0 for GQA) and the same bytes
-want order && run case_llama-3-8b_b16_p1024_order 60 $py -m kvpr_compile.cli bench --models llama-3-8b \
-    --batch 16 --prompt 1024 --no-paper --contenders kvpr-sched kvpr-r0 \
-    --json "$out/order-llama-3-8b-b16-p1024.json"
-
-# throughput schedule, weights streamed from pinned host memory: kvpr vs ratio 0 vs link limit
-want throughput && run throughput 190 $py -m kvpr_compile.cli bench --schedule throughput \
-    --models opt-6.7b opt-13b --batch 128 --json "$out/cases/throughput.json"
-
-# the same decode case with inductor between the kvpr steps (compare with case_llama-7b above)
-want piecewise && run case_llama-7b_b16_p1024_piecewise 70 $py -m kvpr_compile.cli bench --models llama-7b \
-    --batch 16 --prompt 1024 --no-paper --inner piecewise --contenders kvpr-r0 kvpr-sched \
-    --json "$out/cases/llama-7b-b16-p1024-piecewise.json"
-
+# call 1: both cases in one run (round 1 of each, then round 2), with what is left after the
+# tests (100 s) and the results (15 s)
+reserve=0; want tests && reserve=100; want results && reserve=$((reserve + 15))
+want cases && v2 cases $(($(left) - reserve)) --models llama-7b llama-3-8b --batch 16 \
+    --prompt 1024 --layers 8
 # -o addopts=-ra: setup.cfg's --benchmark-disable needs pytest-benchmark, which the image may lack
-want tests && run cuda_tests 150 $py -m pytest -q -p no:cacheprovider -o addopts=-ra \
+want tests && run cuda_tests 100 $py -m pytest -q -p no:cacheprovider -o addopts=-ra \
     --junitxml="$out/cuda_tests.xml" \
-    tests/test_cuda_runtime.py tests/test_entry_point.py \
+    tests/test_cuda_runtime.py tests/test_entry_point.py tests/test_bench_protocol2_flags.py \
     tests/test_reset_and_fragments.py::test_a_forced_ratio_never_imports_mip
+if want results; then
+    log "results"
+    $py -m kvpr_compile.bench.schema assemble "$out"/cases/*.json --junit "$out/cuda_tests.xml" \
+        --env "$out/env.json" --profile "$out/profile.json" -o "$out/results" \
+        --also-check benchmarks/results | tee "$out/results.md"
+fi
 
-want results || exit 0
-log "results"
-$py -m kvpr_compile.bench.results --cases "$out/cases" --junit "$out/cuda_tests.xml" --env "$out/env.json" \
-    -o "$out/results" | tee "$out/results.md"
+# call 2
+tput_args=(--models opt-6.7b opt-13b --batch 128)
+[[ "$smoke" == 1 ]] && tput_args=(--cpu-smoke --models opt-6.7b)
+want throughput && run throughput 150 $py -m kvpr_compile.cli bench --schedule throughput \
+    "${tput_args[@]}" --json "$out/throughput/throughput.json"
+rates_args=(); [[ "$smoke" == 1 ]] && rates_args=(--quick)
+want hostrates && run hostrates 60 $py -m benchmarks.host_rates --json "$out/host_rates.json" \
+    "${rates_args[@]}"
+want results2 && r2=15 || r2=0
+want mha32 && v2 mha32 $(($(left) - r2)) --models llama-7b --batch 16 --prompt 1024 \
+    --layers 32 --only resident_static hf_generate_offloaded kvpr_ratio0 kvpr copy_only
+if want results2; then
+    log "results (call 2)"
+    $py -m kvpr_compile.bench.schema assemble $(ls "$out"/cases/mha32.json 2>/dev/null) \
+        --throughput "$out/throughput/throughput.json" --host-rates "$out/host_rates.json" \
+        --env "$out/env.json" --profile "$out/profile.json" -o "$out/results" \
+        --also-check benchmarks/results --tag v2-call2 | tee "$out/results.md"
+fi
 log "done in $((SECONDS - start)) s"

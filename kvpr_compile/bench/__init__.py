@@ -17,4 +17,18 @@ measured pinned bandwidth). Modules, one idea each:
 - ``main``     the command line (shared by both entry points)
 - ``results``  the committed record of a GPU run (``benchmarks/gpu_check.sh`` writes it)
 - ``throughput`` ``--schedule throughput``: tokens/s with weights streamed, kvpr vs ratio 0 vs link
+
+``kvpr bench --protocol 2`` (docs/design.md, "Benchmark protocol 2") is the run to trust:
+
+- ``v2``          its command line: the cases, the run's one profile, the document
+- ``rounds``      one process per contender, round 1 shuffled with a recorded seed, round 2 reversed
+- ``protocol``    the child: build, untimed full decode, counters, R timed decodes, raw JSON
+- ``contenders``  the eight contenders and how each decodes (loop, generate, copy pipeline)
+- ``counters``    allocator and compile counters around the timed window
+- ``yardsticks``  kv_link, HF's bytes bound, T*, floors: arithmetic on measured rates
+- ``flags``       the sanity flags, pure functions over recorded numbers
+- ``assemble``    a row from the children: pooled statistics, yardsticks, flags, headlines
+- ``schema``      the protocol-2 file: validator, never-overwriting writer, one call's assembler
+- ``v2_table``    the document as Markdown
+- ``host_rates``  CPU attention over host K,V, host memory bandwidth, D2H+H2D round trip
 """

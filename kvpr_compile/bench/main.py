@@ -90,7 +90,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="after timing, profile a few kvpr decode steps per case: chrome trace "
                         "JSON + PNG timeline of the CUDA streams in DIR")
     o.add_argument("--trace-steps", type=int, default=3, help="decode steps traced (default 3)")
+    _protocol2_arguments(parser)
     return parser
+
+
+V2_CONTENDERS = ("resident_static", "resident_dynamic", "hf_generate_offloaded",
+                 "hf_loop_offloaded", "kvpr_ratio0", "kvpr", "kvpr_generate", "copy_only")
+
+
+def _protocol2_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("protocol 2 (--protocol 2: one process per contender, two "
+                                  "rounds, sanity flags; bench/v2.py)")
+    p.add_argument("--protocol", type=int, choices=(1, 2), default=1,
+                   help="1 (default): the one-process table above; 2: the protocol-2 run")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="timed decode steps per decode (default 32; 6 with --cpu-smoke)")
+    p.add_argument("--repeats", type=int, default=None, metavar="R",
+                   help="timed decodes per process (default 3; 2 with --cpu-smoke)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds (default 2: shuffled, then reversed)")
+    p.add_argument("--order-seed", type=int, default=None,
+                   help="seed of round 1's order (default: drawn and recorded)")
+    p.add_argument("--only", nargs="+", default=None, choices=V2_CONTENDERS, metavar="NAME",
+                   help=f"contenders (default all: {', '.join(V2_CONTENDERS)})")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="seconds for the whole run; a contender that cannot finish is absent")
+    p.add_argument("--workdir", default=None, help="children's specs, results and stderr")
+    p.add_argument("--no-prestart", action="store_true",
+                   help="start each child only when the previous one has ended (default: the "
+                        "next child imports while the current one runs, then waits)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the children as calls in this process (a quick test mode)")
+    p.add_argument("--results-dir", default=None,
+                   help="also write <date>-<card>-v2.json there (never overwriting)")
+    p.add_argument("--also-check", nargs="*", default=None, metavar="DIR",
+                   help="folders whose file names --results-dir must not reuse")
+    p.add_argument("--junit", default=None, help="test counts from this junit XML")
+    p.add_argument("--call-id", default=None,
+                   help="tag of the device call (default $KVPR_CALL_ID): parts of one file "
+                        "must share it")
 
 
 def _device(args):
@@ -175,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
     from .table import environment, format_report, write_json
     device = _device(args)
     cpu = device.type != "cuda"
+    if getattr(args, "protocol", 1) == 2:
+        from . import v2
+        return v2.run(args)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("kvpr bench: error: CUDA is not available", file=sys.stderr)
         return 2
