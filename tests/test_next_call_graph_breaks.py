@@ -64,7 +64,7 @@ def decode(run, cache):
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
-def test_each_graphs_prefetch_serves_only_its_own_first_layer(sim, ratio):
+def test_each_graphs_prefetch_serves_only_its_own_first_layer(sim_api, ratio):
     """Prefill and decode steps through the two graphs: exact against eager, race-free, with
     the prefetches issued (each graph's, at the end of its last layer)."""
     model = llama_with_a_break()
@@ -77,6 +77,6 @@ def test_each_graphs_prefetch_serves_only_its_own_first_layer(sim, ratio):
               for r in kvpr_compile.reports()[first:] if r.layers}
     assert firsts == {0, BREAK_AFTER + 1}   # two graphs, each with its own first layer
     assert worst_rel_err(out[0], ref[0]) <= TOL and torch.equal(out[1], ref[1])
-    assert sim.races.found == []
+    assert sim_api.races.found == []
     rt = cuda_runtime.runtime(cache._store, "cpu")
     assert rt.next_call_used + rt.next_call_dropped > 0   # the prefetches were issued
