@@ -4,15 +4,15 @@ Each stage is ``stage(c: Compilation) -> None``: it reads what the earlier ones 
 (stages/compilation.py) and adds its part; a stage with nothing to do returns at once (no
 attention site, no slice, not the throughput schedule, a callable already made).
 
-    find        the attention sites that read an offloaded cache          (sites.py)
-    extract     each site's recompute slice; the others left unchanged     (slices.py)
-    batch_rows  throughput: the batch roles and the GPU budget check      (column_order.py)
-    plan        each layer's split ratio: forced, latency LP or throughput LP  (ratios.py)
-    rewrite     cache reads -> kvpr steps, one report line per layer      (rewriting.py)
-    record      the report published                                       (rewriting.py)
-    columns     throughput: the column-order runner                        (column_order.py)
-    place       latency: loads one layer ahead and into the next call     (loads.py)
-    lower       the inner compiler (eager / piecewise / inductor)          (inner_compile.py)
+    find        the attention sites that read an offloaded cache         sites.py
+    extract     each site's recompute slice; the others left unchanged    slices.py
+    batch_rows  throughput: the batch roles and the GPU budget check      column_order.py
+    plan        each layer's ratio: forced, latency LP or throughput LP   ratios.py
+    rewrite     cache reads -> kvpr steps, one report line per layer      rewriting.py
+    record      the report published                                      rewriting.py
+    columns     throughput: the column-order runner                       column_order.py
+    place       latency: loads one layer ahead and into the next call     loads.py
+    lower       the inner compiler (eager / piecewise / inductor)         inner_compile.py
 """
 from __future__ import annotations
 
