@@ -9,19 +9,15 @@
   and stores copy their sources into runtime-owned buffers first (store race): correct, but the
   copies no longer overlap compute, and every kvpr op pays the dispatcher.
 
-Default ``eager`` on every device for now. On a CPU, inductor compiles C++ for every piece (minutes
-for a 32-layer model on a small machine, against a few seconds for eager), and at tiny dims a
-piece's guard check costs more host time than fusion saves (benchmarks/host_step.py). On CUDA,
-the first H100 run (Llama-7B-like, batch 16, prompt 1024) stepped in 27.50 ms with piecewise and
-27.42-27.45 ms with eager: the step is bound by the copies and the recompute's GEMMs, which
-fusion does not touch, so eager stays the default there too.
+``eager`` is the default on every device: on a CPU inductor compiles C++ for every piece and a
+piece's guard check can cost more host time than fusion saves, and on CUDA the step is bound by
+the copies and the recompute's GEMMs, which fusion does not touch (measurements in
+docs/design.md, "What runs the rewritten graph").
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
-
-from .runtime.lower import lower
 
 INNER = ("eager", "piecewise", "inductor")
 
@@ -34,6 +30,7 @@ def compile_inner(gm: fx.GraphModule, example_inputs, inner: str):
     """The callable that runs ``gm`` (already rewritten) with ``inner``."""
     if inner == "inductor":
         return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+    from .runtime.lower import lower
     lowered = lower(gm)
     if inner == "piecewise":
         from .runtime.piecewise import compile_piecewise

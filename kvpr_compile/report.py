@@ -1,4 +1,6 @@
-"""What the backend did to each graph it compiled: per-layer split ratios and skipped nodes."""
+"""What the backend did to each graph it compiled: per-layer split ratios, skipped nodes and
+notes (``Report``, kept for ``reports()``), and the wording of those notes and of the backend's
+warnings (the functions after the registry), so the stages hold no prose."""
 from __future__ import annotations
 
 import warnings
@@ -23,7 +25,7 @@ class Report:
     layers: list[LayerEntry] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (node, reason)
     notes: list[str] = field(default_factory=list)
-    plan: object = None     # scheduler Plan (or ThroughputPlan) for this graph's shapes, when made
+    plan: object = None     # latency Plan (or ThroughputPlan) for this graph's shapes, when made
     schedule: str = "latency"
     micro_batches: list[int] | None = None   # throughput: the split of the example batch
     weights: str = ""       # throughput: "resident" or "streamed (...)"
@@ -39,12 +41,14 @@ class Report:
                  f"{len(self.skipped)} skipped, inner={self.inner}"
                  + (f", ratios: {self.ratio_source}" if self.ratio_source else "")]
         if self.layers:
-            lines.append(f"  {'layer':>5}  {'ratio':>6}  {'asked':>6}  {'X':<24} side inputs / note")
+            lines.append(f"  {'layer':>5}  {'ratio':>6}  {'asked':>6}  {'X':<24} "
+                         "side inputs / note")
             for e in self.layers:
                 extra = ", ".join(e.side_inputs) or "-"
                 if e.note:
                     extra += f"  ({e.note})"
-                lines.append(f"  {e.layer:>5}  {e.ratio:>6.3f}  {e.requested:>6.3f}  {e.x_node:<24} {extra}")
+                lines.append(f"  {e.layer:>5}  {e.ratio:>6.3f}  {e.requested:>6.3f}  "
+                             f"{e.x_node:<24} {extra}")
         if self.schedule == "throughput":
             lines.append(f"  schedule: throughput, micro-batches {self.micro_batches}, "
                          f"weights {self.weights}")
@@ -55,7 +59,7 @@ class Report:
             lines.append(f"  planner: {self.plan}")
         elif self.plan is not None:
             from .plan.latency_table import format_layers
-            lines.append(f"  scheduler: {self.plan}")
+            lines.append(f"  latency LP: {self.plan}")
             lines.append(format_layers(self.plan))
         return "\n".join(lines)
 
@@ -96,3 +100,71 @@ def decode_graph_report(reports) -> Report | None:
         if rep.layers and not any(e.note.startswith("multi-token") for e in rep.layers):
             return rep
     return None
+
+
+# ---- the backend's notes and warnings ------------------------------------------------------
+def cuda_graph_mode_ignored(mode: str) -> None:
+    warn_once(f"kvpr: mode={mode!r} asks for CUDA graphs, which cannot capture host-to-device "
+              "streaming of a growing cache; ignored")
+
+
+def nothing_to_rewrite(report: Report, attention_seen: bool) -> None:
+    """No site: attention that reads no OffloadedKVCache is worth a warning; a graph without
+    attention (e.g. a fragment between graph breaks) is no problem."""
+    if attention_seen:
+        report.notes.append("no attention reads an OffloadedKVCache; graph compiled unchanged")
+        warn_once("kvpr: graph has attention that reads no OffloadedKVCache "
+                  "(kvpr cache_update); it is compiled unchanged")
+    else:
+        report.notes.append("no attention in this graph (e.g. a fragment between graph "
+                            "breaks); compiled unchanged")
+
+
+def site_left_unchanged(report: Report, node_name: str, layer: int, err: Exception) -> None:
+    reason = f"layer {layer}: {err}; left as a plain offloaded-cache read"
+    report.skipped.append((node_name, reason))
+    warn_once(f"kvpr: {reason}")
+
+
+def layer_entry(layer: int, sl, effective: float, requested: float, links=None) -> LayerEntry:
+    """The report line of one rewritten layer: ``sl`` its RecomputeSlice, ``effective`` the
+    ratio in effect, ``links`` the side inputs it reads from other layers' records."""
+    note = sl.past_note
+    if sl.module is None and note.startswith("multi-token graph: stores X, loads"):
+        warn_once(f"kvpr: layer {layer}: {note} (exact, not recomputed)")
+    if sl.module is not None and not sl.single_token and effective == 0:
+        note = "multi-token graph: ratio 0, loads the past"
+    if sl.narrowed and effective > 0:
+        note = "; ".join(filter(None, [note, "fused QKV: recomputes the K/V columns only"]))
+    if links is not None:
+        shared = ", ".join(sl.token_inputs[i].name for i, _, _ in links)
+        owners = ", ".join(sorted({str(owner) for _, owner, _ in links}))
+        note = "; ".join(filter(None, [note, f"{shared}: layer {owners}'s record (stored once)"]))
+    return LayerEntry(layer, effective, requested, sl.x.name,
+                      [s.name for s in sl.token_inputs[1:]], note)
+
+
+def keep_latency(report: Report, reason: str) -> None:
+    report.notes.append(f"throughput schedule not applied: {reason}; latency schedule")
+    warn_once(f"kvpr: schedule='throughput' not applied to this graph: {reason}; it runs on "
+              "the latency schedule")
+
+
+def column_order_applied(report: Report, runner, example_batch: int, inner: str) -> None:
+    """The throughput schedule's part of the report: micro-batches, weights, segments."""
+    report.schedule, report.runner = "throughput", runner
+    try:
+        report.micro_batches = list(runner.sizes(example_batch))
+    except ValueError as err:   # raised again by every call with this batch, before any write
+        report.notes.append(str(err))
+    streamed = runner.cut_rule == "weights_ready"
+    report.weights = ("streamed (kvpr::weights_ready / weights_release once per layer per step)"
+                      if streamed else "resident")
+    report.notes.append(f"throughput: {len(runner.segments)} segments cut at each "
+                        f"{'weights_ready' if streamed else 'assemble'}; micro-batches "
+                        f"{report.micro_batches} for batch {example_batch}")
+    if inner != "eager":
+        why = f"inner={inner!r} not used: the throughput segments run eagerly"
+        report.notes.append(why)
+        warn_once(f"kvpr: {why} (inductor between the steps is built for the latency schedule "
+                  "only)")

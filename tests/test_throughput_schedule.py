@@ -132,13 +132,13 @@ def test_planned_split_and_gqa_plans_no_recompute():
 # ---- bad input -----------------------------------------------------------------------------
 @pytest.mark.parametrize("m", [0, -2, True, 2.0, "2"])
 def test_bad_micro_batches_are_named(m):
-    from kvpr_compile.backend import parse_options
+    from kvpr_compile.options import parse_options
     with pytest.raises(ValueError, match="micro_batches.*" + repr(m).replace(".", r"\.")):
         parse_options({"schedule": "throughput", "micro_batches": m})
 
 
 def test_bad_schedule_and_latency_only_options_are_named():
-    from kvpr_compile.backend import parse_options
+    from kvpr_compile.options import parse_options
     with pytest.raises(ValueError, match="'sideways'"):
         parse_options({"schedule": "sideways"})
     with pytest.raises(ValueError, match="micro_batches.*throughput"):

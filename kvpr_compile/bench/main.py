@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     h.add_argument("--inner", choices=INNER_CHOICES, default=None,
                    help="kvpr backend option 'inner' (default: the backend's, see inner.py)")
     h.add_argument("--overlap", choices=("row", "stream"), default=None,
-                   help="kvpr backend option 'overlap' (scheduler's schedule model)")
+                   help="kvpr backend option 'overlap' (how the latency LP overlaps loads)")
     h.add_argument("--seed", type=int, default=0, help="seed of weights and prompts")
     o = parser.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", default=None,

@@ -1,4 +1,5 @@
-"""`kvpr plan`: the scheduler's per-layer split for a model shape, batch, length and profile."""
+"""`kvpr plan`: the planned per-layer split (latency LP, or throughput LP with `--schedule
+throughput`) for a model shape, batch, length and profile."""
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "resident prefixes; default: no resident prefix")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--overlap", default=None, choices=OVERLAPS,
-                        help="schedule model: 'stream' (layer-ahead loads, the backend's "
-                             "default) or 'row' (the paper's)")
+                        help="how loads overlap compute in the latency LP: 'stream' (layer-ahead "
+                             "loads, the backend's default) or 'row' (the paper's)")
     parser.add_argument("--schedule", default="latency", choices=("latency", "throughput"),
                         help="'latency' (row by row, the KV path only; default) or 'throughput' "
                              "(column by column over micro-batches, weights streamed from CPU "
@@ -48,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..plan import cost_model as cm
     from ..plan.profiler import resolve_profile
-    from ..plan.scheduler import plan_split
+    from ..plan.latency_lp import plan_split
     arch = ARCH_PRESETS[args.arch]
     layers = arch.num_layers if args.layers is None else args.layers
     budget = None if args.gpu_budget_gb is None else args.gpu_budget_gb * 1e9
@@ -116,7 +117,7 @@ def format_plan(plan, arch: Arch, profile) -> str:
         f"kvpr plan: {arch.name} (h={arch.hidden_size}, h_kv={arch.kv_hidden_size}, "
         f"{arch.attention_kind}), {plan.num_layers} of {arch.num_layers} layers, "
         f"batch {plan.batch_size}, {plan.seq_len} cached tokens, {plan.dtype}, "
-        f"{plan.overlap} schedule",
+        f"{plan.overlap} overlap",
         f"profile: {profile.summary()}",
         f"         {profile.source}",
         f"paper closed form l*/s = {paper / plan.seq_len:.3f} (GEMMs only), "

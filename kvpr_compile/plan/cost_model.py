@@ -21,41 +21,33 @@ resident tokens (token order: resident prefix [0, r), recomputed [r, r+l), strea
                     2*b*(s+n)*h_kv*p / v_read)  2*h*h_kv + mlp, mlp = 8h^2 by default) plus
                                                 attention (QK^T and AV FLOPs, or reading K,V)
 
-E = ELEMENTWISE_PASSES (1). Calibration, NVIDIA H100 80GB HBM3, torch 2.11, fp16, llama-7b shape,
-b=16, s~1027, mean l~996 (benchmarks/results/2026-11-26-h100.md, profiler trace): the assemble
-took 0.80 ms/layer for 2*2*16*1028*4096*2 = 539 MB (0.67 TB/s; the h100 preset's v_copy is 700
-GB/s, a permuting-copy measurement of the same kind); the recompute's elementwise kernels took
-~0.75 ms/layer, 522 MB at 700 GB/s = one read+write pass over K and V[:l], hence E = 1; the
-GEMMs ran at ~775 TFLOP/s, as the GEMM term says. With new_tokens = 0 (the paper's bare model)
-M, the elementwise part of R and rest are all 0.
+E = ELEMENTWISE_PASSES (1): one read+write pass over K and V[:l], as a profiler trace of the
+recompute showed (the calibration of these terms is in docs/design.md, "The cost model"). With
+new_tokens = 0 (the paper's bare model) M, the elementwise part of R and rest are all 0.
 
-Schedule. The host link and the GPU are each one serial resource; the append shares the link with
-the loads (one copy queue). The GPU task ATT_i is assemble + rest (M + rest): the assemble needs
-both the recompute and the loads, exactly ATT_i's predecessors, so it adds to its duration:
+Task graph. The host link and the GPU are each one serial resource; the append shares the link
+with the loads (one copy queue). The GPU task ATT_i is assemble + rest (M + rest): the assemble
+needs both the recompute and the loads, exactly ATT_i's predecessors, so it adds to its duration:
 
     link:  X_0 KV_0 X_1 KV_1 ST_0 X_2 KV_2 ST_1 ... X_{L-1} KV_{L-1} ST_{L-2} ST_{L-1}
     GPU:   RC_0 ATT_0 RC_1 ATT_1 ...                 (ATT_i = assemble + rest of layer i)
     data:  X_i -> RC_i;  RC_i, KV_i -> ATT_i;  ATT_i -> ST_i
     when layer i+1's loads may start (`overlap`):
-      "row"    (the paper's row-by-row schedule): RC_i -> X_{i+1}. Layer i+1's loads are
+      "row"    (the paper's row-by-row overlap): RC_i -> X_{i+1}. Layer i+1's loads are
                issued once layer i's loads and recompute are done, so they overlap layer i's
                attention and store, never its recompute. Steady state (A >= M + rest), per
                layer:  A + max(R, K + D)        (layer 0: A + max(R, K): no append before it)
                With D = rest = 0 and no memory terms this is the paper's max(A + R, A + K),
                balanced at l* = s*p*v_gpu / (2*h*v_h2d + p*v_gpu); with D at R = K + D.
-      "stream" (the default; deeper pipelining): ATT_{i-1} -> X_{i+1} only (two device slots). The link runs
-               ahead as far as the slots allow, so layer i's recompute overlaps layer i+1's loads.
-               Steady state: max(A + K + D, R + M + rest). Counting GEMMs only, this gave l = s
-               on an H200 (ship-X-only 5.11 ms/layer against a 4.87 ms line rate, b=32,
-               s=1024); on the H100 run above the GEMM-only model picked l/s = 0.97 and
-               predicted 20.4 ms for a step that took 27.4 ms, compute-bound: the memory terms
-               move the balance to l/s ~ 0.8.
+      "stream" (the default; deeper pipelining): ATT_{i-1} -> X_{i+1} only (two device
+               slots). The link runs ahead as far as the slots allow, so layer i's recompute
+               overlaps layer i+1's loads. Steady state: max(A + K + D, R + M + rest).
       Both give l = 0 when h >= 2*h_kv (X is then no smaller than K+V, and recompute only adds
       GPU time).
 
-`schedule()` evaluates this task graph forward (finish = max over predecessors + duration);
+`finish_times()` evaluates this task graph forward (finish = max over predecessors + duration);
 taskgraph.py builds the same graph in networkx (its longest path is the same number) and the LP
-in scheduler.py encodes it with finish-time variables. throughput_graph.py uses the same
+in latency_lp.py encodes it with finish-time variables. throughput_graph.py uses the same
 per-token recompute, assemble and rest terms (`recompute_s_per_token`, `assemble_s`,
 `rest_s` below).
 
@@ -74,8 +66,11 @@ _BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 OVERLAPS = ("row", "stream")
 DEFAULT_OVERLAP = "stream"
 # Read+write passes over K,V[:l] by the recompute's elementwise kernels (RoPE on the recomputed K,
-# casts, transposes), at the strided-copy rate: 1 reproduces the H100 trace (module docstring).
+# casts, transposes), at the strided-copy rate (docs/design.md, "The cost model").
 ELEMENTWISE_PASSES = 1
+# The cached length the backend plans at: a graph is dynamic in the length, and l/s hardly
+# depends on s (plan/latency_ratios.py), so one plan serves every length.
+REPRESENTATIVE_SEQ_LEN = 4096
 
 
 def bytes_per_element(dtype: torch.dtype | str) -> int:
@@ -155,7 +150,7 @@ def rest_s(batch: int, seq_len: int, hidden: int, kv_hidden: int, p: int, flops_
 
 @dataclass(frozen=True)
 class LayerCoefficients:
-    """Everything the schedule needs about one layer, as linear coefficients in (l, r).
+    """Everything the task graph needs about one layer, as linear coefficients in (l, r).
 
     Bytes are per layer; times in seconds. Layers of a decoder are identical, so one instance
     describes all of them.
@@ -227,8 +222,8 @@ def layer_coefficients(profile, *, batch_size: int, seq_len: int, hidden_size: i
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """Finish times (seconds from the step's start) of every task of `schedule()`."""
+class FinishTimes:
+    """Finish times (seconds from the step's start) of every task of the task graph."""
 
     x_load: list[float]
     recompute: list[float]
@@ -256,10 +251,10 @@ def check_overlap(overlap: str) -> str:
     return overlap
 
 
-def schedule(c: LayerCoefficients, recompute_tokens: Sequence[float],
-             resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP
-             ) -> Schedule:
-    """Run the schedule above forward for per-layer l_i (recompute) and r_i (resident)."""
+def finish_times(c: LayerCoefficients, recompute_tokens: Sequence[float],
+                 resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP
+                 ) -> FinishTimes:
+    """Walk the task graph above forward for per-layer l_i (recompute) and r_i (resident)."""
     check_overlap(overlap)
     n = len(recompute_tokens)
     resident_tokens = list(resident_tokens) if resident_tokens is not None else [0] * n
@@ -282,21 +277,21 @@ def schedule(c: LayerCoefficients, recompute_tokens: Sequence[float],
         if i:
             fst[i - 1] = max(fatt[i - 1], fkv[i]) + c.store_s
     fst[n - 1] = max(fatt[n - 1], fst[n - 2] if n > 1 else fkv[0]) + c.store_s
-    return Schedule(fx, frc, fkv, fatt, fst)
+    return FinishTimes(fx, frc, fkv, fatt, fst)
 
 
 def step_times(c: LayerCoefficients, recompute_tokens: Sequence[float],
                resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP
                ) -> tuple[list[float], float]:
     """Per-layer times and the tail (after the last attention); they sum to the step time."""
-    sched = schedule(c, recompute_tokens, resident_tokens, overlap)
-    return sched.layer_times, sched.tail
+    done = finish_times(c, recompute_tokens, resident_tokens, overlap)
+    return done.layer_times, done.tail
 
 
 def step_time(c: LayerCoefficients, recompute_tokens: Sequence[float],
               resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP
               ) -> float:
-    return schedule(c, recompute_tokens, resident_tokens, overlap).total
+    return finish_times(c, recompute_tokens, resident_tokens, overlap).total
 
 
 def link_time(c: LayerCoefficients, profile, recompute_tokens: Sequence[int],
@@ -312,7 +307,7 @@ def link_time(c: LayerCoefficients, profile, recompute_tokens: Sequence[int],
 def closed_form_recompute_tokens(seq_len: int, hidden: int, kv_hidden: int, p: int,
                                  h2d_bytes_per_s: float, flops_per_s: float,
                                  copy_bytes_per_s: float | None = None) -> float:
-    """The balance R = K of one layer (the row schedule's layer 0), clamped to [0, s]; 0 when
+    """The balance R = K of one layer (layer 0 under the row overlap), clamped to [0, s]; 0 when
     h >= 2*h_kv (X is then no smaller than K+V, so shipping X never pays). Per batch row and
     token, k = 2*h_kv*p / v_h2d, g = 4*h*h_kv / v_gpu, e = ELEMENTWISE_PASSES*4*h_kv*p / v_copy:
     l = s*k / (g + e + k). Without copy_bytes_per_s (e = 0) this is the paper's
@@ -321,7 +316,8 @@ def closed_form_recompute_tokens(seq_len: int, hidden: int, kv_hidden: int, p: i
         return 0.0
     k = 2 * kv_hidden * p / h2d_bytes_per_s
     g = 4 * hidden * kv_hidden / flops_per_s
-    e = 0.0 if copy_bytes_per_s is None else ELEMENTWISE_PASSES * 4 * kv_hidden * p / copy_bytes_per_s
+    e = (0.0 if copy_bytes_per_s is None
+         else ELEMENTWISE_PASSES * 4 * kv_hidden * p / copy_bytes_per_s)
     l = seq_len * k / (g + e + k)
     return min(max(l, 0.0), float(seq_len))
 

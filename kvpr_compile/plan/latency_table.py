@@ -1,4 +1,4 @@
-"""The per-layer table of a scheduler Plan: split, bytes moved, predicted time, against full-KV
+"""The per-layer table of a latency Plan: split, bytes moved, predicted time, against full-KV
 prefetch and the physical limit (bytes over bandwidth). Shared by `kvpr plan` and reports."""
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ has freed its device slot for overlap="stream"), so layer i+1's loads overlap la
 
 Node attribute "duration" (seconds); every edge u->v carries weight = duration(u), and a sink
 "end" follows every task, so `networkx.dag_longest_path_length` is the step's makespan. This is
-the same graph that `cost_model.schedule` walks forward and that the LP in scheduler.py encodes
-row by row, so for a plan the longest path equals `plan.predicted_step_s` (up to float rounding)
-and the LP optimum within the flooring of l, r to whole tokens.
+the same graph that `cost_model.finish_times` walks forward and that the LP in latency_lp.py
+encodes row by row, so for a plan the longest path equals `plan.predicted_step_s` (up to float
+rounding) and the LP optimum within the flooring of l, r to whole tokens.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def gpu_order(num_layers: int) -> list[tuple[str, int]]:
 
 
 def plan_task_graph(plan) -> nx.DiGraph:
-    """The task graph of a `scheduler.Plan`."""
+    """The task graph of a latency `Plan` (plan/latency_plan.py)."""
     return build_task_graph(plan.coefficients, plan.recompute_tokens, plan.resident_tokens,
                             plan.overlap)
 

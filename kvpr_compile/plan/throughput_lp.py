@@ -6,15 +6,16 @@ For a fixed split (b_1..b_m rows), every task t of `throughput_graph` gets a fin
 f_t >= 0 and one row per predecessor u:  f_t >= f_u + duration_t(l_layer(t)), with durations
 linear in the layer's l in [0, s]. Phase 1 minimises the step's end (max over tasks, one more
 variable); phase 2 holds it and minimises the recomputed tokens (no more recompute than pays).
-As in scheduler.py the max() of the schedule is linearised exactly, so for fixed l the optimum is
-the DAG's longest path (`throughput_graph.makespan`), which the tests check.
+As in latency_lp.py the max() of the task graph is linearised exactly, so for fixed l the optimum
+is the DAG's longest path (`throughput_graph.makespan`), which the tests check.
 
 Split choice: the even split of the effective batch into m micro-batches (sizes differ by at most
 one row), for the fewest m whose working set fits the budget and for 2m and 4m; the fastest plan
-wins (ties: fewer micro-batches). Working set on the device: two layers' weights, the hidden states of the whole
-effective batch, per micro-batch cache slot (two of them, shared by all micro-batches: see
-runtime/column_runner.py) K,V for s+1 positions plus X for l, and the K,V one micro-batch's
-attention reads (the assemble writes recomputed ++ loaded ++ new into fresh memory).
+wins (ties: fewer micro-batches). Working set on the device: two layers' weights, the hidden
+states of the whole effective batch, per micro-batch cache slot (two of them, shared by all
+micro-batches: see runtime/column_runner.py) K,V for s+1 positions plus X for l, and the K,V one
+micro-batch's attention reads (the assemble writes recomputed ++ loaded ++ new into fresh
+memory).
 The ratio-0 plan of the same split is the baseline (a FlexGen-style schedule with a pinned
 cache); the link limit is every byte the step moves over the measured bandwidths.
 """
@@ -29,7 +30,7 @@ import torch
 
 from . import cost_model as cm
 from .profiler import HardwareProfile
-from .scheduler import _solve
+from .mip_solve import solve
 from . import throughput_graph as tg
 from .throughput_graph import even_split  # noqa: F401  (re-exported: the planner's split)
 
@@ -105,11 +106,11 @@ def solve_split(shape: tg.StepShape) -> tuple[list[float], float]:
             model += f[t] >= f[u] + dur
         model += end >= f[t]
     model.objective = mip.minimize(end)
-    _solve(model)
+    solve(model)
     best = end.x
     model += end <= best * (1 + 1e-9) + 1e-9
     model.objective = mip.minimize(mip.xsum(ls))
-    _solve(model)
+    solve(model)
     return [l.x for l in ls], best * unit
 
 
@@ -159,8 +160,8 @@ def plan_throughput(profile: HardwareProfile, *, num_layers: int, batch_size: in
                     micro_batches: int | None = None, gpu_budget_bytes: float | None = None,
                     mlp_params: int | None = None, device_mem_bytes_per_s: float | None = None,
                     ratio: float | None = None) -> ThroughputPlan:
-    """Plan the throughput schedule. ``micro_batches`` fixes m (else `candidate_counts`); ``ratio`` forces l = floor(ratio * s) in every
-    layer (no LP). ValueError naming the numbers when nothing fits the budget."""
+    """Plan the throughput schedule. ``micro_batches`` fixes m (else `candidate_counts`);
+    ``ratio`` forces l = floor(ratio * s) in every layer (no LP). ValueError naming the numbers when nothing fits the budget."""
     for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
                         ("seq_len", seq_len), ("hidden_size", hidden_size),
                         ("kv_hidden_size", kv_hidden_size)):

@@ -44,6 +44,9 @@ VALUES = "tests/test_ops_values.py"
 ASSEMBLE = VALUES + "::test_assemble_orders_recomputed_loaded_new_and_falls_back_past_stored_x"
 SIM_RUN = "tests/test_runtime_sim.py::test_layer_ahead_uses_two_slots_without_races[0.5]"
 NEXT_CALL = "kvpr_compile/runtime/next_call.py"
+OPTIONS = "kvpr_compile/options.py"
+PLAN_STAGE = "kvpr_compile/stages/ratios.py"
+PLACE_STAGE = "kvpr_compile/stages/loads.py"
 NEXT_TESTS = "tests/test_next_call.py"
 OVERLAP = "tests/test_runtime_sim.py::test_decode_recompute_overlaps_the_kv_copy"
 ROWS_PAST_X = "tests/test_custom_models.py::test_rows_past_the_stored_x_never_leak_into_results"
@@ -450,6 +453,25 @@ BREAKAGES = (
              "if False:",
              (BATCH_REFUSED,),
              "a (b, b) matrix of rows runs in column order: row i meets only its micro-batch"),
+    # ---- the options and the backend's stages ---------------------------------------------
+    Breakage("latency-only-options-accepted", OPTIONS,
+             'if self.schedule == "latency":',
+             "if False:",
+             ("tests/test_options.py::test_throughput_only_options",
+              TPUT + "::test_bad_schedule_and_latency_only_options_are_named"),
+             "micro_batches / gpu_budget_bytes silently ignored by the latency schedule"),
+    Breakage("forced-throughput-split-replanned", PLAN_STAGE,
+             'if o.schedule == "throughput" and (o.ratio is None or o.micro_batches is None):',
+             'if o.schedule == "throughput":',
+             ("tests/test_reset_and_fragments.py::test_a_forced_ratio_never_imports_mip",),
+             "a forced ratio and micro-batch count still run the throughput LP (mip imported)"),
+    Breakage("latency-loads-left-in-their-layer", PLACE_STAGE,
+             "    hoist_loads(c.graph)\n",
+             "",
+             ("tests/test_piecewise.py::test_split_keeps_steps_in_order_and_compiles_only_compute",
+              "tests/test_custom_models.py::"
+              "test_batch_size_change_reuses_a_dynamic_graph_and_keeps_layer_ahead_loads"),
+             "the backend never issues layer i+1's loads before layer i's assemble"),
     # ---- the test tools themselves -------------------------------------------------------
     Breakage("race-checker-no-op", SIM,
              "if s is not stream and stream.clock.get(s.name, 0) < when:",

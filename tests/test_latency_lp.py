@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from kvpr_compile.plan import cost_model as cm
-from kvpr_compile.plan import scheduler
+from kvpr_compile.plan import latency_ratios
+from kvpr_compile.plan.latency_lp import plan_split
+from kvpr_compile.plan.latency_ratios import choose_ratios, ratio_for
 from kvpr_compile.plan.profiler import PRESETS, HardwareProfile
-from kvpr_compile.plan.scheduler import choose_ratios, plan_split, ratio_for
 
 H200 = PRESETS["h200-pcie5"]
 A100 = PRESETS["a100-pcie4"]
@@ -217,10 +218,10 @@ def test_eighty_layers_solve_fast():
 
 
 def test_ratio_for_is_cached_and_s_independent():
-    scheduler._cached_plan.cache_clear()
+    latency_ratios._cached_plan.cache_clear()
     r1 = ratio_for(H200, 32, 4096, 4096, torch.float16, 4, overlap="row")
     r2 = ratio_for(H200, 32, 4096, 4096, "float16", 4, overlap="row")
-    assert r1 == r2 and scheduler._cached_plan.cache_info().hits == 1
+    assert r1 == r2 and latency_ratios._cached_plan.cache_info().hits == 1
     want = mha_row_l_star(1, 4096, 2, H200)
     assert all(abs(r - want) < 2 / 4096 for r in r1)
     # the ratio at another length is the same to within a token
@@ -234,29 +235,26 @@ def test_ratio_for_is_cached_and_s_independent():
 
 
 def test_choose_ratios(monkeypatch):
+    """The backend's latency ratios, typed arguments only (a forced ratio never gets here: the
+    plan stage answers it without mip; its checks are in test_options.py)."""
     kw = dict(num_layers=3, batch_size=8, hidden_size=4096, kv_hidden_size=4096,
               dtype=torch.float16, device="cpu")
-    assert choose_ratios({"ratio": 0.25}, **kw) == ([0.25] * 3, "forced", None)
-    assert choose_ratios({"ratio": 1}, **kw) == ([1.0] * 3, "forced", None)
-    for bad in (1.5, -0.1, float("nan"), "0.5", True):
-        with pytest.raises(ValueError, match="ratio"):
-            choose_ratios({"ratio": bad}, **kw)
     monkeypatch.delenv("KVPR_PROFILE", raising=False)
-    ratios, how, plan = choose_ratios({"inner": "eager", "overlap": "row"}, **kw)
-    assert "h200-pcie5" in how and "preset" in how
-    assert plan.ratios == ratios and plan.seq_len == scheduler.REPRESENTATIVE_SEQ_LEN
+    ratios, how, plan = choose_ratios(profile=None, overlap="row", **kw)
+    assert "h200-pcie5" in how and "preset" in how and "row overlap" in how
+    assert plan.ratios == ratios and plan.seq_len == cm.REPRESENTATIVE_SEQ_LEN
     assert "h200-pcie5" in str(plan) and "ms/step" in str(plan)
     assert all(abs(r - mha_row_l_star(1, 4096, 2, H200)) < 2 / 4096 for r in ratios)
-    ratios, how, _ = choose_ratios({"profile": "a100-pcie4", "overlap": "row"}, **kw)
+    ratios, how, _ = choose_ratios(profile="a100-pcie4", overlap="row", **kw)
     assert "a100-pcie4" in how
     assert ratios[1] == pytest.approx(mha_row_l_star(1, 4096, 2, A100), abs=2 / 4096)
     monkeypatch.setenv("KVPR_PROFILE", "a100-pcie4")
-    assert choose_ratios({"overlap": "row"}, **kw)[0] == ratios
-    ratios, how, _ = choose_ratios({"profile": "h200-pcie5"}, **kw)   # default: stream
-    row = choose_ratios({"profile": "h200-pcie5", "overlap": "row"}, **kw)[0]
-    assert ratios[1] > row[1] and "stream" in how
-    assert choose_ratios(None, **{**kw, "kv_hidden_size": 1024})[0] == [0.0] * 3
+    assert choose_ratios(profile=None, overlap="row", **kw)[0] == ratios
+    ratios, how, _ = choose_ratios(profile="h200-pcie5", **kw)   # default: stream
+    row = choose_ratios(profile="h200-pcie5", overlap="row", **kw)[0]
+    assert ratios[1] > row[1] and "stream overlap" in how
+    assert choose_ratios(profile=None, **{**kw, "kv_hidden_size": 1024})[0] == [0.0] * 3
     with pytest.raises(ValueError, match="unknown hardware profile"):
-        choose_ratios({"profile": "tpu"}, **kw)
+        choose_ratios(profile="tpu", **kw)
     with pytest.raises(ValueError, match="overlap"):
-        choose_ratios({"overlap": "diagonal"}, **kw)
+        choose_ratios(profile=None, overlap="diagonal", **kw)

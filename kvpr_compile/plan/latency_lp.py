@@ -1,0 +1,255 @@
+"""The latency LP: a python-mip LP (CBC) over the cost model -> recompute/resident tokens per
+layer for one decode step of the whole batch.
+
+LP (coefficients A, R, K, D, M, rest from cost_model; R counts the recompute's GEMMs and its
+elementwise passes, M the assemble; time unit = one token's K,V transfer, so the per-token
+coefficients are O(1)); per layer i:
+  variables  l_i in [0, s] recomputed tokens, r_i in [0, s] resident tokens (0 without a budget),
+             and the finish times of the layer's five tasks (cost_model's task graph):
+             x_i load X[:l], c_i recompute, k_i load K,V[l+r:], a_i assemble + attention +
+             rest of the layer, d_i append of the new tokens (D2H)
+  subject to l_i + r_i <= s
+             x_i >= A(l_i) + (link predecessor: k_0 for i = 1, d_{i-2} for i >= 2)
+             x_i >= A(l_i) + c_{i-1}   overlap="row" (paper: after layer i-1's recompute)
+             x_i >= A(l_i) + a_{i-2}   overlap="stream" (two device slots)
+             c_i >= x_i + R(l_i);   c_i >= a_{i-1} + R(l_i)
+             k_i >= x_i + K(l_i, r_i)
+             a_i >= c_i + M + rest; a_i >= k_i + M + rest
+             d_i >= a_i + D;        d_i >= k_{i+1} + D   (d_{L-1} >= d_{L-2} + D instead)
+  phase 1    minimise d_{L-1} (the step's end)
+  phase 2    keep d_{L-1} <= phase-1 optimum, minimise sum_i a_i + 1e-4 * sum_i (l_i - r_i)
+             (among equally fast plans: finish each layer early, recompute no more than needed,
+             e.g. l = 0 when h = 2*h_kv makes shipping X a wash, keep as much resident as fits)
+  budget B   x_slot >= l_i for all i;
+             sum_i r_i * 2*b*h_kv*p + 2*b*h*p * x_slot <= B - 2 * 2*b*(s+n)*h_kv*p
+             (double-buffered K,V slots and X staging slots, plus resident prefixes)
+Each "finish = max(preds) + duration" of the task graph is one row per predecessor: the max()
+linearised, exact because minimising the end pushes every binding row tight. Steady state this is
+the paper's t_i >= A_i + R_i, t_i >= A_i + K_i (+ D on the link, with the previous layer's rest
+hidden under this layer's X load). For fixed l, r the optimum is exactly the longest path of
+taskgraph's graph and cost_model.finish_times(...).total; the plan reports that number at the
+floored integer l_i, r_i (tests check LP == finish_times == longest path).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import mip
+import torch
+
+from . import cost_model as cm
+from .latency_plan import Plan
+from .mip_solve import solve
+from .profiler import HardwareProfile, dtype_key
+
+__all__ = ["Plan", "plan_split"]
+
+TIE_EPS = 1e-4        # phase-2 cost per recomputed token, in LP time units (see above)
+MAKESPAN_SLACK = 1e-9 # relative slack when phase 2 keeps phase 1's optimum
+
+
+@dataclass
+class _SplitLP:
+    """The LP of one step: its model, the l_i and r_i variables, the attention finishes a_i."""
+
+    model: mip.Model
+    recompute: list        # l_i
+    resident: list         # r_i
+    attention: list        # a_i
+    end: object            # d_{L-1}, the step's end
+    unit: float            # seconds per LP time unit (one token position's K,V transfer)
+
+
+def plan_split(profile: HardwareProfile, *, num_layers: int, batch_size: int, seq_len: int,
+               hidden_size: int, kv_hidden_size: int, dtype: torch.dtype | str,
+               gpu_budget_bytes: float | None = None, new_tokens: int = 1,
+               mlp_params: int | None = None, overlap: str = cm.DEFAULT_OVERLAP) -> Plan:
+    """Solve the LP above and return the integer plan (r_i floored, l_i rounded).
+
+    gpu_budget_bytes: device memory for the KV path (staging slots + resident prefixes); None
+    means no resident prefix and no memory check. new_tokens=0 drops the append, the
+    rest-of-layer compute and the device-memory terms (the paper's bare model). overlap: "row"
+    (the paper's) or "stream" (deeper pipelining), see cost_model. ValueError on invalid sizes
+    or when the budget cannot hold the double-buffered working set.
+    """
+    cm.check_overlap(overlap)
+    _check_sizes(num_layers=num_layers, batch_size=batch_size, seq_len=seq_len,
+                 hidden_size=hidden_size, kv_hidden_size=kv_hidden_size, new_tokens=new_tokens)
+    c = cm.layer_coefficients(profile, batch_size=batch_size, seq_len=seq_len,
+                              hidden_size=hidden_size, kv_hidden_size=kv_hidden_size, dtype=dtype,
+                              new_tokens=new_tokens, mlp_params=mlp_params)
+    fixed_ws = cm.working_set_bytes(c, x_tokens=0, new_tokens=new_tokens)
+    _check_budget(gpu_budget_bytes, fixed_ws, seq_len + new_tokens, batch_size)
+    started = time.perf_counter()
+    lp = _build_lp(c, num_layers, overlap, gpu_budget_bytes, fixed_ws)
+    makespan = _solve_two_phases(lp)
+    solve_s = time.perf_counter() - started
+    recompute, resident = _whole_tokens(lp, c, overlap, gpu_budget_bytes, fixed_ws)
+    return _make_plan(profile, c, recompute, resident, overlap=overlap,
+                      lp_objective_s=makespan * lp.unit, solve_s=solve_s,
+                      batch_size=batch_size, hidden_size=hidden_size,
+                      kv_hidden_size=kv_hidden_size, dtype=dtype,
+                      gpu_budget_bytes=gpu_budget_bytes, new_tokens=new_tokens)
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_sizes(*, new_tokens: int, **sizes: int) -> None:
+    for name, value in sizes.items():
+        _check_int(name, value)
+    _check_int("new_tokens", new_tokens, minimum=0)
+
+
+def _check_budget(budget: float | None, fixed_ws: float, positions: int, batch_size: int) -> None:
+    """ValueError unless ``budget`` (None: no budget) holds the double-buffered working set."""
+    if budget is None:
+        return
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget)):
+        raise ValueError(f"gpu_budget_bytes must be a finite number, got {budget!r}")
+    if budget < fixed_ws:
+        raise ValueError(
+            f"nothing fits: gpu_budget_bytes={budget:.4g} cannot hold the "
+            f"double-buffered working set of {fixed_ws:.4g} bytes (2 slots of K,V for "
+            f"{positions} positions at batch {batch_size}); raise the budget or lower "
+            f"batch/seq_len")
+
+
+def _build_lp(c: cm.LayerCoefficients, num_layers: int, overlap: str, budget: float | None,
+              fixed_ws: float) -> _SplitLP:
+    """The variables and rows of the module docstring (the objective is set per phase)."""
+    model = mip.Model(sense=mip.MINIMIZE, solver_name=mip.CBC)
+    model.verbose = 0
+    # Time unit: one token position's K,V transfer, so per-token coefficients are O(1) and the
+    # tie-break terms sit well above CBC's tolerances.
+    unit = c.kv_s_per_token
+    a_u, k_u = c.x_s_per_token / unit, 1.0
+    g_u, d_u, rest_u = c.recompute_s_per_token / unit, c.store_s / unit, c.attention_s / unit
+    s, L = c.seq_len, num_layers
+    ls = [model.add_var(f"l_{i}", lb=0.0, ub=s) for i in range(L)]
+    rs = [model.add_var(f"r_{i}", lb=0.0, ub=s if budget is not None else 0.0) for i in range(L)]
+    fx, fc, fk, fa, fd = ([model.add_var(f"{kind}_{i}", lb=0.0) for i in range(L)]
+                          for kind in ("x", "c", "k", "a", "d"))
+    for i in range(L):
+        l, r = ls[i], rs[i]
+        model += l + r <= s, f"tokens_{i}"
+        if i == 1:
+            model += fx[i] >= fk[0] + a_u * l, f"x_link_{i}"
+        elif i >= 2:
+            model += fx[i] >= fd[i - 2] + a_u * l, f"x_link_{i}"
+        if overlap == "row":
+            model += fx[i] >= (fc[i - 1] if i else 0.0) + a_u * l, f"x_window_{i}"
+        else:
+            model += fx[i] >= (fa[i - 2] if i >= 2 else 0.0) + a_u * l, f"x_window_{i}"
+        model += fc[i] >= fx[i] + g_u * l, f"c_data_{i}"
+        if i:
+            model += fc[i] >= fa[i - 1] + g_u * l, f"c_gpu_{i}"
+        model += fk[i] >= fx[i] + k_u * (s - l - r), f"k_link_{i}"
+        model += fa[i] >= fc[i] + rest_u, f"a_gpu_{i}"
+        model += fa[i] >= fk[i] + rest_u, f"a_data_{i}"
+        model += fd[i] >= fa[i] + d_u, f"d_data_{i}"
+        if i + 1 < L:
+            model += fd[i] >= fk[i + 1] + d_u, f"d_link_{i}"
+        else:
+            model += fd[i] >= (fd[i - 1] if i else fk[0]) + d_u, f"d_link_{i}"
+    if budget is not None:
+        x = model.add_var("x_slot", lb=0.0, ub=s)
+        for i, l in enumerate(ls):
+            model += x >= l, f"x_slot_{i}"
+        model += (mip.xsum(c.kv_bytes_per_token * r for r in rs)
+                  + 2 * c.x_bytes_per_token * x <= budget - fixed_ws), "budget"
+    return _SplitLP(model, ls, rs, fa, fd[L - 1], unit)
+
+
+def _solve_two_phases(lp: _SplitLP) -> float:
+    """Phase 1: the step's end. Phase 2, holding that: finish every layer as early as possible,
+    recompute no more and keep no less resident than needed (one plan among equally fast
+    ones). Returns phase 1's optimum in LP time units."""
+    model = lp.model
+    model.objective = mip.minimize(lp.end)
+    solve(model)
+    makespan = lp.end.x
+    model += lp.end <= makespan * (1 + MAKESPAN_SLACK) + MAKESPAN_SLACK, "keep_makespan"
+    model.objective = mip.minimize(mip.xsum(lp.attention)
+                                   + TIE_EPS * (mip.xsum(lp.recompute) - mip.xsum(lp.resident)))
+    solve(model)
+    return makespan
+
+
+def _whole_tokens(lp: _SplitLP, c: cm.LayerCoefficients, overlap: str, budget: float | None,
+                  fixed_ws: float) -> tuple[list[int], list[int]]:
+    """(l_i, r_i) in whole tokens: resident prefixes floored (the budget stays met), recompute
+    floored or ceiled (whichever the model prefers) within the layer and the budget's X
+    staging slots."""
+    s = c.seq_len
+    resident = [min(int(math.floor(r.x + 1e-6)), s) for r in lp.resident]
+    x_cap = s
+    if budget is not None:
+        left = budget - fixed_ws - c.kv_bytes_per_token * sum(resident)
+        x_cap = max(0, min(s, int(left // (2 * c.x_bytes_per_token))))
+    recompute = _round_recompute(c, [l.x for l in lp.recompute], resident, min(s, x_cap), overlap)
+    return recompute, resident
+
+
+def _round_recompute(c: cm.LayerCoefficients, values: list[float], resident: list[int],
+                     cap: int, overlap: str) -> list[int]:
+    """Floor or ceil each layer's LP value, one pass in layer order, keeping the faster (by the
+    cost model; the makespan is convex in each l_i, so its integer optimum is next to the LP's)."""
+    lows = [min(max(int(math.floor(v + 1e-6)), 0), c.seq_len - r, cap)
+            for v, r in zip(values, resident)]
+    chosen = list(lows)
+    for i, (value, r) in enumerate(zip(values, resident)):
+        high = min(int(math.ceil(value - 1e-6)), c.seq_len - r, cap)
+        if high <= chosen[i]:
+            continue
+        trial = chosen[:i] + [high] + chosen[i + 1:]
+        if cm.step_time(c, trial, resident, overlap) < cm.step_time(c, chosen, resident, overlap):
+            chosen = trial
+    return chosen
+
+
+def _make_plan(profile: HardwareProfile, c: cm.LayerCoefficients, recompute: list[int],
+               resident: list[int], *, overlap: str, lp_objective_s: float, solve_s: float,
+               batch_size: int, hidden_size: int, kv_hidden_size: int, dtype,
+               gpu_budget_bytes: float | None, new_tokens: int) -> Plan:
+    """The Plan of an integer split: the cost model's times and bytes, against ratio 0."""
+    s, num_layers = c.seq_len, len(recompute)
+    times, tail = cm.step_times(c, recompute, resident, overlap)
+    zeros = [0] * num_layers
+    base_times, base_tail = cm.step_times(c, zeros, zeros, overlap)
+    return Plan(
+        ratios=[l / s for l in recompute],
+        recompute_tokens=recompute,
+        resident_tokens=resident,
+        predicted_step_s=sum(times) + tail,
+        baseline_step_s=sum(base_times) + base_tail,
+        profile_name=profile.name,
+        profile_source=profile.source,
+        h2d_bytes_per_s=profile.h2d_bytes_per_s,
+        d2h_bytes_per_s=profile.d2h_bytes_per_s,
+        layer_times_s=times,
+        baseline_layer_times_s=base_times,
+        tail_s=tail,
+        h2d_bytes=[c.h2d_bytes(l, r) for l, r in zip(recompute, resident)],
+        d2h_bytes=[c.store_bytes] * num_layers,
+        baseline_h2d_bytes=c.h2d_bytes(0, 0),
+        link_limit_s=cm.link_time(c, profile, recompute, resident),
+        baseline_link_limit_s=cm.link_time(c, profile, zeros, zeros),
+        lp_objective_s=lp_objective_s,
+        solve_s=solve_s,
+        num_layers=num_layers,
+        batch_size=batch_size,
+        seq_len=s,
+        hidden_size=hidden_size,
+        kv_hidden_size=kv_hidden_size,
+        dtype=dtype_key(dtype),
+        gpu_budget_bytes=gpu_budget_bytes,
+        working_set_bytes=cm.working_set_bytes(c, max(recompute), new_tokens),
+        overlap=overlap,
+        coefficients=c,
+    )

@@ -1,0 +1,33 @@
+"""Stage ``rewrite``: each site's cache read replaced by the kvpr steps at its layer's ratio
+(passes/rewrite.py), side inputs several layers compute alike stored once
+(passes/shared_inputs.py), and one report line per layer."""
+from __future__ import annotations
+
+from .. import report as rep
+from ..passes.rewrite import rewrite_site
+from ..passes.shared_inputs import shared_links
+from ..ops.nodes import args_of
+from ..ops.split import ratio_fraction
+from .compilation import Compilation
+
+
+def rewrite(c: Compilation) -> None:
+    if not c.slices:
+        return
+    layer_of = {node: args_of(node).layer for node in c.slices}
+    recomputing = [(layer_of[node], sl) for node, sl in c.slices.items()
+                   if ratio_fraction(c.ratios[layer_of[node]]) > 0]
+    links = shared_links(c.graph, recomputing)
+    for node, sl in c.slices.items():
+        layer = layer_of[node]
+        effective = rewrite_site(c.graph, node, sl, c.ratios[layer],
+                                 owned_loads=c.options.inner == "inductor",
+                                 links=links.get(layer, ()))
+        c.report.layers.append(rep.layer_entry(layer, sl, effective, c.ratios[layer],
+                                               links.get(layer)))
+
+
+def record(c: Compilation) -> None:
+    """Stage ``record``: the report joins ``kvpr_compile.reports()`` (later stages may still
+    add to it)."""
+    rep.add_report(c.report)
