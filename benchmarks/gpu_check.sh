@@ -85,7 +85,7 @@ v2() {
     local extra=()
     [[ "$smoke" == 1 ]] &&
         extra=(--cpu-smoke --layers 1 --batch 2 --prompt 16 --steps 3 --repeats 1)
-    run "$name" "$cap" $py -m kvpr_compile.bench.v2 --profile "$out/profile.json" \
+    run "$name" "$cap" $py -m benchmarks.decode --protocol 2 --profile "$out/profile.json" \
         --json "$out/cases/$name.json" --workdir "$out/work/$name" --deadline-s $((limit - 20)) \
         --call-id "$KVPR_CALL_ID" "$@" "${extra[@]}"
 }

@@ -23,13 +23,8 @@ from pathlib import Path
 
 from . import configs as cf
 from .configs import CONTENDERS, INNER_CHOICES
+from .device import NO_CUDA, device_of
 
-NO_CUDA = ("kvpr bench: no CUDA device here (torch.cuda.is_available() is False). The benchmark "
-           "times decode steps against the host-to-device link, which a CPU run cannot show.\n"
-           "  On any machine, `kvpr demo` shows exactness and the bytes each decode step loads "
-           "from the CPU store.\n"
-           "  `kvpr bench --cpu-smoke` runs this benchmark's code end to end on toy CPU models "
-           "(its timings mean nothing).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -131,15 +126,6 @@ def _protocol2_arguments(parser: argparse.ArgumentParser) -> None:
                         "must share it")
 
 
-def _device(args):
-    import torch
-    if args.cpu:
-        return torch.device("cpu")
-    if args.device:
-        return torch.device(args.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def plan_cases(args, cpu: bool) -> tuple[list[cf.Case], dict[str, cf.ModelSpec], int, str]:
     """(cases, model specs by key, layers, note) for the mode the arguments select."""
     if cpu:
@@ -211,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     from .runners import BenchEnv
     from .suite import run_suite
     from .table import environment, format_report, write_json
-    device = _device(args)
+    device = device_of(args)
     cpu = device.type != "cuda"
     if getattr(args, "protocol", 1) == 2:
         from . import v2

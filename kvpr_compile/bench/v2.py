@@ -1,4 +1,4 @@
-"""``kvpr bench --protocol 2`` (also ``python -m kvpr_compile.bench.v2``): the cases by
+"""``kvpr bench --protocol 2`` (also ``python -m benchmarks.decode --protocol 2``): the cases by
 benchmark protocol 2, one protocol-2 document.
 
 Per run: one profile (``--profile`` path or preset; measured once on CUDA and saved where the
@@ -76,10 +76,10 @@ def run(args) -> int:
     from . import contenders as ct
     from . import schema
     from .assemble import build_row
-    from .main import NO_CUDA, _device
+    from .device import NO_CUDA, device_of
     from .rounds import collect, orders, run_all, schedule
     from .v2_table import markdown
-    device = _device(args)
+    device = device_of(args)
     cpu = device.type != "cuda"
     if cpu and not args.cpu:
         print(NO_CUDA, file=sys.stderr)
@@ -164,13 +164,3 @@ def run(args) -> int:
               if not why.startswith("needs CUDA")]
     return 1 if failed else 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    from .main import build_parser
-    args = build_parser("python -m kvpr_compile.bench.v2").parse_args(
-        ["--protocol", "2", *(sys.argv[1:] if argv is None else argv)])
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
