@@ -26,7 +26,6 @@ from .configs import CONTENDERS, INNER_CHOICES
 from .device import NO_CUDA, device_of
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("what to run")
     g.add_argument("--schedule", choices=("latency", "throughput"), default="latency",
