@@ -1,4 +1,4 @@
-"""Assemble in place (``cuda_runtime.ASSEMBLE_IN_PLACE``, off by default): K,V[l:] are loaded at
+"""Assemble in place (``config.assemble_in_place``, off by default): K,V[l:] are loaded at
 their own rows of the device slot, the recomputed rows and the new token are written around them
 and attention reads the slot, with no copy into a fresh tensor. Checked on the CUDA runtime's logic
 with simulated streams (no GPU here): exact against eager (stored K/V poisoned at ratio 1),
@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvpr_compile import config
 from kvpr_compile.runtime import cuda_runtime
 from kvpr_compile.runtime.slots import slot_of
 from test_prefetch_placement import tiny_llama
@@ -16,11 +17,11 @@ from test_runtime_sim import check, decode, sim  # noqa: F401  (the fixture)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
+@config.patch(assemble_in_place=True)
 def test_in_place_assemble_is_exact_and_race_free(sim, monkeypatch, ratio):  # noqa: F811
     model = tiny_llama()
     ref = decode(model, model.make_cache(2, 96), 6)
     api = sim()
-    monkeypatch.setattr(cuda_runtime, "ASSEMBLE_IN_PLACE", True)
     assembled = []
     original = cuda_runtime.CudaRuntime._assemble_in_place
 

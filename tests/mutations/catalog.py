@@ -349,7 +349,7 @@ BREAKAGES = (
              (TPUT + "::test_streamed_weights_in_column_order_on_simulated_streams",),
              "a layer's weights_release fires after every micro-batch, not once after the last"),
     Breakage("parts-own-slot-pools", RT,
-             "if SHARED_SLOTS and owner is not None:",
+             "if config.shared_slots and owner is not None:",
              "if False:",
              (TPUT_SLOTS + "[5-2-0.5]",),
              "each micro-batch part gets a slot pool of its own: the device holds a slot per part"),
