@@ -7,7 +7,7 @@ Registered through the ``torch_dynamo_backends`` entry point (setup.cfg), so
 Options:
 - ``ratio``: float in [0, 1], forces the split ratio of every layer (l = floor(ratio * past)).
   Without it the scheduler picks per-layer ratios from the hardware profile.
-- ``profile``: preset name, JSON path or HardwareProfile for the scheduler (see profiler.py).
+- ``profile``: preset name, JSON path or HardwareProfile for the scheduler (see plan/resolve.py).
 - ``overlap``: the schedule the scheduler models, ``"stream"`` (default; layer-ahead loads) or
   ``"row"`` (the paper's per-layer max(A+R, A+K)); see cost_model.py.
 - ``inner``: ``"eager"`` (default: the rewritten FX graph with the kvpr steps as direct calls,

@@ -47,7 +47,7 @@ def dims(slices) -> dict:
 
 def plan(options: dict, slices, num_layers: int):
     """The throughput plan for the graph's example batch (ratios forced or planned)."""
-    from .plan.profiler import resolve_profile
+    from .plan.resolve import resolve_profile
     from .plan.throughput_lp import plan_throughput
     d = dims(slices)
     profile = resolve_profile(options.get("profile"), device=d["device"])
@@ -73,7 +73,7 @@ def budget_check(options: dict, slices, num_layers: int):
         if (tuple(sizes), store.max_seq_len) in passed:
             return
         from .plan import cost_model as cm
-        from .plan.profiler import resolve_profile
+        from .plan.resolve import resolve_profile
         from .plan.throughput_lp import ASSEMBLED, HIDDEN_COPIES, step_shape, working_set_bytes
         shape = step_shape(resolve_profile(options.get("profile"), device=d["device"]),
                            num_layers=num_layers, micro_batches=sizes, seq_len=store.max_seq_len,

@@ -9,7 +9,8 @@ import torch
 
 from kvpr_compile.plan import cost_model as cm
 from kvpr_compile.plan import scheduler
-from kvpr_compile.plan.profiler import PRESETS, HardwareProfile
+from kvpr_compile.plan.presets import PRESETS
+from kvpr_compile.plan.profile import HardwareProfile
 from kvpr_compile.plan.scheduler import choose_ratios, plan_split, ratio_for
 
 H200 = PRESETS["h200-pcie5"]

@@ -89,7 +89,7 @@ def run(args) -> int:
     from ..report import decode_graph_report
     from ..models import TinyLlamaConfig, build_tiny_llama
     from ..plan.latency_table import format_layers
-    from ..plan.profiler import resolve_profile
+    from ..plan.resolve import resolve_profile
     from ..plan.scheduler import plan_split
 
     device = torch.device(args.device)

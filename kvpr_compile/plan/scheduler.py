@@ -43,7 +43,8 @@ import mip
 import torch
 
 from . import cost_model as cm
-from .profiler import HardwareProfile, dtype_key, resolve_profile
+from .profile import HardwareProfile, dtype_key
+from .resolve import resolve_profile
 
 TIE_EPS = 1e-4        # phase-2 cost per recomputed token, in LP time units (see below)
 MAKESPAN_SLACK = 1e-9 # relative slack when phase 2 keeps phase 1's optimum
