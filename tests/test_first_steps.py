@@ -107,3 +107,33 @@ def test_hf_llama_allocates_nothing_after_the_first_decode_step(sim, monkeypatch
     got = run(call, make())
     assert worst_rel_err(got, want) <= TOL
     assert made[0][0] > 0 and made[2:] == [(0, 0)] * (STEPS - 1), made
+
+
+@pytest.mark.parametrize("copies_done", [True, False])
+def test_a_collected_runtime_waits_only_for_its_own_unfinished_copies(sim, monkeypatch,
+                                                                     copies_done):
+    """A cache dropped long after its last step (its copies done) is collected without the host
+    waiting for anything: its streams come from torch's pool and may carry another cache's
+    copies by then. Dropped with copies in flight, the host waits for those copies' events,
+    never for whole streams."""
+    import gc
+    import weakref
+
+    from sim_streams import SimEvent, SimStream
+
+    from kvpr_compile.runtime import cuda_runtime
+    waits = []
+    monkeypatch.setattr(SimStream, "synchronize", lambda self: waits.append("stream"))
+    monkeypatch.setattr(SimEvent, "synchronize", lambda self: waits.append("event"))
+    model = tiny_llama()
+    cache = model.make_cache(2, 96)
+    with torch.no_grad():
+        decode_steps(torch.compile(model, backend="kvpr", options={"ratio": 0.5}),
+                     _prompt(2, vocab=80), cache, 2)
+    collected = weakref.ref(cuda_runtime.runtime(cache._store, "cpu"))
+    if copies_done:
+        sim.complete_after = 0   # the device caught up: every recorded event is done
+    del cache
+    gc.collect()
+    assert collected() is None
+    assert waits == [] if copies_done else waits and set(waits) == {"event"}

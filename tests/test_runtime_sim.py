@@ -214,6 +214,8 @@ def test_wait_maps_tensors_to_slots(sim):
     assert api.stream_waits[("compute", "side1")] == 0
     torch.ops.kvpr.wait([k.clone()])                     # not a slot: waits for all copies
     assert api.stream_waits[("compute", "side1")] == 1
+    torch.ops.kvpr.wait([k.clone(), v.clone()])          # once per call and copy stream
+    assert api.stream_waits[("compute", "side1")] == 2
 
 
 @pytest.mark.parametrize("dropped", ["free", "stored", "compute"])

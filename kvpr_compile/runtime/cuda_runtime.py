@@ -109,6 +109,7 @@ def runtime(store, device) -> "CudaRuntime":
 def wait(tensors: list[torch.Tensor]) -> None:
     """The current stream waits for the copies that filled ``tensors``."""
     seen: set[int] = set()
+    waited_all: set = set()   # devices whose copy streams were all waited for
     for t in tensors:
         if not handles(t.device):
             continue
@@ -116,9 +117,11 @@ def wait(tensors: list[torch.Tensor]) -> None:
         found = slot_of(t)
         if found is None:   # not a slot view (e.g. copied by functionalization): wait for all loads
             device = API.normalize(t.device)
-            for rt in list(_LIVE):
-                if rt.device == device:
-                    current.wait_stream(rt.h2d)
+            if device not in waited_all:   # once per call and copy stream (parts share one)
+                waited_all.add(device)
+                streams = {id(rt.h2d): rt.h2d for rt in list(_LIVE) if rt.device == device}
+                for h2d in streams.values():
+                    current.wait_stream(h2d)
         elif id(found[0].ready[found[1]]) not in seen:
             event = found[0].ready[found[1]]
             seen.add(id(event))
@@ -145,13 +148,29 @@ class CudaRuntime:
         _LIVE.add(self)
 
     def __del__(self):
-        try:   # slot memory returns to the allocator only after the copies into it are done
-            self.h2d.synchronize()
-            self.d2h.synchronize()
+        """Device memory this runtime's copies use (slot blocks the loads fill, staging buffers
+        and store sources the D2H copies read) returns to the allocator only once those copies
+        are done. The host waits for the runtime's own unfinished copies only, by their events:
+        a runtime collected late (its copies long done) waits for nothing, even where its
+        streams, drawn from torch's stream pool, now carry another runtime's copies."""
+        try:
+            for event in self._own_events():
+                if not event.query():
+                    event.synchronize()
         except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to protect
             pass
-        if self.owner is None:   # a shared pool is closed by its owner, after every user's sync
+        if self.owner is None:   # a shared pool is closed by its owner, after every user's copies
             self.slots.close()
+
+    def _own_events(self) -> list:
+        """The last event of each kind of copy this runtime issued: a layer's latest store
+        (``stored``), the stores still held (``in_flight``) and, for a pool's owner, each slot's
+        latest loads (``ready``; a micro-batch part's loads fill its owner's slots)."""
+        events = [e for e in self.stored if e is not None]
+        events += [e for e, _ in self.in_flight]
+        if self.owner is None:
+            events += [e for slot in self.slots.slots for e in slot.ready.values()]
+        return events
 
     def key(self, layer: int):
         """The slot pool key of ``layer``'s loads."""
