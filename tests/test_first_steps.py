@@ -122,9 +122,12 @@ def test_a_collected_runtime_waits_only_for_its_own_unfinished_copies(sim, monke
     from sim_streams import SimEvent, SimStream
 
     from kvpr_compile.runtime import cuda_runtime
-    waits = []
-    monkeypatch.setattr(SimStream, "synchronize", lambda self: waits.append("stream"))
-    monkeypatch.setattr(SimEvent, "synchronize", lambda self: waits.append("event"))
+    gc.collect()   # runtimes that earlier tests left in reference cycles
+    waits = []   # only this test's streams and events (sim): earlier runtimes may be collected too
+    monkeypatch.setattr(SimStream, "synchronize",
+                        lambda self: self.api is sim and waits.append("stream"))
+    monkeypatch.setattr(SimEvent, "synchronize",
+                        lambda self: self.api is sim and waits.append("event"))
     model = tiny_llama()
     cache = model.make_cache(2, 96)
     with torch.no_grad():
