@@ -24,7 +24,8 @@ from kvpr_compile.bench import configs as cf
 from kvpr_compile.bench.runners import (CONTENDERS, HF_OFFLOADED, KVPR_R0, KVPR_SCHED, RESIDENT,
                                         BenchEnv, hf_offloaded_decoder,
                                         kvpr_decoder, resident_decoder)
-from kvpr_compile.plan.profiler import preset, resolve_profile
+from kvpr_compile.plan.presets import preset
+from kvpr_compile.plan.resolve import resolve_profile
 
 CUDA = torch.cuda.is_available()
 ROUNDS, WARMUP_ROUNDS, COMPILE_STEPS = 10, 2, 2

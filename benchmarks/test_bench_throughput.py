@@ -66,7 +66,7 @@ GPU_CASES = [(m, b) for m in ("opt-6.7b", "opt-13b", "opt-30b") for b in (64, 12
 @pytest.mark.parametrize("ratio", [0.0, None], ids=["r0", "kvpr"])
 @pytest.mark.parametrize("model_name,batch", GPU_CASES)
 def test_gpu_throughput_step(benchmark, model_name, batch, ratio):
-    from kvpr_compile.plan.profiler import measure
+    from kvpr_compile.plan.measure import measure
     device, dtype = torch.device("cuda"), torch.float16
     profile = measure(device)
     spec = cf.GPU_MODELS[model_name]

@@ -7,6 +7,8 @@ loads; see ``kvpr_compile.passes``.
 
 Storage layout, per layer (``k_cpu[i]``, ``v_cpu[i]``): ``(max_seq_len, batch, num_kv_heads,
 head_dim)``, sequence-major, pinned when ``device`` is CUDA. Positions ``[0, seq_len(i))`` are valid.
+The sizes, dtype and device are one ``CacheGeometry`` (``runtime/geometry.py``), shared with the
+cache's store.
 
 Throughput schedule (``options={"schedule": "throughput"}``): the compiled step keeps one store
 per micro-batch (``runtime/store_parts.py``), each ``(max_seq_len, rows, kv_heads, head_dim)``
@@ -24,29 +26,47 @@ import torch
 
 from .runtime import kernels  # noqa: F401  (registers the kvpr:: ops' bodies)
 from .runtime.checks import check_write
+from .runtime.geometry import CacheGeometry
 from .runtime.store import KVStore
 
 
 class OffloadedKVCache:
     def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device="cpu"):
-        for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
-                            ("max_seq_len", max_seq_len), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"OffloadedKVCache: {name} must be a positive int, got {value!r}")
-        self.num_layers = num_layers
-        self.batch_size = batch_size
-        self.max_seq_len = max_seq_len
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self._store = KVStore(num_layers, batch_size, max_seq_len, num_kv_heads, head_dim,
-                              dtype, self.device)
+        self.geometry = CacheGeometry(num_layers, batch_size, max_seq_len, num_kv_heads, head_dim,
+                                      dtype, device)   # checks the sizes
+        self._store = KVStore(self.geometry)
         self._lengths = [0] * num_layers
         self.reset_after_use = False   # reset() emptied a cache that held tokens (hf_checks.py)
         self._layer_names = tuple(str(i) for i in range(num_layers))
+
+    @property
+    def num_layers(self) -> int:
+        return self.geometry.num_layers
+
+    @property
+    def batch_size(self) -> int:
+        return self.geometry.batch_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.geometry.max_seq_len
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.geometry.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.geometry.head_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.geometry.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.geometry.device
 
     @property
     def k_cpu(self) -> list[torch.Tensor]:
@@ -59,7 +79,7 @@ class OffloadedKVCache:
     def _exposed(self):
         """The whole store, whose tensors the caller may write: counted as a change of it."""
         store = self._store.whole()
-        store.writes += 1
+        store.changed()
         return store
 
     @property

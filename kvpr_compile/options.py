@@ -17,7 +17,7 @@ from .inner import INNER
 from .plan.cost_model import DEFAULT_OVERLAP, OVERLAPS
 
 if TYPE_CHECKING:
-    from .plan.profiler import HardwareProfile
+    from .plan.profile import HardwareProfile
 
 SCHEDULES = ("latency", "throughput")
 
@@ -37,7 +37,7 @@ class Options:
 
     profile: HardwareProfile | str | os.PathLike | None = None
     """The hardware profile the planners use: a preset name, a profile JSON path, ``"measure"``
-    or a ``HardwareProfile`` (plan/profiler.py ``resolve_profile``). None: ``$KVPR_PROFILE``,
+    or a ``HardwareProfile`` (plan/resolve.py ``resolve_profile``). None: ``$KVPR_PROFILE``,
     else this GPU's cached measurement, else the ``h200-pcie5`` preset. Resolved at planning
     time (it may need the graph's device), not here."""
 

@@ -57,7 +57,7 @@ def sim(monkeypatch):
     """Call the returned function to route CPU ops through the CUDA runtime on SimApi
     (``complete_after``: see ``SimApi``), with the store's reads and writes, the stores' sources,
     the waits and the slots' give-backs logged to its race checker."""
-    from kvpr_compile.runtime import cuda_runtime
+    from kvpr_compile.runtime import cuda_runtime, host_memory
     from kvpr_compile.runtime.slots import SlotPool
     from kvpr_compile.runtime.store import KVStore
     from sim_streams import SimApi
@@ -109,14 +109,14 @@ def sim(monkeypatch):
                 races.read(stream, buf, "slot (recompute/assemble)")
             give_back(self, layer, stream)
 
-        alloc = KVStore._alloc
+        alloc = host_memory.alloc
 
-        def host_alloc(self, shape, dtype, zero=True):
-            t = alloc(self, shape, dtype, zero)
+        def host_alloc(shape, dtype, pin, zero=True):
+            t = alloc(shape, dtype, pin, zero)
             races.forget(t)   # host memory: no device history (Races.forget)
             return t
 
-        monkeypatch.setattr(KVStore, "_alloc", host_alloc)
+        monkeypatch.setattr(host_memory, "alloc", host_alloc)
         monkeypatch.setattr(KVStore, "write_kv", logged_write_kv)
         monkeypatch.setattr(KVStore, "write_tokens", logged_write_tokens)
         monkeypatch.setattr(KVStore, "read_kv", logged_read_kv)

@@ -67,6 +67,11 @@ class SimEvent:
         self.api.records += 1
         self.recorded_at = self.api.records
 
+    def synchronize(self) -> None:
+        """The host waits for what the event covers: from then on it knows all of it ran."""
+        if self.snapshot is not None:
+            self.api.host_knows(self.snapshot)
+
     def query(self) -> bool:
         """Done once ``api.complete_after`` more events were recorded (never by default: a
         device far behind the host). Seeing it done, the host knows all it covers has run."""

@@ -1,4 +1,4 @@
-"""Assemble in place (``cuda_runtime.ASSEMBLE_IN_PLACE``, off by default): K,V[l:] are loaded at
+"""Assemble in place (``config.assemble_in_place``, off by default): K,V[l:] are loaded at
 their own rows of the device slot, the recomputed rows and the new token are written around them
 and attention reads the slot, with no copy into a fresh tensor. Checked on the CUDA runtime's logic
 with simulated streams (no GPU here): exact against eager (stored K/V poisoned at ratio 1),
@@ -10,16 +10,17 @@ import pytest
 import torch
 
 from helpers import check_race_free, decode_seeded, tiny_llama
+from kvpr_compile import config
 from kvpr_compile.runtime import cuda_runtime
 from kvpr_compile.runtime.slots import slot_of
 
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0])
+@config.patch(assemble_in_place=True)
 def test_in_place_assemble_is_exact_and_race_free(sim, monkeypatch, ratio):
     model = tiny_llama()
     ref = decode_seeded(model, model.make_cache(2, 96), 6)
     api = sim()
-    monkeypatch.setattr(cuda_runtime, "ASSEMBLE_IN_PLACE", True)
     assembled = []
     original = cuda_runtime.CudaRuntime._assemble_in_place
 

@@ -17,7 +17,7 @@ from kvpr_compile.bench.suite import finish
 from kvpr_compile.bench.runners import warm_up
 from kvpr_compile.bench.table import format_report, format_rows, row_cells, write_json
 from kvpr_compile.bench.timing import CpuTimer, summarize
-from kvpr_compile.plan.profiler import preset
+from kvpr_compile.plan.presets import preset
 
 
 # ---- limits --------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def test_cpu_end_to_end(tmp_path, capsys):
 
 def test_predicted_ms_is_the_schedulers_prediction_for_its_split():
     from kvpr_compile.bench.prediction import predicted_ms
-    from kvpr_compile.plan.profiler import preset
+    from kvpr_compile.plan.presets import preset
     from kvpr_compile.plan.latency_lp import plan_split
     prof = preset("h200-pcie5")
     plan = plan_split(prof, num_layers=4, batch_size=16, seq_len=1000, hidden_size=4096,

@@ -10,7 +10,7 @@ import torch
 from kvpr_compile.plan.arch_presets import ARCH_PRESETS
 from kvpr_compile.commands import plan as plan_cmd
 from kvpr_compile.commands import profile as profile_cmd
-from kvpr_compile.plan.profiler import PRESETS
+from kvpr_compile.plan.presets import PRESETS
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +153,7 @@ def test_through_cli_main(capsys):
     assert len(table_rows(capsys.readouterr().out)) == 4
 
 
-def test_preset_names_for_help_match_the_profiler():
+def test_preset_names_for_help_match_the_presets():
     assert profile_cmd.PRESET_NAMES == tuple(PRESETS)
     from kvpr_compile.plan import cost_model
     assert set(plan_cmd.OVERLAPS) == set(cost_model.OVERLAPS)

@@ -10,7 +10,7 @@ import torch
 
 from kvpr_compile.plan import cost_model as cm
 from kvpr_compile.plan.arch_presets import ARCH_PRESETS
-from kvpr_compile.plan.profiler import PRESETS
+from kvpr_compile.plan.presets import PRESETS
 from kvpr_compile.plan.latency_lp import plan_split
 from kvpr_compile.plan.throughput_lp import step_shape
 

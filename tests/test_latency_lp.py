@@ -11,7 +11,8 @@ from kvpr_compile.plan import cost_model as cm
 from kvpr_compile.plan import latency_ratios
 from kvpr_compile.plan.latency_lp import plan_split
 from kvpr_compile.plan.latency_ratios import choose_ratios, ratio_for
-from kvpr_compile.plan.profiler import PRESETS, HardwareProfile
+from kvpr_compile.plan.presets import PRESETS
+from kvpr_compile.plan.profile import HardwareProfile
 
 H200 = PRESETS["h200-pcie5"]
 A100 = PRESETS["a100-pcie4"]

@@ -1,4 +1,4 @@
-"""Cross-call prefetch (``cuda_runtime.PREFETCH_NEXT_CALL``, runtime/next_call.py): the first
+"""Cross-call prefetch (``config.prefetch_next_call``, runtime/next_call.py): the first
 layer's loads of the next call are issued after this call's last assemble, on simulated streams.
 
 Decode steps are exact against eager and race-free, and the prefetched loads are really used
@@ -13,6 +13,7 @@ import torch
 
 from helpers import (check_race_free, compiled_run, decode_seeded, hf_llama, sim_backend,
                      tiny_llama, worst_rel_err)
+from kvpr_compile import config
 from kvpr_compile.runtime import cuda_runtime
 
 TOL = 1e-5
@@ -43,8 +44,8 @@ def test_every_decode_step_uses_the_loads_prefetched_by_the_call_before(sim, rat
 
 
 @pytest.mark.slow
-def test_off_loads_at_the_start_of_each_call(sim, monkeypatch):
-    monkeypatch.setattr(cuda_runtime, "PREFETCH_NEXT_CALL", False)
+@config.patch(prefetch_next_call=False)
+def test_off_loads_at_the_start_of_each_call(sim):
     api, cache, ref, out = compiled_run(sim, 0.5, steps=3)
     check_race_free(api, ref, out)
     rt = runtime_of(cache)

@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 
-from kvpr_compile.plan import profiler
-from kvpr_compile.plan.profiler import PRESETS, HardwareProfile, resolve_profile
+from kvpr_compile.plan import measure, profile, resolve
+from kvpr_compile.plan.presets import PRESETS
+from kvpr_compile.plan.profile import HardwareProfile
+from kvpr_compile.plan.resolve import resolve_profile
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -70,7 +72,7 @@ def test_flops_fallbacks():
     p = _profile(flops_per_s={"float16": 160e12})
     assert p.flops(torch.float16) == 160e12
     assert p.flops(torch.bfloat16) == 160e12
-    assert p.flops(torch.float32) == 160e12 / profiler.FP32_FALLBACK_DIVISOR
+    assert p.flops(torch.float32) == 160e12 / profile.FP32_FALLBACK_DIVISOR
     assert p.flops("torch.float16") == 160e12
     q = _profile(flops_per_s={"bfloat16": 80e12, "float32": 5e12})
     assert q.flops(torch.float16) == 80e12 and q.flops(torch.float32) == 5e12
@@ -124,13 +126,13 @@ def test_resolve_profile_errors(tmp_path, monkeypatch):
 
 
 def test_cache_dir_precedence(monkeypatch, tmp_path):
-    assert profiler.cache_dir() == tmp_path / "cache"
+    assert resolve.cache_dir() == tmp_path / "cache"
     monkeypatch.delenv("KVPR_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert profiler.cache_dir() == tmp_path / "xdg" / "kvpr_compile"
+    assert resolve.cache_dir() == tmp_path / "xdg" / "kvpr_compile"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert profiler.cache_dir() == tmp_path / "home" / ".cache" / "kvpr_compile"
+    assert resolve.cache_dir() == tmp_path / "home" / ".cache" / "kvpr_compile"
 
 
 def test_load_or_measure_caches_per_device(monkeypatch):
@@ -140,26 +142,26 @@ def test_load_or_measure_caches_per_device(monkeypatch):
         calls.append(device)
         return _profile(name=f"run{len(calls)}", device_name="Fake GPU/80GB")
 
-    monkeypatch.setattr(profiler, "measure", fake_measure)
-    monkeypatch.setattr(profiler, "_device_name", lambda device: "Fake GPU/80GB")
-    first = profiler.load_or_measure("cuda")
+    monkeypatch.setattr(resolve, "measure", fake_measure)
+    monkeypatch.setattr(resolve, "_device_name", lambda device: "Fake GPU/80GB")
+    first = resolve.load_or_measure("cuda")
     assert calls == ["cuda"] and first.name == "run1"
-    path = profiler.cache_path("Fake GPU/80GB")
-    assert path.is_file() and path.parent == profiler.cache_dir() and "/" not in path.name[8:]
-    second = profiler.load_or_measure("cuda")
+    path = resolve.cache_path("Fake GPU/80GB")
+    assert path.is_file() and path.parent == resolve.cache_dir() and "/" not in path.name[8:]
+    second = resolve.load_or_measure("cuda")
     assert calls == ["cuda"] and second.name == "run1" and "cached at" in second.notes
-    third = profiler.load_or_measure("cuda", refresh=True)
+    third = resolve.load_or_measure("cuda", refresh=True)
     assert len(calls) == 2 and third.name == "run2"
     path.write_text("garbage")                    # an unreadable cache is measured again
-    assert profiler.load_or_measure("cuda").name == "run3"
+    assert resolve.load_or_measure("cuda").name == "run3"
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the no-CUDA error path")
 def test_measure_raises_without_cuda():
     with pytest.raises(RuntimeError, match="CUDA"):
-        profiler.measure()
+        measure.measure()
     with pytest.raises(RuntimeError, match="preset"):
-        profiler.measure("cpu")
+        measure.measure("cpu")
     with pytest.raises(RuntimeError, match="CUDA"):
         resolve_profile(None, device="cuda")
     with pytest.raises(RuntimeError, match="CUDA"):
@@ -169,7 +171,7 @@ def test_measure_raises_without_cuda():
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_measure_on_cuda():
-    p = profiler.measure(repeats=3, warmup=1, sizes=(64 << 20,), gemm_shape=(4096, 4096, 4096))
+    p = measure.measure(repeats=3, warmup=1, sizes=(64 << 20,), gemm_shape=(4096, 4096, 4096))
     assert p.source == "measured" and p.torch_version == torch.__version__
     assert 1e9 < p.h2d_bytes_per_s < 200e9 and 1e9 < p.d2h_bytes_per_s < 200e9
     assert 1e12 < p.flops(torch.float16) < 5e15
@@ -201,12 +203,12 @@ def test_old_profile_json_without_memory_rates_still_loads(tmp_path, monkeypatch
     assert loaded.mem_read_bytes_per_s == PRESETS["h100-pcie5"].mem_read_bytes_per_s
     assert "preset h100-pcie5" in loaded.notes and loaded.h2d_bytes_per_s == 10e9
     # through the per-device cache too
-    monkeypatch.setattr(profiler, "_device_name", lambda device: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(profiler, "measure", lambda device: pytest.fail("cache not used"))
-    cached = profiler.cache_path("NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(resolve, "_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(resolve, "measure", lambda device: pytest.fail("cache not used"))
+    cached = resolve.cache_path("NVIDIA H100 80GB HBM3")
     cached.parent.mkdir(parents=True)
     cached.write_text(json.dumps(old))
-    assert profiler.load_or_measure("cuda").mem_copy_bytes_per_s == 700e9
+    assert resolve.load_or_measure("cuda").mem_copy_bytes_per_s == 700e9
     unknown = {**old, "name": "rtx", "device_name": "Some Other GPU"}
     fallback = HardwareProfile.from_dict(unknown)
     assert fallback.mem_copy_bytes_per_s == PRESETS["a100-pcie4"].mem_copy_bytes_per_s

@@ -11,7 +11,7 @@ import torch
 
 from helpers import (check_race_free, compiled_run, conversation, decode_seeded, nan_kv,
                      sim_backend, tiny_llama, worst_rel_err)
-from kvpr_compile.runtime import cuda_runtime
+from kvpr_compile.runtime import cuda_runtime, host_memory
 
 TOL = 1e-5
 
@@ -67,6 +67,8 @@ def test_wait_maps_tensors_to_slots(sim):
     assert api.stream_waits[("compute", "side1")] == 0
     torch.ops.kvpr.wait([k.clone()])                     # not a slot: waits for all copies
     assert api.stream_waits[("compute", "side1")] == 1
+    torch.ops.kvpr.wait([k.clone(), v.clone()])          # once per call and copy stream
+    assert api.stream_waits[("compute", "side1")] == 2
 
 
 @pytest.mark.parametrize("dropped", ["free", "stored", "compute"])

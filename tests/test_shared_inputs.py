@@ -170,8 +170,9 @@ def test_store_bytes_at_llama2_7b_dims():
 
 def test_a_linked_layer_recomputes_only_where_its_owner_holds_rows():
     """``covered``: a layer reading layer 0's record can recompute positions both hold."""
+    from kvpr_compile.runtime.geometry import CacheGeometry
     from kvpr_compile.runtime.store import KVStore
-    st = KVStore(2, 1, 16, 2, 4, torch.float32, torch.device("cpu"))
+    st = KVStore(CacheGeometry(2, 1, 16, 2, 4, torch.float32, torch.device("cpu")))
     x, cos = torch.zeros(5, 1, 1, 8), torch.zeros(5, 1, 1, 4)
     st.write_tokens(0, 0, [x[:3], cos[:3]])
     st.write_tokens(1, 0, [x], links=((1, 0, 1),))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvpr_compile import report
+from kvpr_compile.runtime.geometry import CacheGeometry
 from kvpr_compile.runtime.store import KVStore
 
 
@@ -20,8 +21,8 @@ def _misfit():
 
 
 def _store():
-    return KVStore(num_layers=1, batch_size=3, max_seq_len=16, num_kv_heads=2, head_dim=4,
-                   dtype=torch.float32, device=torch.device("cpu"))
+    return KVStore(CacheGeometry(num_layers=1, batch_size=3, max_seq_len=16, num_kv_heads=2,
+                                 head_dim=4, dtype=torch.float32, device=torch.device("cpu")))
 
 
 def _records(n, *shapes, dtype=torch.float32, start=0.0):

@@ -119,9 +119,10 @@ def deferred(monkeypatch):
         if not records or api.current is api.compute:
             return original_write_tokens(self, layer, pos, records, links)
         layout = (tuple((r.shape[1:], r.dtype) for r in records), links)
-        if layout != self._layout[layer]:  # the store's own layout logic; only the copies are faked
-            self._arrange(layer, records, links)
-            self._layout[layer] = layout
+        recs = self.records   # the store's own layout logic; only the copies are faked
+        if layout != recs._layout[layer]:
+            recs._arrange(layer, records, links)
+            recs._layout[layer] = layout
         n = records[0].shape[0]
         for s, r in zip(self.tokens[layer], records):
             api.copy(s[pos:pos + n], r)

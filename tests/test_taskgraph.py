@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvpr_compile.plan import cost_model as cm
-from kvpr_compile.plan.profiler import PRESETS
+from kvpr_compile.plan.presets import PRESETS
 from kvpr_compile.plan.latency_lp import plan_split
 from kvpr_compile.plan.taskgraph import (END, build_task_graph, critical_path, plan_task_graph,
                                     predicted_step_time)

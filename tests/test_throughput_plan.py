@@ -11,7 +11,8 @@ from kvpr_compile.plan.arch_presets import ARCH_PRESETS
 from kvpr_compile.plan import throughput_graph as tg
 from kvpr_compile.plan.throughput_lp import (even_split, plan_throughput, solve_split, step_shape,
                                              working_set_bytes)
-from kvpr_compile.plan.profiler import HardwareProfile, preset
+from kvpr_compile.plan.presets import preset
+from kvpr_compile.plan.profile import HardwareProfile
 
 OPT = ARCH_PRESETS["opt-6.7b"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from kvpr_compile.plan.arch_presets import ARCH_PRESETS
-from kvpr_compile.plan.profiler import preset
+from kvpr_compile.plan.presets import preset
 from kvpr_compile.plan.throughput_lp import (even_split, plan_throughput, step_shape,
                                              working_set_bytes)
 

@@ -11,6 +11,7 @@ import torch
 
 from helpers import (batch_prompt, decode_steps, throughput_compile, throughput_llama,
                      worst_rel_err)
+from kvpr_compile import config
 from kvpr_compile.runtime import cuda_runtime
 from kvpr_compile.runtime.slots import Slot, SlotPool
 
@@ -103,8 +104,8 @@ def test_micro_batches_share_two_slots_loaded_one_ahead(sim, monkeypatch, batch,
 def test_parts_with_a_pool_each_hold_a_slot_per_micro_batch(sim, monkeypatch):
     """Negative control for the slot count: the parts' own pools (the runtime before sharing)
     hold more than two micro-batch slots at three micro-batches."""
-    monkeypatch.setattr(cuda_runtime, "SHARED_SLOTS", False)
-    api, cache, log, got, want = _run(sim, monkeypatch, 7, 3, 0.5)
+    with config.patch(shared_slots=False):
+        api, cache, log, got, want = _run(sim, monkeypatch, 7, 3, 0.5)
     assert worst_rel_err([got[0], *got[1]], [want[0], *want[1]]) <= TOL
     assert len({slot for _, _, slot, _ in log}) > 2
 

@@ -166,7 +166,9 @@ def _check(args, cases: list[cf.Case], layers: int) -> str:
 
 def _profiles(args, device):
     """(scheduler profile, H2D bytes/s for the limit, where that number comes from)."""
-    from ..plan.profiler import DEFAULT_PRESET, measure, resolve_profile
+    from ..plan.measure import measure
+    from ..plan.presets import DEFAULT_PRESET
+    from ..plan.resolve import resolve_profile
     if device.type == "cuda":
         print("measuring pinned H2D bandwidth and GEMM rates ...", file=sys.stderr, flush=True)
         measured = measure(device)

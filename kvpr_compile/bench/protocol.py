@@ -56,7 +56,7 @@ def weight_bytes_read(model) -> int:
 
 
 def _kvpr_forward(model, spec: dict, ratio: float | None):
-    from ..plan.profiler import resolve_profile
+    from ..plan.resolve import resolve_profile
     from .runners import backend
     options: dict = {"profile": resolve_profile(spec["profile"])}
     for key in ("inner", "overlap"):

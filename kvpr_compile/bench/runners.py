@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import report as kvpr_report
-from ..plan.profiler import HardwareProfile
+from ..plan.profile import HardwareProfile
 from .configs import CONTENDERS, HF_OFFLOADED, KVPR_R0, KVPR_SCHED, RESIDENT, Case  # noqa: F401
 from .loop import GreedyDecoder
 from .timing import step_timer, summarize

@@ -42,7 +42,9 @@ def driver() -> str:
 
 def _profile(args, device, workdir: Path) -> tuple[str, dict]:
     """(path the children load, the profile as a dict): the run's one profile."""
-    from ..plan.profiler import DEFAULT_PRESET, measure, resolve_profile
+    from ..plan.measure import measure
+    from ..plan.presets import DEFAULT_PRESET
+    from ..plan.resolve import resolve_profile
     if args.profile and os.path.isfile(args.profile):
         return args.profile, json.loads(Path(args.profile).read_text())
     missing = bool(args.profile) and args.profile.endswith(".json")

@@ -189,7 +189,7 @@ def _print_plan(args, cfg, device, dtype) -> None:
     """The latency LP's plan for the demo's own sizes, at the middle of the run."""
     from ..plan.latency_lp import plan_split
     from ..plan.latency_table import format_layers
-    from ..plan.profiler import resolve_profile
+    from ..plan.resolve import resolve_profile
     profile = resolve_profile(args.profile, device=device)
     past = args.prompt + args.new // 2
     plan = plan_split(profile, num_layers=cfg.num_layers, batch_size=args.batch, seq_len=past,

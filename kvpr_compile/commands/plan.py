@@ -48,7 +48,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..plan import cost_model as cm
-    from ..plan.profiler import resolve_profile
+    from ..plan.resolve import resolve_profile
     from ..plan.latency_lp import plan_split
     arch = ARCH_PRESETS[args.arch]
     layers = arch.num_layers if args.layers is None else args.layers
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 def run_throughput(args, arch: Arch, layers: int, budget) -> int:
     from ..plan.throughput_lp import plan_throughput, step_shape
     from ..plan.throughput_table import format_throughput
-    from ..plan.profiler import resolve_profile
+    from ..plan.resolve import resolve_profile
     try:
         profile = resolve_profile(args.profile)
         plan = plan_throughput(profile, num_layers=layers, batch_size=args.batch, seq_len=args.seq,

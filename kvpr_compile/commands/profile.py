@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# preset names for --preset's help; profiler.PRESETS holds them (it imports torch, --help must not)
+# preset names for --preset's help; plan/presets.py holds them (it imports torch, --help must not)
 PRESET_NAMES = ("a100-pcie4", "h100-pcie5", "h200-pcie5")
 
 
@@ -43,7 +43,8 @@ def format_profile(profile) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..plan.profiler import PRESETS, cache_path, load_or_measure, resolve_profile
+    from ..plan.presets import PRESETS
+    from ..plan.resolve import cache_path, load_or_measure, resolve_profile
     if args.list:
         for name, profile in PRESETS.items():
             print(f"{name:<12} {profile.summary().split(': ', 1)[1]}")

@@ -2,7 +2,7 @@
 
 Symbols: batch b, cached length s, hidden h, KV width h_kv (= kv heads * head_dim), p bytes per
 element, n new tokens per step (1 when decoding), host->device bandwidth v_h2d, device->host v_d2h
-(bytes/s), GEMM rate v_gpu (FLOP/s), and two device-memory rates (bytes/s, profiler.py):
+(bytes/s), GEMM rate v_gpu (FLOP/s), and two device-memory rates (bytes/s, profile.py):
 v_copy for strided copies and elementwise passes (bytes read + bytes written), v_read for the
 layer's streaming reads (weights, K,V in attention). Per layer, with l recomputed tokens and r
 resident tokens (token order: resident prefix [0, r), recomputed [r, r+l), streamed [r+l, s)):
@@ -60,7 +60,7 @@ from typing import Sequence
 
 import torch
 
-from .profiler import dtype_key
+from .profile import dtype_key
 
 _BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 OVERLAPS = ("row", "stream")

@@ -42,7 +42,7 @@ import torch
 from . import cost_model as cm
 from .latency_plan import Plan
 from .mip_solve import solve
-from .profiler import HardwareProfile, dtype_key
+from .profile import HardwareProfile, dtype_key
 
 __all__ = ["Plan", "plan_split"]
 

@@ -13,7 +13,8 @@ import torch
 
 from . import cost_model as cm
 from .latency_lp import Plan, plan_split
-from .profiler import HardwareProfile, dtype_key, resolve_profile
+from .profile import HardwareProfile, dtype_key
+from .resolve import resolve_profile
 
 REPRESENTATIVE_SEQ_LEN = cm.REPRESENTATIVE_SEQ_LEN
 

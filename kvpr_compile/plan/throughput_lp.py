@@ -29,7 +29,7 @@ import mip
 import torch
 
 from . import cost_model as cm
-from .profiler import HardwareProfile
+from .profile import HardwareProfile
 from .mip_solve import solve
 from . import throughput_graph as tg
 from .throughput_graph import even_split  # noqa: F401  (re-exported: the planner's split)

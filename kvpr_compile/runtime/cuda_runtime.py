@@ -21,8 +21,8 @@ Order of one layer i, loads issued one layer ahead (compute = the current stream
     d2h:     wait compute; copy layer i's new K, V, X into the pinned store -> record stored[i]
     compute: assemble(i) (concatenate into a fresh tensor) -> record free[s(i)]
 
-Cross-call prefetch (``PREFETCH_NEXT_CALL``, next_call.py): after the last layer's assemble the
-graph asks for its first layer's loads of the next call (``prefetch_next``); they are issued
+Cross-call prefetch (``config.prefetch_next_call``, next_call.py): after the last layer's assemble
+the graph asks for its first layer's loads of the next call (``prefetch_next``); they are issued
 like layer-ahead loads, into a slot the step no longer reads, and the next call's loads of that
 layer use them only if they ask exactly the same and the store did not change in between:
 
@@ -33,8 +33,8 @@ layer use them only if they ask exactly the same and the store did not change in
 
 Micro-batch parts (the throughput schedule, store_parts.py): part k of a cache gets a runtime of
 its own (its ``d2h``, ``stored`` events and staging), but it shares the whole store's runtime's
-``h2d`` stream and slot pool, keyed by ``(k, layer)`` (``SHARED_SLOTS``). The column order issues
-(layer j, micro-batch k+1)'s loads while (j, k) computes, so the device holds two micro-batch
+``h2d`` stream and slot pool, keyed by ``(k, layer)`` (``config.shared_slots``). The column order
+issues (layer j, micro-batch k+1)'s loads while (j, k) computes, so the device holds two micro-batch
 slots whatever the number of micro-batches (the planner's working set), and a slot taken by
 another part waits on the free event of its last reader exactly as between layers.
 
@@ -49,6 +49,7 @@ from collections import deque
 
 import torch
 
+from .. import config
 from . import next_call, traffic
 from .slots import SlotPool, slot_of
 
@@ -80,21 +81,6 @@ class CudaApi:
 
 
 API = CudaApi()
-# Assemble in place (issue 7, item 7): K,V[l:] land at rows [l, past) of the slot, the recompute
-# and the new tokens are written around them, and attention reads the slot itself: no copy of the
-# loaded rows into a fresh tensor. The slot is then read after its assemble, so it is given back
-# one layer later (the pool grows to a third slot). Off by default: on the first H100 run SDPA
-# kept its fast kernel on the strided view and the concatenation was gone, but the step took 2x
-# longer, with the compute stream idle for tens of ms per step (cause not traced yet; see
-# docs/design.md). Tests run it on simulated streams.
-ASSEMBLE_IN_PLACE = False
-# Micro-batch parts share their whole store's copy stream and slot pool (see the module docstring).
-# Off: each part fills a pool of its own (at least one slot per micro-batch on the device).
-SHARED_SLOTS = True
-# The first layer's loads of the next call issued at the end of this one (see the module
-# docstring): on by default, exact and race-free on simulated streams (tests/test_next_call.py).
-# Off: ``prefetch_next`` does nothing and every call loads its first layer when it starts.
-PREFETCH_NEXT_CALL = True
 _RUNTIMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # store -> {device: runtime}
 _LIVE: "weakref.WeakSet[CudaRuntime]" = weakref.WeakSet()
 
@@ -112,7 +98,7 @@ def runtime(store, device) -> "CudaRuntime":
     rt = per_device.get(device)
     if rt is None:
         owner = store.part_of[0]() if store.part_of is not None else None
-        if SHARED_SLOTS and owner is not None:   # a micro-batch part: its whole store's pool
+        if config.shared_slots and owner is not None:   # a micro-batch part: the whole's pool
             rt = CudaRuntime(store, device, runtime(owner, device), store.part_of[1])
         else:
             rt = CudaRuntime(store, device)
@@ -123,6 +109,7 @@ def runtime(store, device) -> "CudaRuntime":
 def wait(tensors: list[torch.Tensor]) -> None:
     """The current stream waits for the copies that filled ``tensors``."""
     seen: set[int] = set()
+    waited_all: set = set()   # devices whose copy streams were all waited for
     for t in tensors:
         if not handles(t.device):
             continue
@@ -130,9 +117,11 @@ def wait(tensors: list[torch.Tensor]) -> None:
         found = slot_of(t)
         if found is None:   # not a slot view (e.g. copied by functionalization): wait for all loads
             device = API.normalize(t.device)
-            for rt in list(_LIVE):
-                if rt.device == device:
-                    current.wait_stream(rt.h2d)
+            if device not in waited_all:   # once per call and copy stream (parts share one)
+                waited_all.add(device)
+                streams = {id(rt.h2d): rt.h2d for rt in list(_LIVE) if rt.device == device}
+                for h2d in streams.values():
+                    current.wait_stream(h2d)
         elif id(found[0].ready[found[1]]) not in seen:
             event = found[0].ready[found[1]]
             seen.add(id(event))
@@ -159,13 +148,29 @@ class CudaRuntime:
         _LIVE.add(self)
 
     def __del__(self):
-        try:   # slot memory returns to the allocator only after the copies into it are done
-            self.h2d.synchronize()
-            self.d2h.synchronize()
+        """Device memory this runtime's copies use (slot blocks the loads fill, staging buffers
+        and store sources the D2H copies read) returns to the allocator only once those copies
+        are done. The host waits for the runtime's own unfinished copies only, by their events:
+        a runtime collected late (its copies long done) waits for nothing, even where its
+        streams, drawn from torch's stream pool, now carry another runtime's copies."""
+        try:
+            for event in self._own_events():
+                if not event.query():
+                    event.synchronize()
         except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to protect
             pass
-        if self.owner is None:   # a shared pool is closed by its owner, after every user's sync
+        if self.owner is None:   # a shared pool is closed by its owner, after every user's copies
             self.slots.close()
+
+    def _own_events(self) -> list:
+        """The last event of each kind of copy this runtime issued: a layer's latest store
+        (``stored``), the stores still held (``in_flight``) and, for a pool's owner, each slot's
+        latest loads (``ready``; a micro-batch part's loads fill its owner's slots)."""
+        events = [e for e in self.stored if e is not None]
+        events += [e for e, _ in self.in_flight]
+        if self.owner is None:
+            events += [e for slot in self.slots.slots for e in slot.ready.values()]
+        return events
 
     def key(self, layer: int):
         """The slot pool key of ``layer``'s loads."""
@@ -202,7 +207,8 @@ class CudaRuntime:
         if dtype != store.dtype:
             raise RuntimeError(f"kvpr: load_kv of layer {layer} asks for {dtype}; the cache holds {store.dtype}")
         current = API.current_stream(self.device)
-        want = next_call.kv_want(start, end, batch, heads, head_dim, dtype, ASSEMBLE_IN_PLACE)
+        want = next_call.kv_want(start, end, batch, heads, head_dim, dtype,
+                                 config.assemble_in_place)
         prefetched = next_call.take(self, store, layer, "kv", want, owned, current)
         if prefetched is not None:
             return prefetched
@@ -217,7 +223,7 @@ class CudaRuntime:
         else:
             slot, after_free = self.slots.take(self.key(layer), "kv", current)
             (k, v), new_memory = slot.kv_buffers((store.max_seq_len, batch, heads, head_dim), dtype)
-            if ASSEMBLE_IN_PLACE:   # at their own rows: the slot becomes the layer's whole K,V
+            if config.assemble_in_place:   # at their own rows: the slot is the layer's whole K,V
                 k, v = k[start:], v[start:]
         self._fill(layer, slot, after_free, new_memory, current,
                    [(k[:n], store.k[layer][start:end]), (v[:n], store.v[layer][start:end])])
@@ -251,11 +257,11 @@ class CudaRuntime:
         """Issue ``layer``'s loads of the next call now: records [0, l) (``specs`` None: the
         layer loads none) and K,V[l:end), into a slot of the pool, kept for ``next_call.take``.
         Called after the step's last assemble, when no slot is read any more but the last
-        layer's with ``ASSEMBLE_IN_PLACE`` (still held: another one is taken)."""
+        layer's with ``config.assemble_in_place`` (still held: another one is taken)."""
         current = API.current_stream(self.device)
         next_call.drop(self.slots, current)   # one prefetch at a time
         key = self.key(layer)
-        if (not PREFETCH_NEXT_CALL or key in self.slots.held or end > store.max_seq_len
+        if (not config.prefetch_next_call or key in self.slots.held or end > store.max_seq_len
                 or (batch, heads, head_dim, dtype) != (store.batch_size, store.num_kv_heads,
                                                        store.head_dim, store.dtype)
                 or (specs and specs[0][0] and specs[0][0][0] != store.batch_size)):
@@ -264,7 +270,8 @@ class CudaRuntime:
         if specs is not None:
             wants["tokens"] = next_call.tokens_want(l, specs)
             views["tokens"] = self._load_tokens(store, layer, l, specs, False, current)
-        wants["kv"] = next_call.kv_want(l, end, batch, heads, head_dim, dtype, ASSEMBLE_IN_PLACE)
+        wants["kv"] = next_call.kv_want(l, end, batch, heads, head_dim, dtype,
+                                       config.assemble_in_place)
         views["kv"] = self._load_kv(store, layer, l, end, batch, heads, head_dim, dtype, False, current)
         self.slots.next_call = next_call.Prefetched(weakref.ref(self), key, layer, self.slots.held[key],
                                                     store.writes, wants, views)
@@ -354,7 +361,7 @@ class CudaRuntime:
 
     def _in_place(self, k_load, v_load, l: int):
         """The slot's (K, V) buffers if K,V[l:] were loaded at their own rows of one (switch on)."""
-        if not ASSEMBLE_IN_PLACE:
+        if not config.assemble_in_place:
             return None
         found = slot_of(k_load)
         if found is None or found[1] != "kv" or found[0].kv is None:

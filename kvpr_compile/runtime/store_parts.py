@@ -1,11 +1,12 @@
 """One store per micro-batch: the throughput schedule's layout of a cache (see store.py).
 
 ``split(store, sizes)`` gives ``store`` one part per micro-batch (rows ``[r, r + size)`` in batch
-order), each a ``KVStore`` of its own: K and V ``(max_seq_len, size, kv_heads, head_dim)``,
-sequence-major, so what micro-batch k loads of a layer is one contiguous block, and its own handle
-(the compiled column-order step gives micro-batch k's layer segments that handle). The valid
-positions are copied in, the store's own K/V buffers are released. ``merge(store)`` copies the
-parts back and drops them; ``KVStore.whole()`` calls it whenever the store is addressed as one.
+order), each a store of its own (of the store's class, over ``geometry.with_rows(size)``): K and
+V ``(max_seq_len, size, kv_heads, head_dim)``, sequence-major, so what micro-batch k loads of a
+layer is one contiguous block, and its own handle (the compiled column-order step gives
+micro-batch k's layer segments that handle). The valid positions are copied in, the store's own
+K/V buffers are released. ``merge(store)`` copies the parts back and drops them;
+``KVStore.whole()`` calls it whenever the store is addressed as one.
 
 A part knows its whole store (``part_of``): on a device its loads fill slots of the whole store's
 pool (cuda_runtime.runtime), so the parts of a cache share two device slots, which the column
@@ -14,6 +15,9 @@ order hands from micro-batch to micro-batch (column_runner.py), instead of two s
 Per-token records (X, side inputs) move with their rows where a record's first axis is the batch
 (its size is the store's batch, or each part's), are shared where it is 1, and are dropped
 otherwise: positions without records use the stored K,V (exact, not recomputed).
+
+This module imports no store: ``store.py`` imports it (``whole`` merges), and a part is made as
+an instance of its whole store's class.
 """
 from __future__ import annotations
 
@@ -21,15 +25,15 @@ import weakref
 
 import torch
 
-from .store import KVStore
+from . import host_memory
 
 
-def _sync(store: KVStore) -> None:
-    if store.pin and torch.cuda.is_available():
+def _sync(store) -> None:
+    if store.geometry.pinned and torch.cuda.is_available():
         torch.cuda.synchronize()   # D2H writes into the parts (or the store) may be in flight
 
 
-def split(store: KVStore, sizes) -> list[KVStore]:
+def split(store, sizes) -> list:
     """The micro-batch parts of ``store`` for row counts ``sizes`` (made once; a split with other
     sizes is merged back first)."""
     sizes = tuple(int(s) for s in sizes)
@@ -42,9 +46,8 @@ def split(store: KVStore, sizes) -> list[KVStore]:
     _sync(store)
     parts, row = [], 0
     for size in sizes:
-        part = KVStore(store.num_layers, size, store.max_seq_len, store.num_kv_heads,
-                       store.head_dim, store.dtype, store.device)
-        part.links = list(store.links)   # shared records stay with their owner layer
+        part = type(store)(store.geometry.with_rows(size))
+        part.records.links = list(store.links)   # shared records stay with their owner layer
         part.part_of = (weakref.ref(store), len(parts))   # its device slots: the store's pool
         for layer in range(store.num_layers):
             n = store.written[layer]
@@ -62,11 +65,8 @@ def split(store: KVStore, sizes) -> list[KVStore]:
         parts.append(part)
         row += size
     store.parts = parts
-    empty = torch.empty(0, dtype=store.dtype)
-    store.k = [empty] * store.num_layers       # released: the parts hold the data now
-    store.v = [empty] * store.num_layers
-    store.tokens = [[] for _ in range(store.num_layers)]
-    store.token_len = [0] * store.num_layers
+    store.kv.release()        # released: the parts hold the data now
+    store.records.release()
     store.buffers_replaced()
     return parts
 
@@ -81,24 +81,23 @@ def _rows(rec: torch.Tensor, batch: int) -> str | None:
     return None
 
 
-def _copy_rows(part: KVStore, valid_rows: torch.Tensor) -> torch.Tensor:
+def _copy_rows(part, valid_rows: torch.Tensor) -> torch.Tensor:
     """A (max_seq_len, *record) store of ``part`` holding ``valid_rows`` at its start."""
-    out = part._alloc((part.max_seq_len, *valid_rows.shape[1:]), valid_rows.dtype, zero=False)
+    out = host_memory.alloc((part.max_seq_len, *valid_rows.shape[1:]), valid_rows.dtype,
+                            part.geometry.pinned, zero=False)
     out[:valid_rows.shape[0]].copy_(valid_rows)
     return out
 
 
-def merge(store: KVStore) -> None:
+def merge(store) -> None:
     """Copy the parts back into ``store``'s whole-batch layout and drop them."""
     parts, store.parts = store.parts, None
     if parts is None:
         return
     _sync(store)
-    shape = (store.max_seq_len, store.batch_size, store.num_kv_heads, store.head_dim)
-    store.k = [store._alloc(shape, store.dtype) for _ in range(store.num_layers)]
-    store.v = [store._alloc(shape, store.dtype) for _ in range(store.num_layers)]
+    store.kv.allocate()
     links = {tuple(p.links) for p in parts}   # shared-record links, written into the parts
-    store.links = list(links.pop()) if len(links) == 1 else [()] * store.num_layers
+    store.records.links = list(links.pop()) if len(links) == 1 else [()] * store.num_layers
     for layer in range(store.num_layers):
         n = max(p.written[layer] for p in parts)
         store.written[layer] = n

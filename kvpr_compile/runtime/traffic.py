@@ -9,6 +9,8 @@
 Each load path calls ``note`` in one line, ``if traffic.ON: traffic.note(kind, *sources)``: the
 CPU store's reads (``store.read_kv``, ``store.read_tokens``) and the CUDA runtime's copies
 (``CudaRuntime._fill``). With no counter open ``ON`` is False and a load pays one global lookup.
+``ON`` is state (whether a counter is open), kept by ``counting``, not a switch to set: the
+runtime's switches are in kvpr_compile/config.py.
 Counting is per process, not per cache; counters nest (each open one sees every load).
 """
 from __future__ import annotations

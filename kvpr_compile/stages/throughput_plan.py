@@ -10,7 +10,7 @@ def plan_columns(dims: GraphDims, num_layers: int, *, profile, ratio: float | No
                  micro_batches: int | None, gpu_budget_bytes: float | None):
     """The throughput plan for the graph's example batch (ratios forced or planned; a
     micro-batch count capped at the batch)."""
-    from ..plan.profiler import resolve_profile
+    from ..plan.resolve import resolve_profile
     from ..plan.throughput_lp import plan_throughput
     return plan_throughput(resolve_profile(profile, device=dims.device), num_layers=num_layers,
                            batch_size=dims.batch_size, seq_len=REPRESENTATIVE_SEQ_LEN,
@@ -33,7 +33,7 @@ def budget_check(dims: GraphDims, num_layers: int, *, profile, gpu_budget_bytes:
         if (tuple(sizes), store.max_seq_len) in passed:
             return
         from ..plan import cost_model as cm
-        from ..plan.profiler import resolve_profile
+        from ..plan.resolve import resolve_profile
         from ..plan.throughput_lp import ASSEMBLED, HIDDEN_COPIES, step_shape, working_set_bytes
         shape = step_shape(resolve_profile(profile, device=dims.device), num_layers=num_layers,
                            micro_batches=sizes, seq_len=store.max_seq_len,
