@@ -45,7 +45,7 @@ def decode_graph(ratio):
 def test_decode_graph_at_ratio_half():
     assert_golden(kvpr_listing(decode_graph(0.5)), """
         # split
-        split_len = recompute.split_len(%cache.layers_0_store_lengths_0, 1, 2)
+        split_len = split.split_len(%cache.layers_0_store_lengths_0, 1, 2)
         # load_tokens
         load_tokens = kvpr.load_tokens(%cache.layers_0_store_store_handle, 0, split_len,
             [2, 1, 32, 1, 1, 1, 8, 1, 1, 1, 8], [3, 4, 4], [0, 0, 0], cpu, False)
@@ -107,8 +107,8 @@ def test_decode_graph_at_ratio_zero():
         getitem = load_kv[0]
         getitem_1 = load_kv[1]
         # recompute
-        empty_past = recompute.empty_past(%k_embed)
-        empty_past_1 = recompute.empty_past(%value_states)
+        empty_past = split.empty_past(%k_embed)
+        empty_past_1 = split.empty_past(%value_states)
         # wait
         wait = kvpr.wait([getitem, getitem_1])
         # store
@@ -133,7 +133,7 @@ def test_lowered_decode_graph_at_ratio_half():
         # kvpr_compile
         resolve = direct.resolve(%cache.layers_0_store_store_handle)
         # split
-        split_len = recompute.split_len(%cache.layers_0_store_lengths_0, 1, 2)
+        split_len = split.split_len(%cache.layers_0_store_lengths_0, 1, 2)
         # load_tokens
         cpu_load_tokens = direct.cpu_load_tokens(resolve, 0, split_len,
             [((2, 1, 32), torch.float32), ((1, 1, 1, 8), torch.float32),
