@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import decode_steps, hf_llama, worst_rel_err
 from generality_models import PatternModel, make_cache
-from test_prefetch_placement import tiny_llama
-from test_throughput_schedule import _llama, _prompt
+from helpers import (batch_prompt, decode_steps, hf_llama, throughput_llama, tiny_llama,
+                     worst_rel_err)
 
 from kvpr_compile.runtime import host_memory
 from kvpr_compile.runtime.slots import Slot
@@ -58,7 +57,7 @@ CASES = {
     "position-ids-in-prefill-only": lambda: (
         _pattern(), lambda m, b: make_cache(m, b), {"ratio": 1.0}, "prefill"),
     "throughput-micro-batches": lambda: (
-        _llama(layers=2), lambda m, b: m.make_cache(b), {"schedule": "throughput",
+        throughput_llama(layers=2), lambda m, b: m.make_cache(b), {"schedule": "throughput",
                                                         "micro_batches": 2, "ratio": 0.5}, None),
 }
 
@@ -69,9 +68,9 @@ def _pattern():
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_no_allocation_after_the_first_decode_step(sim, monkeypatch, case):
+def test_no_allocation_after_the_first_decode_step(sim_api, monkeypatch, case):
     model, cache_of, options, position_ids = CASES[case]()
-    prompt = _prompt(4, vocab=80)   # in every model's vocabulary
+    prompt = batch_prompt(4, vocab=80)   # in every model's vocabulary
     want = decode_steps(model, prompt, cache_of(model, 4), STEPS, position_ids=position_ids)
     counts = _counting(monkeypatch)
     cache = cache_of(model, 4)   # its K/V buffers: made with the cache, before any call
@@ -86,10 +85,10 @@ def test_no_allocation_after_the_first_decode_step(sim, monkeypatch, case):
     assert made[2:] == [(0, 0)] * (STEPS - 1), made   # nothing after the first decode step
 
 
-def test_hf_llama_allocates_nothing_after_the_first_decode_step(sim, monkeypatch):
+def test_hf_llama_allocates_nothing_after_the_first_decode_step(sim_api, monkeypatch):
     from kvpr_compile.hf import KVPRCache, cache_kwargs
     model = hf_llama()
-    prompt = _prompt(2, vocab=128)
+    prompt = batch_prompt(2, vocab=128)
 
     def run(step, cache):
         kw = cache_kwargs(model, cache)
@@ -110,7 +109,7 @@ def test_hf_llama_allocates_nothing_after_the_first_decode_step(sim, monkeypatch
 
 
 @pytest.mark.parametrize("copies_done", [True, False])
-def test_a_collected_runtime_waits_only_for_its_own_unfinished_copies(sim, monkeypatch,
+def test_a_collected_runtime_waits_only_for_its_own_unfinished_copies(sim_api, monkeypatch,
                                                                      copies_done):
     """A cache dropped long after its last step (its copies done) is collected without the host
     waiting for anything: its streams come from torch's pool and may carry another cache's
@@ -125,17 +124,17 @@ def test_a_collected_runtime_waits_only_for_its_own_unfinished_copies(sim, monke
     gc.collect()   # runtimes that earlier tests left in reference cycles
     waits = []   # only this test's streams and events (sim): earlier runtimes may be collected too
     monkeypatch.setattr(SimStream, "synchronize",
-                        lambda self: self.api is sim and waits.append("stream"))
+                        lambda self: self.api is sim_api and waits.append("stream"))
     monkeypatch.setattr(SimEvent, "synchronize",
-                        lambda self: self.api is sim and waits.append("event"))
+                        lambda self: self.api is sim_api and waits.append("event"))
     model = tiny_llama()
     cache = model.make_cache(2, 96)
     with torch.no_grad():
         decode_steps(torch.compile(model, backend="kvpr", options={"ratio": 0.5}),
-                     _prompt(2, vocab=80), cache, 2)
+                     batch_prompt(2, vocab=80), cache, 2)
     collected = weakref.ref(cuda_runtime.runtime(cache._store, "cpu"))
     if copies_done:
-        sim.complete_after = 0   # the device caught up: every recorded event is done
+        sim_api.complete_after = 0   # the device caught up: every recorded event is done
     del cache
     gc.collect()
     assert collected() is None
