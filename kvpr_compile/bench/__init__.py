@@ -10,7 +10,7 @@ measured pinned bandwidth). Modules, one idea each:
 - ``loop``     the greedy decode loop over ``model(input_ids, cache=..., use_cache=True)``
 - ``runners``  one function per contender
 - ``limits``   host-to-device bytes of a split and the resulting time limit
-- ``targets``  the pass/fail targets of the issue
+- ``targets``  the pass/fail speed targets per case
 - ``suite``    runs the cases (progress to stderr)
 - ``table``    the stdout table and the JSON record
 - ``timeline`` torch.profiler chrome trace -> CUDA stream timeline PNG and overlap numbers

@@ -183,10 +183,8 @@ def _trace(decoder: GreedyDecoder, env: BenchEnv, stem: str, title: str) -> dict
 
 def resident_decoder(model) -> GreedyDecoder:
     """Eager over a lazily built ``DynamicCache()`` (the bench's models have full attention in
-    every layer). On the first GPU run (H100, transformers 5.17) a ``DynamicCache(config=...)``
-    resident stepped in 44 ms where ``DynamicCache()`` took 6.1 ms in the same process; which of
-    the cache or the order caused it was not isolated there, so the bench also warms up first
-    (``warm_up``)."""
+    every layer). Protocol 2 times ``DynamicCache(config)`` and ``StaticCache`` apart, each in
+    its own process (docs/design.md, "Benchmark protocol 2", says why)."""
     from transformers import DynamicCache
     return GreedyDecoder(model, model.forward, DynamicCache())
 
