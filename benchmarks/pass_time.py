@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import functools
 import pstats
 import time
 

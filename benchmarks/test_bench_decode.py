@@ -136,7 +136,7 @@ def test_gpu_decode_step(benchmark, model_name, batch, prompt, contender):
         benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
         tokens = decoder.tokens()
     finally:
-        del decoder
+        decoder = None   # frees its cache before empty_cache (step's cell holds None)
         torch.compiler.reset()
         torch.cuda.empty_cache()
     eager_agrees(model, ids, tokens, tol=2e-2)
