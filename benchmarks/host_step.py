@@ -3,7 +3,8 @@
 Tiny dims (a step is all host work): a Hugging Face Llama of width 64 with random weights, batch 1,
 a 32-token prompt, 8 or 32 layers. Contenders:
 
-- ``hf``                uncompiled, transformers' ``DynamicCache`` (the reference and the ratio's 1.0)
+- ``hf``                uncompiled, transformers' ``DynamicCache``
+                        (the reference and the ratio's 1.0)
 - ``kvpr-uncompiled``   uncompiled, ``KVPRCache`` (the exact offloaded path, ``kvpr::cache_update``)
 - ``kvpr``              ``model.forward`` compiled with ``backend="kvpr"``, default options (the
                         scheduler plans with the h200-pcie5 preset: ratio ~1, so the CPU also does
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--steps", type=int, default=40, help="timed decode steps per contender")
     parser.add_argument("--inner", nargs="*", default=[],
-                        help="inner compilers to add as kvpr-<inner> (e.g. eager inductor piecewise)")
+                        help="inner compilers to add as kvpr-<inner> "
+                             "(e.g. eager inductor piecewise)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import functools
 import pstats
 import time
 
@@ -20,7 +19,8 @@ from kvpr_compile.backend import kvpr_backend
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
 
 
-def backend_seconds(layers: int, hidden: int = 64, profiler: cProfile.Profile | None = None) -> list[float]:
+def backend_seconds(layers: int, hidden: int = 64,
+                    profiler: cProfile.Profile | None = None) -> list[float]:
     """Seconds the backend spent on each graph of a prefill + 2 decode steps."""
     cfg = TinyLlamaConfig(vocab_size=101, hidden_size=hidden, num_layers=layers, num_heads=4,
                           num_kv_heads=4, intermediate_size=2 * hidden, max_seq_len=64)

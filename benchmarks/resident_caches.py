@@ -6,7 +6,8 @@ Llama-7B-like model with 8 layers at batch 16, prompt 1024; timed here in one pr
 order, it was 44.3 ms with ``DynamicCache(config=...)``, 6.1 ms with ``DynamicCache()`` and 7.1 ms
 with ``StaticCache``. ``--order`` reverses the order, to tell the cache from the position.
 
-    python -m benchmarks.resident_caches [--model llama-7b] [--batch 16] [--prompt 1024] [--order reversed]
+    python -m benchmarks.resident_caches [--model llama-7b] [--batch 16] [--prompt 1024]
+        [--order reversed]
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 from kvpr_compile.bench.configs import GPU_MODELS, build_model
 
 
-def step_ms(model, cache, ids: torch.Tensor, steps: int = 10, warmup: int = 2) -> tuple[float, float]:
+def step_ms(model, cache, ids: torch.Tensor, steps: int = 10, warmup: int = 2
+            ) -> tuple[float, float]:
     """Median (device ms, host ms) of greedy decode steps after ``warmup`` untimed ones."""
     with torch.no_grad():
         nxt = model(input_ids=ids, past_key_values=cache, use_cache=True,

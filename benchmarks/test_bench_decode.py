@@ -62,7 +62,8 @@ def eager_agrees(model, ids: torch.Tensor, tokens: torch.Tensor, tol: float) -> 
         top2 = logits.topk(2, dim=-1).values
         sure = (top2[:, 0] - top2[:, 1]) > tol * logits.abs().max()
         mismatch = (logits.argmax(-1) != got) & sure
-        assert not mismatch.any(), f"step {j}: rows {mismatch.nonzero().flatten().tolist()} differ from eager"
+        assert not mismatch.any(), (f"step {j}: rows {mismatch.nonzero().flatten().tolist()} "
+                                    "differ from eager")
         checked += int(sure.sum())
         if j + 1 < tokens.shape[1]:
             logits = model(input_ids=got[:, None], **kwargs).logits[:, -1].float()
@@ -136,7 +137,7 @@ def test_gpu_decode_step(benchmark, model_name, batch, prompt, contender):
         benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
         tokens = decoder.tokens()
     finally:
-        del decoder
+        decoder = None   # frees its cache before empty_cache (step's cell holds None)
         torch.compiler.reset()
         torch.cuda.empty_cache()
     eager_agrees(model, ids, tokens, tol=2e-2)

@@ -1,13 +1,14 @@
-"""pytest-benchmark: host µs per decode step on the CPU (tiny dims, batch 1, prompt 32), per contender
-of ``host_step.py`` (uncompiled HF DynamicCache, uncompiled KVPRCache, kvpr default, at ratio 0
-and 1, each inner).
+"""pytest-benchmark: host µs per decode step on the CPU (tiny dims, batch 1, prompt 32), per
+contender of ``host_step.py`` (uncompiled HF DynamicCache, uncompiled KVPRCache, kvpr default, at
+ratio 0 and 1, each inner).
 
 With benchmarking disabled (the default run) every case still decodes and asserts tokens equal to
 uncompiled HF; the 32-layer compiled cases and the inductor-backed inners (C++ compiles on CPU)
 run only with ``--benchmark-enable`` or ``--run-slow``. The side-by-side ratio table comes from
 one interleaved run: ``python -m benchmarks.host_step``.
 
-    python -m pytest benchmarks/test_bench_host_step.py --benchmark-enable --benchmark-group-by=param:layers
+    python -m pytest benchmarks/test_bench_host_step.py --benchmark-enable
+        --benchmark-group-by=param:layers
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def test_host_step(benchmark, request, layers, contender):
                 d.step()
             benchmark.group = f"{layers} layers"
             benchmark.extra_info.update(layers=layers, batch=hs.BATCH, prompt=hs.PROMPT)
-            benchmark.pedantic(d.step, rounds=rounds, iterations=1, warmup_rounds=1 if benchmark.enabled else 0)
+            benchmark.pedantic(d.step, rounds=rounds, iterations=1,
+                               warmup_rounds=1 if benchmark.enabled else 0)
         got = d.tokens()
         assert torch.equal(got, _reference(layers, got.shape[1] - 1))
     finally:

@@ -89,4 +89,5 @@ def test_gpu_throughput_step(benchmark, model_name, batch, ratio):
     limit_s = (stream.bytes_on_host() + counted.bytes / steps) / profile.h2d_bytes_per_s
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(tokens_per_s=batch / median, limit_s=limit_s,
-                                ratio_to_limit=median / limit_s, h2d_gbps=profile.h2d_bytes_per_s / 1e9)
+                                ratio_to_limit=median / limit_s,
+                                h2d_gbps=profile.h2d_bytes_per_s / 1e9)

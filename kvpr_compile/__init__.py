@@ -1,10 +1,11 @@
 """kvpr_compile: a torch.compile backend ("kvpr") for decoders whose KV cache lives in CPU memory.
 
 Partial KV recomputation (KVPR, Jiang et al., ACL Findings 2025): for the first l cached tokens
-of each layer ship the layer input X and recompute K,V on the device while the rest of K,V streams in.
+of each layer ship the layer input X and recompute K,V on the device while the rest of K,V
+streams in.
 
-``OffloadedKVCache``, ``stream_weights`` and ``compile_throughput`` are imported on first use, so that ``import kvpr_compile`` (and with it the
-``kvpr`` command's ``--help``) does not import torch.
+``OffloadedKVCache``, ``stream_weights`` and ``compile_throughput`` are imported on first use, so
+that ``import kvpr_compile`` (and with it the ``kvpr`` command's ``--help``) does not import torch.
 """
 from .report import last_report, reports
 

@@ -6,9 +6,9 @@ Compiled with ``backend="kvpr"``, the same call site is rewritten into partial r
 loads; see ``kvpr_compile.passes``.
 
 Storage layout, per layer (``k_cpu[i]``, ``v_cpu[i]``): ``(max_seq_len, batch, num_kv_heads,
-head_dim)``, sequence-major, pinned when ``device`` is CUDA. Positions ``[0, seq_len(i))`` are valid.
-The sizes, dtype and device are one ``CacheGeometry`` (``runtime/geometry.py``), shared with the
-cache's store.
+head_dim)``, sequence-major, pinned when ``device`` is CUDA. Positions ``[0, seq_len(i))`` are
+valid. The sizes, dtype and device are one ``CacheGeometry`` (``runtime/geometry.py``), shared with
+the cache's store.
 
 Throughput schedule (``options={"schedule": "throughput"}``): the compiled step keeps one store
 per micro-batch (``runtime/store_parts.py``), each ``(max_seq_len, rows, kv_heads, head_dim)``
@@ -97,7 +97,8 @@ class OffloadedKVCache:
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """Append ``k, v`` ``(batch, num_kv_heads, n_new, head_dim)``; return the full K, V."""
         if not 0 <= layer_idx < len(self._lengths):   # the list's length is guarded anyway
-            raise IndexError(f"OffloadedKVCache: layer {layer_idx} out of range [0, {len(self._lengths)})")
+            raise IndexError(f"OffloadedKVCache: layer {layer_idx} out of range "
+                             f"[0, {len(self._lengths)})")
         # Under dynamic=True Dynamo makes an int read from the cache object (HF's layer index) a
         # graph input; a string constant looked up by it is guarded, so the layer stays a constant
         layer_idx = int(self._layer_names[layer_idx])

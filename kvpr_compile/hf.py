@@ -78,7 +78,8 @@ def _dims(config):
     """(layers, kv heads, head dim, text config) as the model's attention stores K/V."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_kv_heads", None) or heads
+    kv_heads = (getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_kv_heads", None)
+                or heads)
     if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", True):
         kv_heads = 1  # Falcon-7B style multi-query attention
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

@@ -98,8 +98,11 @@ def test_hf_llama_allocates_nothing_after_the_first_decode_step(sim_api, monkeyp
                 nxt = logits[-1].argmax(-1, keepdim=True)
                 logits.append(step(nxt, **kw, use_cache=True).logits[:, -1])
         return logits
-    make = lambda: KVPRCache(model.config, batch_size=2, max_seq_len=32,
-                             dtype=torch.float32, device="cpu")
+
+    def make():
+        return KVPRCache(model.config, batch_size=2, max_seq_len=32, dtype=torch.float32,
+                         device="cpu")
+
     want = run(model, make())
     counts = _counting(monkeypatch)
     call, made = _per_call(counts, torch.compile(model, backend="kvpr", options={"ratio": 0.5}))

@@ -11,7 +11,7 @@ import torch
 
 from helpers import (check_race_free, compiled_run, conversation, decode_seeded, nan_kv,
                      sim_backend, tiny_llama, worst_rel_err)
-from kvpr_compile.runtime import cuda_runtime, host_memory
+from kvpr_compile.runtime import cuda_runtime
 
 TOL = 1e-5
 

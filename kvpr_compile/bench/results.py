@@ -40,7 +40,8 @@ def throughput_rows_from(doc: dict) -> list[dict]:
     """The rows of one ``kvpr bench --schedule throughput --json`` document."""
     rows = []
     for case in doc.get("cases", []):
-        runs, tps, limit = case.get("runs", {}), case.get("tokens_per_s", {}), case.get("limit_ms", {})
+        runs, tps, limit = (case.get("runs", {}), case.get("tokens_per_s", {}),
+                            case.get("limit_ms", {}))
         mb = runs.get(TPUT_KVPR, {}).get("micro_batches") or case.get("micro_batches")
         rows.append({"model": case["model"],
                      "attention": "MHA" if case["attention"] == "MHA" else "GQA",
@@ -142,7 +143,8 @@ def markdown(result: dict) -> str:
                 f"{r['micro_batches'] or '-'} | {_fmt(r['r0_tokens_per_s'])} | "
                 f"{_fmt(r['kvpr_tokens_per_s'])} | "
                 f"{_ratio(r['kvpr_tokens_per_s'], r['r0_tokens_per_s'])} | "
-                f"{_ratio(r['kvpr_ms'], r['kvpr_limit_ms'])} | {_ratio(r['r0_ms'], r['r0_limit_ms'])} "
+                f"{_ratio(r['kvpr_ms'], r['kvpr_limit_ms'])} | "
+                f"{_ratio(r['r0_ms'], r['r0_limit_ms'])} "
                 f"| {agree} |")
     return "\n".join(lines)
 

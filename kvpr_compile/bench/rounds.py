@@ -10,8 +10,9 @@ torch, transformers and the bench, then waits for a line on stdin before touchin
 so the interpreter's start-up is off the run's clock but no two contenders ever run together.
 Before letting a child go the parent checks the deadline against that contender's time in the
 previous round (else the slowest child so far): one that cannot finish is recorded absent ("no
-time left"). A CUDA-only contender on a CPU is recorded absent without a process. ``in_process=True`` runs the children
-as function calls (the quick CPU test); the file then says so.
+time left"). A CUDA-only contender on a CPU is recorded absent without a process.
+``in_process=True`` runs the children as function calls (the quick CPU test); the file then says
+so.
 """
 from __future__ import annotations
 

@@ -92,7 +92,8 @@ def finish(case: Case, spec: ModelSpec, layers: int, runs: dict[str, RunResult],
                      dtype=env.dtype, overlap=env.overlap)
         result.predicted_ms[KVPR_R0] = predicted_ms(env.profile, [0.0] * layers, pasts, **shape)
         if sched is not None and sched.ok and sched.ratios:
-            result.predicted_ms[KVPR_SCHED] = predicted_ms(env.profile, sched.ratios, pasts, **shape)
+            result.predicted_ms[KVPR_SCHED] = predicted_ms(env.profile, sched.ratios, pasts,
+                                                           **shape)
     result.reference, result.agreement = _agreement(runs)
     sched_limit = result.limits.get(KVPR_SCHED)
     if not env.cuda:

@@ -114,11 +114,13 @@ def format_report(results: list[CaseResult], meta: dict) -> str:
     lines += [f"scheduler profile: {meta['profile_summary']}",
               f"physical limit: plan's H2D bytes / {meta['h2d_gbps']:.1f} GB/s "
               f"({meta['h2d_source']})",
-              f"ms per decode step (one token per sequence), median of {'/'.join(map(str, steps)) or '?'} timed "
+              f"ms per decode step (one token per sequence), median of "
+              f"{'/'.join(map(str, steps)) or '?'} timed "
               f"steps after {meta['warmup']} warm-up steps, prefill excluded",
               ""]
     lines += format_rows(HEADER, [row_cells(r) for r in results])
-    lines += ["pred-sch: the task graph's predicted ms/step for the scheduler's split (profile above);",
+    lines += ["pred-sch: the task graph's predicted ms/step for the scheduler's split"
+              " (profile above);",
               "l/s: the scheduler's mean split ratio; lim-r0, lim-sch: physical limits (ms/step)"
               " of ratio 0 and of the scheduler's split; r0/lim, sch/lim: measured / limit;",
               "r0/sch, HF/sch: speed-ups of kvpr-sched; tokens: lowest share of greedy tokens "

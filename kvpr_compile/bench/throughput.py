@@ -169,7 +169,8 @@ def format_table(results: list[CaseResult], h2d: float, note: str = "") -> str:
         split = "-" if not kv.ratios else f"{statistics.fmean(kv.ratios):.2f} mean ratio"
         errors = "; ".join(f"{x.name}: {x.reason}" for x in (r0, kv) if x.status != "ok")
         lines.append(f"| {r.model} | {r.attention} | {r.batch} | {mb if mb else '-'} | "
-                     f"{fmt(t0)} | {fmt(t1)} | {fmt(speed, '{:.2f}x')} | {fmt(lim(kv), '{:.2f}')} | "
+                     f"{fmt(t0)} | {fmt(t1)} | {fmt(speed, '{:.2f}x')} | "
+                     f"{fmt(lim(kv), '{:.2f}')} | "
                      f"{fmt(lim(r0), '{:.2f}')} | {fmt(r.agreement, '{:.0%}')} | "
                      f"{errors or split} |")
     out = "\n".join(lines)
@@ -189,12 +190,14 @@ def run(args, device: torch.device, profile, h2d: float, h2d_source: str) -> int
     prompt = (args.prompt or [CPU["prompt"] if cpu else PROMPT])[0]
     new_tokens = args.new_tokens or (CPU["new_tokens"] if cpu else NEW_TOKENS)
     layers = args.layers or (CPU["layers"] if cpu else LAYERS)
-    m = args.micro_batches if args.micro_batches is not None else (CPU["micro_batches"] if cpu else None)
+    m = (args.micro_batches if args.micro_batches is not None
+         else (CPU["micro_batches"] if cpu else None))
     if new_tokens - 1 <= args.warmup:
         print(f"kvpr bench: error: {new_tokens} new tokens leave no timed step after "
               f"{args.warmup} warm-up steps", file=sys.stderr)
         return 2
-    env = {"device": device, "dtype": getattr(torch, args.dtype or ("float32" if cpu else "float16")),
+    env = {"device": device,
+           "dtype": getattr(torch, args.dtype or ("float32" if cpu else "float16")),
            "profile": profile, "seed": args.seed}
     results = []
     for name in models:

@@ -150,7 +150,8 @@ def analyse(graph: fx.Graph) -> BatchRows:
     sym = batch.node.expr
     if not getattr(sym, "is_Symbol", False) or any(
             not isinstance(b, torch.SymInt) or b.node.expr != sym for b in batches):
-        raise Unsupported(f"the cache reads disagree on the batch ({sorted(set(map(str, batches)))})")
+        raise Unsupported("the cache reads disagree on the batch "
+                          f"({sorted(set(map(str, batches)))})")
     for n in sites:
         if sym in _symbols(args_of(n).pos):
             raise Unsupported(f"the batch size and the cached length share Dynamo's symbol {sym} "

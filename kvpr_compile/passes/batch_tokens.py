@@ -101,7 +101,8 @@ class _Batcher:
     @staticmethod
     def _is_size(nd) -> bool:
         return (nd.op == "call_method" and nd.target in ("size", "dim")) or (
-            nd.op == "call_function" and nd.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size))
+            nd.op == "call_function"
+            and nd.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size))
 
     def _rule(self, nd: fx.Node):
         """The batched node(s) for ``nd``: the rule for its target (``_RULES``), or Unsupported."""
@@ -224,9 +225,11 @@ class _Batcher:
             raise Unsupported(f"einsum without an explicit output or with an ellipsis ({nd.name})")
         inputs, output = equation.replace(" ", "").split("->")
         letter = next(c for c in string.ascii_letters if c not in equation)
-        subs = [letter + sub if self._is_b(a) else sub for sub, a in zip(inputs.split(","), operands)]
+        subs = [letter + sub if self._is_b(a) else sub
+                for sub, a in zip(inputs.split(","), operands)]
         return self._emit("call_function", torch.einsum,
-                          (",".join(subs) + "->" + letter + output, *[self._m(a) for a in operands]))
+                          (",".join(subs) + "->" + letter + output,
+                           *[self._m(a) for a in operands]))
 
     def _dim_rule(self, nd, name, args, kwargs):
         m = self._m

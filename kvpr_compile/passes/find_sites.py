@@ -64,7 +64,8 @@ def _attention_kv(node: fx.Node):
             return None
         pv = [u for u in node.users if is_matmul(u)]
         if not pv:
-            cast = [u for u in node.users if u.op == "call_method" and u.target in ("to", "type_as", "float")]
+            cast = [u for u in node.users
+                    if u.op == "call_method" and u.target in ("to", "type_as", "float")]
             pv = [w for c in cast for w in c.users if is_matmul(w)]
         if not pv:
             return None

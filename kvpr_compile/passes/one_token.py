@@ -55,11 +55,13 @@ class _OneToken:
     def _const(self, c, ph: fx.Node):
         """One-token value of a slice input that is not a token input (None: itself)."""
         val = example_value(c) if isinstance(c, fx.Node) else c
-        if isinstance(val, (tuple, list, torch.Size)) and any(_free_symbols(v) & self.n_symbols for v in val):
+        if (isinstance(val, (tuple, list, torch.Size))
+                and any(_free_symbols(v) & self.n_symbols for v in val)):
             # a whole shape computed outside the slice (GPT-2: ``x.size()[:-1] + (nf,)``)
             return tuple(self._size_entry(v, c) if _free_symbols(v) & self.n_symbols
                          else v if isinstance(v, int)
-                         else self.g.call_function(operator.getitem, (ph, i)) for i, v in enumerate(val))
+                         else self.g.call_function(operator.getitem, (ph, i))
+                         for i, v in enumerate(val))
         if isinstance(val, torch.SymInt) and _free_symbols(val) & self.n_symbols:
             return self._size_entry(val, c)
         return None
@@ -104,7 +106,8 @@ class _OneToken:
                                   "depends on the token count")
             out.append(self.env[e] if isinstance(e, fx.Node) else e)
         args = [self.env[a] for a in prefix] + ([tuple(out)] if packed else out)
-        return self.g.create_node(nd.op, nd.target, tuple(args), dict(fx.node.map_arg(nd.kwargs, self.env.__getitem__)))
+        return self.g.create_node(nd.op, nd.target, tuple(args),
+                                  dict(fx.node.map_arg(nd.kwargs, self.env.__getitem__)))
 
     def run(self, k_new: fx.Node, v_new: fx.Node) -> fx.GraphModule:
         sl = self.sl
@@ -121,7 +124,8 @@ class _OneToken:
                 self.env[c] = one
         for nd in sl.nodes:
             layout = _shape_args(nd)
-            new = self._shape_node(nd, layout) if layout else self.g.node_copy(nd, self.env.__getitem__)
+            new = (self._shape_node(nd, layout) if layout
+                   else self.g.node_copy(nd, self.env.__getitem__))
             new.meta = dict(nd.meta)
             self.env[nd] = new
         self._check_static_n()
@@ -142,7 +146,8 @@ class _OneToken:
                 raise Unsupported(f"{nd.name} slices with the token count {self.n} baked in")
 
 
-def one_token_slice(sl: RecomputeSlice, n, traced: dict, k_new: fx.Node, v_new: fx.Node) -> fx.GraphModule:
+def one_token_slice(sl: RecomputeSlice, n, traced: dict, k_new: fx.Node, v_new: fx.Node
+                    ) -> fx.GraphModule:
     """The per-token slice ``(token records..., consts...) -> K, V (b, hkv, 1, d)`` of a
     multi-token slice with token count ``n``."""
     return _OneToken(sl, n, traced).run(k_new, v_new)
@@ -163,7 +168,8 @@ def check_batched(module: fx.GraphModule, sl: RecomputeSlice, kv: torch.Tensor) 
         _check_tokens(module, sl, kv, tokens)
 
 
-def _check_tokens(module: fx.GraphModule, sl: RecomputeSlice, kv: torch.Tensor, tokens: int) -> None:
+def _check_tokens(module: fx.GraphModule, sl: RecomputeSlice, kv: torch.Tensor,
+                  tokens: int) -> None:
     def meta(value):
         if isinstance(value, torch.Tensor):
             return torch.empty([hint(s) for s in value.shape], dtype=value.dtype, device="meta")
@@ -183,4 +189,5 @@ def _check_tokens(module: fx.GraphModule, sl: RecomputeSlice, kv: torch.Tensor, 
                           f"records ({type(err).__name__}: {err})") from err
     for o in outs:
         if tuple(o.shape) != want:
-            raise Unsupported(f"the slice specialised to one token gives {tuple(o.shape)}, not {want}")
+            raise Unsupported(f"the slice specialised to one token gives {tuple(o.shape)}, "
+                              f"not {want}")

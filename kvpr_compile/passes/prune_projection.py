@@ -19,21 +19,24 @@ from .graph_utils import example_value, projection_args
 
 def _width(node) -> int | None:
     val = example_value(node)
-    return int(val.shape[-1]) if isinstance(val, torch.Tensor) and isinstance(val.shape[-1], int) else None
+    return (int(val.shape[-1])
+            if isinstance(val, torch.Tensor) and isinstance(val.shape[-1], int) else None)
 
 
 def _chunks(split: fx.Node, width: int) -> list[int] | None:
     size = split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size")
     if isinstance(size, int):
         return [min(size, width - i) for i in range(0, width, size)]
-    if isinstance(size, (list, tuple)) and all(isinstance(s, int) for s in size) and sum(size) == width:
+    if (isinstance(size, (list, tuple)) and all(isinstance(s, int) for s in size)
+            and sum(size) == width):
         return list(size)
     return None
 
 
 def _last_dim(node: fx.Node, dim) -> bool:
     val = example_value(node)
-    return isinstance(dim, int) and isinstance(val, torch.Tensor) and dim % val.dim() == val.dim() - 1
+    return (isinstance(dim, int) and isinstance(val, torch.Tensor)
+            and dim % val.dim() == val.dim() - 1)
 
 
 def prune_fused_projection(gm: fx.GraphModule) -> bool:

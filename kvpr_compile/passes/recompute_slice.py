@@ -13,7 +13,8 @@ Inputs of the slice other than X are classified as
 X is found by walking back from V (which has no positional step in any common architecture) to
 the first projection with a parameter weight; the walk stops there and never crosses into earlier
 layers. Where V sums several projections (LoRA adapters: ``base(x) + B(A(x)) * s``), X is the
-input the others are computed from. The slice itself is everything between X and the cache read's K and V.
+input the others are computed from. The slice itself is everything between X and the cache read's
+K and V.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from .one_token import check_batched, one_token_slice
 from .prune_projection import prune_fused_projection
 from .slices import RecomputeSlice, same
 from .token_dims import token_dims
-from .graph_utils import (between, example_value, reachable, is_cache_update, is_call, is_sdpa, is_softmax,
-                          einsum_operands, is_einsum, projection_args)
+from .graph_utils import (between, example_value, reachable, is_cache_update, is_call, is_sdpa,
+                          is_softmax, einsum_operands, is_einsum, projection_args)
 
 
 def is_tensor_node(node) -> bool:
@@ -62,7 +63,8 @@ def _projection_input(node: fx.Node, params: set):
     if layout is None:
         return None
     act, weight = node.args[layout[0]], node.args[layout[1]]
-    if isinstance(weight, fx.Node) and weight in params and isinstance(act, fx.Node) and act not in params:
+    if (isinstance(weight, fx.Node) and weight in params
+            and isinstance(act, fx.Node) and act not in params):
         return act
     return None
 
@@ -111,7 +113,8 @@ _RANDOM = {"rand", "randn", "rand_like", "randn_like", "randint", "bernoulli", "
 
 
 def _name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return (node.target if isinstance(node.target, str)
+            else getattr(node.target, "__name__", str(node.target)))
 
 
 def _random(node: fx.Node) -> bool:
@@ -179,9 +182,10 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
         members |= reachable(nxg, out, below_x.__contains__, hi - lo, reverse=True)
     nodes = sorted(members, key=order.__getitem__)
     for nd in nodes:
-        bad = nd.op not in ("call_function", "call_method") or is_cache_update(nd) or is_sdpa(nd) \
-            or (nd.op == "call_method" and nd.target.endswith("_") and not nd.target.startswith("_")) \
-            or str(getattr(nd.target, "namespace", "")) == "kvpr"
+        bad = (nd.op not in ("call_function", "call_method") or is_cache_update(nd) or is_sdpa(nd)
+               or (nd.op == "call_method" and nd.target.endswith("_")
+                   and not nd.target.startswith("_"))
+               or str(getattr(nd.target, "namespace", "")) == "kvpr")
         if bad:
             raise Unsupported(f"recompute slice contains {nd.op} {nd.target} ({nd.name})")
         if _random(nd):

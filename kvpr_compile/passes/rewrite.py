@@ -42,7 +42,8 @@ ops = torch.ops.kvpr
 
 def check_rewritable(cache_node: fx.Node) -> None:
     for user in cache_node.users:
-        if not (user.op == "call_function" and user.target is operator.getitem and user.args[1] in (0, 1)):
+        if not (user.op == "call_function" and user.target is operator.getitem
+                and user.args[1] in (0, 1)):
             raise Unsupported(f"cache read result used by {user.op} {user.target} ({user.name}); "
                               "expected tuple unpacking")
 
@@ -105,7 +106,8 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
             l, loaded = 0, []
         b, heads, head_dim = (size_arg(graph, kv.shape[i], k_new, i) for i in (0, 1, 3))
         k_ld, v_ld = items(call(ops.load_kv.default,
-                                (handle, layer, l, past, b, heads, head_dim, kv.dtype, kv.device, owned_loads),
+                                (handle, layer, l, past, b, heads, head_dim, kv.dtype, kv.device,
+                                 owned_loads),
                                 "load_kv"), 2, "load_kv")
         if recompute:  # recompute as soon as X is in; K,V[l:] may still be on the way
             call(ops.wait.default, (loaded,), "wait")
@@ -113,14 +115,17 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
                       for t, c in zip(loaded, is_complex)]
             k_rc, v_rc = _inline(graph, sl.module, [*tokens, *sl.consts], effective, layer)
         else:
-            k_rc, v_rc = call(empty_past, (k_new,), "recompute"), call(empty_past, (v_new,), "recompute")
+            k_rc, v_rc = (call(empty_past, (k_new,), "recompute"),
+                          call(empty_past, (v_new,), "recompute"))
         call(ops.wait.default, ([k_ld, v_ld],), "wait")
         shared = [n for link in links for n in link] if linked else []
         call(ops.store_tokens.default,
-             (handle, layer, past, k_new, v_new, stored, [sl.tdims[i] for i in own] if keep_x else [],
-              *([shared] if shared else [])), "store")
+             (handle, layer, past, k_new, v_new, stored,
+              [sl.tdims[i] for i in own] if keep_x else [], *([shared] if shared else [])),
+             "store")
         k_all, v_all = items(call(ops.assemble.default,
-                                  (handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new), "assemble"),
+                                  (handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new),
+                                  "assemble"),
                              2, "assemble")
     for user in list(cache_node.users):
         user.replace_all_uses_with(k_all if user.args[1] == 0 else v_all)

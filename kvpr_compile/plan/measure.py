@@ -74,7 +74,8 @@ def _memory_rates(dev: torch.device, size: int, repeats: int, warmup: int
     dst = torch.empty(b, h, s, d, device=dev, dtype=torch.float16)
     stream = torch.cuda.current_stream(dev)
     moved = 2 * src.numel() * src.element_size()
-    copy_ms = _time_ms(lambda: dst.copy_(src.permute(1, 2, 0, 3)), repeats, warmup, stream)
+    copy_ms = _time_ms(lambda dst=dst, src=src: dst.copy_(src.permute(1, 2, 0, 3)),
+                       repeats, warmup, stream)
     del src, dst
     rows, k = 16, 4096
     weight = torch.empty(k, max(1, size // (k * 2)), device=dev, dtype=torch.float16).normal_()

@@ -8,7 +8,8 @@ micro-batch k (b_k rows), with l_j recomputed tokens out of s cached ones:
 
     ("w", j)        load layer j's weights W                       link   W / v_h2d
     ("x", j, k)     load X[:l_j] of micro-batch k                  link   b_k*l_j*h*p / v_h2d
-    ("kv", j, k)    load K,V[l_j:]                                 link   2*b_k*(s-l_j)*h_kv*p / v_h2d
+    ("kv", j, k)    load K,V[l_j:]                                 link   2*b_k*(s-l_j)*h_kv*p
+                                                                          / v_h2d
     ("rc", j, k)    recompute K,V[:l_j] from X                     gpu    4*b_k*l_j*h*h_kv / v_gpu
                                                                           + elementwise passes
     ("att", j, k)   assemble + the layer for micro-batch k         gpu    M(b_k) + rest(b_k)
@@ -67,7 +68,8 @@ class StepShape:
         return cm.x_bytes_per_token(b, self.hidden, self.bytes_per_element) / self.h2d_bytes_per_s
 
     def kv_s_per_token(self, b: int) -> float:
-        return cm.kv_bytes_per_token(b, self.kv_hidden, self.bytes_per_element) / self.h2d_bytes_per_s
+        return (cm.kv_bytes_per_token(b, self.kv_hidden, self.bytes_per_element)
+                / self.h2d_bytes_per_s)
 
     def recompute_s_per_token(self, b: int) -> float:
         return cm.recompute_s_per_token(b, self.hidden, self.kv_hidden, self.bytes_per_element,
@@ -77,7 +79,8 @@ class StepShape:
         return self.layer_weight_bytes / self.h2d_bytes_per_s
 
     def store_s(self, b: int) -> float:
-        return cm.store_bytes(b, self.hidden, self.kv_hidden, self.bytes_per_element) / self.d2h_bytes_per_s
+        return (cm.store_bytes(b, self.hidden, self.kv_hidden, self.bytes_per_element)
+                / self.d2h_bytes_per_s)
 
     def compute_s(self, b: int) -> float:
         """The layer for b rows after its loads and recompute: assemble + rest (cost_model's

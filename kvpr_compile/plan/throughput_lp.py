@@ -35,7 +35,8 @@ from . import throughput_graph as tg
 from .throughput_graph import even_split  # noqa: F401  (re-exported: the planner's split)
 
 ASSEMBLED = 1       # micro-batch K,V outputs of the assemble alive at once (read by attention)
-HIDDEN_COPIES = 4   # hidden states of the effective batch kept on the device (in, out, residual, norm)
+HIDDEN_COPIES = 4   # hidden states of the effective batch kept on the device
+                    # (in, out, residual, norm)
 
 
 @dataclass
@@ -74,7 +75,8 @@ class ThroughputPlan:
                 f"{self.num_layers} layers]: recompute ratio {min(self.ratios):.3f}.."
                 f"{max(self.ratios):.3f}; predicted {self.tokens_per_s:.1f} tokens/s vs "
                 f"{self.baseline_tokens_per_s:.1f} at ratio 0 ({self.speedup:.2f}x); link limit "
-                f"{self.link_limit_s * 1e3:.2f} ms/step, predicted {self.predicted_step_s * 1e3:.2f}")
+                f"{self.link_limit_s * 1e3:.2f} ms/step, "
+                f"predicted {self.predicted_step_s * 1e3:.2f}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,7 +163,8 @@ def plan_throughput(profile: HardwareProfile, *, num_layers: int, batch_size: in
                     mlp_params: int | None = None, device_mem_bytes_per_s: float | None = None,
                     ratio: float | None = None) -> ThroughputPlan:
     """Plan the throughput schedule. ``micro_batches`` fixes m (else `candidate_counts`);
-    ``ratio`` forces l = floor(ratio * s) in every layer (no LP). ValueError naming the numbers when nothing fits the budget."""
+    ``ratio`` forces l = floor(ratio * s) in every layer (no LP). ValueError naming the numbers
+    when nothing fits the budget."""
     for name, value in (("num_layers", num_layers), ("batch_size", batch_size),
                         ("seq_len", seq_len), ("hidden_size", hidden_size),
                         ("kv_hidden_size", kv_hidden_size)):

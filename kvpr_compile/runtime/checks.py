@@ -42,11 +42,13 @@ def check_write(store, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -
 
 
 def _check_kv(store, k: torch.Tensor, v: torch.Tensor) -> None:
-    want = (store.batch_size, store.num_kv_heads, k.shape[2] if k.dim() == 4 else -1, store.head_dim)
+    want = (store.batch_size, store.num_kv_heads, k.shape[2] if k.dim() == 4 else -1,
+            store.head_dim)
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 4 or tuple(t.shape) != want:
             raise ValueError(
-                f"{_WHO}: {name} must be (batch={store.batch_size}, num_kv_heads={store.num_kv_heads}, "
+                f"{_WHO}: {name} must be (batch={store.batch_size}, "
+                f"num_kv_heads={store.num_kv_heads}, "
                 f"n_new, head_dim={store.head_dim}) like k, got {tuple(t.shape)}")
         if t.dtype != store.dtype:
             raise TypeError(f"{_WHO}: {name} has dtype {t.dtype}, cache holds {store.dtype}")
@@ -67,10 +69,12 @@ def check_read(store, layer: int, end: int, batch: int, heads: int, head_dim: in
                          f"max_seq_len={store.max_seq_len}")
 
 
-def _check_geometry(store, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+def _check_geometry(store, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
+                    device) -> None:
     if (batch, heads, head_dim) != (store.batch_size, store.num_kv_heads, store.head_dim):
         raise ValueError(
-            f"{_WHO}: k must be (batch={store.batch_size}, num_kv_heads={store.num_kv_heads}, n_new, "
+            f"{_WHO}: k must be (batch={store.batch_size}, "
+            f"num_kv_heads={store.num_kv_heads}, n_new, "
             f"head_dim={store.head_dim}), the compiled step has (batch={batch}, "
             f"num_kv_heads={heads}, head_dim={head_dim})")
     if dtype != store.dtype:

@@ -148,8 +148,8 @@ def segments(gm: fx.GraphModule) -> tuple[list[Segment], list[fx.Node], fx.Node,
         for node in group:
             if node.target in READY:
                 if released:
-                    raise Unsupported(f"{node.name}: a layer's weights are made ready after another "
-                                      "layer's release in one segment")
+                    raise Unsupported(f"{node.name}: a layer's weights are made ready after "
+                                      "another layer's release in one segment")
                 hooks_before.append(node)
             elif node.target in RELEASE:
                 released = True

@@ -39,8 +39,8 @@ slots whatever the number of micro-batches (the planner's working set), and a sl
 another part waits on the free event of its last reader exactly as between layers.
 
 Nothing here waits on the host: every dependency is an event between streams. Graphs handed to
-inductor load into fresh tensors instead of slots (``owned=True``; see ``load_kv``). All stream and event
-calls go through ``API`` so tests can run this logic on CPU with simulated streams.
+inductor load into fresh tensors instead of slots (``owned=True``; see ``load_kv``). All stream and
+event calls go through ``API`` so tests can run this logic on CPU with simulated streams.
 """
 from __future__ import annotations
 
@@ -143,8 +143,10 @@ class CudaRuntime:
         self.stored: list = [None] * store.num_layers
         self.staging: list[list[torch.Tensor]] = [[] for _ in range(store.num_layers)]
         self.in_flight: deque = deque()
-        self.read_later: int | None = None   # in-place assemble: the layer whose slot attention reads
-        self.next_call_used = self.next_call_dropped = 0   # prefetched loads used / prefetches dropped
+        # in-place assemble: the layer whose slot attention reads
+        self.read_later: int | None = None
+        # prefetched loads used / prefetches dropped
+        self.next_call_used = self.next_call_dropped = 0
         _LIVE.add(self)
 
     def __del__(self):
@@ -205,14 +207,16 @@ class CudaRuntime:
         which slot memory must never be; the copy then also waits for the compute stream (no
         overlap with work already queued: the price of handing the graph to inductor)."""
         if dtype != store.dtype:
-            raise RuntimeError(f"kvpr: load_kv of layer {layer} asks for {dtype}; the cache holds {store.dtype}")
+            raise RuntimeError(f"kvpr: load_kv of layer {layer} asks for {dtype}; "
+                               f"the cache holds {store.dtype}")
         current = API.current_stream(self.device)
         want = next_call.kv_want(start, end, batch, heads, head_dim, dtype,
                                  config.assemble_in_place)
         prefetched = next_call.take(self, store, layer, "kv", want, owned, current)
         if prefetched is not None:
             return prefetched
-        return self._load_kv(store, layer, start, end, batch, heads, head_dim, dtype, owned, current)
+        return self._load_kv(store, layer, start, end, batch, heads, head_dim, dtype, owned,
+                             current)
 
     def _load_kv(self, store, layer, start, end, batch, heads, head_dim, dtype, owned, current):
         n = end - start
@@ -243,7 +247,8 @@ class CudaRuntime:
         stores = store.token_sources(layer, specs)   # None: nothing stored that fits
         if owned:
             slot, after_free, new_memory = None, False, True
-            buffers = [torch.empty((end, *shape), dtype=dtype, device=self.device) for shape, dtype in specs]
+            buffers = [torch.empty((end, *shape), dtype=dtype, device=self.device)
+                       for shape, dtype in specs]
         else:
             slot, after_free = self.slots.take(self.key(layer), "tokens", current)
             buffers, new_memory = slot.token_buffers(specs, store.max_seq_len)
@@ -272,9 +277,11 @@ class CudaRuntime:
             views["tokens"] = self._load_tokens(store, layer, l, specs, False, current)
         wants["kv"] = next_call.kv_want(l, end, batch, heads, head_dim, dtype,
                                        config.assemble_in_place)
-        views["kv"] = self._load_kv(store, layer, l, end, batch, heads, head_dim, dtype, False, current)
-        self.slots.next_call = next_call.Prefetched(weakref.ref(self), key, layer, self.slots.held[key],
-                                                    store.writes, wants, views)
+        views["kv"] = self._load_kv(store, layer, l, end, batch, heads, head_dim, dtype, False,
+                                    current)
+        self.slots.next_call = next_call.Prefetched(weakref.ref(self), key, layer,
+                                                    self.slots.held[key], store.writes, wants,
+                                                    views)
 
     # ---- stores --------------------------------------------------------------------------
     def _retire(self) -> None:
@@ -286,7 +293,8 @@ class CudaRuntime:
         compute stream. The compute stream first waits for the layer's previous store, the last
         reader of these buffers."""
         bufs = self.staging[layer]
-        if [(tuple(b.shape), b.dtype) for b in bufs] != [(tuple(t.shape), t.dtype) for t in tensors]:
+        if ([(tuple(b.shape), b.dtype) for b in bufs]
+                != [(tuple(t.shape), t.dtype) for t in tensors]):
             # new shapes (e.g. prefill, then decode): fresh buffers; the old ones stay held in
             # ``in_flight`` by the store that reads them
             bufs = self.staging[layer] = [torch.empty(t.shape, dtype=t.dtype, device=self.device)
@@ -339,7 +347,7 @@ class CudaRuntime:
         """Recomputed ++ loaded ++ new into fresh tensors; then the layer's slot is free."""
         current = API.current_stream(self.device)
         l, covered = k_rec.shape[2], store.covered(layer)
-        if covered < l:   # no stored X for [covered, l): read the stored K,V (rare, synchronous-ish)
+        if covered < l:  # no stored X for [covered, l): read the stored K,V (rare, synchronous-ish)
             if self.stored[layer] is not None:
                 current.wait_event(self.stored[layer])
             k_fix, v_fix = store.read_kv(layer, covered, l, k_new.device)
@@ -371,11 +379,13 @@ class CudaRuntime:
         rows = lambda buf: buf[l:l + n].permute(1, 2, 0, 3)  # noqa: E731
         for got, buf in ((k_load, kb), (v_load, vb)):
             want = rows(buf)
-            if got.data_ptr() != want.data_ptr() or got.shape != want.shape or got.stride() != want.stride():
+            if (got.data_ptr() != want.data_ptr() or got.shape != want.shape
+                    or got.stride() != want.stride()):
                 return None
         return kb, vb
 
-    def _assemble_in_place(self, layer: int, buffers, past: int, k_rec, v_rec, k_new, v_new, current):
+    def _assemble_in_place(self, layer: int, buffers, past: int, k_rec, v_rec, k_new, v_new,
+                           current):
         """Recomputed rows [0, l) and new rows [past, past + n) written into the slot around the
         loaded ones; returns (b, h, past + n, d) views of it. Attention reads them after this
         returns, so the slot is given back at the next layer's assemble instead of now."""

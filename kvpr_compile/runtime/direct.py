@@ -37,7 +37,8 @@ def resolve(handle: torch.Tensor) -> KVStore:
 # ---- CPU (synchronous) ---------------------------------------------------------------------
 def _moved_to(device):
     """Where a CPU-path read puts its result: None (the store's own memory) for the CPU."""
-    if device is None or (device.type if isinstance(device, torch.device) else torch.device(device).type) == "cpu":
+    if device is None or (device.type if isinstance(device, torch.device)
+                          else torch.device(device).type) == "cpu":
         return None
     return device
 
@@ -132,7 +133,8 @@ def stream_wait(tensors) -> None:
 
 
 def stream_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
-                          k_rec, v_rec, k_load, v_load, k_new, v_new, links=(), staged: bool = False):
+                          k_rec, v_rec, k_load, v_load, k_new, v_new, links=(),
+                          staged: bool = False):
     """store_tokens, then wait for K,V[l:] and assemble. ``staged``: the graph writes a source
     in place later on, so the D2H copy reads runtime-owned copies (see CudaRuntime)."""
     stream_store(store, layer, pos, k_new, v_new, inputs, tdims, links, staged)

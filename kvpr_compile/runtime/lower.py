@@ -220,7 +220,8 @@ def _drop_identity_casts(graph: fx.Graph) -> None:
             continue
         src, dtype = node.args
         value = src.meta.get("example_value") if isinstance(src, fx.Node) else None
-        if isinstance(dtype, torch.dtype) and isinstance(value, torch.Tensor) and value.dtype == dtype:
+        if (isinstance(dtype, torch.dtype) and isinstance(value, torch.Tensor)
+                and value.dtype == dtype):
             node.replace_all_uses_with(src)
             graph.erase_node(node)
 
@@ -240,7 +241,8 @@ def _staged(k_new, v_new, inputs) -> tuple:
     return (True,) if any(_written_in_place(t) for t in (k_new, v_new, *inputs)) else ()
 
 
-INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                     operator.setitem}
 
 
 def _written_in_place(node) -> bool:
@@ -251,13 +253,15 @@ def _written_in_place(node) -> bool:
     for user in node.users:
         if not user.args or user.args[0] is not node:
             continue
-        if user.op == "call_method" and user.target.endswith("_") and not user.target.startswith("_"):
+        if (user.op == "call_method" and user.target.endswith("_")
+                and not user.target.startswith("_")):
             return True
         if user.op == "call_function":
             schema = getattr(user.target, "_schema", None)
             if user.target in INPLACE_FUNCTIONS or (schema is not None and schema.is_mutable):
                 return True
-            if getattr(user.target, "__name__", "").endswith("_") and not user.target.__name__.startswith("_"):
+            if (getattr(user.target, "__name__", "").endswith("_")
+                    and not user.target.__name__.startswith("_")):
                 return True
     return False
 

@@ -38,7 +38,8 @@ class Prefetched:
     views: dict              # part -> what that load returns
 
 
-def kv_want(start: int, end: int, batch: int, heads: int, head_dim: int, dtype, in_place: bool) -> tuple:
+def kv_want(start: int, end: int, batch: int, heads: int, head_dim: int, dtype,
+            in_place: bool) -> tuple:
     """What a K,V load is asked (``in_place``: where in the slot the rows land)."""
     return (start, end, batch, heads, head_dim, dtype, in_place)
 

@@ -74,7 +74,8 @@ class Slot:
         self.kv = tuple(flat[:numel].view(shape) for flat in self.kv_flat)
         return self.kv, fresh
 
-    def token_buffers(self, specs: list[tuple[tuple, torch.dtype]], length: int) -> tuple[list, bool]:
+    def token_buffers(self, specs: list[tuple[tuple, torch.dtype]], length: int
+                      ) -> tuple[list, bool]:
         """One ``(length, *shape)`` buffer per record spec; whether any was (re)allocated."""
         shapes = [(length, *shape) for shape, _ in specs]
         if len(self.tokens) == len(specs) and all(
