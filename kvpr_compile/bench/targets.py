@@ -1,4 +1,5 @@
-"""The speed targets of protocol 1 (the decode comparison), evaluated per case (a target that does not apply is left out).
+"""The speed targets of protocol 1 (the decode comparison), evaluated per case (a target
+that does not apply is left out).
 
 Multi-head attention (MHA), batch * prompt >= 8192 cached tokens:
   ``limit``  kvpr at the scheduler's ratio <= 1.10 x its physical limit
