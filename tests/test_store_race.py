@@ -207,20 +207,21 @@ def staged_backend(inner: str, ratios, loading_x: list):
     """kvpr's rewrite with per-layer ``ratios`` (a list, by layer), NaN written into the store
     sources after their last reader (so the lowered graph stages them too), then ``inner``.
     Appends to ``loading_x`` the layers each graph loads X for."""
-    from kvpr_compile import backend as kvpr
+    from kvpr_compile import stages
     from kvpr_compile.inner import compile_inner
 
-    def backend(gm, example_inputs, **kwargs):
-        real = kvpr._choose_ratios
+    def forced_plan(c):   # the plan stage, then these ratios by layer
+        stages.plan(c)
+        c.ratios = {layer: ratios[layer] for layer in c.ratios}
+        c.report.ratio_source = "forced per layer"
 
-        def forced(options, slices, layers):
-            chosen, _, plan = real(options, slices, layers)
-            return {layer: ratios[layer] for layer in chosen}, "forced per layer", plan
-        kvpr._choose_ratios = forced
+    def backend(gm, example_inputs, **kwargs):
+        real = stages.STAGES
+        stages.STAGES = tuple(forced_plan if s is stages.plan else s for s in real)
         try:
             scribbling_backend(True)(gm, example_inputs, options={"ratio": 0.5, "inner": "eager"})
         finally:
-            kvpr._choose_ratios = real
+            stages.STAGES = real
         loading_x.append({args_of(n).layer for n in gm.graph.nodes
                           if n.target is torch.ops.kvpr.load_tokens.default})
         return compile_inner(gm, example_inputs, inner)
