@@ -6,8 +6,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from .ops.split import ratio_fraction
-
 
 @dataclass
 class LayerEntry:
@@ -149,6 +147,7 @@ def layer_entry(layer: int, sl, effective: float, requested: float, links=None) 
         shared = ", ".join(sl.token_inputs[i].name for i, _, _ in links)
         owners = ", ".join(sorted({str(owner) for _, owner, _ in links}))
         note = "; ".join(filter(None, [note, f"{shared}: layer {owners}'s record (stored once)"]))
+    from .ops.split import ratio_fraction   # local: `kvpr --help` imports this module
     x_name = sl.x.name if ratio_fraction(requested) > 0 else NO_X   # rewrite.py's keep_x
     return LayerEntry(layer, effective, requested, x_name,
                       [s.name for s in sl.token_inputs[1:]], note)
