@@ -1,5 +1,6 @@
 """`kvpr plan`: the planned per-layer split (latency LP, or throughput LP with `--schedule
-throughput`) for a model shape, batch, length and profile."""
+throughput`) for a model shape (a preset, or a local config.json with --hf-config), batch,
+length and profile, with the host and device bytes it takes (plan/footprint.py)."""
 from __future__ import annotations
 
 import argparse
