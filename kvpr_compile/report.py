@@ -12,7 +12,7 @@ class LayerEntry:
     layer: int
     ratio: float            # split ratio in effect in this graph (0 = load everything)
     requested: float        # ratio asked for (forced or scheduled)
-    x_node: str
+    x_node: str             # the node stored as X, or NO_X where none is kept (ratio 0)
     side_inputs: list[str]
     note: str = ""
 
@@ -50,8 +50,10 @@ class Report:
                 lines.append(f"  {e.layer:>5}  {e.ratio:>6.3f}  {e.requested:>6.3f}  "
                              f"{e.x_node:<24} {extra}")
         if self.schedule == "throughput":
-            lines.append(f"  schedule: throughput, micro-batches {self.micro_batches}, "
-                         f"weights {self.weights}")
+            from .plan.micro_batch_words import in_words
+            split = "micro-batches unknown" if self.micro_batches is None else \
+                in_words(self.micro_batches)
+            lines.append(f"  schedule: throughput, {split}, weights {self.weights}")
         for name, reason in self.skipped:
             lines.append(f"  skipped {name}: {reason}")
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -103,6 +105,11 @@ def decode_graph_report(reports) -> Report | None:
 
 
 # ---- the backend's notes and warnings ------------------------------------------------------
+CPU_NO_LINK = ("CPU device: no link to save, ratio 0 (force with options['ratio'], or plan "
+               "for a GPU with options['profile'])")
+NO_X = "no X kept"   # the X column of a layer at ratio 0: the rewrite stores no X for it
+
+
 def cuda_graph_mode_ignored(mode: str) -> None:
     warn_once(f"kvpr: mode={mode!r} asks for CUDA graphs, which cannot capture host-to-device "
               "streaming of a growing cache; ignored")
@@ -140,7 +147,9 @@ def layer_entry(layer: int, sl, effective: float, requested: float, links=None) 
         shared = ", ".join(sl.token_inputs[i].name for i, _, _ in links)
         owners = ", ".join(sorted({str(owner) for _, owner, _ in links}))
         note = "; ".join(filter(None, [note, f"{shared}: layer {owners}'s record (stored once)"]))
-    return LayerEntry(layer, effective, requested, sl.x.name,
+    from .ops.split import ratio_fraction   # local: `kvpr --help` imports this module
+    x_name = sl.x.name if ratio_fraction(requested) > 0 else NO_X   # rewrite.py's keep_x
+    return LayerEntry(layer, effective, requested, x_name,
                       [s.name for s in sl.token_inputs[1:]], note)
 
 

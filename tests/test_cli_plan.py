@@ -215,8 +215,18 @@ def test_demo_shows_exactness_bytes_per_step_and_the_plan(capsys):
     assert 0 < kvpr_b < full_b and float(found[5]) == pytest.approx(kvpr_b / full_b, abs=0.01)
     assert "profile h200-pcie5 (preset)" in out and "tokens/s: not shown on a CPU" in out
     assert "DESIGN" not in out
-    # the decode graph was found
-    assert re.search(r"split: (ratios layer 0: |ratio [\d.]+ in every layer)", out), out
+    # the decode graph was found, and its split is the plan table's, at the length it names
+    split = re.search(r"split: (ratios (layer \d: [\d.]+(, )?)+|ratio [\d.]+ in every layer)"
+                      r" \(.*planned at s=(\d+)\)", out)
+    assert split, out
+    from kvpr_compile.plan.cost_model import REPRESENTATIVE_SEQ_LEN
+    assert int(split[4]) == REPRESENTATIVE_SEQ_LEN
+    assert f"the plan of the kvpr run (b=2, h=32, h_kv=32, float32) with profile h200-pcie5 " \
+           f"(preset), at s={REPRESENTATIVE_SEQ_LEN} cached tokens" in out
+    table = [r[1] for r in table_rows("\n".join(ln.strip() for ln in out.splitlines()))]
+    said = [float(v) for v in re.findall(r"layer \d: ([\d.]+)", split[0])] or \
+        [float(re.search(r"ratio ([\d.]+) in every", split[0])[1])] * 2
+    assert table == said, (table, said)
 
 
 def test_throughput_plan_prints_tokens_per_s_against_ratio_zero_and_the_link(capsys):
@@ -224,7 +234,7 @@ def test_throughput_plan_prints_tokens_per_s_against_ratio_zero_and_the_link(cap
                  "--schedule", "throughput", "--profile", "h200-pcie5"]) == 0
     out = capsys.readouterr().out
     assert "throughput schedule" in out and "tokens/s at ratio 0" in out and "link limit" in out
-    assert "micro-batches [" in out
+    assert "micro-batch" in out and "micro-batches [" not in out
     assert kvpr(["plan", "--arch", "opt-6.7b", "--batch", "64", "--seq", "288", "--layers", "4",
                  "--schedule", "throughput", "--micro-batches", "3", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -242,3 +252,128 @@ def test_throughput_plan_errors_name_the_numbers(capsys, argv, message):
     assert kvpr(["plan", "--arch", "opt-6.7b", "--batch", "64", "--seq", "288", "--layers", "2",
                  *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+# -- the user's own model, memory, the closed form, micro-batches in words -----------------------
+def _write_config(tmp_path, cls_name, **fields):
+    transformers = pytest.importorskip("transformers")
+    directory = tmp_path / cls_name
+    getattr(transformers, cls_name)(vocab_size=128, **fields).save_pretrained(directory)
+    return directory
+
+
+def test_hf_config_plans_the_users_model(capsys, tmp_path):
+    """--hf-config reads a local config.json: the plan is the LP's for its dims, in its dtype."""
+    from kvpr_compile.plan.latency_lp import plan_split
+    directory = _write_config(tmp_path, "LlamaConfig", hidden_size=256, intermediate_size=512,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                              dtype="bfloat16")
+    assert kvpr(["plan", "--hf-config", str(directory), "--batch", "8", "--seq", "512",
+                 "--profile", "h100-pcie5", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    want = plan_split(PRESETS["h100-pcie5"], num_layers=3, batch_size=8, seq_len=512,
+                      hidden_size=256, kv_hidden_size=256, dtype="bfloat16",
+                      mlp_params=3 * 256 * 512)
+    assert data["dtype"] == "bfloat16" and data["num_layers"] == 3
+    assert data["ratios"] == want.ratios and data["recompute_tokens"] == want.recompute_tokens
+    assert data["predicted_step_s"] == pytest.approx(want.predicted_step_s, rel=1e-9)
+    # a file path works as well as its directory; --dtype overrides the config's
+    assert kvpr(["plan", "--hf-config", str(directory / "config.json"), "--batch", "8", "--seq",
+                 "512", "--profile", "h100-pcie5", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "(h=256, h_kv=256, MHA), 3 of 3 layers" in out and "float32" in out
+
+
+def test_hf_config_of_a_qwen2_and_the_qwen2_preset_agree(capsys, tmp_path):
+    from kvpr_compile.plan.hf_config import arch_from_config
+    spec = ARCH_PRESETS["qwen2-7b"]
+    directory = _write_config(tmp_path, "Qwen2Config", hidden_size=3584, intermediate_size=18944,
+                              num_hidden_layers=28, num_attention_heads=28,
+                              num_key_value_heads=4)
+    arch, dtype = arch_from_config(directory)
+    assert dtype is None
+    assert (arch.hidden_size, arch.kv_hidden_size, arch.num_layers, arch.mlp_params,
+            arch.attention_kind) == (spec.hidden_size, spec.kv_hidden_size, spec.num_layers,
+                                     spec.mlp_params, "GQA 7:1") == (3584, 512, 28,
+                                                                     3 * 3584 * 18944, "GQA 7:1")
+    assert kvpr(["plan", "--arch", "qwen2-7b", "--batch", "4", "--seq", "1024", "--profile",
+                 "h200-pcie5", "--layers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2-7b (h=3584, h_kv=512, GQA 7:1)" in out
+    assert [r[1] for r in table_rows(out)] == [0.0, 0.0] and "no X (every layer at ratio 0)" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--hf-config", "/nonexistent/kvpr/config.json"], "no config file at"),
+    (["--arch", "llama-7b", "--hf-config", "x.json"], "exactly one of --arch"),
+    ([], "exactly one of --arch"),
+])
+def test_plan_shape_errors(capsys, argv, message):
+    assert kvpr(["plan", *argv, "--batch", "1", "--seq", "8", "--profile", "h200-pcie5"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plan_prints_host_and_device_memory(capsys):
+    """Host: K,V of every layer + X of the layers that keep it (ratio > 0); device: the
+    resident weights + the working set of the JSON plan."""
+    from kvpr_compile.plan import cost_model as cm
+    from kvpr_compile.plan.footprint import sized
+    argv = ["plan", "--arch", "llama-7b", "--batch", "16", "--seq", "2048", "--profile",
+            "h200-pcie5", "--layers", "5"]
+    assert kvpr([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert kvpr(argv) == 0
+    out = capsys.readouterr().out
+    kv, x = 5 * 2 * 16 * 2048 * 4096 * 2, 5 * 16 * 2048 * 4096 * 2
+    assert min(data["ratios"]) > 0
+    assert (f"host memory (CPU store) at batch 16, 2048 tokens: K,V {sized(kv)} + X {sized(x)} "
+            f"(5 of 5 layers keep X) = {sized(kv + x)}") in out
+    weights = 5 * cm.layer_params(4096, 4096, ARCH_PRESETS["llama-7b"].mlp_params) * 2
+    ws = data["working_set_bytes"]
+    assert (f"device memory: weights {sized(weights)} (5 layers, resident) + working set "
+            f"{sized(ws)} (two K,V slots of 2049 positions, two X slots of "
+            f"{max(data['recompute_tokens'])} tokens) = {sized(weights + ws)}") in out
+
+
+def _steady(out: str) -> float:
+    import re
+    return float(re.search(r"steady state l/s = ([\d.]+)", out)[1])
+
+
+@pytest.mark.parametrize("overlap", ["row", "stream"])
+def test_plan_says_why_its_split_is_not_the_closed_form(capsys, overlap):
+    """The line names the terms the cost model adds, and the steady state they give is the
+    split of the leading layers."""
+    assert kvpr(["plan", "--arch", "llama-7b", "--batch", "16", "--seq", "2048", "--profile",
+                 "h200-pcie5", "--layers", "16", "--overlap", overlap]) == 0
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("why the split differs")]
+    assert len(line) == 1
+    ratios = [r[1] for r in table_rows(out)]
+    assert all(abs(r - _steady(out)) <= 1e-3 for r in ratios[:8]), (ratios, line)
+    if overlap == "stream":
+        assert "A + K + D" in line[0] and "R + M + rest" in line[0] and ratios[-1] < ratios[0]
+    else:
+        assert "R = K + D" in line[0]
+    assert kvpr(["plan", "--arch", "llama-3-8b", "--batch", "16", "--seq", "2048", "--profile",
+                 "h200-pcie5", "--layers", "2", "--overlap", overlap]) == 0
+    assert "why: X is no smaller than K+V" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sizes,words", [
+    ([16], "1 micro-batch of 16 rows"), ([32] * 4, "4 micro-batches of 32 rows"),
+    ([6, 6, 4], "3 micro-batches: 2 of 6 rows, 1 of 4"), ([1], "1 micro-batch of 1 row"),
+    ([22, 21, 21], "3 micro-batches: 1 of 22 rows, 2 of 21"),
+])
+def test_micro_batches_in_words(sizes, words):
+    from kvpr_compile.plan.micro_batch_words import in_words
+    assert in_words(sizes) == words
+
+
+def test_throughput_plan_names_micro_batches_in_words(capsys):
+    assert kvpr(["plan", "--arch", "opt-6.7b", "--batch", "64", "--seq", "288", "--layers", "2",
+                 "--schedule", "throughput", "--micro-batches", "3", "--profile",
+                 "h200-pcie5"]) == 0
+    out = capsys.readouterr().out
+    assert "3 micro-batches: 1 of 22 rows, 2 of 21 (effective batch 64)" in out
+    assert "host memory (CPU store) at batch 64, 288 tokens" in out and "(streamed)" in out

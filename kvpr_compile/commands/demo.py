@@ -5,7 +5,9 @@ planned split, compiled at ratio 0 (full K,V loads). It prints
 - exactness: max relative error of logits against the reference, and whether tokens match;
 - the bytes each decode step loads from the CPU store, counted by the runtime
   (runtime/traffic.py) for kvpr and for ratio 0, and their ratio: on a GPU, what crosses PCIe;
-- the latency LP's plan for the demo's own sizes, with the profile it used named;
+- the latency LP's plan the kvpr run used (at the one length the backend plans at), with the
+  profile named: on a CPU, where the backend alone plans ratio 0 (no link to save), the demo
+  names the default preset unless --profile is given;
 - tokens/s on a GPU only (on a CPU the cache and the compute share one memory, so no rate
   measured there says anything about the link).
 """
@@ -71,7 +73,8 @@ def _ratios_text(rep) -> str:
     values = sorted({r for _, r in ratios})
     per_layer = (f"ratio {values[0]:.3f} in every layer" if len(values) == 1 else
                  "ratios " + ", ".join(f"layer {i}: {r:.3f}" for i, r in ratios))
-    return f"{per_layer} ({rep.ratio_source or 'forced'})"
+    at = f", planned at s={rep.plan.seq_len}" if getattr(rep.plan, "seq_len", None) else ""
+    return f"{per_layer} ({rep.ratio_source or 'forced'}{at})"
 
 
 def _mb(n: float) -> str:
@@ -95,13 +98,18 @@ def run(args) -> int:
     def fresh_cache():
         return model.make_cache(args.batch, device=device)
 
+    if args.profile is None and device.type == "cpu":
+        # the backend plans ratio 0 on a CPU unless a profile is named (no link to save): name
+        # the default preset, so the demo shows the split that GPU would get
+        from ..plan.presets import DEFAULT_PRESET
+        args.profile = DEFAULT_PRESET
     reference = _generate(model, tokens, fresh_cache(), args.new, device)
     runs = {"kvpr": _compiled_run(model, tokens, fresh_cache(), args, device, args.ratio),
             "ratio 0": _compiled_run(model, tokens, fresh_cache(), args, device, 0.0)}
     torch.compiler.reset()
     ok = _print_exactness(runs, reference, args.new, dtype)
     _print_traffic(runs, args.new)
-    _print_plan(args, cfg, device, dtype)
+    _print_plan(args, cfg, device, dtype, runs["kvpr"][4])
     _print_rates(runs, reference, args, device)
     return 0 if ok else 1
 
@@ -185,22 +193,26 @@ def _print_traffic(runs, new_tokens: int) -> None:
     print(f"  split: {_ratios_text(runs['kvpr'][4])}")
 
 
-def _print_plan(args, cfg, device, dtype) -> None:
-    """The latency LP's plan for the demo's own sizes, at the middle of the run."""
-    from ..plan.latency_lp import plan_split
+def _print_plan(args, cfg, device, dtype, rep) -> None:
+    """The latency LP's plan the kvpr run used (its report's), or with a forced ratio the one
+    the backend would make for these sizes: at the length the backend plans at."""
+    from ..plan.latency_ratios import plan_for
     from ..plan.latency_table import format_layers
     from ..plan.resolve import resolve_profile
     profile = resolve_profile(args.profile, device=device)
-    past = args.prompt + args.new // 2
-    plan = plan_split(profile, num_layers=cfg.num_layers, batch_size=args.batch, seq_len=past,
-                      hidden_size=cfg.hidden_size,
-                      kv_hidden_size=cfg.num_kv_heads * cfg.head_dim, dtype=dtype)
+    kv_hidden = cfg.num_kv_heads * cfg.head_dim
+    plan = getattr(rep, "plan", None)
+    used = plan is not None and hasattr(plan, "seq_len")
+    if not used:
+        plan = plan_for(profile, args.batch, cfg.hidden_size, kv_hidden, dtype, cfg.num_layers)
     where = profile.source if profile.source == "measured" else \
         ("preset" if profile.source.startswith("preset: ") else profile.source)
     print()
-    print(f"plan for this demo's sizes (b={args.batch}, s={past} cached tokens, the middle of "
-          f"the run; h={cfg.hidden_size}, h_kv={cfg.num_kv_heads * cfg.head_dim}, "
-          f"{plan.dtype}) with profile {profile.name} ({where}):")
+    print(f"{'the plan of the kvpr run' if used else 'the plan the backend would make'} "
+          f"(b={args.batch}, h={cfg.hidden_size}, h_kv={kv_hidden}, {plan.dtype}) with profile "
+          f"{profile.name} ({where}), at s={plan.seq_len} cached tokens: the backend plans at "
+          f"one length and applies its ratios l/s to every length (here {args.prompt}.."
+          f"{args.prompt + args.new - 1}):")
     if device.type != "cuda":
         print(f"  (no CUDA here: {profile.name}'s rates are not this machine's; times below are "
               "that profile's predictions)")

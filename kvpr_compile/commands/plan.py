@@ -1,5 +1,6 @@
 """`kvpr plan`: the planned per-layer split (latency LP, or throughput LP with `--schedule
-throughput`) for a model shape, batch, length and profile."""
+throughput`) for a model shape (a preset, or a local config.json with --hf-config), batch,
+length and profile, with the host and device bytes it takes (plan/footprint.py)."""
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Solve the split LP for one decode step and print, per layer, the split "
                     "ratio, recomputed tokens, bytes over PCIe and predicted time, against "
                     "full-KV prefetch (ratio 0) and the link's physical limit.")
-    parser.add_argument("--arch", required=True, choices=sorted(ARCH_PRESETS),
-                        help="model shape")
+    parser.add_argument("--arch", default=None, choices=sorted(ARCH_PRESETS),
+                        help="model shape (a preset; or give --hf-config)")
+    parser.add_argument("--hf-config", default=None, metavar="PATH",
+                        help="the model shape from a local Hugging Face config.json (or its "
+                             "directory); nothing is downloaded")
     parser.add_argument("--batch", type=int, required=True, help="batch size")
     parser.add_argument("--seq", type=int, required=True, help="cached tokens per sequence")
     parser.add_argument("--profile", default=None,
@@ -30,7 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--gpu-budget-gb", type=float, default=None,
                         help="GPU memory for the KV path in GB (1e9 bytes): staging slots and "
                              "resident prefixes; default: no resident prefix")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
+                        help="default: the --hf-config's dtype if it names one, else float16")
     parser.add_argument("--overlap", default=None, choices=OVERLAPS,
                         help="how loads overlap compute in the latency LP: 'stream' (layer-ahead "
                              "loads, the backend's default) or 'row' (the paper's)")
@@ -50,7 +55,11 @@ def run(args: argparse.Namespace) -> int:
     from ..plan import cost_model as cm
     from ..plan.resolve import resolve_profile
     from ..plan.latency_lp import plan_split
-    arch = ARCH_PRESETS[args.arch]
+    try:
+        arch, args.dtype = _shape(args)
+    except ValueError as exc:
+        print(f"kvpr plan: error: {exc}", file=sys.stderr)
+        return 2
     layers = arch.num_layers if args.layers is None else args.layers
     budget = None if args.gpu_budget_gb is None else args.gpu_budget_gb * 1e9
     if args.schedule == "throughput":
@@ -71,7 +80,20 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
         print(format_plan(plan, arch, profile))
+        print(memory_lines(plan, arch))
     return 0
+
+
+def _shape(args) -> tuple[Arch, str]:
+    """(the model shape from --arch or --hf-config, the dtype to plan in)."""
+    if (args.arch is None) == (args.hf_config is None):
+        raise ValueError("give exactly one of --arch (a preset) and --hf-config (a local "
+                         "config.json)")
+    if args.arch is not None:
+        return ARCH_PRESETS[args.arch], args.dtype or "float16"
+    from ..plan.hf_config import arch_from_config
+    arch, dtype = arch_from_config(args.hf_config)
+    return arch, args.dtype or dtype or "float16"
 
 
 def run_throughput(args, arch: Arch, layers: int, budget) -> int:
@@ -99,12 +121,17 @@ def run_throughput(args, arch: Arch, layers: int, budget) -> int:
           f"{args.batch}, {args.seq} cached tokens, {args.dtype}, throughput schedule")
     print(f"profile: {profile.summary()}\n         {profile.source}\n")
     print(format_throughput(plan, shape))
+    from ..plan.footprint import host_line
+    print(host_line(plan.ratios, batch=args.batch, seq_len=args.seq, hidden=arch.hidden_size,
+                    kv_hidden=arch.kv_hidden_size, dtype=args.dtype,
+                    weights=layers * shape.layer_weight_bytes))
     return 0
 
 
 def format_plan(plan, arch: Arch, profile) -> str:
     """The plan as text: header, profile, per-layer table (plan/latency_table.py), GPU budget."""
     from ..plan import cost_model as cm
+    from ..plan.footprint import why_not_closed_form
     from ..plan.latency_table import format_layers
     c = plan.coefficients
     ms = 1e3
@@ -123,6 +150,7 @@ def format_plan(plan, arch: Arch, profile) -> str:
         f"paper closed form l*/s = {paper / plan.seq_len:.3f} (GEMMs only), "
         f"{balanced / plan.seq_len:.3f} with the recompute's elementwise pass; "
         f"LP solved in {plan.solve_s * ms:.1f} ms",
+        why_not_closed_form(plan),
         "",
     ]
     lines.append(format_layers(plan))
@@ -133,3 +161,12 @@ def format_plan(plan, arch: Arch, profile) -> str:
                      f"{sum(plan.resident_tokens) * c.kv_bytes_per_token / 1e9:.2f} GB = "
                      f"{used / 1e9:.2f} GB")
     return "\n".join(lines)
+
+
+def memory_lines(plan, arch: Arch) -> str:
+    """Host bytes of the store (K,V, X where kept) and the device bytes of this plan."""
+    from ..plan.footprint import device_line, host_line
+    return "\n".join([
+        host_line(plan.ratios, batch=plan.batch_size, seq_len=plan.seq_len,
+                  hidden=plan.hidden_size, kv_hidden=plan.kv_hidden_size, dtype=plan.dtype),
+        device_line(plan, arch.mlp_params)])

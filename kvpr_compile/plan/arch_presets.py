@@ -45,4 +45,9 @@ ARCH_PRESETS: dict[str, Arch] = {a.name: a for a in (
     _arch("llama-3-8b", 4096, 32, 8, 32, 14336, True),
     _arch("llama-3-70b", 8192, 64, 8, 80, 28672, True),
     _arch("mistral-7b", 4096, 32, 8, 32, 14336, True),
+    # huggingface.co/Qwen/Qwen2-0.5B, Qwen2-7B and Qwen2-72B, config.json (K/V biases aside,
+    # which the cost model does not count)
+    _arch("qwen2-0.5b", 896, 14, 2, 24, 4864, True),
+    _arch("qwen2-7b", 3584, 28, 4, 28, 18944, True),
+    _arch("qwen2-72b", 8192, 64, 8, 80, 29568, True),
 )}

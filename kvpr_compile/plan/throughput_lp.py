@@ -32,6 +32,7 @@ from . import cost_model as cm
 from .profile import HardwareProfile
 from .mip_solve import solve
 from . import throughput_graph as tg
+from .micro_batch_words import in_words
 from .throughput_graph import even_split  # noqa: F401  (re-exported: the planner's split)
 
 ASSEMBLED = 1       # micro-batch K,V outputs of the assemble alive at once (read by attention)
@@ -71,7 +72,7 @@ class ThroughputPlan:
 
     def __str__(self) -> str:
         return (f"throughput plan [{self.profile_name}, batch {self.effective_batch} as "
-                f"{len(self.micro_batches)} micro-batches {self.micro_batches}, s={self.seq_len}, "
+                f"{in_words(self.micro_batches)}, s={self.seq_len}, "
                 f"{self.num_layers} layers]: recompute ratio {min(self.ratios):.3f}.."
                 f"{max(self.ratios):.3f}; predicted {self.tokens_per_s:.1f} tokens/s vs "
                 f"{self.baseline_tokens_per_s:.1f} at ratio 0 ({self.speedup:.2f}x); link limit "

@@ -8,6 +8,7 @@ MB, MS = 1e6, 1e3
 def format_throughput(plan, shape) -> str:
     """``shape``: the plan's `throughput_graph.StepShape` (for bytes per layer)."""
     from . import throughput_graph as tg
+    from .micro_batch_words import in_words
     header = (f"{'layer':>5} {'ratio':>6} {'recompute':>9} {'H2D MB':>8} {'of which W':>10} "
               f"{'link ms':>8}")
     lines = [header, "-" * len(header)]
@@ -23,7 +24,7 @@ def format_throughput(plan, shape) -> str:
                      f"{shape.layer_weight_bytes / MB:>10.1f} {link_s * MS:>8.3f}")
     lines += [
         "-" * len(header),
-        f"micro-batches {plan.micro_batches} (effective batch {plan.effective_batch}); device "
+        f"{in_words(plan.micro_batches)} (effective batch {plan.effective_batch}); device "
         f"working set {plan.working_set_bytes / 1e9:.2f} GB"
         + ("" if plan.gpu_budget_bytes is None else f" of {plan.gpu_budget_bytes / 1e9:.2f} GB"),
         f"predicted {plan.tokens_per_s:.1f} tokens/s ({plan.predicted_step_s * MS:.2f} ms/step) vs "

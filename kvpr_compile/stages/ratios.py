@@ -1,28 +1,49 @@
 """Stage ``plan``: the split ratio each rewritten layer asks for, forced by ``ratio`` or
 planned for this graph's sizes: by the throughput LP for the throughput schedule (unless both
 ``ratio`` and ``micro_batches`` are given), else by the latency LP. A forced ratio never imports
-mip."""
+mip.
+
+On a CPU device with no profile named (neither ``options['profile']`` nor $KVPR_PROFILE) the
+plan is ratio 0: the store lives in the same memory, loads are views, so there is no link whose
+bytes recompute could save (the default profile, a GPU preset, would recompute for nothing).
+A profile the user names is still planned with, on a CPU too: naming one asks for the split
+that hardware would get (the demo and the tests show it that way); a forced ratio wins over
+both.
+"""
 from __future__ import annotations
 
+import os
+
+from .. import report as rep
 from ..ops.nodes import args_of
+from ..plan.resolve import ENV_PROFILE
 from .compilation import Compilation
 from .dims import graph_dims
 from .throughput_plan import plan_columns
+
+
+def _no_link(o, dims) -> bool:
+    """A CPU device, no forced ratio and no profile named: nothing to plan for."""
+    named = o.profile is not None or bool(os.environ.get(ENV_PROFILE))
+    return o.ratio is None and not named and dims.device.type == "cpu"
 
 
 def plan(c: Compilation) -> None:
     if not c.slices:
         return
     o, layers = c.options, sorted(args_of(node).layer for node in c.slices)
+    no_link = _no_link(o, graph_dims(c.slices))
     if o.schedule == "throughput" and (o.ratio is None or o.micro_batches is None):
         planned = plan_columns(graph_dims(c.slices), len(layers), profile=o.profile,
-                               ratio=o.ratio, micro_batches=o.micro_batches,
+                               ratio=0.0 if no_link else o.ratio, micro_batches=o.micro_batches,
                                gpu_budget_bytes=o.gpu_budget_bytes)
-        source = ("forced" if o.ratio is not None
+        source = (rep.CPU_NO_LINK if no_link else "forced" if o.ratio is not None
                   else f"throughput plan, profile {planned.profile_name}")
         ratios = planned.ratios
     elif o.ratio is not None:
         ratios, source, planned = [o.ratio] * len(layers), "forced", None
+    elif no_link:
+        ratios, source, planned = [0.0] * len(layers), rep.CPU_NO_LINK, None
     else:
         from ..plan.latency_ratios import choose_ratios  # local: keeps mip out of import time
         d = graph_dims(c.slices)

@@ -39,6 +39,8 @@ BATCH_REFUSED = ("tests/test_batch_values.py::"
                  "test_batch_size_beyond_the_batch_axis_keeps_the_latency_schedule")
 TPUT = "tests/test_throughput_schedule.py"
 TPUT_SLOTS = "tests/test_throughput_slots.py::test_micro_batches_share_two_slots_loaded_one_ahead"
+REPORT = "kvpr_compile/report.py"
+CPU_PLAN = "tests/test_cpu_default_plan.py"
 
 VALUES = "tests/test_ops_values.py"
 ASSEMBLE = VALUES + "::test_assemble_orders_recomputed_loaded_new_and_falls_back_past_stored_x"
@@ -510,4 +512,21 @@ BREAKAGES = (
               PLAN_GQA + "::test_working_set_is_its_formula_with_kv_h_kv_wide[8-8-7-x300]"),
              "the throughput working set counts K,V h wide: the same for multi-head shapes, "
              "4x too many K,V bytes for Llama-3-8B's (more micro-batches than the budget needs)"),
+    # ---- the plan for a CPU device, the report ---------------------------------------
+    Breakage("cpu-default-plans-recompute", PLAN_STAGE,
+             'return o.ratio is None and not named and dims.device.type == "cpu"',
+             "return False",
+             (CPU_PLAN + "::test_cpu_default_plans_ratio_zero_and_says_why",),
+             "a CPU device with no profile named plans with the GPU preset and recomputes "
+             "(X shipped and kept although loads there are views)"),
+    Breakage("env-profile-ignored-on-cpu", PLAN_STAGE,
+             "named = o.profile is not None or bool(os.environ.get(ENV_PROFILE))",
+             "named = o.profile is not None",
+             (CPU_PLAN + "::test_a_named_profile_still_plans_recompute_on_a_cpu[env]",),
+             "$KVPR_PROFILE set by the user does not count as a named profile on a CPU"),
+    Breakage("report-names-x-at-ratio-0", REPORT,
+             "x_name = sl.x.name if ratio_fraction(requested) > 0 else NO_X",
+             "x_name = sl.x.name",
+             (CPU_PLAN + "::test_report_names_no_x_for_a_layer_at_ratio_zero",),
+             "the report names an X for layers at ratio 0, where none is stored"),
 )
