@@ -50,6 +50,9 @@ PLACE_STAGE = "kvpr_compile/stages/loads.py"
 NEXT_TESTS = "tests/test_next_call.py"
 OVERLAP = "tests/test_runtime_sim.py::test_decode_recompute_overlaps_the_kv_copy"
 ROWS_PAST_X = "tests/test_custom_models.py::test_rows_past_the_stored_x_never_leak_into_results"
+BATCH_TOKENS = "kvpr_compile/passes/batch_tokens.py"
+LAYER_COUNT = "kvpr_compile/stages/layer_count.py"
+LORA = "tests/test_lora_dropout.py"
 CHUNK_POISON = "tests/test_multi_token.py::test_chunks_on_a_poisoned_past_full_recompute[hf-qwen2-gqa]"
 
 
@@ -510,4 +513,15 @@ BREAKAGES = (
               PLAN_GQA + "::test_working_set_is_its_formula_with_kv_h_kv_wide[8-8-7-x300]"),
              "the throughput working set counts K,V h wide: the same for multi-head shapes, "
              "4x too many K,V bytes for Llama-3-8B's (more micro-batches than the budget needs)"),
+    Breakage("dropout-in-eval-refused", BATCH_TOKENS,
+             "if training is False or (not isinstance(p, fx.Node) and p == 0):",
+             "if False:",
+             (LORA + "::test_lora_with_dropout_in_eval_recomputes_every_layer_exactly[0.5]",
+              LORA + "::test_dropout_batches_as_the_identity_in_eval_and_refuses_in_training"),
+             "a LoRA adapter's dropout in eval refused: its layers stay plain cache reads"),
+    Breakage("split-graph-silent", LAYER_COUNT,
+             "if store is None or len(layers) >= store.num_layers:",
+             "if True:",
+             ("tests/test_graph_layer_count.py::test_an_explicit_graph_break_warns_with_its_reason",),
+             "a graph with only some of the cache's layers (a graph break) says nothing"),
 )
