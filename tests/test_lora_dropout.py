@@ -101,6 +101,7 @@ def _dropout_slice(training) -> fx.GraphModule:
     return fx.GraphModule(nn.Module(), g)
 
 
+@pytest.mark.quick
 def test_dropout_batches_as_the_identity_in_eval_and_refuses_in_training():
     batched = batch_over_tokens(_dropout_slice(False), 1)
     x = torch.randn(3, 2, 1, 8)   # three tokens' X
