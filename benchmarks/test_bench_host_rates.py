@@ -11,6 +11,8 @@ import torch
 from benchmarks import host_rates as cli
 from kvpr_compile.bench import host_rates as hr
 
+pytestmark = pytest.mark.quick
+
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_attend_is_sdpa_for_one_query_and_returns_the_logsumexp(kv_heads):

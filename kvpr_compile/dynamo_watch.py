@@ -5,11 +5,16 @@ Dynamo runs every later call that needs a new graph *uncompiled*: for a model wi
 OffloadedKVCache that is the exact but slow offloaded path, without kvpr's recompute and
 prefetch, and torch says so only in a log line. The kvpr backend installs a handler on the logger
 that emits that line (``torch._dynamo.convert_frame``) and turns it into a warning.
+
+``recent_graph_break`` reads Dynamo's graph-break counter for the reason of the latest break,
+which the warning about a graph with only some of the cache's layers quotes.
 """
 from __future__ import annotations
 
 import logging
 import re
+
+import torch
 
 from . import report as rep
 
@@ -51,3 +56,19 @@ def install() -> None:
     logger = logging.getLogger(_LOGGER)
     if _HANDLER not in logger.handlers:
         logger.addHandler(_HANDLER)
+
+
+def recent_graph_break(limit: int = 400) -> str | None:
+    """The reason of the latest new graph break Dynamo counted in this process, shortened to its
+    first line and its debug context (``torch._dynamo.utils.counters["graph_break"]``, a
+    Counter of reason strings in the order first seen), or None when it counted none."""
+    try:
+        reasons = list(torch._dynamo.utils.counters["graph_break"])
+    except Exception:  # noqa: BLE001 - the counter is Dynamo's, not a promise
+        return None
+    if not reasons:
+        return None
+    lines = [line.strip() for line in str(reasons[-1]).splitlines() if line.strip()]
+    context = [line for line in lines[1:] if line.startswith("Developer debug context:")]
+    text = " ".join(lines[:1] + [c.split(":", 1)[1].strip() for c in context if ":" in c])
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -88,9 +88,11 @@ def reports() -> list[Report]:
     return list(_REPORTS)
 
 
-def warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
+def warn_once(message: str, key: str | None = None) -> None:
+    """Warn once per ``key`` (by default the message itself) in this process."""
+    key = message if key is None else key
+    if key not in _WARNED:
+        _WARNED.add(key)
         warnings.warn(message, stacklevel=3)
 
 
@@ -125,6 +127,20 @@ def nothing_to_rewrite(report: Report, attention_seen: bool) -> None:
     else:
         report.notes.append("no attention in this graph (e.g. a fragment between graph "
                             "breaks); compiled unchanged")
+
+
+def graph_holds_some_layers(report: Report, layers: list[int], num_layers: int,
+                            graph_break: str | None) -> None:
+    """A graph with ``layers`` of the cache's ``num_layers``: noted, and warned about once per
+    layer count (per-layer graphs of a 32-layer model warn once, not 32 times)."""
+    held = f"{len(layers)} of the cache's {num_layers} layers ({', '.join(map(str, layers))})"
+    report.notes.append(f"holds {held}: no layer-ahead prefetch across the other graphs")
+    reason = f" Dynamo's latest graph break: {graph_break}." if graph_break else ""
+    warn_once(f"kvpr: graph {report.graph_index} holds {held}: Dynamo split the decoder into "
+              "several graphs (a graph break), and a layer's loads are prefetched only while an "
+              "earlier layer of its own graph computes. Results stay exact, but steps are "
+              f"slower.{reason} Find the breaks with TORCH_LOGS=graph_breaks.",
+              key=f"graph holds {len(layers)} of {num_layers} layers")
 
 
 def site_left_unchanged(report: Report, node_name: str, layer: int, err: Exception) -> None:

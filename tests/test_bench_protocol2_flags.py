@@ -12,6 +12,8 @@ from kvpr_compile.bench import assemble, flags as fl, schema, yardsticks as ys
 from kvpr_compile.bench import contenders as ct
 from kvpr_compile.bench.rounds import orders
 
+pytestmark = pytest.mark.quick
+
 # ---- the pure flags -----------------------------------------------------------------------
 
 

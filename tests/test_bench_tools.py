@@ -37,6 +37,7 @@ def test_step_bytes_ratio_zero_is_all_kv_and_ratio_one_mha_halves_it():
     assert limits.step_h2d_bytes([0.0], 100, **gqa) == 100 * 2 * 4 * 1024 * 2
 
 
+@pytest.mark.quick
 def test_limit_is_the_median_over_steps():
     lim = limits.limit([0.0, 0.0], [100, 101, 102], batch=1, hidden=8, kv_hidden=8,
                        elem_bytes=2, h2d_bytes_per_s=1e6)
@@ -239,6 +240,7 @@ def test_finish_limits_agreement_targets():
     assert not _case_result("cpu").targets      # CPU: targets are not evaluated
 
 
+@pytest.mark.quick
 def test_table_and_json(tmp_path):
     result = _case_result()
     cells = row_cells(result)
@@ -259,6 +261,7 @@ def test_table_and_json(tmp_path):
 
 
 # ---- command line --------------------------------------------------------------------------
+@pytest.mark.quick
 def test_plan_cases_by_mode():
     parse = build_parser().parse_args
     cases, specs, layers, note = plan_cases(parse([]), cpu=False)
@@ -289,6 +292,7 @@ def test_backend_falls_back_to_the_function_when_not_installed(monkeypatch):
     assert runners.backend() is kvpr_backend
 
 
+@pytest.mark.quick
 def test_kvpr_bench_subcommand_parses():
     from kvpr_compile.commands import bench
     parser = argparse.ArgumentParser(prog="kvpr")
@@ -333,6 +337,7 @@ def test_predicted_ms_is_the_schedulers_prediction_for_its_split():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+@pytest.mark.quick
 def test_without_cuda_a_clear_message_and_exit_2(capsys):
     assert main(["--models", "llama-7b"]) == 2
     captured = capsys.readouterr()
@@ -361,6 +366,7 @@ def test_json_is_written_after_every_case(tmp_path, monkeypatch):
 
 
 # ---- the committed results file --------------------------------------------------------------
+@pytest.mark.quick
 def test_results_file_in_the_issue_schema(tmp_path):
     from kvpr_compile.bench import results
     meta = {"device": "NVIDIA H200", "torch": "2.11.0", "transformers": "5.17", "dtype": "float16",

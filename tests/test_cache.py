@@ -8,6 +8,8 @@ import torch
 from kvpr_compile import OffloadedKVCache
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
 
+pytestmark = pytest.mark.quick
+
 
 def kv(b=2, h=3, n=4, d=5, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)

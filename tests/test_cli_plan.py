@@ -12,6 +12,8 @@ from kvpr_compile.commands import plan as plan_cmd
 from kvpr_compile.commands import profile as profile_cmd
 from kvpr_compile.plan.presets import PRESETS
 
+pytestmark = pytest.mark.quick
+
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path):

@@ -5,6 +5,8 @@ import pytest
 
 from kvpr_compile import config
 
+pytestmark = pytest.mark.quick
+
 
 def test_patch_sets_switches_inside_and_restores_them_after_an_exception():
     before = config.shared_slots

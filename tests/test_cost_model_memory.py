@@ -14,6 +14,8 @@ from kvpr_compile.plan.presets import PRESETS
 from kvpr_compile.plan.latency_lp import plan_split
 from kvpr_compile.plan.throughput_lp import step_shape
 
+pytestmark = pytest.mark.quick
+
 H100 = PRESETS["h100-pcie5"]
 LLAMA = ARCH_PRESETS["llama-7b"]
 # What the H100 run measured (benchmarks/results/2026-11-26-h100.md): link and GEMM rates.

@@ -181,6 +181,7 @@ def test_fused_qkv_recomputes_only_the_kv_columns():
                            for w in weights)
 
 
+@pytest.mark.quick
 def test_rows_past_the_stored_x_never_leak_into_results():
     """Compiled prefill, then uncompiled steps (no X for them), then compiled steps at ratio 1.0:
     the X rows past the stored prefix hold whatever memory held (NaN here); the recompute still

@@ -45,6 +45,7 @@ def test_lowered_graph_is_exact_and_has_no_custom_ops(ratio):
     assert calls.count(direct.resolve) == 1
 
 
+@pytest.mark.quick
 def test_default_backend_runs_the_lowered_graph(monkeypatch):
     """backend="kvpr" (inner eager) never calls a kvpr:: op once compiled."""
     model = tiny_llama()

@@ -11,6 +11,8 @@ from torch import nn
 import kvpr_compile
 from kvpr_compile import OffloadedKVCache, report as report_mod
 
+pytestmark = pytest.mark.quick
+
 
 @pytest.fixture(autouse=True)
 def fresh_warnings():

@@ -22,6 +22,8 @@ from helpers import hf_llama
 from kvpr_compile.report import decode_graph_report
 from kvpr_compile.runtime.lower import lower
 
+pytestmark = pytest.mark.quick
+
 pytest.importorskip("transformers")
 
 

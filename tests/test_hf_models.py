@@ -73,6 +73,7 @@ def test_cache_kwargs_use_the_keyword_this_transformers_takes_without_warning():
     assert torch.equal(out, ref.sequences[:, :9])
 
 
+@pytest.mark.quick
 def test_kvpr_cache_storage_follows_the_config():
     cfg = hf_configs()["llama-gqa"]
     cache = KVPRCache(cfg, batch_size=3, max_seq_len=20)
@@ -117,6 +118,7 @@ def test_more_architectures_full_recompute(arch):
     assert any(r.ratios == {0: 1.0, 1: 1.0} for r in mine)
 
 
+@pytest.mark.quick
 def test_hf_poisoned_kv_full_recompute():
     """Stored K/V poisoned with NaN after a compiled prefill; ratio 1.0 decode still exact."""
     model = hf_build("llama-gqa")

@@ -23,6 +23,9 @@ from collections import Counter
 from pathlib import Path
 
 import networkx as nx
+import pytest
+
+pytestmark = pytest.mark.quick
 
 PACKAGE = "kvpr_compile"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE

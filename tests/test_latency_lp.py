@@ -14,6 +14,8 @@ from kvpr_compile.plan.latency_ratios import choose_ratios, ratio_for
 from kvpr_compile.plan.presets import PRESETS
 from kvpr_compile.plan.profile import HardwareProfile
 
+pytestmark = pytest.mark.quick
+
 H200 = PRESETS["h200-pcie5"]
 A100 = PRESETS["a100-pcie4"]
 

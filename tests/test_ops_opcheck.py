@@ -12,6 +12,8 @@ import torch
 from kvpr_compile import OffloadedKVCache
 from kvpr_compile.ops.specs import record_specs
 
+pytestmark = pytest.mark.quick
+
 kvpr = torch.ops.kvpr
 B, H, D, HIDDEN, N = 2, 4, 8, 32, 3
 CPU = torch.device("cpu")

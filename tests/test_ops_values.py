@@ -15,6 +15,8 @@ import torch
 from kvpr_compile import OffloadedKVCache
 from kvpr_compile.ops.specs import record_specs
 
+pytestmark = pytest.mark.quick
+
 kvpr = torch.ops.kvpr
 B, H, D, HID, S = 2, 3, 4, 5, 16
 CPU = torch.device("cpu")

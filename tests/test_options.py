@@ -8,6 +8,8 @@ import pytest
 
 from kvpr_compile.options import KNOWN, Options, parse_options
 
+pytestmark = pytest.mark.quick
+
 
 def test_defaults():
     o = parse_options(None)

@@ -71,6 +71,7 @@ def test_next_layer_loads_precede_this_layers_assemble(ratio):
     assert torch.equal(tokens, ref_tokens)
 
 
+@pytest.mark.quick
 def test_split_len_and_load_tokens_move_with_load_kv():
     graphs = []
     run(tiny_llama(), 0.5, graphs)

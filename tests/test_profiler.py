@@ -11,6 +11,8 @@ from kvpr_compile.plan.presets import PRESETS
 from kvpr_compile.plan.profile import HardwareProfile
 from kvpr_compile.plan.resolve import resolve_profile
 
+pytestmark = pytest.mark.quick
+
 HAS_CUDA = torch.cuda.is_available()
 
 

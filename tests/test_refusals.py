@@ -7,6 +7,8 @@ import transformers as tf
 
 from kvpr_compile.hf import KVPRCache
 
+pytestmark = pytest.mark.quick
+
 SMALL = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=64,
              vocab_size=64)
 

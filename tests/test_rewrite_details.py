@@ -12,6 +12,8 @@ from kvpr_compile.ops.split import recompute_tokens
 from kvpr_compile.runtime.store import KVStore
 from helpers import tiny_llama
 
+pytestmark = pytest.mark.quick
+
 
 @pytest.mark.parametrize("ratio,num,den", [(0.37, 37, 100), (0.5, 1, 2), (1.0, 1, 1)])
 def test_decode_steps_split_at_floor_ratio_times_past(monkeypatch, ratio, num, den):

@@ -32,6 +32,7 @@ def test_two_layers_ahead(sim):
     assert len(cuda_runtime.runtime(cache._store, "cpu").slots.slots) == 3
 
 
+@pytest.mark.quick
 def test_poisoned_kv_is_never_read_at_ratio_one(sim):
     api, cache, ref, out = compiled_run(sim, 1.0, poison=True)
     check_race_free(api, ref, out)
@@ -172,6 +173,7 @@ def test_recompute_waits_for_x_only(sim):
     assert torch.equal(x[:, :, 0], x_all[:, :4].transpose(0, 1))
 
 
+@pytest.mark.quick
 def test_decode_recompute_overlaps_the_kv_copy(sim, monkeypatch):
     """In compiled decode steps (ratio 0.5, loads a layer ahead), every wait for a layer's X
     leaves that layer's K,V copy unwaited for (the recompute may overlap it), and every wait for

@@ -10,6 +10,8 @@ from kvpr_compile import report
 from kvpr_compile.runtime.geometry import CacheGeometry
 from kvpr_compile.runtime.store import KVStore
 
+pytestmark = pytest.mark.quick
+
 
 @pytest.fixture(autouse=True)
 def fresh_warnings():

@@ -13,6 +13,8 @@ from kvpr_compile.plan.latency_lp import plan_split
 from kvpr_compile.plan.taskgraph import (END, build_task_graph, critical_path, plan_task_graph,
                                     predicted_step_time)
 
+pytestmark = pytest.mark.quick
+
 H200 = PRESETS["h200-pcie5"]
 
 

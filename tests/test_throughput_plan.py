@@ -14,6 +14,8 @@ from kvpr_compile.plan.throughput_lp import (even_split, plan_throughput, solve_
 from kvpr_compile.plan.presets import preset
 from kvpr_compile.plan.profile import HardwareProfile
 
+pytestmark = pytest.mark.quick
+
 OPT = ARCH_PRESETS["opt-6.7b"]
 
 

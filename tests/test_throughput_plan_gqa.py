@@ -12,6 +12,8 @@ from kvpr_compile.plan.presets import preset
 from kvpr_compile.plan.throughput_lp import (even_split, plan_throughput, step_shape,
                                              working_set_bytes)
 
+pytestmark = pytest.mark.quick
+
 GQA = ARCH_PRESETS["llama-3-8b"]
 P = 2   # float16
 LAYERS, BATCH, SEQ = 4, 64, 1024

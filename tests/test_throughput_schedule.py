@@ -82,6 +82,7 @@ def test_fused_qkv_decoder_matches_eager(m):
     _check(FusedQKVModel(layers=2).eval(), lambda model, b: make_cache(model, b), 5, m)
 
 
+@pytest.mark.quick
 def test_poisoned_stored_kv_still_matches_eager():
     """Batch 5 as [3, 2]. After the prefill every stored K,V is NaN (written through k_cpu,
     which merges the micro-batch stores back): at ratio 1 the decode steps recompute all past K,V

@@ -2,10 +2,13 @@
 paths, match what the split says (ratio 0: every past K,V; ratio 1: X and side inputs only)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
 from kvpr_compile.runtime import traffic
+
+pytestmark = pytest.mark.quick
 
 B, PROMPT, STEPS, LAYERS, HIDDEN = 2, 5, 3, 2, 32
 

@@ -131,6 +131,7 @@ def _sim_steps(model, stream, api, steps=3):
     return x
 
 
+@pytest.mark.quick
 def test_slot_copies_are_ordered_after_readers_on_simulated_streams(sim_api):
     model = _model(layers=5)
     stream = stream_weights(model, device="cpu")
@@ -153,6 +154,7 @@ def test_refilling_a_slot_before_its_free_event_is_caught(sim_api, monkeypatch):
     monkeypatch.setattr(stream.copy_stream, "wait_event", real_wait)
 
 
+@pytest.mark.quick
 def test_reading_before_the_ready_event_is_caught(sim_api, monkeypatch):
     """Negative control: a compute stream that does not wait for the copy reads a half-filled
     slot."""

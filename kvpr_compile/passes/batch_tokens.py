@@ -141,6 +141,20 @@ class _Batcher:
         kw["dim"] = _shift(kw.get("dim", 1))
         return self._emit(nd.op, nd.target, (self._m(args[0]),), self._m(kw))
 
+    def _dropout(self, nd, args, kwargs):
+        """Dropout in eval (``training`` the constant False) or of ``p`` 0 is the identity. In
+        training it draws a new random mask per call: the recomputed K/V would not be the stored
+        ones (recompute_slice.py refuses such a slice first)."""
+        flag = "train" if nd.target is torch.dropout else "training"
+        training = args[2] if len(args) > 2 else kwargs.get(flag, True)
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        if training is False or (not isinstance(p, fx.Node) and p == 0):
+            return self._m(args[0] if args else kwargs["input"])
+        if isinstance(training, fx.Node):
+            raise Unsupported(f"dropout with a training flag computed in the graph ({nd.name})")
+        raise Unsupported(f"dropout in training mode ({nd.name}): the recomputed K/V would draw "
+                          "other random masks than the stored ones (call model.eval())")
+
     def _binary(self, nd, args, kwargs):
         rank = _rank(nd)
         operands = [self._align(self._m(a), a, rank) for a in args]
@@ -276,6 +290,7 @@ def _rule_table() -> dict:
     add(True, UNARY_METHODS, b._pointwise)
     add(False, UNARY_FUNCTIONS | COMPLEX_VIEWS | _TRAILING_FUNCTIONS, b._pointwise)
     add(False, (F.normalize,), b._normalize)
+    add(False, (F.dropout, torch.dropout), b._dropout)
     add(True, BINARY_METHODS, b._binary)
     add(False, BINARY_FUNCTIONS, b._binary)
     add(False, LINEAR, b._linear)

@@ -5,6 +5,7 @@ Each stage is ``stage(c: Compilation) -> None``: it reads what the earlier ones 
 attention site, no slice, not the throughput schedule, a callable already made).
 
     find        the attention sites that read an offloaded cache         sites.py
+    count_layers  a graph with only some of the cache's layers: warned   layer_count.py
     extract     each site's recompute slice; the others left unchanged    slices.py
     batch_rows  throughput: the batch roles and the GPU budget check      column_order.py
     plan        each layer's ratio: forced, latency LP or throughput LP   ratios.py
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from .column_order import batch_rows, columns
 from .compilation import Compilation, start
+from .layer_count import count_layers
 from .slices import extract
 from .sites import find
 from .inner_compile import lower
@@ -25,7 +27,7 @@ from .loads import place
 from .ratios import plan
 from .rewriting import record, rewrite
 
-STAGES = (find, extract, batch_rows, plan, rewrite, record, columns, place, lower)
+STAGES = (find, count_layers, extract, batch_rows, plan, rewrite, record, columns, place, lower)
 
 __all__ = ["Compilation", "STAGES", "run", "start"]
 

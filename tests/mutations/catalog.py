@@ -52,6 +52,9 @@ PLACE_STAGE = "kvpr_compile/stages/loads.py"
 NEXT_TESTS = "tests/test_next_call.py"
 OVERLAP = "tests/test_runtime_sim.py::test_decode_recompute_overlaps_the_kv_copy"
 ROWS_PAST_X = "tests/test_custom_models.py::test_rows_past_the_stored_x_never_leak_into_results"
+BATCH_TOKENS = "kvpr_compile/passes/batch_tokens.py"
+LAYER_COUNT = "kvpr_compile/stages/layer_count.py"
+LORA = "tests/test_lora_dropout.py"
 CHUNK_POISON = "tests/test_multi_token.py::test_chunks_on_a_poisoned_past_full_recompute[hf-qwen2-gqa]"
 
 
@@ -529,4 +532,16 @@ BREAKAGES = (
              "x_name = sl.x.name",
              (CPU_PLAN + "::test_report_names_no_x_for_a_layer_at_ratio_zero",),
              "the report names an X for layers at ratio 0, where none is stored"),
+    # ---- token batching of dropout, graphs with only some layers ----------------------
+    Breakage("dropout-in-eval-refused", BATCH_TOKENS,
+             "if training is False or (not isinstance(p, fx.Node) and p == 0):",
+             "if False:",
+             (LORA + "::test_lora_with_dropout_in_eval_recomputes_every_layer_exactly[0.5]",
+              LORA + "::test_dropout_batches_as_the_identity_in_eval_and_refuses_in_training"),
+             "a LoRA adapter's dropout in eval refused: its layers stay plain cache reads"),
+    Breakage("split-graph-silent", LAYER_COUNT,
+             "if store is None or len(layers) >= store.num_layers:",
+             "if True:",
+             ("tests/test_graph_layer_count.py::test_an_explicit_graph_break_warns_with_its_reason",),
+             "a graph with only some of the cache's layers (a graph break) says nothing"),
 )
