@@ -1,13 +1,20 @@
 """KVPRCache: a transformers ``Cache`` over an OffloadedKVCache, for ``model.generate()``.
 
-Usage (compile the model's forward, not the module: a compiled ``OptimizedModule``'s
-``.generate`` calls the original, uncompiled forward)::
+Usage::
 
+    import kvpr_compile.hf
     from kvpr_compile.hf import KVPRCache, cache_kwargs
     cache = KVPRCache(model.config, batch_size=b, max_seq_len=prompt + new, dtype=model.dtype,
                       device=model.device)
-    model.forward = torch.compile(model.forward, backend="kvpr")
+    kvpr_compile.hf.compile(model, ratio=0.5)   # options as keywords, checked here
     out = model.generate(input_ids, **cache_kwargs(model, cache), max_new_tokens=new)
+
+``compile`` compiles the model's forward, not the module: ``torch.compile(model)`` returns an
+``OptimizedModule`` whose ``.generate`` calls the original, uncompiled forward. Each model gets
+a compiled frame of its own (transformers decorates every model's forward with one wrapper, and
+Dynamo counts its recompile limit per code object, so models compiled through the shared wrapper
+would use up one limit together). A ``KVPRCache`` whose decode steps run uncompiled warns once,
+naming this call.
 
 ``cache_kwargs`` names the keyword the installed transformers takes: ``cache=`` where the model's
 forward has it (recent 5.x releases, which deprecate ``past_key_values=``), ``past_key_values=``
@@ -23,22 +30,26 @@ hybrid and state-space models (layers with a recurrent state instead of K/V).
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import hf_checks
 from .cache import OffloadedKVCache
+from .options import Options
 
 
 class KVPRLayer(CacheLayerMixin):
     is_compileable = False   # generate() must not auto-compile it; the user compiles with kvpr
     is_sliding = False
 
-    def __init__(self, store: OffloadedKVCache, layer_idx: int):
+    def __init__(self, store: OffloadedKVCache, layer_idx: int, on_uncompiled=None):
         super().__init__()
         self.store = store
+        self.on_uncompiled = on_uncompiled   # called by an update that kvpr did not compile
         self.layer_idx = layer_idx
         self.device = store.device
         self.is_initialized = True
@@ -47,6 +58,8 @@ class KVPRLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if not torch.compiler.is_compiling() and self.on_uncompiled is not None:
+            self.on_uncompiled(self.layer_idx)
         return self.store.update(self.layer_idx, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -132,13 +145,24 @@ def check_supported(config) -> None:
                 "only models whose every layer is attention are supported")
 
 
+_UNCOMPILED = (
+    "kvpr: this KVPRCache is filled by a forward that kvpr did not compile (a decode step at "
+    "position {pos} ran uncompiled): the tokens are exact, but the cache is read by the slow "
+    "offloaded path, without recompute or prefetch. torch.compile(model, backend=\"kvpr\") does "
+    "not reach model.generate(), which calls the original forward: call "
+    "kvpr_compile.hf.compile(model, **options) instead. To use the cache uncompiled on purpose, "
+    "make it with KVPRCache(..., warn_uncompiled=False).")
+
+
 class KVPRCache(Cache):
     def __init__(self, config, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
-                 device=None, *, num_kv_heads: int | None = None, head_dim: int | None = None):
+                 device=None, *, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 warn_uncompiled: bool = True):
         """K/V geometry comes from the config; ``num_kv_heads`` / ``head_dim`` override it for
         architectures that store K/V with another layout than their config names.
         Encoder-decoder, multi-head latent attention, hybrid and state-space models raise
-        ``NotImplementedError`` here (see ``check_supported``)."""
+        ``NotImplementedError`` here (see ``check_supported``). ``warn_uncompiled``: warn once
+        when a decode step on a non-empty cache runs uncompiled (see ``compile``)."""
         check_supported(config)
         num_layers, kv_heads, cfg_head_dim, cfg = _dims(config)
         kv_heads, head_dim = num_kv_heads or kv_heads, head_dim or cfg_head_dim
@@ -147,10 +171,52 @@ class KVPRCache(Cache):
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.offloaded = OffloadedKVCache(num_layers, batch_size, max_seq_len, kv_heads, head_dim,
                                           dtype=dtype, device=device or "cpu")
-        super().__init__(layers=[KVPRLayer(self.offloaded, i) for i in range(num_layers)])
+        self._warn_uncompiled = warn_uncompiled
+        on_uncompiled = self._uncompiled_update if warn_uncompiled else None
+        super().__init__(layers=[KVPRLayer(self.offloaded, i, on_uncompiled)
+                                 for i in range(num_layers)])
+
+    def _uncompiled_update(self, layer_idx: int) -> None:
+        """An update outside any compiled graph: warn once if it is a decode step (a prefill
+        alone, e.g. to read its logits, is not worth a warning)."""
+        pos = self.offloaded.seq_len(layer_idx)
+        if layer_idx == 0 and pos > 0 and self._warn_uncompiled:
+            self._warn_uncompiled = False
+            warnings.warn(_UNCOMPILED.format(pos=pos), UserWarning, stacklevel=3)
 
     def reset(self):
         self.offloaded.reset()
+
+
+_ORIGINAL = "_kvpr_original_forward"   # on a forward compile() made: what it compiled
+
+
+def _own_frame(forward):
+    """``forward`` called from a function with a code object of its own: Dynamo keeps its cache
+    and counts its recompile limit per code object, and transformers' decorated forwards share
+    one (``can_return_tuple``'s wrapper), so every model compiled through them would share one
+    limit."""
+    def kvpr_forward(*args, **kwargs):
+        return forward(*args, **kwargs)
+    kvpr_forward.__code__ = kvpr_forward.__code__.replace()   # a distinct, equal code object
+    return functools.wraps(forward)(kvpr_forward)
+
+
+def compile(model, *, dynamic: bool | None = None, **options):
+    """Compile ``model``'s forward with the kvpr backend, in place, so ``model.generate()`` and
+    ``model(...)`` run it; returns ``model``. ``options`` are the backend's options
+    (``ratio=0.5``, ``inner="piecewise"``, ...), checked here: a bad one raises kvpr's
+    ``ValueError`` now, not wrapped by Dynamo at the first call. A ``torch.compile``'d module
+    (``OptimizedModule``) is unwrapped first. Calling it again compiles the same forward anew
+    with the new options."""
+    model = getattr(model, "_orig_mod", model)
+    Options.parse(options)
+    forward = getattr(model.forward, _ORIGINAL, model.forward)   # not an earlier compile of it
+    compiled = torch.compile(_own_frame(forward), backend="kvpr", dynamic=dynamic,
+                             options=options or None)
+    setattr(compiled, _ORIGINAL, forward)
+    model.forward = compiled
+    return model
 
 
 def cache_keyword(model) -> str:
@@ -164,5 +230,6 @@ def cache_kwargs(model, cache) -> dict:
     the installed transformers accepts without a deprecation warning (see cache_keyword).
     Also installs, once per model, the check that each call matches what the cache holds
     (hf_checks.py: a ``reset()`` in the middle of a generation raises instead of running on)."""
+    model = getattr(model, "_orig_mod", model)   # generate() runs on the wrapped module
     hf_checks.install(model, KVPRCache)
     return {cache_keyword(model): cache}
