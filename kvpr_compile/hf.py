@@ -22,7 +22,8 @@ where it does not (5.17 rejects ``cache=``).
 
 Every attention layer's ``cache.update(k, v, layer_idx)`` becomes ``OffloadedKVCache.update``, the
 call the kvpr backend recognises and rewrites. Uncompiled, it is a plain CPU-offloaded cache.
-Beam search (reorder) and cropping are not supported: they raise instead of corrupting the cache.
+Beam search (reorder) and cropping are not supported: they raise instead of corrupting the cache
+(``generate(num_beams > 1)`` raises before its prefill, hf_checks.py).
 Models whose cache is not one K and one V of equal width per attention layer are refused at
 construction, naming what does not fit: encoder-decoder models (cross-attention K/V would share
 the self-attention store), multi-head latent attention (a latent and a rope key of two widths),
@@ -81,7 +82,9 @@ class KVPRLayer(CacheLayerMixin):
         pass  # the kvpr runtime loads what each layer needs
 
     def reorder_cache(self, beam_idx) -> None:
-        raise NotImplementedError("KVPRCache does not support beam search reordering")
+        raise NotImplementedError(
+            "KVPRCache does not support beam search reordering: the offloaded store keeps its "
+            "batch rows in place; use greedy or sampled decoding (num_beams=1)")
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("KVPRCache does not support cropping")
@@ -216,7 +219,8 @@ def compile(model, *, dynamic: bool | None = None, **options):
                              options=options or None)
     setattr(compiled, _ORIGINAL, forward)
     model.forward = compiled
-    return model
+    hf_checks.install(model, KVPRCache)   # before the first generate(), which cache_kwargs
+    return model                          # (an argument of it) would come too late for
 
 
 def cache_keyword(model) -> str:
@@ -229,7 +233,10 @@ def cache_kwargs(model, cache) -> dict:
     """``{keyword: cache}`` for ``model.generate(...)`` and ``model(...)`` calls, with the keyword
     the installed transformers accepts without a deprecation warning (see cache_keyword).
     Also installs, once per model, the check that each call matches what the cache holds
-    (hf_checks.py: a ``reset()`` in the middle of a generation raises instead of running on)."""
+    (hf_checks.py: a ``reset()`` in the middle of a generation raises instead of running on),
+    and the check of each ``generate()`` call before its prefill (capacity, batch, beam search):
+    from the next ``generate()`` on when the model was not given to ``compile``, since the
+    first one was looked up before this function ran as its argument."""
     model = getattr(model, "_orig_mod", model)   # generate() runs on the wrapped module
     hf_checks.install(model, KVPRCache)
     return {cache_keyword(model): cache}

@@ -106,3 +106,91 @@ def test_hf_compile_checks_options_at_once_in_kvprs_words():
     with pytest.raises(ValueError, match=r"^kvpr: options\['ratio'\] must be a number"):
         kvpr_compile.hf.compile(model, ratio=2)
     assert model.forward == forward   # nothing installed
+
+
+# -- errors before the first token, in kvpr's words -----------------------------------------------
+
+
+def _generate(model, cache, ids=IDS, **kw):
+    """generate() with ``cache_kwargs`` run first (as an argument of ``model.generate(...)``
+    it runs after the attribute lookup: its check applies from the next call on)."""
+    kwargs = cache_kwargs(model, cache)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids),
+                              **{"do_sample": False, **kwargs, **kw})
+
+
+def test_generate_refuses_a_cache_too_short_before_the_prefill_saying_how_to_size_it():
+    model = hf_build("llama")
+    cache = KVPRCache(model.config, 2, 20)
+    compiled = kvpr_compile.hf.compile(hf_build("llama"))   # checks its first generate() too
+    with pytest.raises(ValueError, match=r"needs 22 positions"), torch.no_grad():
+        compiled.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=16,
+                          do_sample=False, **cache_kwargs(compiled, cache))
+    assert cache.get_seq_length() == 0
+    with pytest.raises(ValueError, match=r"needs 22 positions .* max_seq_len=20: make it "
+                                         r"KVPRCache\(config, batch_size, max_seq_len=prompt \+ "
+                                         r"max_new_tokens = 23.*cache\.reset\(\)"):
+        _generate(model, cache, max_new_tokens=16)
+    assert cache.get_seq_length() == 0   # nothing was run
+    out = _generate(model, KVPRCache(model.config, 2, 10), max_new_tokens=4)   # exactly fits
+    assert out.shape == (2, 11)
+
+
+def test_generate_refuses_another_batch_before_the_prefill():
+    model = hf_build("llama")
+    cache = KVPRCache(model.config, 1, 64)
+    with pytest.raises(ValueError, match=r"generate\(\) gets 2 prompt rows = 2 sequences, but the "
+                                         r"cache was made for batch_size=1: make it "
+                                         r"KVPRCache\(config, batch_size=2"):
+        _generate(model, cache, max_new_tokens=4)
+    assert cache.get_seq_length() == 0
+    with pytest.raises(ValueError, match=r"2 prompt rows x num_return_sequences=2 = 4 sequences"):
+        _generate(model, KVPRCache(model.config, 2, 64), max_new_tokens=4, do_sample=True,
+                  num_return_sequences=2)
+
+
+def test_beam_search_is_refused_before_the_prefill_in_words():
+    model = hf_build("llama")
+    cache = KVPRCache(model.config, 4, 64)   # the expanded batch: still refused, in words
+    for kw in ({"num_beams": 2}, {"generation_config": transformers.GenerationConfig(
+            num_beams=2, max_new_tokens=4, pad_token_id=0)}):
+        with pytest.raises(ValueError, match=r"^KVPRCache: beam search \(num_beams=2\) is not "
+                                             r"supported.*num_beams=1\)\. Nothing was run"):
+            _generate(model, cache, max_new_tokens=4, **kw)
+        assert cache.get_seq_length() == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_cache_without_cuda_names_the_fix():
+    model = hf_build("llama")
+    with pytest.raises(ValueError, match=r"device='cuda', but this torch has no CUDA device .*"
+                                         r"device=model\.device"):
+        KVPRCache(model.config, 1, 8, device="cuda")
+
+
+def test_run_time_overflow_and_batch_errors_say_what_to_do():
+    cache = kvpr_compile.OffloadedKVCache(1, 2, 4, 1, 4)
+    with pytest.raises(ValueError, match=r"exceed max_seq_len=4\. Make the cache with "
+                                         r"max_seq_len >= prompt \+ max_new_tokens .*"
+                                         r"cache\.reset\(\) between sequences"):
+        cache.update(0, torch.ones(2, 1, 5, 4), torch.ones(2, 1, 5, 4))
+    with pytest.raises(ValueError, match=r"^OffloadedKVCache\.update: k has batch 1 \(the cache "
+                                         r"has batch_size=2\)"):
+        cache.update(0, torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4))
+    assert cache.seq_len(0) == 0
+
+
+def test_plain_torch_compile_option_error_is_kvprs_valueerror_first():
+    """Raised from the backend, Dynamo would wrap it (BackendCompilerFailed: "backend='kvpr'
+    raised: ..." and a request to report a bug to PyTorch); the first call raises it itself."""
+    model = kvpr_compile.models.build_tiny_llama(kvpr_compile.models.TinyLlamaConfig(), seed=0)
+    compiled = torch.compile(model, backend="kvpr", options={"ratoi": 0.5})
+    cache = model.make_cache(1, 16)
+    for _ in range(2):
+        with pytest.raises(ValueError) as err, torch.no_grad():
+            compiled(torch.ones(1, 3, dtype=torch.long), cache)
+        assert type(err.value) is ValueError
+        assert str(err.value).startswith("kvpr: unknown option(s) ['ratoi']")
+        assert "PyTorch" not in str(err.value)
+    assert cache.seq_len(0) == 0
