@@ -27,7 +27,9 @@ Beam search (reorder) and cropping are not supported: they raise instead of corr
 Models whose cache is not one K and one V of equal width per attention layer are refused at
 construction, naming what does not fit: encoder-decoder models (cross-attention K/V would share
 the self-attention store), multi-head latent attention (a latent and a rope key of two widths),
-hybrid and state-space models (layers with a recurrent state instead of K/V).
+hybrid and state-space models (layers with a recurrent state instead of K/V), per-layer K/V
+geometry (head dims or K/V head counts that differ between layers), V of another width than K,
+and decoders with cross-attention layers.
 """
 from __future__ import annotations
 
@@ -91,14 +93,37 @@ class KVPRLayer(CacheLayerMixin):
 
 
 def _dims(config):
-    """(layers, kv heads, head dim, text config) as the model's attention stores K/V."""
+    """(layers, kv heads, head dim, text config) as the model's attention stores K/V. Per-layer
+    configs (``per_layer_config``) are read through their first layer: ``check_supported`` has
+    refused those whose layers differ, and their global view raises on per-layer names."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_kv_heads", None) or heads
-    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", True):
+    layers = _per_layer(cfg)
+    one = layers[0] if layers else cfg
+    heads = _attr(one, "num_attention_heads") or cfg.num_attention_heads
+    kv_heads = _attr(one, "num_key_value_heads") or _attr(one, "num_kv_heads") or heads
+    if _attr(cfg, "multi_query") and not getattr(cfg, "new_decoder_architecture", True):
         kv_heads = 1  # Falcon-7B style multi-query attention
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    head_dim = _attr(one, "head_dim") or cfg.hidden_size // heads
     return cfg.num_hidden_layers, kv_heads, head_dim, cfg
+
+
+def _per_layer(cfg) -> list:
+    """The per-layer views of a heterogeneous config (transformers' ``per_layer_config``), or
+    an empty list."""
+    layers = _attr(cfg, "per_layer_config")
+    try:
+        return list(layers) if layers is not None else []
+    except TypeError:
+        return []
+
+
+def _per_layer_geometry(cfg) -> dict:
+    """(head_dim, kv heads) -> the layers that have it, for a per-layer config."""
+    geometry = {}
+    for i, layer in enumerate(_per_layer(cfg)):
+        kv = _attr(layer, "num_key_value_heads") or _attr(layer, "num_attention_heads")
+        geometry.setdefault((_attr(layer, "head_dim"), kv), []).append(i)
+    return geometry
 
 
 # layer kinds (``layer_types`` / ``layers_block_type``) whose cache is one K and one V per token
@@ -114,6 +139,46 @@ def _attr(cfg, name):
         return getattr(cfg, name, None)
     except Exception:  # noqa: BLE001
         return None
+
+
+# model types whose attention has another number of K/V heads in some layers than the config
+# names (hard-coded in their modeling code)
+_PER_LAYER_KV_HEADS_TYPES = {"mimo_v2_flash": "sliding-window layers have twice the K/V heads "
+                                              "of the full-attention layers"}
+
+
+def _check_one_geometry(cfg, name) -> None:
+    """Raise unless every layer stores K and V of one head count and one width."""
+    geometry = _per_layer_geometry(cfg)
+    if len(geometry) > 1:
+        parts = "; ".join(f"head_dim={d}, num_key_value_heads={h} in layers "
+                          f"{_ranges(layers)}" for (d, h), layers in geometry.items())
+        raise NotImplementedError(
+            f"KVPRCache: {name} has per-layer K/V geometry (config.per_layer_config: {parts}): "
+            "the offloaded store has one head_dim and one num_kv_heads for every layer, so a "
+            "head_dim= or num_kv_heads= override cannot fit all of them; models whose layers "
+            "differ are not supported")
+    k_width = _attr(cfg, "head_dim")
+    v_width = _attr(cfg, "v_head_dim")
+    if v_width and k_width and v_width != k_width:
+        raise NotImplementedError(
+            f"KVPRCache: {name} stores V of another width than K (config.v_head_dim={v_width}, "
+            f"head_dim={k_width}): the offloaded store holds K and V of one head_dim; models "
+            "whose V is narrower or wider than K are not supported")
+    if name in _PER_LAYER_KV_HEADS_TYPES:
+        raise NotImplementedError(
+            f"KVPRCache: {name}'s {_PER_LAYER_KV_HEADS_TYPES[name]}: the offloaded store has "
+            "one num_kv_heads for every layer; models whose layers differ are not supported")
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    runs, start = [], layers[0]
+    for prev, cur in zip(layers, layers[1:] + [None]):
+        if cur != prev + 1:
+            runs.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = cur
+    return ", ".join(runs)
 
 
 def check_supported(config) -> None:
@@ -132,6 +197,16 @@ def check_supported(config) -> None:
             f"KVPRCache: {name} uses multi-head latent attention (MLA, kv_lora_rank="
             f"{cfg.kv_lora_rank}): its cache holds a latent and a rope key of different widths, "
             "not one K and one V per head; multi-head latent attention is not supported")
+    _check_one_geometry(cfg, name)
+    cross = _attr(cfg, "cross_attention_layers")
+    if cross or _attr(cfg, "add_cross_attention"):
+        where = f"config.cross_attention_layers={list(cross)}" if cross else (
+            "config.add_cross_attention")
+        raise NotImplementedError(
+            f"KVPRCache: {name} has cross-attention layers ({where}): their K/V come from "
+            "another input (an encoder, an image), not from the tokens, and a transformers "
+            "cache holds them in layers KVPRCache does not have; models with cross-attention "
+            "are not supported")
     if name in _STATE_SPACE_TYPES:
         raise NotImplementedError(
             f"KVPRCache: {name} is a state-space model (recurrent state, no attention K/V); "

@@ -31,28 +31,40 @@ def test_hf_compile_makes_generate_recompute_exactly_with_poisoned_kv():
     ref = hf_generate(model, IDS)
     first = len(kvpr_compile.reports())
     assert kvpr_compile.hf.compile(model, ratio=1.0) is model
-    cache = KVPRCache(model.config, 2, 64)
+    out, record = generate_poisoned(model)
+    assert_full_recompute_matches(out, ref, kvpr_compile.reports()[first:])
+    assert not [w for w in _kvpr_warnings(record) if "did not compile" in w]
+
+
+def generate_poisoned(model, ids=IDS, new=16):
+    """Greedy generate() through a fresh KVPRCache whose stored K/V turn NaN after the prefill:
+    (output with logits, recorded warnings)."""
+    cache = KVPRCache(model.config, ids.shape[0], 64)
     poisoned = []
 
     def poison_after_prefill(module, args, kwargs):
-        if cache.get_seq_length() == IDS.shape[1] and not poisoned:
+        if cache.get_seq_length() == ids.shape[1] and not poisoned:
             poisoned.append(True)
             for t in cache.offloaded.k_cpu + cache.offloaded.v_cpu:
                 t.fill_(float("nan"))
 
     handle = model.register_forward_pre_hook(poison_after_prefill, with_kwargs=True)
+    kwargs = cache_kwargs(model, cache)
     with torch.no_grad(), warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        out = model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=16,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                              do_sample=False, output_logits=True, return_dict_in_generate=True,
-                             **cache_kwargs(model, cache))
+                             **kwargs)
     handle.remove()
     assert poisoned
-    mine = kvpr_compile.reports()[first:]
-    assert mine and any(r.ratios == {0: 1.0, 1: 1.0} for r in mine)
+    return out, record
+
+
+def assert_full_recompute_matches(out, ref, reports):
+    assert reports and any(r.ratios and set(r.ratios.values()) == {1.0} for r in reports)
+    assert not any(r.skipped for r in reports)
     assert worst_rel_err(out.logits, ref.logits) <= TOL
     assert torch.equal(out.sequences, ref.sequences)
-    assert not [w for w in _kvpr_warnings(record) if "did not compile" in w]
 
 
 def test_compiled_module_generate_warns_once_naming_hf_compile():
@@ -194,3 +206,24 @@ def test_plain_torch_compile_option_error_is_kvprs_valueerror_first():
         assert str(err.value).startswith("kvpr: unknown option(s) ['ratoi']")
         assert "PyTorch" not in str(err.value)
     assert cache.seq_len(0) == 0
+
+
+# -- decoders with more unusual layouts -----------------------------------------------------------
+
+
+def test_dbrx_clip_qkv_clamp_is_batched_and_recomputes_exactly():
+    """DBRX clamps the fused QKV projection (``clip_qkv``) before the cache: the clamp has a
+    token-batching rule, so the layers are rewritten, not left as plain cache reads."""
+    cfg = transformers.DbrxConfig(
+        d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=128,
+        attn_config={"clip_qkv": 0.05, "kv_n_heads": 2, "rope_theta": 10000.0},
+        ffn_config={"ffn_hidden_size": 128, "moe_num_experts": 2, "moe_top_k": 1})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    ref = hf_generate(model, IDS)
+    first = len(kvpr_compile.reports())
+    kvpr_compile.hf.compile(model, ratio=1.0)
+    out, record = generate_poisoned(model)
+    assert not [w for w in _kvpr_warnings(record) if "token-batching" in w]
+    assert_full_recompute_matches(out, ref, kvpr_compile.reports()[first:])
