@@ -226,10 +226,11 @@ def check_supported(config) -> None:
 _UNCOMPILED = (
     "kvpr: this KVPRCache is filled by a forward that kvpr did not compile (a decode step at "
     "position {pos} ran uncompiled): the tokens are exact, but the cache is read by the slow "
-    "offloaded path, without recompute or prefetch. torch.compile(model, backend=\"kvpr\") does "
-    "not reach model.generate(), which calls the original forward: call "
-    "kvpr_compile.hf.compile(model, **options) instead. To use the cache uncompiled on purpose, "
-    "make it with KVPRCache(..., warn_uncompiled=False).")
+    "offloaded path, without recompute or prefetch. If the model was compiled as a module: "
+    "torch.compile(model, backend=\"kvpr\") does not reach model.generate(), which calls the "
+    "original forward; call kvpr_compile.hf.compile(model, **options) instead. If kvpr warned "
+    "that torch.compile stopped compiling a function, that warning says what to change. To use "
+    "the cache uncompiled on purpose, make it with KVPRCache(..., warn_uncompiled=False).")
 
 
 class KVPRCache(Cache):

@@ -227,3 +227,30 @@ def test_dbrx_clip_qkv_clamp_is_batched_and_recomputes_exactly():
     out, record = generate_poisoned(model)
     assert not [w for w in _kvpr_warnings(record) if "token-batching" in w]
     assert_full_recompute_matches(out, ref, kvpr_compile.reports()[first:])
+
+
+def test_recompile_limit_warning_says_how_to_avoid_it():
+    from kvpr_compile.dynamo_watch import limit_message
+    text = limit_message("hit config.recompile_limit (8) function: 'wrapped_func' (deprecation.py)")
+    assert "recompile_limit (e.g. to 64)" in text
+    assert "decorator's wrapper" in text and "kvpr_compile.hf.compile(model)" in text
+
+
+def test_jetmoe_recomputes_exactly_once_the_limit_is_raised_as_the_warning_says():
+    """JetMoE's graph breaks resume in transformers' deprecate_kwarg wrapper, shared by its
+    layers' forwards, so at the default recompile limit one generate() stops compiling; with
+    the limit the warning suggests, every layer recomputes, exactly."""
+    cfg = transformers.JetMoeConfig(hidden_size=64, num_hidden_layers=2, vocab_size=128,
+                                    num_key_value_heads=2, kv_channels=16,
+                                    intermediate_size=128, num_local_experts=2,
+                                    num_experts_per_tok=1)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    ref = hf_generate(model, IDS)
+    first = len(kvpr_compile.reports())
+    kvpr_compile.hf.compile(model, ratio=1.0)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        out, record = generate_poisoned(model)
+    assert not [w for w in _kvpr_warnings(record) if "stopped compiling" in w]
+    assert_full_recompute_matches(out, ref, kvpr_compile.reports()[first:])
