@@ -239,7 +239,8 @@ class KVPRCache(Cache):
                  warn_uncompiled: bool = True):
         """K/V geometry comes from the config; ``num_kv_heads`` / ``head_dim`` override it for
         architectures that store K/V with another layout than their config names.
-        Encoder-decoder, multi-head latent attention, hybrid and state-space models raise
+        Encoder-decoder, multi-head latent attention, hybrid and state-space models, per-layer
+        K/V geometry, V of another width than K and cross-attention layers raise
         ``NotImplementedError`` here (see ``check_supported``). ``warn_uncompiled``: warn once
         when a decode step on a non-empty cache runs uncompiled (see ``compile``)."""
         check_supported(config)

@@ -56,7 +56,8 @@ def check_write(store, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -
 
 
 def _check_kv(store, k: torch.Tensor, v: torch.Tensor) -> None:
-    want = (store.batch_size, store.num_kv_heads, k.shape[2] if k.dim() == 4 else -1, store.head_dim)
+    n = k.shape[2] if k.dim() == 4 else -1
+    want = (store.batch_size, store.num_kv_heads, n, store.head_dim)
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 4 or tuple(t.shape) != want:
             what = _misfit(store, t.shape) if t.dim() == 4 and name == "k" else ""
@@ -85,7 +86,8 @@ def check_read(store, layer: int, end: int, batch: int, heads: int, head_dim: in
                          f"max_seq_len={store.max_seq_len}{_SIZING}")
 
 
-def _check_geometry(store, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+def _check_geometry(store, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
+                    device) -> None:
     if (batch, heads, head_dim) != (store.batch_size, store.num_kv_heads, store.head_dim):
         raise ValueError(
             f"{_WHO}: k has {_misfit(store, (batch, heads, None, head_dim))}; it must be "
