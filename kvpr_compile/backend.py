@@ -14,7 +14,12 @@ from torch import fx
 from .options import Options, parse_options   # noqa: F401  (parse_options: the public name)
 from .runtime import kernels  # noqa: F401  (registers the kvpr:: ops' bodies before any graph runs)
 from .stages import run, start
+from .stages.compilation import refused_options
 
 
 def kvpr_backend(gm: fx.GraphModule, example_inputs, **kwargs):
-    return run(start(gm, example_inputs, kwargs.get("options"), kwargs.get("mode")))
+    try:
+        c = start(gm, example_inputs, kwargs.get("options"), kwargs.get("mode"))
+    except ValueError as error:   # the options: raised as kvpr's own error by the first call
+        return refused_options(error)
+    return run(c)

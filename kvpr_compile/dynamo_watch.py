@@ -35,7 +35,12 @@ def limit_message(text: str) -> str | None:
             f"torch._dynamo.config.{limit} ({count} graphs). Calls that need another graph now run "
             "UNCOMPILED: results stay exact, but the KV cache is read by the slow offloaded path "
             "without kvpr's recompute and prefetch. Raise torch._dynamo.config."
-            f"{limit} or find what changes between calls with TORCH_LOGS=recompiles.")
+            f"{limit} (e.g. to 64) or find what changes between calls with "
+            "TORCH_LOGS=recompiles. A decorator's wrapper (such as transformers' "
+            "deprecate_kwarg, reached after a graph break) counts the graphs of every function "
+            "it wraps together; Hugging Face models compiled as model.forward = "
+            "torch.compile(model.forward) share one limit that way: "
+            "kvpr_compile.hf.compile(model) gives each model a compiled frame of its own.")
 
 
 class _LimitHandler(logging.Handler):

@@ -16,8 +16,14 @@ model runs (nothing is written):
 
 The check runs outside the compiled forward (a module pre-hook), so Dynamo never guards on it.
 
-``cache_kwargs(model, cache)`` (hf.py) installs the hook once per model, naming the cache class
-it checks (``KVPRCache``), so this module does not import hf.py.
+Before a ``generate()`` call's first token, what the call and its generation config say is
+checked against the cache (``check_generate``), so a misfit raises before the prefill, in
+words, instead of several tokens in: the prompt plus ``max_new_tokens`` must fit
+``max_seq_len``, the batch (times ``num_return_sequences``) must be the cache's, and beam search
+(``num_beams > 1``, which reorders the cache's rows) is refused.
+
+``cache_kwargs(model, cache)`` (hf.py) installs the hook and the ``generate`` check once per
+model, naming the cache class it checks (``KVPRCache``), so this module does not import hf.py.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch
 from torch import nn
 
 _HOOKED = "_kvpr_cache_check_hook"
+_GENERATE_CHECKED = "_kvpr_generate_checked"
 _RESET_HINT = (" -- was cache.reset() called in the middle of a generation? Reset between "
                "generations, and start the next one from its prompt")
 
@@ -73,9 +80,80 @@ def check_cache_matches_mask(module: nn.Module, args, kwargs, cache_type: type) 
                              f"continues at position {first}{_RESET_HINT}; nothing was written")
 
 
+def _setting(model, kwargs, name):
+    """A generation setting as generate() will see it: the call's keyword, else the call's
+    ``generation_config``, else the model's."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return getattr(config, name, None)
+
+
+def _prompt(args, kwargs):
+    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs"),
+                  kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value
+    return None
+
+
+def check_generate(model: nn.Module, args, kwargs, cache_type: type) -> None:
+    """Raise ``ValueError`` before the prefill if a ``generate(*args, **kwargs)`` call cannot
+    run through its ``cache_type`` cache: beam search, another batch, too few positions."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if not isinstance(cache, cache_type):
+        return
+    beams = _setting(model, kwargs, "num_beams") or 1
+    if beams > 1:
+        raise ValueError(
+            f"KVPRCache: beam search (num_beams={beams}) is not supported: it reorders the "
+            "cache's batch rows after every step, and the offloaded store keeps its rows in "
+            "place; use greedy or sampled decoding (num_beams=1). Nothing was run")
+    prompt = _prompt(args, kwargs)
+    if prompt is None:
+        return
+    rows, length = prompt.shape[0], prompt.shape[1]
+    sequences = _setting(model, kwargs, "num_return_sequences") or 1
+    store = cache.offloaded
+    if rows * sequences != store.batch_size:
+        times = f" x num_return_sequences={sequences}" if sequences > 1 else ""
+        raise ValueError(
+            f"KVPRCache: generate() gets {rows} prompt rows{times} = {rows * sequences} "
+            f"sequences, but the cache was made for batch_size={store.batch_size}: make it "
+            f"KVPRCache(config, batch_size={rows * sequences}, ...). Nothing was run")
+    new = _setting(model, kwargs, "max_new_tokens")
+    if new is None:
+        max_length = _setting(model, kwargs, "max_length")
+        new = max_length - length if max_length is not None else None
+    if new is None or new <= 0:
+        return
+    need = length + new - 1   # the last new token is returned, never fed back
+    if need > store.max_seq_len:
+        raise ValueError(
+            f"KVPRCache: this generation needs {need} positions (a prompt of {length} tokens, "
+            f"max_new_tokens={new}; the last token is not stored) but the cache has "
+            f"max_seq_len={store.max_seq_len}: make it KVPRCache(config, batch_size, "
+            f"max_seq_len=prompt + max_new_tokens = {length + new}, ...), and call "
+            "cache.reset() between generations. Nothing was run")
+
+
+def _checked_generate(model: nn.Module, cache_type: type):
+    generate = model.generate
+
+    @functools.wraps(generate)
+    def generate_checked(*args, **kwargs):
+        check_generate(model, args, kwargs, cache_type)
+        return generate(*args, **kwargs)
+    return generate_checked
+
+
 def install(model: nn.Module, cache_type: type) -> None:
-    """Add the check of ``cache_type`` caches as a forward pre-hook of ``model`` (once)."""
+    """Add the check of ``cache_type`` caches as a forward pre-hook of ``model``, and the check
+    of each ``generate()`` call before its prefill (once each)."""
     if getattr(model, _HOOKED, None) is None:
         handle = model.register_forward_pre_hook(
             functools.partial(check_cache_matches_mask, cache_type=cache_type), with_kwargs=True)
         object.__setattr__(model, _HOOKED, handle)
+    if hasattr(model, "generate") and not getattr(model, _GENERATE_CHECKED, False):
+        object.__setattr__(model, "generate", _checked_generate(model, cache_type))
+        object.__setattr__(model, _GENERATE_CHECKED, True)

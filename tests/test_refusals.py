@@ -31,6 +31,20 @@ REFUSED = [
     ("mamba", lambda: tf.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=64),
      ["state-space", "mamba"]),
     ("falcon_h1", lambda: tf.FalconH1Config(), ["hybrid", "'hybrid'"]),
+    # per-layer head dims (Gemma-4 style): transformers' global view raises on head_dim
+    ("gemma4", lambda: tf.AutoConfig.for_model("gemma4"),
+     ["per-layer K/V geometry", "head_dim=256", "head_dim=512", "layers 5, 11"]),
+    # V narrower than K, sliding layers with more K/V heads (MiMo-V2-Flash style)
+    ("mimo_v2_flash", lambda: tf.AutoConfig.for_model("mimo_v2_flash"),
+     ["V of another width than K", "v_head_dim=128", "head_dim=192"]),
+    ("mimo_v2_flash-equal-widths", lambda: tf.AutoConfig.for_model("mimo_v2_flash",
+                                                                   v_head_dim=192),
+     ["twice the K/V heads"]),
+    # cross-attention decoders (Mllama style; GPT-2 with add_cross_attention)
+    ("mllama", lambda: tf.AutoConfig.for_model("mllama"),
+     ["cross-attention layers", "cross_attention_layers=[3, 8"]),
+    ("gpt2-cross-attention", lambda: tf.GPT2Config(n_layer=2, add_cross_attention=True),
+     ["cross-attention layers", "add_cross_attention"]),
 ]
 
 
@@ -55,3 +69,11 @@ ACCEPTED = [
 def test_attention_only_decoders_are_accepted(name, make):
     cache = KVPRCache(make(), batch_size=2, max_seq_len=16)
     assert cache.offloaded.num_layers == 2
+
+
+def test_per_layer_geometry_is_refused_even_with_overrides():
+    """A head_dim= override cannot fit layers of two widths: refused in words, not transformers'
+    AmbiguousGlobalPerLayerAttributeError from reading the global head_dim."""
+    with pytest.raises(NotImplementedError, match=r"^KVPRCache: gemma4_text has per-layer K/V "
+                                                  r"geometry.*override cannot fit"):
+        KVPRCache(tf.AutoConfig.for_model("gemma4"), 1, 8, head_dim=256, num_kv_heads=4)

@@ -133,6 +133,13 @@ class _Batcher:
             raise Unsupported(f"{t} with a per-token weight")
         return self._emit(nd.op, t, self._m(args), self._m(kwargs))
 
+    def _clamp(self, nd, args, kwargs):
+        """clamp / clip (DBRX's ``clip_qkv``) with bounds that do not depend on the token: the
+        same elementwise call on the batched input."""
+        if any(self._is_b(a) for a in [*args[1:], *kwargs.values()]):
+            raise Unsupported(f"{getattr(nd.target, '__name__', nd.target)} with per-token bounds")
+        return self._emit(nd.op, nd.target, self._m(args), self._m(kwargs))
+
     def _normalize(self, nd, args, kwargs):   # normalize(input, p=2, dim=1, eps=1e-12)
         names = ("p", "dim", "eps")
         kw = {**dict(zip(names, args[1:])), **kwargs}
@@ -291,6 +298,8 @@ def _rule_table() -> dict:
     add(False, UNARY_FUNCTIONS | COMPLEX_VIEWS | _TRAILING_FUNCTIONS, b._pointwise)
     add(False, (F.normalize,), b._normalize)
     add(False, (F.dropout, torch.dropout), b._dropout)
+    add(True, ("clamp", "clip"), b._clamp)
+    add(False, (torch.clamp, torch.clip), b._clamp)
     add(True, BINARY_METHODS, b._binary)
     add(False, BINARY_FUNCTIONS, b._binary)
     add(False, LINEAR, b._linear)

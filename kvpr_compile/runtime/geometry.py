@@ -31,6 +31,11 @@ class CacheGeometry:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"OffloadedKVCache: {name} must be a positive int, got {value!r}")
         object.__setattr__(self, "device", torch.device(self.device))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"OffloadedKVCache: device={str(self.device)!r}, but this torch has no CUDA device "
+                "(torch.cuda.is_available() is False): make the cache on the device the model "
+                "runs on, e.g. device=model.device, or device=\"cpu\"")
 
     @property
     def kv_shape(self) -> tuple[int, int, int, int]:

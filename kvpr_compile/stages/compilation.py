@@ -1,4 +1,5 @@
-"""What the backend's stages share about one graph: ``Compilation``, made by ``start``."""
+"""What the backend's stages share about one graph: ``Compilation``, made by ``start``; and
+``refused_options``, what the backend returns instead when the options are wrong."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,3 +45,14 @@ def start(gm: fx.GraphModule, example_inputs, options, mode=None) -> Compilation
         rep.cuda_graph_mode_ignored(mode)
     report = rep.Report(rep.next_graph_index(), options.inner, graph_module=gm)
     return Compilation(gm, example_inputs, options, report)
+
+
+def refused_options(error: ValueError):
+    """The callable the backend hands Dynamo when ``start`` rejected the options: it raises
+    kvpr's ``error`` itself when the compiled function is called (before anything runs), at the
+    same call that compiled it. Raised from the backend, Dynamo would wrap it into
+    ``BackendCompilerFailed``, whose text leads with torch's and asks for a bug report to
+    PyTorch; the message of an option error is kvpr's sentence, first."""
+    def kvpr_options_refused(*args, **kwargs):
+        raise ValueError(*error.args)
+    return kvpr_options_refused

@@ -25,6 +25,9 @@ THROUGHPUT_LP = "kvpr_compile/plan/throughput_lp.py"
 COLUMNS = "kvpr_compile/runtime/column_runner.py"
 SEGMENTS = "kvpr_compile/runtime/column_order.py"
 PARTS = "kvpr_compile/runtime/store_parts.py"
+HF = "kvpr_compile/hf.py"
+HF_CHECKS = "kvpr_compile/hf_checks.py"
+HF_USERS = "tests/test_hf_users.py::"
 STAGING_RATIO_0 = ("tests/test_store_race.py::"
                    "test_staging_buffers_reused_at_ratio_0_wait_for_their_copy")
 NEXT_BREAKS = ("tests/test_next_call_graph_breaks.py::"
@@ -544,4 +547,21 @@ BREAKAGES = (
              "if True:",
              ("tests/test_graph_layer_count.py::test_an_explicit_graph_break_warns_with_its_reason",),
              "a graph with only some of the cache's layers (a graph break) says nothing"),
+    # ---- the Hugging Face helpers (hf.py, hf_checks.py) ----------------------------------------
+    Breakage("hf-generate-capacity-unchecked", HF_CHECKS,
+             "if need > store.max_seq_len:",
+             "if False:",
+             (HF_USERS + "test_generate_refuses_a_cache_too_short_before_the_prefill_saying_how_to_"
+              "size_it",),
+             "a cache too short for prompt + max_new_tokens fails tokens into the generation"),
+    Breakage("hf-beam-search-not-refused", HF_CHECKS,
+             "if beams > 1:",
+             "if False:",
+             (HF_USERS + "test_beam_search_is_refused_before_the_prefill_in_words",),
+             "beam search reaches the prefill and fails after it"),
+    Breakage("hf-compile-shares-one-frame", HF,
+             "kvpr_forward.__code__ = kvpr_forward.__code__.replace()",
+             "pass",
+             (HF_USERS + "test_models_compiled_by_hf_compile_each_get_their_own_recompile_limit",),
+             "models compiled by hf.compile share one code object, so one recompile limit"),
 )
