@@ -288,8 +288,8 @@ def test_orders_shuffle_with_the_seed_then_reverse():
 
 
 def test_schedule_runs_round_one_of_every_case_before_round_two():
-    from kvpr_compile.bench.rounds import schedule
-    specs = schedule([{"model": "a"}, {"model": "b"}], ["x", "y", "z"], rounds=2, seed=1)
+    from kvpr_compile.bench.rounds import process_order
+    specs = process_order([{"model": "a"}, {"model": "b"}], ["x", "y", "z"], rounds=2, seed=1)
     assert [(s["round"], s["case"]) for s in specs] == [(1, 0)] * 3 + [(1, 1)] * 3 + \
         [(2, 0)] * 3 + [(2, 1)] * 3
     first, second = [s["contender"] for s in specs[:3]], [s["contender"] for s in specs[6:9]]
@@ -307,7 +307,7 @@ def test_run_all_records_what_the_deadline_leaves_no_time_for(monkeypatch):
         clock[0] += 30.0                      # every child takes 30 s
         return {"contender": spec["contender"], "status": "ok"}
     monkeypatch.setattr(rounds, "run_in_process", fake)
-    specs = rounds.schedule([{"model": "a"}], ["x", "y", "z"], rounds=2, seed=0)
+    specs = rounds.process_order([{"model": "a"}], ["x", "y", "z"], rounds=2, seed=0)
     saved = []
     got = rounds.run_all(specs, deadline=100.0, workdir=None, in_process=True,
                          on_result=saved.append)

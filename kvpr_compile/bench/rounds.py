@@ -37,7 +37,7 @@ def orders(names, seed: int, rounds: int = 2) -> list[list[str]]:
     return [first if i % 2 == 0 else first[::-1] for i in range(rounds)]
 
 
-def schedule(cases: list[dict], names, *, rounds: int, seed: int) -> list[dict]:
+def process_order(cases: list[dict], names, *, rounds: int, seed: int) -> list[dict]:
     """Every child's spec, in run order: round by round, case by case, the round's order."""
     plan = orders(names, seed, rounds)
     return [{**case, "case": index, "contender": name, "round": r, "order": position}

@@ -79,7 +79,7 @@ def run(args) -> int:
     from . import schema
     from .assemble import build_row
     from .device import NO_CUDA, device_of
-    from .rounds import collect, orders, run_all, schedule
+    from .rounds import collect, orders, process_order, run_all
     from .v2_table import markdown
     device = device_of(args)
     cpu = device.type != "cuda"
@@ -147,7 +147,7 @@ def run(args) -> int:
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-    save(run_all(schedule(cases, names, rounds=args.rounds, seed=seed), deadline=deadline,
+    save(run_all(process_order(cases, names, rounds=args.rounds, seed=seed), deadline=deadline,
                  workdir=workdir, in_process=args.in_process, prestart=not args.no_prestart,
                  log=log, on_result=save))
     if args.junit:
