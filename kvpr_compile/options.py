@@ -67,6 +67,13 @@ class Options:
     slots) is a ValueError naming the numbers, at planning or before the first step writes
     anything. None: no limit."""
 
+    resident_ratio: float | None = None
+    """Forces the fraction of each layer's past kept in device memory at every step
+    (r = floor(resident_ratio * past)), a number in [0, 1]; ``ratio + resident_ratio`` must not
+    exceed 1. The resident rows are copied to the device as tokens are stored and read there;
+    only the rest of the past is recomputed or loaded (runtime/resident.py). None: nothing
+    resident. Latency schedule only."""
+
     def __post_init__(self) -> None:
         ratio = self.ratio
         if ratio is not None:
@@ -74,12 +81,30 @@ class Options:
                 raise ValueError(f"kvpr: options['ratio'] must be a number in [0, 1], "
                                  f"got {ratio!r}")
             object.__setattr__(self, "ratio", float(ratio))
+        self._check_resident()
         if self.inner is not None and self.inner not in INNER:
             raise ValueError(f"kvpr: options['inner'] must be one of {INNER}, got {self.inner!r}")
         if self.overlap not in OVERLAPS:
             raise ValueError(f"kvpr: options['overlap'] must be one of {OVERLAPS}, "
                              f"got {self.overlap!r}")
         self._check_schedule()
+
+    def _check_resident(self) -> None:
+        share = self.resident_ratio
+        if share is None:
+            return
+        if not _is_number(share) or not 0.0 <= float(share) <= 1.0:   # also rejects NaN
+            raise ValueError(f"kvpr: options['resident_ratio'] must be a number in [0, 1], "
+                             f"got {share!r}")
+        object.__setattr__(self, "resident_ratio", float(share))
+        if self.ratio is not None and self.ratio + self.resident_ratio > 1.0 + 1e-12:
+            raise ValueError(f"kvpr: options['ratio'] ({self.ratio!r}) + "
+                             f"options['resident_ratio'] ({self.resident_ratio!r}) must not "
+                             f"exceed 1: together they are fractions of one past")
+        if self.schedule == "throughput" and self.resident_ratio > 0:
+            raise ValueError(f"kvpr: options['resident_ratio'] ({self.resident_ratio!r}) applies "
+                             f"to schedule='latency' only: the throughput schedule keeps no "
+                             f"resident share of the cache")
 
     def _check_schedule(self) -> None:
         if self.schedule not in SCHEDULES:

@@ -14,8 +14,9 @@ def test_defaults():
     assert o == Options() == parse_options({})
     assert (o.ratio, o.profile, o.overlap, o.inner) == (None, None, "stream", None)
     assert (o.schedule, o.micro_batches, o.gpu_budget_bytes) == ("latency", None, None)
-    assert set(KNOWN) == {"ratio", "profile", "overlap", "inner", "schedule", "micro_batches",
-                          "gpu_budget_bytes"}
+    assert o.resident_ratio is None
+    assert set(KNOWN) == {"ratio", "resident_ratio", "profile", "overlap", "inner", "schedule",
+                          "micro_batches", "gpu_budget_bytes"}
 
 
 def test_every_field_has_a_docstring():
@@ -87,3 +88,25 @@ def test_good_values_are_kept():
     o = parse_options({"ratio": 0, "profile": "a100-pcie4", "overlap": "row", "inner": "piecewise",
                        "schedule": "throughput", "micro_batches": 3, "gpu_budget_bytes": 8e9})
     assert o == Options(0.0, "a100-pcie4", "row", "piecewise", "throughput", 3, 8e9)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), "0.5", True, None.__class__])
+def test_resident_ratio(bad):
+    with pytest.raises(ValueError,
+                       match=r"kvpr: options\['resident_ratio'\] must be a number in \[0, 1\]"):
+        parse_options({"resident_ratio": bad})
+
+
+def test_ratio_and_resident_ratio_share_one_past():
+    assert parse_options({"ratio": 0.5, "resident_ratio": 0.5}).resident_ratio == 0.5
+    with pytest.raises(ValueError, match=r"options\['ratio'\] \(0.75\) \+ "
+                                         r"options\['resident_ratio'\] \(0.5\) must not exceed 1"):
+        parse_options({"ratio": 0.75, "resident_ratio": 0.5})
+
+
+def test_throughput_schedule_refuses_a_resident_share_in_words():
+    assert parse_options({"schedule": "throughput", "resident_ratio": 0}).resident_ratio == 0.0
+    with pytest.raises(ValueError, match=r"resident_ratio'\] \(0.5\) applies to "
+                                         r"schedule='latency' only: the throughput schedule "
+                                         r"keeps no resident share"):
+        parse_options({"schedule": "throughput", "resident_ratio": 0.5})

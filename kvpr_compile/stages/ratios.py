@@ -1,7 +1,8 @@
 """Stage ``plan``: the split ratio each rewritten layer asks for, forced by ``ratio`` or
 planned for this graph's sizes: by the throughput LP for the throughput schedule (unless both
 ``ratio`` and ``micro_batches`` are given), else by the latency LP. A forced ratio never imports
-mip."""
+mip. A forced ``resident_ratio`` keeps that share of every layer's past on the device (a planned
+ratio is then capped at 1 - resident_ratio)."""
 from __future__ import annotations
 
 from ..ops.nodes import args_of
@@ -30,5 +31,9 @@ def plan(c: Compilation) -> None:
             profile=o.profile, overlap=o.overlap, num_layers=len(layers),
             batch_size=d.batch_size, hidden_size=d.hidden_size,
             kv_hidden_size=d.kv_hidden_size, dtype=d.dtype, device=d.device)
+    share = o.resident_ratio or 0.0
+    if share and o.ratio is None:   # a planned ratio recomputes from what is not resident
+        ratios = [min(r, 1.0 - share) for r in ratios]
     c.ratios = dict(zip(layers, ratios))
+    c.resident = {layer: (share, -1) for layer in layers} if share else {}
     c.report.ratio_source, c.report.plan = source, planned

@@ -20,9 +20,10 @@ def rewrite(c: Compilation) -> None:
     links = shared_links(c.graph, recomputing)
     for node, sl in c.slices.items():
         layer = layer_of[node]
+        share, cap = c.resident.get(layer, (0.0, -1))
         effective = rewrite_site(c.graph, node, sl, c.ratios[layer],
                                  owned_loads=c.options.inner == "inductor",
-                                 links=links.get(layer, ()))
+                                 links=links.get(layer, ()), resident=share, resident_cap=cap)
         c.report.layers.append(rep.layer_entry(layer, sl, effective, c.ratios[layer],
                                                links.get(layer)))
 
