@@ -61,11 +61,15 @@ class Options:
     LP's split of the graph's example batch (capped at a call's batch). A count larger than a
     call's batch is a ValueError naming both, before anything is written."""
 
-    gpu_budget_bytes: float | None = None
-    """Throughput schedule only: device memory the step may use, a positive number. A budget
-    below the working set (two layers' weights, the batch's hidden states, two micro-batch K,V
-    slots) is a ValueError naming the numbers, at planning or before the first step writes
-    anything. None: no limit."""
+    gpu_budget_bytes: float | str | None = None
+    """Device memory the step may use for the cache, a positive number or ``"auto"``.
+    Throughput schedule: the working set (two layers' weights, the batch's hidden states, two
+    micro-batch K,V slots); None there: no limit. Latency schedule: the load slots and the
+    working set included, what is left holds a resident share of every layer's past
+    (stages/residency.py); None or ``"auto"``: on CUDA the free device memory at the first
+    compiled call less a margin, on a CPU device nothing resident. A budget below the working
+    set is a ValueError naming the numbers, at planning or before the first step writes
+    anything."""
 
     resident_ratio: float | None = None
     """Forces the fraction of each layer's past kept in device memory at every step
@@ -115,14 +119,16 @@ class Options:
             raise ValueError(f"kvpr: options['micro_batches'] must be an int >= 1 or None, "
                              f"got {m!r}")
         budget = self.gpu_budget_bytes
-        if budget is not None and (not _is_number(budget) or not budget > 0):
-            raise ValueError(f"kvpr: options['gpu_budget_bytes'] must be a positive number, "
-                             f"got {budget!r}")
-        if self.schedule == "latency":
-            for name in ("micro_batches", "gpu_budget_bytes"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"kvpr: options['{name}'] applies to schedule='throughput' "
-                                     f"only (schedule is {self.schedule!r})")
+        if budget is not None and budget != "auto" and (
+                not _is_number(budget) or not budget > 0 or budget == float("inf")):
+            raise ValueError(f"kvpr: options['gpu_budget_bytes'] must be a positive number or "
+                             f"'auto', got {budget!r}")
+        if self.schedule == "throughput" and budget == "auto":
+            raise ValueError("kvpr: options['gpu_budget_bytes']='auto' applies to "
+                             "schedule='latency' only; the throughput schedule takes a number")
+        if self.schedule == "latency" and self.micro_batches is not None:
+            raise ValueError(f"kvpr: options['micro_batches'] applies to schedule='throughput' "
+                             f"only (schedule is {self.schedule!r})")
 
     @classmethod
     def parse(cls, options: Mapping | Options | None) -> Options:

@@ -77,7 +77,7 @@ def test_gpu_budget_bytes(budget):
         parse_options({"schedule": "throughput", "gpu_budget_bytes": budget})
 
 
-@pytest.mark.parametrize("name,value", [("micro_batches", 2), ("gpu_budget_bytes", 1e9)])
+@pytest.mark.parametrize("name,value", [("micro_batches", 2)])
 def test_throughput_only_options(name, value):
     with pytest.raises(ValueError, match=rf"options\['{name}'\] applies to "
                                          r"schedule='throughput' only \(schedule is 'latency'\)"):
@@ -110,3 +110,14 @@ def test_throughput_schedule_refuses_a_resident_share_in_words():
                                          r"schedule='latency' only: the throughput schedule "
                                          r"keeps no resident share"):
         parse_options({"schedule": "throughput", "resident_ratio": 0.5})
+
+
+def test_gpu_budget_bytes_on_the_latency_schedule():
+    assert parse_options({"gpu_budget_bytes": 1e9}).gpu_budget_bytes == 1e9
+    assert parse_options({"gpu_budget_bytes": "auto"}).gpu_budget_bytes == "auto"
+    for bad in ("lots", float("inf"), 0, -1):
+        with pytest.raises(ValueError, match=r"options\['gpu_budget_bytes'\] must be a positive "
+                                             r"number or 'auto', got"):
+            parse_options({"gpu_budget_bytes": bad})
+    with pytest.raises(ValueError, match=r"'auto' applies to schedule='latency' only"):
+        parse_options({"schedule": "throughput", "gpu_budget_bytes": "auto"})

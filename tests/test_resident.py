@@ -214,3 +214,71 @@ def test_hf_left_padding_with_a_resident_share():
     out = run()
     assert worst_rel_err(out.logits, ref.logits) <= TOL
     assert torch.equal(out.sequences, ref.sequences)
+
+
+# -- a budget instead of a forced share (stages/residency.py) ----------------------------------
+
+ROW = 2 * 2 * 4 * 16 * 4            # one position's K and V in one layer (batch 2, fp32)
+WORKING_SET = 3 * ROW * 97          # two K,V slots and one assembled K,V for 96 + 1 positions
+
+
+def _budget_run(model, budget, ratio, steps=STEPS, backend="kvpr"):
+    compiled = torch.compile(model, backend=backend, options={"ratio": ratio,
+                                                              "gpu_budget_bytes": budget})
+    cache = model.make_cache(2, 96)
+    return cache, compiled, decode_seeded(model, cache, steps, compiled)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_the_budget_fills_mid_generation(path, ratio):
+    """12 tokens per layer fit besides the working set: the prompt (6) and 6 steps go to the
+    device rows, later tokens only to the store; exact, and each later step loads (or
+    recomputes) only the positions past 12."""
+    model = tiny_llama()
+    ref = decode_seeded(model, model.make_cache(2, 96), STEPS)
+    x_slots = 2 * 2 * 64 * 4 * 97 if ratio else 0
+    cache, compiled, out = _budget_run(model, WORKING_SET + x_slots + 4 * 12 * ROW, ratio)
+    assert worst_rel_err(out[0], ref[0]) <= TOL
+    assert torch.equal(out[1], ref[1])
+    assert cache._store.resident.filled == [12] * 4
+    assert cache._store.resident.k[0].shape[0] == 12
+    if path == "cpu":
+        with torch.no_grad(), traffic.counting() as counted:
+            compiled(torch.zeros(2, 1, dtype=torch.long), cache)
+        past = 6 + STEPS
+        rest = past - 12
+        l = int(ratio * rest)
+        assert counted.by_kind["kv"] == 4 * (rest - l) * ROW
+
+
+def test_a_budget_that_holds_everything_loads_nothing_after_the_prefill(path):
+    model = tiny_llama()
+    ref = decode_seeded(model, model.make_cache(2, 96), STEPS)
+    with traffic.counting() as counted:
+        cache, _, out = _budget_run(model, 1e9, 0.5)
+    assert worst_rel_err(out[0], ref[0]) <= TOL
+    assert counted.bytes == 0   # recomputes nothing, loads nothing: all of it resident
+    assert cache._store.resident.filled == [6 + STEPS] * 4
+
+
+def test_a_budget_below_the_working_set_is_refused_before_anything_is_written():
+    model = tiny_llama()
+    cache = model.make_cache(2, 96)
+    compiled = torch.compile(model, backend="kvpr", options={"gpu_budget_bytes": 1000.0,
+                                                              "ratio": 0.0})
+    with pytest.raises(Exception, match=r"gpu_budget_bytes'\]=1000.0 is below the latency "
+                                        r"working set of 297984 bytes \(K,V slots 198656, "
+                                        r"assembled K,V 99328; batch 2, 97 positions\)"):
+        with torch.no_grad():
+            compiled(torch.zeros(2, 3, dtype=torch.long), cache)
+    assert cache.seq_len(0) == 0 and cache._store.written == [0] * 4
+
+
+def test_auto_is_free_memory_less_the_margin(monkeypatch):
+    from kvpr_compile.stages import residency
+    monkeypatch.setattr(residency, "free_device_bytes", lambda device: 20 << 30)
+    assert residency.auto_budget(torch.device("cuda")) == (20 << 30) * 0.9
+    monkeypatch.setattr(residency, "free_device_bytes", lambda device: 0)
+    with pytest.raises(ValueError, match=r"'auto': cuda reports 0 bytes free"):
+        residency.auto_budget(torch.device("cuda"))
+    assert residency.auto_budget(torch.device("cpu")) is None

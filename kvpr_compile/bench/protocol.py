@@ -58,7 +58,8 @@ def weight_bytes_read(model) -> int:
 def _kvpr_forward(model, spec: dict, ratio: float | None):
     from ..plan.resolve import resolve_profile
     from .runners import backend
-    options: dict = {"profile": resolve_profile(spec["profile"])}
+    # resident_ratio 0: the offloaded contenders keep the whole cache in CPU memory
+    options: dict = {"profile": resolve_profile(spec["profile"]), "resident_ratio": 0.0}
     for key in ("inner", "overlap"):
         if spec.get(key):
             options[key] = spec[key]

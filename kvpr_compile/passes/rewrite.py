@@ -79,16 +79,18 @@ def _inline(graph: fx.Graph, module: fx.GraphModule, inputs: list, ratio: float,
 
 def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio: float,
                  owned_loads: bool = False, links: tuple = (), resident: float = 0.0,
-                 resident_cap: int = -1) -> float:
+                 resident_cap: int = -1, ratio_of_rest: bool = False) -> float:
     """Rewrite in place; returns the ratio that applies in this graph (0 where nothing is
     recomputed). ``links``: side inputs an earlier layer stores for this one
     (passes/shared_inputs.py): not stored here, loaded from the owner's record. ``resident``:
     the fraction of the past kept on the device (r = min(floor(resident * past), resident_cap),
-    ``resident_cap`` < 0: no cap); the recompute then covers [r, r + l), the load [r + l, past)."""
+    ``resident_cap`` < 0: no cap); the recompute then covers [r, r + l), the load [r + l, past).
+    ``ratio_of_rest``: l = floor(ratio * (past - r)) instead of floor(ratio * past) (a budget's
+    share: everything resident up to the cap, the ratio applied to what is not)."""
     handle, k_new, v_new, layer, past = args_of(cache_node)
     kv = example_value(k_new)
     frac, rfrac = ratio_fraction(ratio), ratio_fraction(resident)
-    if rfrac + frac > 1:
+    if rfrac + frac > 1 and not ratio_of_rest:
         raise ValueError(f"kvpr: layer {layer}: ratio {ratio} + resident_ratio {resident} > 1")
     recompute = sl.module is not None and frac > 0
     effective = float(frac) if recompute else 0.0
@@ -121,8 +123,12 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
         else:
             rule, r = (0, 1, -1), 0
         if recompute:
-            l = split_len(past, frac.numerator, frac.denominator) if isinstance(past, int) else \
-                call(split_len, (past, frac.numerator, frac.denominator), "split")
+            rest = past
+            if keep and ratio_of_rest:
+                rest = past - r if isinstance(past, int) and isinstance(r, int) else \
+                    call(operator.sub, (past, r), "split")
+            l = split_len(rest, frac.numerator, frac.denominator) if isinstance(rest, int) else \
+                call(split_len, (rest, frac.numerator, frac.denominator), "split")
             shapes = [size_arg(graph, size, t, i) if i >= 0 else 2   # 2: a complex's real view
                       for t, c, d in zip(sl.token_inputs, is_complex, sl.tdims)
                       for i, size in [*enumerate(record_shape(example_value(t), d)),

@@ -2,12 +2,14 @@
 planned for this graph's sizes: by the throughput LP for the throughput schedule (unless both
 ``ratio`` and ``micro_batches`` are given), else by the latency LP. A forced ratio never imports
 mip. A forced ``resident_ratio`` keeps that share of every layer's past on the device (a planned
-ratio is then capped at 1 - resident_ratio)."""
+ratio is then capped at 1 - resident_ratio); else ``gpu_budget_bytes`` (on CUDA "auto" by
+default) decides what is resident (stages/residency.py)."""
 from __future__ import annotations
 
 from ..ops.nodes import args_of
 from .compilation import Compilation
 from .dims import graph_dims
+from .residency import resident_rule
 from .throughput_plan import plan_columns
 
 
@@ -35,5 +37,5 @@ def plan(c: Compilation) -> None:
     if share and o.ratio is None:   # a planned ratio recomputes from what is not resident
         ratios = [min(r, 1.0 - share) for r in ratios]
     c.ratios = dict(zip(layers, ratios))
-    c.resident = {layer: (share, -1) for layer in layers} if share else {}
+    c.resident = resident_rule(c, layers) if o.schedule == "latency" else {}
     c.report.ratio_source, c.report.plan = source, planned

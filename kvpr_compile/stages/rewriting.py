@@ -20,10 +20,11 @@ def rewrite(c: Compilation) -> None:
     links = shared_links(c.graph, recomputing)
     for node, sl in c.slices.items():
         layer = layer_of[node]
-        share, cap = c.resident.get(layer, (0.0, -1))
+        share, cap, of_rest = c.resident.get(layer, (0.0, -1, False))
         effective = rewrite_site(c.graph, node, sl, c.ratios[layer],
                                  owned_loads=c.options.inner == "inductor",
-                                 links=links.get(layer, ()), resident=share, resident_cap=cap)
+                                 links=links.get(layer, ()), resident=share, resident_cap=cap,
+                                 ratio_of_rest=of_rest)
         c.report.layers.append(rep.layer_entry(layer, sl, effective, c.ratios[layer],
                                                links.get(layer)))
 
