@@ -108,3 +108,17 @@ def resident_rule(c: Compilation, layers: list[int]) -> dict:
     if share is None:   # the budget decides: the whole past up to the cap
         return {layer: (1.0, cap, True) for layer in layers}
     return {layer: (share, min(cap, math.floor(share * positions)), False) for layer in layers}
+
+
+def describe(rule: tuple, k_new) -> str:
+    """The report's words for a layer's residency ``rule`` (share, cap, of_rest) at the batch
+    and dtype of ``k_new`` (the graph's new K): what is resident and its device bytes."""
+    share, cap, of_rest = rule
+    b, kv_heads, _, d = (hint(s) for s in k_new.shape)
+    per_token = 2 * b * kv_heads * d * k_new.element_size()
+    which = "the past" if share == 1.0 else f"floor({share:g} * past)"
+    if cap < 0:
+        return f"resident: {which} on the device ({per_token} bytes per token)"
+    rest = "; the ratio applies to the rest" if of_rest else ""
+    return (f"resident: {which} up to {cap} tokens on the device ({cap * per_token} bytes)"
+            f"{rest}")
