@@ -282,3 +282,12 @@ def test_auto_is_free_memory_less_the_margin(monkeypatch):
     with pytest.raises(ValueError, match=r"'auto': cuda reports 0 bytes free"):
         residency.auto_budget(torch.device("cuda"))
     assert residency.auto_budget(torch.device("cpu")) is None
+
+
+def test_the_report_names_the_resident_tokens_and_device_bytes():
+    import kvpr_compile
+    model = tiny_llama()
+    _budget_run(model, WORKING_SET + 4 * 12 * ROW, 0.0, steps=1)
+    notes = [entry.note for entry in kvpr_compile.last_report().layers]
+    assert notes == [f"resident: the past up to 12 tokens on the device "
+                     f"({12 * ROW} bytes); the ratio applies to the rest"] * 4

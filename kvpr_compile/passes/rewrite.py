@@ -142,7 +142,8 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
             l, end, loaded = 0, r, []
         b, heads, head_dim = (size_arg(graph, kv.shape[i], k_new, i) for i in (0, 1, 3))
         k_ld, v_ld = items(call(ops.load_kv.default,
-                                (handle, layer, end, past, b, heads, head_dim, kv.dtype, kv.device, owned_loads),
+                                (handle, layer, end, past, b, heads, head_dim, kv.dtype,
+                                 kv.device, owned_loads),
                                 "load_kv"), 2, "load_kv")
         if recompute:  # recompute as soon as X is in; K,V[l:] may still be on the way
             call(ops.wait.default, (loaded,), "wait")

@@ -246,7 +246,8 @@ class CudaRuntime:
         n = end - start
         if owned:
             slot, after_free, new_memory = None, False, True
-            buffers = [torch.empty((n, *shape), dtype=dtype, device=self.device) for shape, dtype in specs]
+            buffers = [torch.empty((n, *shape), dtype=dtype, device=self.device)
+                       for shape, dtype in specs]
         else:
             slot, after_free = self.slots.take(self.key(layer), "tokens", current)
             buffers, new_memory = slot.token_buffers(specs, store.max_seq_len)

@@ -143,8 +143,8 @@ def stream_wait(tensors) -> None:
 
 
 def stream_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
-                          k_rec, v_rec, k_load, v_load, k_new, v_new, links=(), staged: bool = False,
-                          residency=NONE):
+                          k_rec, v_rec, k_load, v_load, k_new, v_new, links=(),
+                          staged: bool = False, residency=NONE):
     """store_tokens, then wait for K,V[l:] and assemble. ``staged``: the graph writes a source
     in place later on, so the D2H copy reads runtime-owned copies (see CudaRuntime)."""
     stream_store(store, layer, pos, k_new, v_new, inputs, tdims, links, staged)

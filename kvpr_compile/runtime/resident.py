@@ -13,9 +13,10 @@ a resident share (the capacity is fixed by the graph's rule, ``resident_capacity
 another rule reallocates, starting empty); ``filled[layer]``: rows ``[0, filled)`` equal the
 store's. The assemble appends each step's new tokens while they fit (``append``) and, where a
 step asks for rows not held (after ``clear``, or the first step after an uncompiled prefill),
-copies every held-able row of the past from the store once (``fill_from``: up to
-``min(past, capacity)``, so the appends continue from there; counted as ``"resident"`` traffic). ``copy`` is how rows are copied: the CUDA
-runtime passes its stream-ordered copy (on the compute stream, after the layer's stores landed).
+copies every row of the past it can hold from the store once (``fill_from``: up to
+``min(past, capacity)``, so the appends continue from there; counted as ``"resident"``
+traffic). ``copy`` is how rows are copied: the CUDA runtime passes its stream-ordered copy (on
+the compute stream, after the layer's stores landed).
 """
 from __future__ import annotations
 
