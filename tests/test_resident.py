@@ -291,3 +291,17 @@ def test_the_report_names_the_resident_tokens_and_device_bytes():
     notes = [entry.note for entry in kvpr_compile.last_report().layers]
     assert notes == [f"resident: the past up to 12 tokens on the device "
                      f"({12 * ROW} bytes); the ratio applies to the rest"] * 4
+
+
+@pytest.mark.parametrize("ratio,share", [(0.0, 0.5), (0.5, 0.5)])
+def test_multi_token_steps_with_a_resident_share(path, ratio, share):
+    """Chunks of 3 and 5 on a past, decode steps and a next turn: each graph appends as many
+    new tokens as fit and reads its resident prefix; the store's rows under the prefix
+    poisoned after the prefill."""
+    from helpers import conversation
+    model = tiny_llama(layers=2)
+    ref = conversation(model, model.make_cache(2, 96))
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": ratio,
+                                                              "resident_ratio": share})
+    out = conversation(compiled, model.make_cache(2, 96), poison=_poison_store_rows(3))
+    assert worst_rel_err(out, ref) <= TOL
