@@ -305,3 +305,28 @@ def test_multi_token_steps_with_a_resident_share(path, ratio, share):
                                                               "resident_ratio": share})
     out = conversation(compiled, model.make_cache(2, 96), poison=_poison_store_rows(3))
     assert worst_rel_err(out, ref) <= TOL
+
+
+@pytest.mark.cuda
+def test_auto_budget_on_cuda_keeps_a_small_cache_resident():
+    """On CUDA the default budget ("auto") holds a small cache whole: exact, and no K,V or X
+    crosses the link after the prefill."""
+    from helpers import SEEDED_PROMPT
+    model = tiny_llama().cuda()
+    prompt = SEEDED_PROMPT.cuda()
+
+    @torch.no_grad()
+    def decode(run, cache):
+        nxt, logits = run(prompt, cache)[:, -1].argmax(-1, keepdim=True), []
+        with traffic.counting() as counted:
+            for _ in range(STEPS):
+                logits.append(run(nxt, cache)[:, -1])
+                nxt = logits[-1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+        return logits, counted
+
+    ref, _ = decode(model, model.make_cache(2, 96, device="cuda"))
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.5})
+    out, counted = decode(compiled, model.make_cache(2, 96, device="cuda"))
+    assert worst_rel_err(out, ref) <= 1e-4
+    assert counted.by_kind["kv"] == counted.by_kind["tokens"] == 0
