@@ -330,3 +330,18 @@ def test_auto_budget_on_cuda_keeps_a_small_cache_resident():
     out, counted = decode(compiled, model.make_cache(2, 96, device="cuda"))
     assert worst_rel_err(out, ref) <= 1e-4
     assert counted.by_kind["kv"] == counted.by_kind["tokens"] == 0
+
+
+def test_hf_generate_whose_cache_fits_moves_nothing():
+    """An HF Llama through generate with a budget that holds its whole cache: exact, and the
+    runtime loads nothing at all (the prefill stores, every step reads the device rows)."""
+    model = hf_build("llama")
+    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    ref = hf_generate(model, ids)
+    model.forward = torch.compile(model.forward, backend="kvpr",
+                                  options={"ratio": 0.5, "gpu_budget_bytes": 1e9})
+    with traffic.counting() as counted:
+        out = hf_generate(model, ids)
+    assert worst_rel_err(out.logits, ref.logits) <= TOL
+    assert torch.equal(out.sequences, ref.sequences)
+    assert counted.bytes == 0
