@@ -347,6 +347,7 @@ class CudaRuntime:
         r, l = residency[0], k_rec.shape[2]
         if store.covered(layer) < r + l or (residency[1] and store.resident.filled[layer] < r):
             # rows read from the store on the compute stream (rare): after the layer's stores
+            # (the wait for K,V[r + l:] orders them too: its copy waited for the same event)
             if self.stored[layer] is not None:
                 current.wait_event(self.stored[layer])
             k_rec, v_rec = store.stored_where_uncovered(layer, r, k_rec, v_rec, k_new.device)

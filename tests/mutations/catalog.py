@@ -537,12 +537,6 @@ BREAKAGES = (
              "            parts_k.insert(1, held[0])",
              (RESIDENT_TESTS + "::test_resident_share_is_exact[runtime-sim-0.5-0.5]",),
              "resident keys after the recomputed ones (CUDA runtime)"),
-    Breakage("resident-refill-without-the-stores", RT,
-             "if store.covered(layer) < r + l or (residency[1] and "
-             "store.resident.filled[layer] < r):",
-             "if store.covered(layer) < r + l:",
-             (RESIDENT_TESTS + "::test_race_free_on_simulated_streams",),
-             "rows refilled from the store before the layer's D2H stores landed"),
     Breakage("resident-rows-kept-after-k-cpu", STORE,
              "        self._changes += 1\n        self.resident.clear()",
              "        self._changes += 1",
