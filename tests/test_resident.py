@@ -345,3 +345,26 @@ def test_hf_generate_whose_cache_fits_moves_nothing():
     assert worst_rel_err(out.logits, ref.logits) <= TOL
     assert torch.equal(out.sequences, ref.sequences)
     assert counted.bytes == 0
+
+
+def test_bench_contenders_with_a_resident_share(tmp_path, capsys):
+    """Protocol 2's opt-in contenders: kvpr at ratio 0 with a third and two thirds of the cache
+    resident, in the same schema as the others (timings meaningless on a CPU)."""
+    import json
+    from kvpr_compile.bench import contenders as ct
+    from kvpr_compile.bench import schema
+    from kvpr_compile.bench.main import main
+    out = tmp_path / "part.json"
+    torch.compiler.reset()
+    code = main(["--protocol", "2", "--cpu-smoke", "--order-seed", "5", "--json", str(out),
+                 "--results-dir", str(tmp_path / "results"), "--workdir", str(tmp_path / "w"),
+                 "--in-process", "--models", "llama-3-8b", "--layers", "1", "--steps", "3",
+                 "--repeats", "1", "--only", ct.KVPR_RATIO0, ct.RESIDENT_THIRD,
+                 ct.RESIDENT_TWO_THIRDS])
+    torch.compiler.reset()
+    assert code == 0, capsys.readouterr().err[-2000:]
+    doc = json.loads(out.read_text())
+    assert schema.validate(doc) == []
+    row = doc["rows"][0]["contenders"]
+    assert set(row) == {ct.KVPR_RATIO0, ct.RESIDENT_THIRD, ct.RESIDENT_TWO_THIRDS}
+    assert all((c["steps"], c["repeats"]) == (3, 1) for c in row.values())
