@@ -61,11 +61,22 @@ class Options:
     LP's split of the graph's example batch (capped at a call's batch). A count larger than a
     call's batch is a ValueError naming both, before anything is written."""
 
-    gpu_budget_bytes: float | None = None
-    """Throughput schedule only: device memory the step may use, a positive number. A budget
-    below the working set (two layers' weights, the batch's hidden states, two micro-batch K,V
-    slots) is a ValueError naming the numbers, at planning or before the first step writes
-    anything. None: no limit."""
+    gpu_budget_bytes: float | str | None = None
+    """Device memory the step may use for the cache, a positive number or ``"auto"``.
+    Throughput schedule: the working set (two layers' weights, the batch's hidden states, two
+    micro-batch K,V slots); None there: no limit. Latency schedule: the load slots and the
+    working set included, what is left holds a resident share of every layer's past
+    (stages/residency.py); None or ``"auto"``: on CUDA the free device memory at the first
+    compiled call less a margin, on a CPU device nothing resident. A budget below the working
+    set is a ValueError naming the numbers, at planning or before the first step writes
+    anything."""
+
+    resident_ratio: float | None = None
+    """Forces the fraction of each layer's past kept in device memory at every step
+    (r = floor(resident_ratio * past)), a number in [0, 1]; ``ratio + resident_ratio`` must not
+    exceed 1. The resident rows are copied to the device as tokens are stored and read there;
+    only the rest of the past is recomputed or loaded (runtime/resident.py). None: nothing
+    resident. Latency schedule only."""
 
     def __post_init__(self) -> None:
         ratio = self.ratio
@@ -74,12 +85,30 @@ class Options:
                 raise ValueError(f"kvpr: options['ratio'] must be a number in [0, 1], "
                                  f"got {ratio!r}")
             object.__setattr__(self, "ratio", float(ratio))
+        self._check_resident()
         if self.inner is not None and self.inner not in INNER:
             raise ValueError(f"kvpr: options['inner'] must be one of {INNER}, got {self.inner!r}")
         if self.overlap not in OVERLAPS:
             raise ValueError(f"kvpr: options['overlap'] must be one of {OVERLAPS}, "
                              f"got {self.overlap!r}")
         self._check_schedule()
+
+    def _check_resident(self) -> None:
+        share = self.resident_ratio
+        if share is None:
+            return
+        if not _is_number(share) or not 0.0 <= float(share) <= 1.0:   # also rejects NaN
+            raise ValueError(f"kvpr: options['resident_ratio'] must be a number in [0, 1], "
+                             f"got {share!r}")
+        object.__setattr__(self, "resident_ratio", float(share))
+        if self.ratio is not None and self.ratio + self.resident_ratio > 1.0 + 1e-12:
+            raise ValueError(f"kvpr: options['ratio'] ({self.ratio!r}) + "
+                             f"options['resident_ratio'] ({self.resident_ratio!r}) must not "
+                             f"exceed 1: together they are fractions of one past")
+        if self.schedule == "throughput" and self.resident_ratio > 0:
+            raise ValueError(f"kvpr: options['resident_ratio'] ({self.resident_ratio!r}) applies "
+                             f"to schedule='latency' only: the throughput schedule keeps no "
+                             f"resident share of the cache")
 
     def _check_schedule(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -90,14 +119,16 @@ class Options:
             raise ValueError(f"kvpr: options['micro_batches'] must be an int >= 1 or None, "
                              f"got {m!r}")
         budget = self.gpu_budget_bytes
-        if budget is not None and (not _is_number(budget) or not budget > 0):
-            raise ValueError(f"kvpr: options['gpu_budget_bytes'] must be a positive number, "
-                             f"got {budget!r}")
-        if self.schedule == "latency":
-            for name in ("micro_batches", "gpu_budget_bytes"):
-                if getattr(self, name) is not None:
-                    raise ValueError(f"kvpr: options['{name}'] applies to schedule='throughput' "
-                                     f"only (schedule is {self.schedule!r})")
+        if budget is not None and budget != "auto" and (
+                not _is_number(budget) or not budget > 0 or budget == float("inf")):
+            raise ValueError(f"kvpr: options['gpu_budget_bytes'] must be a positive number or "
+                             f"'auto', got {budget!r}")
+        if self.schedule == "throughput" and budget == "auto":
+            raise ValueError("kvpr: options['gpu_budget_bytes']='auto' applies to "
+                             "schedule='latency' only; the throughput schedule takes a number")
+        if self.schedule == "latency" and self.micro_batches is not None:
+            raise ValueError(f"kvpr: options['micro_batches'] applies to schedule='throughput' "
+                             f"only (schedule is {self.schedule!r})")
 
     @classmethod
     def parse(cls, options: Mapping | Options | None) -> Options:

@@ -16,8 +16,9 @@ def test_defaults():
     assert o == Options() == parse_options({})
     assert (o.ratio, o.profile, o.overlap, o.inner) == (None, None, "stream", None)
     assert (o.schedule, o.micro_batches, o.gpu_budget_bytes) == ("latency", None, None)
-    assert set(KNOWN) == {"ratio", "profile", "overlap", "inner", "schedule", "micro_batches",
-                          "gpu_budget_bytes"}
+    assert o.resident_ratio is None
+    assert set(KNOWN) == {"ratio", "resident_ratio", "profile", "overlap", "inner", "schedule",
+                          "micro_batches", "gpu_budget_bytes"}
 
 
 def test_every_field_has_a_docstring():
@@ -78,7 +79,7 @@ def test_gpu_budget_bytes(budget):
         parse_options({"schedule": "throughput", "gpu_budget_bytes": budget})
 
 
-@pytest.mark.parametrize("name,value", [("micro_batches", 2), ("gpu_budget_bytes", 1e9)])
+@pytest.mark.parametrize("name,value", [("micro_batches", 2)])
 def test_throughput_only_options(name, value):
     with pytest.raises(ValueError, match=rf"options\['{name}'\] applies to "
                                          r"schedule='throughput' only \(schedule is 'latency'\)"):
@@ -89,3 +90,36 @@ def test_good_values_are_kept():
     o = parse_options({"ratio": 0, "profile": "a100-pcie4", "overlap": "row", "inner": "piecewise",
                        "schedule": "throughput", "micro_batches": 3, "gpu_budget_bytes": 8e9})
     assert o == Options(0.0, "a100-pcie4", "row", "piecewise", "throughput", 3, 8e9)
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), "0.5", True, None.__class__])
+def test_resident_ratio(bad):
+    with pytest.raises(ValueError,
+                       match=r"kvpr: options\['resident_ratio'\] must be a number in \[0, 1\]"):
+        parse_options({"resident_ratio": bad})
+
+
+def test_ratio_and_resident_ratio_share_one_past():
+    assert parse_options({"ratio": 0.5, "resident_ratio": 0.5}).resident_ratio == 0.5
+    with pytest.raises(ValueError, match=r"options\['ratio'\] \(0.75\) \+ "
+                                         r"options\['resident_ratio'\] \(0.5\) must not exceed 1"):
+        parse_options({"ratio": 0.75, "resident_ratio": 0.5})
+
+
+def test_throughput_schedule_refuses_a_resident_share_in_words():
+    assert parse_options({"schedule": "throughput", "resident_ratio": 0}).resident_ratio == 0.0
+    with pytest.raises(ValueError, match=r"resident_ratio'\] \(0.5\) applies to "
+                                         r"schedule='latency' only: the throughput schedule "
+                                         r"keeps no resident share"):
+        parse_options({"schedule": "throughput", "resident_ratio": 0.5})
+
+
+def test_gpu_budget_bytes_on_the_latency_schedule():
+    assert parse_options({"gpu_budget_bytes": 1e9}).gpu_budget_bytes == 1e9
+    assert parse_options({"gpu_budget_bytes": "auto"}).gpu_budget_bytes == "auto"
+    for bad in ("lots", float("inf"), 0, -1):
+        with pytest.raises(ValueError, match=r"options\['gpu_budget_bytes'\] must be a positive "
+                                             r"number or 'auto', got"):
+            parse_options({"gpu_budget_bytes": bad})
+    with pytest.raises(ValueError, match=r"'auto' applies to schedule='latency' only"):
+        parse_options({"schedule": "throughput", "gpu_budget_bytes": "auto"})

@@ -21,6 +21,9 @@ token and N decode steps) over a cache of its own, built fresh for that decode. 
 ``kvpr_generate``  ``model.generate`` with ``model.forward`` compiled as for ``kvpr`` and a
                    ``KVPRCache``
 ``copy_only``      the copy pipeline (on a CPU: plain copies, labelled as such)
+``kvpr_resident_third`` / ``kvpr_resident_two_thirds``  as ``kvpr_ratio0`` with that share of
+                   every layer's past resident on the device (``resident_ratio``): a budget of
+                   one and two thirds of the cache. Opt-in (``--only``): not in the default run
 """
 from __future__ import annotations
 
@@ -35,8 +38,12 @@ from .timing import step_timer
 RESIDENT_STATIC, RESIDENT_DYNAMIC = "resident_static", "resident_dynamic"
 HF_GENERATE, HF_LOOP = "hf_generate_offloaded", "hf_loop_offloaded"
 KVPR_RATIO0, KVPR, KVPR_GENERATE, COPY_ONLY = "kvpr_ratio0", "kvpr", "kvpr_generate", "copy_only"
+RESIDENT_THIRD, RESIDENT_TWO_THIRDS = "kvpr_resident_third", "kvpr_resident_two_thirds"
+RESIDENT_SHARES = {RESIDENT_THIRD: 1 / 3, RESIDENT_TWO_THIRDS: 2 / 3}   # name -> resident_ratio
 NAMES = (RESIDENT_STATIC, RESIDENT_DYNAMIC, HF_GENERATE, HF_LOOP, KVPR_RATIO0, KVPR,
-         KVPR_GENERATE, COPY_ONLY)
+         KVPR_GENERATE, COPY_ONLY)          # the default run
+OPT_IN = tuple(RESIDENT_SHARES)             # run only when named (--only)
+ALL_NAMES = (*NAMES, *OPT_IN)
 RESIDENTS = (RESIDENT_STATIC, RESIDENT_DYNAMIC)
 OFFLOADED = (HF_GENERATE, HF_LOOP, KVPR_RATIO0, KVPR, KVPR_GENERATE, COPY_ONLY)
 KVPR_NAMES = (KVPR_RATIO0, KVPR, KVPR_GENERATE)

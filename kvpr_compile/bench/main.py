@@ -90,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 V2_CONTENDERS = ("resident_static", "resident_dynamic", "hf_generate_offloaded",
                  "hf_loop_offloaded", "kvpr_ratio0", "kvpr", "kvpr_generate", "copy_only")
+V2_OPT_IN = ("kvpr_resident_third", "kvpr_resident_two_thirds")   # only when named in --only
 
 
 def _protocol2_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +106,8 @@ def _protocol2_arguments(parser: argparse.ArgumentParser) -> None:
                    help="rounds (default 2: shuffled, then reversed)")
     p.add_argument("--order-seed", type=int, default=None,
                    help="seed of round 1's order (default: drawn and recorded)")
-    p.add_argument("--only", nargs="+", default=None, choices=V2_CONTENDERS, metavar="NAME",
+    p.add_argument("--only", nargs="+", default=None, choices=V2_CONTENDERS + V2_OPT_IN,
+                   metavar="NAME",
                    help=f"contenders (default all: {', '.join(V2_CONTENDERS)})")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="seconds for the whole run; a contender that cannot finish is absent")

@@ -55,10 +55,11 @@ def weight_bytes_read(model) -> int:
     return total - emb.weight.numel() * emb.weight.element_size()
 
 
-def _kvpr_forward(model, spec: dict, ratio: float | None):
+def _kvpr_forward(model, spec: dict, ratio: float | None, resident: float = 0.0):
     from ..plan.resolve import resolve_profile
     from .runners import backend
-    options: dict = {"profile": resolve_profile(spec["profile"])}
+    # resident_ratio 0: the offloaded contenders keep the whole cache in CPU memory
+    options: dict = {"profile": resolve_profile(spec["profile"]), "resident_ratio": resident}
     for key in ("inner", "overlap"):
         if spec.get(key):
             options[key] = spec[key]
@@ -105,6 +106,10 @@ def _decoder(spec: dict, device: torch.device, dtype: torch.dtype):
         forward = _kvpr_forward(model, spec, 0.0 if name == ct.KVPR_RATIO0 else None)
         return (lambda margins: ct.loop_decode(model, forward, kvpr_cache(), ids, steps,
                                                device)), facts
+    if name in ct.RESIDENT_SHARES:
+        forward = _kvpr_forward(model, spec, 0.0, ct.RESIDENT_SHARES[name])
+        return (lambda margins: ct.loop_decode(model, forward, kvpr_cache(), ids, steps,
+                                               device)), facts
     if name == ct.HF_GENERATE:
         return (lambda margins: ct.generate_decode(
             model, lambda: {"cache_implementation": "offloaded"}, ids, steps, device)), facts
@@ -112,7 +117,7 @@ def _decoder(spec: dict, device: torch.device, dtype: torch.dtype):
         model.forward = _kvpr_forward(model, spec, None)
         return (lambda margins: ct.generate_decode(
             model, lambda: cache_kwargs(model, kvpr_cache()), ids, steps, device)), facts
-    raise ValueError(f"unknown contender {name!r}; known: {', '.join(ct.NAMES)}")
+    raise ValueError(f"unknown contender {name!r}; known: {', '.join(ct.ALL_NAMES)}")
 
 
 def _split() -> list[float] | None:

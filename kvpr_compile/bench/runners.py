@@ -219,7 +219,8 @@ def kvpr_decoder(model, env: BenchEnv, ratio: float | None, batch: int, max_seq_
     """``model.forward`` compiled by the kvpr backend (``ratio=None``: the scheduler's split
     from ``env.profile``) over a fresh ``KVPRCache``. Compiles lazily, on the first call."""
     from ..hf import KVPRCache
-    options: dict = {"profile": env.profile}
+    # resident_ratio 0: the offloaded contenders keep the whole cache in CPU memory
+    options: dict = {"profile": env.profile, "resident_ratio": 0.0}
     if env.inner:
         options["inner"] = env.inner
     if ratio is not None:

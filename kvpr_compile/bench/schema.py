@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from .contenders import NAMES
+from .contenders import ALL_NAMES
 
 PROTOCOL = 2
 TOP = {"protocol": int, "device": str, "torch": str, "transformers": str, "driver": str,
@@ -69,7 +69,7 @@ def validate(doc: dict) -> list[str]:
         if not all(_typed(x, float) for x in row.get("split", [])):
             errors.append(f"{where}: split holds non-numbers")
         for name, c in row.get("contenders", {}).items():
-            if name not in NAMES:
+            if name not in ALL_NAMES:
                 errors.append(f"{where}: unknown contender {name!r}")
             errors += _check(c, CONTENDER, f"{where}.{name}")
             if not all(isinstance(f, str) for f in c.get("flags", [])):

@@ -3,7 +3,7 @@ order, token agreement and flags; then the yardsticks and the headline ratios, e
 number (both sides unflagged) or "withheld" with the flags that stopped it."""
 from __future__ import annotations
 
-from .contenders import NAMES
+from .contenders import ALL_NAMES
 
 
 def _f(value, fmt: str = ".2f") -> str:
@@ -23,7 +23,7 @@ def markdown(doc: dict) -> str:
                   "| contender | median ms | p10 | p90 | host ms | order | tokens | flags |",
                   "|---|---|---|---|---|---|---|---|"]
         cs = row["contenders"]
-        for name in NAMES:
+        for name in ALL_NAMES:
             if name in cs:
                 c = cs[name]
                 agree = "-" if c["token_agreement"] is None else f"{c['token_agreement']:.1%}"

@@ -6,12 +6,17 @@ Op boundaries (the CUDA runtime fills in the same ones with streams and events):
 - ``cache_update``: the uncompiled contract; store new K,V, return the full K,V on the device.
 - ``load_kv``: K,V for positions ``[start, end)`` (the streamed part). ``owned=True`` (graphs run
   by inductor, which may recycle op outputs' memory) loads into fresh tensors, not device slots.
-- ``load_tokens``: per-token recompute inputs (X and side inputs) for positions ``[0, end)``.
+- ``load_tokens``: per-token recompute inputs (X and side inputs) for positions ``[start, end)``
+  (``start`` > 0 when a resident prefix ``[0, start)`` sits on the device).
 - ``wait``: the loaded tensors are ready for use (declared as mutating them so that nothing
   reorders a read before it, under functionalization too).
 - ``store_tokens``: append new tokens' K, V and recompute inputs.
-- ``assemble``: recomputed ``[0, l)`` ++ loaded ``[l, past)`` ++ new tokens, with a fallback to
-  stored K,V where the recompute inputs were never stored (cache filled by uncompiled code).
+- ``assemble``: resident ``[0, r)`` ++ recomputed ``[r, r + l)`` ++ loaded ``[r + l, past)`` ++
+  new tokens, with a fallback to stored K,V where the recompute inputs were never stored (cache
+  filled by uncompiled code). The resident rows are the cache's device copy of the prefix
+  (runtime/resident.py): the concatenation reads them once, with no staging copy; rows the
+  device does not hold yet are copied there from the store first, and the new tokens are
+  appended to them while they fit (``resident_num/den`` and ``resident_cap`` give the capacity).
 - ``prefetch_next``: after a step's last assemble, the first layer's loads of the next call
   (nothing on the CPU). It returns nothing and writes nothing the graph reads: graphs handed to
   inductor do not get it (passes/prefetch.py).
@@ -85,13 +90,14 @@ def _(handle, layer, start, end, batch, heads, head_dim, dtype, device, owned=Fa
 
 @torch.library.custom_op("kvpr::load_tokens", mutates_args=())
 def load_tokens(handle: Tensor, layer: int, end: int, shapes: list[int], ranks: list[int],
-                dtypes: list[int], device: torch.device, owned: bool = False) -> list[Tensor]:
+                dtypes: list[int], device: torch.device, owned: bool = False,
+                start: int = 0) -> list[Tensor]:
     _unimplemented("load_tokens")
 
 
 @load_tokens.register_fake
-def _(handle, layer, end, shapes, ranks, dtypes, device, owned=False):
-    return [torch.empty((end, *shape), dtype=dtype, device=device)
+def _(handle, layer, end, shapes, ranks, dtypes, device, owned=False, start=0):
+    return [torch.empty((end - start, *shape), dtype=dtype, device=device)
             for shape, dtype in split_specs(shapes, ranks, dtypes)]
 
 
@@ -126,14 +132,17 @@ def _(handle, layer, past, new, num, den, shapes, ranks, dtypes, batch, heads, h
 
 @torch.library.custom_op("kvpr::assemble", mutates_args=())
 def assemble(handle: Tensor, layer: int, k_rec: Tensor, v_rec: Tensor, k_load: Tensor,
-             v_load: Tensor, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+             v_load: Tensor, k_new: Tensor, v_new: Tensor, resident: int = 0,
+             resident_num: int = 0, resident_den: int = 1,
+             resident_cap: int = -1) -> tuple[Tensor, Tensor]:
     _unimplemented("assemble")
 
 
 @assemble.register_fake
-def _(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new):
+def _(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, resident=0, resident_num=0,
+      resident_den=1, resident_cap=-1):
     b, h, _, d = k_new.shape
-    s = k_rec.shape[2] + k_load.shape[2] + k_new.shape[2]
+    s = resident + k_rec.shape[2] + k_load.shape[2] + k_new.shape[2]
     return k_new.new_empty(b, h, s, d), v_new.new_empty(b, h, s, d)
 
 

@@ -70,6 +70,7 @@ class LoadTokens(NamedTuple):
     dtypes: Any
     device: Any
     owned: Any = False
+    start: Any = 0
 
 
 class Wait(NamedTuple):
@@ -113,6 +114,14 @@ class Assemble(NamedTuple):
     v_load: Any
     k_new: Any
     v_new: Any
+    resident: Any = 0
+    resident_num: Any = 0
+    resident_den: Any = 1
+    resident_cap: Any = -1
+
+    def residency(self) -> tuple:
+        """(resident, num, den, cap): the resident prefix's length and capacity rule."""
+        return self.resident, self.resident_num, self.resident_den, self.resident_cap
 
 
 class WeightsHook(NamedTuple):   # weights_ready and weights_release

@@ -1,6 +1,7 @@
-"""The split rule (how many past tokens a ratio recomputes) and the empty prefix rewritten graphs
-call where nothing is recomputed. The rewrite, the loads, the runtime's cross-call prefetch and
-the benchmarks' physical limit all use this one rule."""
+"""The split rule (how many past tokens a ratio recomputes), the resident rule (how many sit on
+the device) and the empty prefix rewritten graphs call where nothing is recomputed. The rewrite,
+the loads, the runtime's cross-call prefetch and the benchmarks' physical limit all use these
+rules."""
 from __future__ import annotations
 
 from fractions import Fraction
@@ -22,6 +23,21 @@ def recompute_tokens(ratio: float, past: int) -> int:
 def split_len(past, num: int, den: int):
     """l = floor(ratio * past) for ratio = num/den; works on ints and SymInts alike."""
     return (past * num) // den
+
+
+def resident_len(past, num: int, den: int, cap: int):
+    """r = min(floor(resident_ratio * past), cap) for resident_ratio = num/den (``cap`` < 0: no
+    cap); works on ints and SymInts alike (``torch.sym_min`` guards on nothing)."""
+    r = (past * num) // den
+    if cap < 0:
+        return r
+    return min(r, cap) if isinstance(r, int) else torch.sym_min(r, cap)
+
+
+def resident_capacity(max_seq_len: int, num: int, den: int, cap: int) -> int:
+    """Rows a layer's resident prefix can ever hold in a cache of ``max_seq_len`` positions: the
+    most ``resident_len`` asks for."""
+    return resident_len(max_seq_len, num, den, cap)
 
 
 def empty_past(t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ move; a load group whose inputs are not all defined before the new position stay
 (its past is this call's past plus this call's new tokens) are asked for right after the last
 site's assemble, by one ``kvpr.prefetch_next`` with the first site's own load arguments; the
 runtime decides whether the next call uses them (runtime/next_call.py). Latency schedule only
-(the column runner issues its loads itself), and not for loads into owned tensors (inductor).
+(the column runner issues its loads itself), not for loads into owned tensors (inductor), and not
+for a graph with a resident prefix (``prefetch_next`` splits the next past by the ratio alone).
 """
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ def prefetch_next_call(graph: fx.Graph) -> bool:
     tokens = next((n for n in group if n.target is LOAD_TOKENS), None)
     load = None if kv is None else args_of(kv)
     if load is None or load.owned:   # owned loads: inductor runs the graph
+        return False
+    if _custom(kv).get("kvpr_resident"):   # prefetch_next knows no resident prefix (yet)
         return False
     handle, layer, l, past = load.handle, load.layer, load.start, load.end
     if tokens is None:

@@ -10,6 +10,12 @@ After:   l            = floor(ratio * past)                       (SymInt arithm
          kvpr.store_tokens(handle, layer, past, k_new, v_new, [X, sides], tdims[, shared])
          k_all, v_all = kvpr.assemble(handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new)
 
+With a resident share (``resident`` > 0) the order of the past stays position order: resident
+[0, r), recomputed [r, r + l), loaded [r + l, past), with r = min(floor(resident * past), cap);
+``load_tokens`` then reads records [r, r + l) (``start`` = r, so RoPE's stored cos/sin are those
+positions'), ``load_kv`` starts at r + l and ``assemble`` takes r and the capacity rule (it reads
+[0, r) from the device rows, runtime/resident.py). Nodes then carry ``kvpr_resident`` too.
+
 Side inputs an earlier layer of the graph computes alike (RoPE cos/sin) are stored by that layer
 only; ``shared`` names them (passes/shared_inputs.py) and the load reads the owner's record.
 Graphs that add several tokens per call (chunked prefill, speculative verification) recompute
@@ -32,7 +38,7 @@ from torch import fx
 from ..ops.errors import Unsupported
 from ..ops.nodes import args_of
 from ..ops.specs import record_specs
-from ..ops.split import empty_past, ratio_fraction, split_len
+from ..ops.split import empty_past, ratio_fraction, resident_len, split_len
 from .graph_utils import example_value, size_arg
 from .one_token import record_shape
 from .slices import RecomputeSlice
@@ -46,6 +52,15 @@ def check_rewritable(cache_node: fx.Node) -> None:
                 and user.args[1] in (0, 1)):
             raise Unsupported(f"cache read result used by {user.op} {user.target} ({user.name}); "
                               "expected tuple unpacking")
+
+
+def _add(call, r, l):
+    """r + l, as an int where both are, else a graph node (role ``split``: loads move with it)."""
+    if isinstance(r, int) and r == 0:
+        return l
+    if isinstance(r, int) and isinstance(l, int):
+        return r + l
+    return call(operator.add, (r, l), "split")
 
 
 def _annotation(ratio: float, layer: int, role: str) -> dict:
@@ -64,19 +79,29 @@ def _inline(graph: fx.Graph, module: fx.GraphModule, inputs: list, ratio: float,
 
 
 def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio: float,
-                 owned_loads: bool = False, links: tuple = ()) -> float:
+                 owned_loads: bool = False, links: tuple = (), resident: float = 0.0,
+                 resident_cap: int = -1, ratio_of_rest: bool = False) -> float:
     """Rewrite in place; returns the ratio that applies in this graph (0 where nothing is
     recomputed). ``links``: side inputs an earlier layer stores for this one
-    (passes/shared_inputs.py): not stored here, loaded from the owner's record."""
+    (passes/shared_inputs.py): not stored here, loaded from the owner's record. ``resident``:
+    the fraction of the past kept on the device (r = min(floor(resident * past), resident_cap),
+    ``resident_cap`` < 0: no cap); the recompute then covers [r, r + l), the load [r + l, past).
+    ``ratio_of_rest``: l = floor(ratio * (past - r)) instead of floor(ratio * past) (a budget's
+    share: everything resident up to the cap, the ratio applied to what is not)."""
     handle, k_new, v_new, layer, past = args_of(cache_node)
     kv = example_value(k_new)
-    frac = ratio_fraction(ratio)
+    frac, rfrac = ratio_fraction(ratio), ratio_fraction(resident)
+    if rfrac + frac > 1 and not ratio_of_rest:
+        raise ValueError(f"kvpr: layer {layer}: ratio {ratio} + resident_ratio {resident} > 1")
     recompute = sl.module is not None and frac > 0
     effective = float(frac) if recompute else 0.0
+    keep = rfrac > 0 and resident_cap != 0
 
     def call(target, args, role):
         node = graph.call_function(target, args)
         node.meta["custom"] = _annotation(effective, layer, role)
+        if keep:
+            node.meta["custom"]["kvpr_resident"] = float(rfrac)
         return node
 
     def items(node, count, role):
@@ -92,22 +117,34 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
     with graph.inserting_before(cache_node):
         stored = [call(torch.view_as_real, (sl.token_inputs[i],), "store") if is_complex[i]
                   else sl.token_inputs[i] for i in own] if keep_x else []
+        if keep:
+            rule = (rfrac.numerator, rfrac.denominator, resident_cap)
+            r = resident_len(past, *rule) if isinstance(past, int) else \
+                call(resident_len, (past, *rule), "split")
+        else:
+            rule, r = (0, 1, -1), 0
         if recompute:
-            l = split_len(past, frac.numerator, frac.denominator) if isinstance(past, int) else \
-                call(split_len, (past, frac.numerator, frac.denominator), "split")
+            rest = past
+            if keep and ratio_of_rest:
+                rest = past - r if isinstance(past, int) and isinstance(r, int) else \
+                    call(operator.sub, (past, r), "split")
+            l = split_len(rest, frac.numerator, frac.denominator) if isinstance(rest, int) else \
+                call(split_len, (rest, frac.numerator, frac.denominator), "split")
             shapes = [size_arg(graph, size, t, i) if i >= 0 else 2   # 2: a complex's real view
                       for t, c, d in zip(sl.token_inputs, is_complex, sl.tdims)
                       for i, size in [*enumerate(record_shape(example_value(t), d)),
                                       *([(-1, 2)] if c else [])]]
+            end = _add(call, r, l)
             loaded = items(call(ops.load_tokens.default,
-                                (handle, layer, l, shapes, ranks, codes, kv.device, owned_loads),
+                                (handle, layer, end, shapes, ranks, codes, kv.device, owned_loads,
+                                 *([r] if keep else [])),
                                 "load_tokens"), len(sl.token_inputs), "load_tokens")
         else:
-            l, loaded = 0, []
+            l, end, loaded = 0, r, []
         b, heads, head_dim = (size_arg(graph, kv.shape[i], k_new, i) for i in (0, 1, 3))
         k_ld, v_ld = items(call(ops.load_kv.default,
-                                (handle, layer, l, past, b, heads, head_dim, kv.dtype, kv.device,
-                                 owned_loads),
+                                (handle, layer, end, past, b, heads, head_dim, kv.dtype,
+                                 kv.device, owned_loads),
                                 "load_kv"), 2, "load_kv")
         if recompute:  # recompute as soon as X is in; K,V[l:] may still be on the way
             call(ops.wait.default, (loaded,), "wait")
@@ -124,8 +161,8 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
               [sl.tdims[i] for i in own] if keep_x else [], *([shared] if shared else [])),
              "store")
         k_all, v_all = items(call(ops.assemble.default,
-                                  (handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new),
-                                  "assemble"),
+                                  (handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new,
+                                   *([r, *rule] if keep else [])), "assemble"),
                              2, "assemble")
     for user in list(cache_node.users):
         user.replace_all_uses_with(k_all if user.args[1] == 0 else v_all)

@@ -31,6 +31,13 @@ def format_layers(plan) -> str:
         f"{sum(plan.d2h_bytes) / MB:>7.2f} {plan.link_limit_s * MS:>8.3f} "
         f"{plan.predicted_step_s * MS:>12.3f} {plan.baseline_step_s * MS:>10.3f} "
         f"{plan.baseline_link_limit_s * MS:>15.3f}")
+    if any(plan.resident_tokens):
+        per_token = plan.coefficients.kv_bytes_per_token if plan.coefficients is not None else 0
+        lines += ["", f"resident: {sum(plan.resident_tokens)} tokens of K,V in device memory "
+                      f"({sum(plan.resident_tokens) * per_token / MB:.1f} MB; per layer above), "
+                      f"not loaded. The runtime keeps them under the same gpu_budget_bytes: the "
+                      f"budget less the slots and one assembled K,V, split evenly over the "
+                      f"layers (stages/residency.py)"]
     lines += [
         "",
         f"predicted step {plan.predicted_step_s * MS:.3f} ms vs full-KV prefetch "

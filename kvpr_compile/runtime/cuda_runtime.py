@@ -51,6 +51,7 @@ import torch
 
 from .. import config
 from . import next_call, traffic
+from .resident import resident_rows
 from .slots import SlotPool, slot_of
 
 
@@ -234,28 +235,30 @@ class CudaRuntime:
         return k[:n].permute(1, 2, 0, 3), v[:n].permute(1, 2, 0, 3)
 
     def load_tokens(self, store, layer: int, end: int, specs: list[tuple[tuple, torch.dtype]],
-                    owned: bool = False):
-        """Records [0, end) as (end, *record) views of a slot (or fresh tensors, ``owned``)."""
+                    owned: bool = False, start: int = 0):
+        """Records [start, end) as (end - start, *record) views of a slot (or fresh tensors,
+        ``owned``)."""
         current = API.current_stream(self.device)
-        prefetched = next_call.take(self, store, layer, "tokens", next_call.tokens_want(end, specs),
-                                    owned, current)
+        prefetched = next_call.take(self, store, layer, "tokens",
+                                    next_call.tokens_want(end, specs, start), owned, current)
         if prefetched is not None:
             return prefetched
-        return self._load_tokens(store, layer, end, specs, owned, current)
+        return self._load_tokens(store, layer, end, specs, owned, current, start)
 
-    def _load_tokens(self, store, layer, end, specs, owned, current):
+    def _load_tokens(self, store, layer, end, specs, owned, current, start=0):
         stores = store.token_sources(layer, specs)   # None: nothing stored that fits
+        n = end - start
         if owned:
             slot, after_free, new_memory = None, False, True
-            buffers = [torch.empty((end, *shape), dtype=dtype, device=self.device)
+            buffers = [torch.empty((n, *shape), dtype=dtype, device=self.device)
                        for shape, dtype in specs]
         else:
             slot, after_free = self.slots.take(self.key(layer), "tokens", current)
             buffers, new_memory = slot.token_buffers(specs, store.max_seq_len)
-        sources = [s[:end] for s in stores] if stores is not None else [None] * len(buffers)
+        sources = [s[start:end] for s in stores] if stores is not None else [None] * len(buffers)
         self._fill(layer, slot, after_free, new_memory, current,
-                   [(b[:end], s) for b, s in zip(buffers, sources)], part="tokens")
-        return [b[:end] for b in buffers]
+                   [(b[:n], s) for b, s in zip(buffers, sources)], part="tokens")
+        return [b[:n] for b in buffers]
 
     def prefetch_next(self, store, layer: int, l: int, end: int, specs, batch: int, heads: int,
                       head_dim: int, dtype: torch.dtype) -> None:
@@ -343,26 +346,36 @@ class CudaRuntime:
         return k_all.contiguous(), v_all.contiguous()
 
     # ---- assemble ------------------------------------------------------------------------
-    def assemble(self, store, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):
-        """Recomputed ++ loaded ++ new into fresh tensors; then the layer's slot is free."""
+    def assemble(self, store, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new,
+                 residency=(0, 0, 1, -1)):
+        """Resident ++ recomputed ++ loaded ++ new into fresh tensors (the resident rows read
+        in place, once); then the layer's slot is free. ``residency``: (r, num, den, cap)."""
         current = API.current_stream(self.device)
-        l, covered = k_rec.shape[2], store.covered(layer)
-        if covered < l:  # no stored X for [covered, l): read the stored K,V (rare, synchronous-ish)
+        r, l = residency[0], k_rec.shape[2]
+        if store.covered(layer) < r + l or (residency[1] and store.resident.filled[layer] < r):
+            # rows read from the store on the compute stream (rare): after the layer's stores
+            # (the wait for K,V[r + l:] orders them too: its copy waited for the same event)
             if self.stored[layer] is not None:
                 current.wait_event(self.stored[layer])
-            k_fix, v_fix = store.read_kv(layer, covered, l, k_new.device)
-            k_rec = torch.cat([k_rec[:, :, :covered], k_fix], dim=2)
-            v_rec = torch.cat([v_rec[:, :, :covered], v_fix], dim=2)
-        in_place = self._in_place(k_load, v_load, l)
+            k_rec, v_rec = store.stored_where_uncovered(layer, r, k_rec, v_rec, k_new.device)
+        past = r + l + k_load.shape[2]
+        held = resident_rows(store, layer, residency, past, API.copy)
+        in_place = self._in_place(k_load, v_load, l) if held is None else None
         if in_place is not None:
             return self._assemble_in_place(layer, in_place, l + k_load.shape[2], k_rec, v_rec,
                                            k_new, v_new, current)
+        parts_k, parts_v = [k_rec, k_load, k_new], [v_rec, v_load, v_new]
+        if held is not None:
+            parts_k.insert(0, held[0])
+            parts_v.insert(0, held[1])
         b, h, _, d = k_new.shape
-        s = k_rec.shape[2] + k_load.shape[2] + k_new.shape[2]
+        s = past + k_new.shape[2]
         k_all = k_new.new_empty(b, h, s, d)
         v_all = v_new.new_empty(b, h, s, d)
-        torch.cat([k_rec, k_load, k_new], dim=2, out=k_all)
-        torch.cat([v_rec, v_load, v_new], dim=2, out=v_all)
+        torch.cat(parts_k, dim=2, out=k_all)
+        torch.cat(parts_v, dim=2, out=v_all)
+        if held is not None:   # on the compute stream, after this step's reads of the rows
+            store.resident.append(layer, past, k_new, v_new, API.copy)
         self.slots.give_back(self.key(layer), current)
         self._retire()
         return k_all, v_all

@@ -24,7 +24,10 @@ import torch
 from ..ops.split import split_len
 from . import cuda_runtime
 from .checks import check_read, check_token_read, check_write
+from .resident import plain_copy, resident_rows
 from .store import KVStore, lookup
+
+NONE = (0, 0, 1, -1)   # an assemble's residency (r, num, den, cap) when nothing is resident
 
 
 def resolve(handle: torch.Tensor) -> KVStore:
@@ -43,10 +46,11 @@ def _moved_to(device):
     return device
 
 
-def cpu_load_tokens(store: KVStore, layer: int, end: int, specs, device) -> list[torch.Tensor]:
-    """The store's records [0, end) (views on CPU: no copy)."""
+def cpu_load_tokens(store: KVStore, layer: int, end: int, specs, device,
+                    start: int = 0) -> list[torch.Tensor]:
+    """The store's records [start, end) (views on CPU: no copy)."""
     check_token_read(store, layer, end, specs)
-    return store.read_tokens(layer, end, specs, _moved_to(device))
+    return store.read_tokens(layer, end, specs, _moved_to(device), start)
 
 
 def cpu_load_kv(store: KVStore, layer: int, start: int, end: int, batch: int, heads: int,
@@ -86,22 +90,27 @@ def _store(store: KVStore, layer: int, pos: int, k, v, inputs, tdims, links=()) 
 
 
 def cpu_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
-                       k_rec, v_rec, k_load, v_load, k_new, v_new, links=()):
+                       k_rec, v_rec, k_load, v_load, k_new, v_new, links=(), residency=NONE):
     """store_tokens then assemble, as the two ops do them."""
     _store(store, layer, pos, k_new, v_new, inputs, tdims, links)
-    return cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new)
+    return cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency)
 
 
 def cpu_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims, links=()) -> None:
     _store(store, layer, pos, k_new, v_new, inputs, tdims, links)
 
 
-def cpu_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):
-    l, covered = k_rec.shape[2], store.covered(layer)
-    if covered < l:   # no stored X for [covered, l): use the stored K,V there instead
-        k_fix, v_fix = store.read_kv(layer, covered, l, k_new.device)
-        k_rec = torch.cat([k_rec[:, :, :covered], k_fix], dim=2)
-        v_rec = torch.cat([v_rec[:, :, :covered], v_fix], dim=2)
+def cpu_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new,
+                 residency=NONE):
+    """resident [0, r) ++ recomputed [r, r + l) ++ loaded [r + l, past) ++ new."""
+    r = residency[0]
+    k_rec, v_rec = store.stored_where_uncovered(layer, r, k_rec, v_rec, k_new.device)
+    past = r + k_rec.shape[2] + k_load.shape[2]
+    held = resident_rows(store, layer, residency, past, plain_copy)
+    if held is not None:
+        store.resident.append(layer, past, k_new, v_new, plain_copy)
+        return (torch.cat([held[0], k_rec, k_load, k_new], dim=2),
+                torch.cat([held[1], v_rec, v_load, v_new], dim=2))
     if not k_load.shape[2]:   # ratio 1: nothing loaded
         return torch.cat([k_rec, k_new], dim=2), torch.cat([v_rec, v_new], dim=2)
     return torch.cat([k_rec, k_load, k_new], dim=2), torch.cat([v_rec, v_load, v_new], dim=2)
@@ -116,9 +125,11 @@ def cpu_cache_update(store: KVStore, k, v, layer: int, pos: int):
 
 
 # ---- CUDA runtime (streams, events, slots) -------------------------------------------------
-def stream_load_tokens(store: KVStore, layer: int, end: int, specs, device, owned: bool):
+def stream_load_tokens(store: KVStore, layer: int, end: int, specs, device, owned: bool,
+                       start: int = 0):
     check_token_read(store, layer, end, specs)
-    return cuda_runtime.runtime(store, device).load_tokens(store, layer, end, specs, owned)
+    return cuda_runtime.runtime(store, device).load_tokens(store, layer, end, specs, owned,
+                                                            start)
 
 
 def stream_load_kv(store: KVStore, layer: int, start: int, end: int, batch: int, heads: int,
@@ -134,12 +145,12 @@ def stream_wait(tensors) -> None:
 
 def stream_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
                           k_rec, v_rec, k_load, v_load, k_new, v_new, links=(),
-                          staged: bool = False):
+                          staged: bool = False, residency=NONE):
     """store_tokens, then wait for K,V[l:] and assemble. ``staged``: the graph writes a source
     in place later on, so the D2H copy reads runtime-owned copies (see CudaRuntime)."""
     stream_store(store, layer, pos, k_new, v_new, inputs, tdims, links, staged)
     cuda_runtime.wait([k_load, v_load])
-    return stream_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new)
+    return stream_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency)
 
 
 def stream_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims, links=(),
@@ -153,9 +164,10 @@ def stream_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdi
         rt.store_tokens(store, layer, pos, k_new, v_new, recs, inputs, links)
 
 
-def stream_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new):
+def stream_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new,
+                    residency=NONE):
     return cuda_runtime.runtime(store, k_new.device).assemble(store, layer, k_rec, v_rec, k_load,
-                                                              v_load, k_new, v_new)
+                                                              v_load, k_new, v_new, residency)
 
 
 def stream_prefetch_next(store: KVStore, layer: int, past: int, new: int, num: int, den: int, specs,

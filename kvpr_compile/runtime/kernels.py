@@ -47,13 +47,14 @@ def load_kv(handle, layer, start, end, batch, heads, head_dim, dtype, device, ow
 
 
 @_kernel_of(library.load_tokens)
-def load_tokens(handle, layer, end, shapes, ranks, dtypes, device, owned=False):
+def load_tokens(handle, layer, end, shapes, ranks, dtypes, device, owned=False, start=0):
     specs = split_specs(shapes, ranks, dtypes)
     store = lookup(handle)
     check_token_read(store, layer, end, specs)
-    if cuda_runtime.handles(device):  # views (end, *record) of a device slot
-        return cuda_runtime.runtime(store, device).load_tokens(store, layer, end, specs, owned)
-    loaded = store.read_tokens(layer, end, specs, device)
+    if cuda_runtime.handles(device):  # views (end - start, *record) of a device slot
+        return cuda_runtime.runtime(store, device).load_tokens(store, layer, end, specs, owned,
+                                                                start)
+    loaded = store.read_tokens(layer, end, specs, device, start)
     return [t.clone() if t.device.type == "cpu" else t for t in loaded]
 
 
@@ -87,12 +88,15 @@ def prefetch_next(handle, layer, past, new, num, den, shapes, ranks, dtypes, bat
 
 
 @_kernel_of(library.assemble)
-def assemble(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new):
+def assemble(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, resident=0,
+             resident_num=0, resident_den=1, resident_cap=-1):
     store = lookup(handle)
+    residency = (resident, resident_num, resident_den, resident_cap)
     if cuda_runtime.handles(k_new.device):
-        return cuda_runtime.runtime(store, k_new.device).assemble(store, layer, k_rec, v_rec,
-                                                                  k_load, v_load, k_new, v_new)
-    return direct.cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new)
+        return cuda_runtime.runtime(store, k_new.device).assemble(
+            store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency)
+    return direct.cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new,
+                               residency)
 
 
 library.set_slot_views(lambda device: cuda_runtime.handles(device))

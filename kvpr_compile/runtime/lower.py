@@ -95,6 +95,12 @@ def _tensors(asm) -> tuple:
     return asm.k_rec, asm.v_rec, asm.k_load, asm.v_load, asm.k_new, asm.v_new
 
 
+def _residency(asm) -> dict:
+    """The assemble's resident prefix as a keyword (none when the graph keeps none resident,
+    so graphs without one lower as before)."""
+    return {"residency": asm.residency()} if asm.resident_num else {}
+
+
 class _Steps:
     """The graph being lowered: one ``resolve`` per cache handle, and the node replacements."""
 
@@ -109,9 +115,9 @@ class _Steps:
                 self.stores[handle] = self.graph.call_function(direct.resolve, (handle,))
         return self.stores[handle]
 
-    def replace(self, node: fx.Node, target, args) -> fx.Node:
+    def replace(self, node: fx.Node, target, args, kwargs=None) -> fx.Node:
         with self.graph.inserting_before(node):
-            new = self.graph.call_function(target, tuple(args))
+            new = self.graph.call_function(target, tuple(args), kwargs or {})
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
@@ -149,7 +155,7 @@ class _Steps:
                 else:
                     target = direct.stream_store_assemble
                     args += _staged(asm.k_new, asm.v_new, st.inputs)
-                fused.add(self.replace(node, target, args))
+                fused.add(self.replace(node, target, args, _residency(asm)))
                 self.graph.erase_node(store_node)
         return fused
 
@@ -157,11 +163,13 @@ class _Steps:
         a = args_of(node)
         specs = self.specs(node, a.shapes, a.ranks, a.dtypes)
         store = self.store_of(a.handle)
+        start = () if isinstance(a.start, int) and a.start == 0 else (a.start,)
         if on_stream:
             self.replace(node, direct.stream_load_tokens,
-                         (store, a.layer, a.end, specs, a.device, bool(a.owned)))
+                         (store, a.layer, a.end, specs, a.device, bool(a.owned), *start))
         else:
-            self.replace(node, direct.cpu_load_tokens, (store, a.layer, a.end, specs, a.device))
+            self.replace(node, direct.cpu_load_tokens,
+                         (store, a.layer, a.end, specs, a.device, *start))
 
     def load_kv(self, node, on_stream: bool, folded: bool) -> None:
         a = args_of(node)
@@ -190,7 +198,8 @@ class _Steps:
     def assemble(self, node, on_stream: bool, folded: bool) -> None:
         a = args_of(node)
         target = direct.stream_assemble if on_stream else direct.cpu_assemble
-        self.replace(node, target, (self.store_of(a.handle), a.layer, *_tensors(a)))
+        self.replace(node, target, (self.store_of(a.handle), a.layer, *_tensors(a)),
+                     _residency(a))
 
     def prefetch_next(self, node, on_stream: bool, folded: bool) -> None:
         if not on_stream:   # CPU loads are views: nothing to prefetch

@@ -44,9 +44,9 @@ def kv_want(start: int, end: int, batch: int, heads: int, head_dim: int, dtype,
     return (start, end, batch, heads, head_dim, dtype, in_place)
 
 
-def tokens_want(end: int, specs) -> tuple:
+def tokens_want(end: int, specs, start: int = 0) -> tuple:
     """What a records load is asked."""
-    return (end, [(tuple(shape), dtype) for shape, dtype in specs])
+    return (start, end, [(tuple(shape), dtype) for shape, dtype in specs])
 
 
 def take(rt, store, layer: int, part: str, want: tuple, owned: bool, current):

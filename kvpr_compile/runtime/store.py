@@ -5,7 +5,10 @@ A ``KVStore`` puts together
 - the K/V buffers (``kv_storage.py``, ``kv``),
 - the per-token recompute inputs and their valid prefix (``token_records.py``, ``records``),
 - its handle tensor, registered so that compiled graphs find it (``handles.py``),
-- while the throughput schedule has split it, its micro-batch parts (``store_parts.py``).
+- while the throughput schedule has split it, its micro-batch parts (``store_parts.py``),
+- the device copy of each layer's resident prefix (``resident.py``, ``resident``): the store
+  keeps every token too, and drops those rows whenever what it holds changes other than by a
+  compiled step (an uncompiled write, a reset, new buffers, ``k_cpu``/``v_cpu`` handed out).
 
 The ops and the CUDA runtime call the methods here (``write_kv``, ``read_kv``, ``write_tokens``,
 ``read_tokens``, ...), which pass the call on to the half that owns the data, so that a test can
@@ -30,6 +33,7 @@ from . import handles
 from .geometry import CacheGeometry
 from .handles import lookup  # noqa: F401  (the store behind a handle: ``store.lookup`` for the ops)
 from .kv_storage import KVStorage
+from .resident import ResidentRows
 from .store_parts import merge
 from .token_records import TokenRecords
 
@@ -39,6 +43,7 @@ class KVStore:
         self.geometry = geometry
         self.kv = KVStorage(geometry)
         self.records = TokenRecords(geometry)
+        self.resident = ResidentRows(geometry.num_layers)
         self._changes = 0   # changes made outside both halves (see ``writes``)
         self.checked_write = self.checked_read = None   # geometry last accepted (checks.py)
         self.parts: list[KVStore] | None = None   # micro-batch stores while split
@@ -134,17 +139,30 @@ class KVStore:
         return self.records.sources(layer, specs)
 
     def read_tokens(self, layer: int, end: int, specs: list[tuple[tuple, torch.dtype]],
-                    device: torch.device | None):
-        """Records for positions ``[0, end)`` on ``device`` (TokenRecords.read)."""
-        return self.records.read(layer, end, specs, device)
+                    device: torch.device | None, start: int = 0):
+        """Records for positions ``[start, end)`` on ``device`` (TokenRecords.read)."""
+        return self.records.read(layer, end, specs, device, start)
 
     def invalidate_tokens(self, layer: int, pos: int) -> None:
-        """A write without recompute inputs at ``pos`` ends the valid prefix there."""
+        """A write without recompute inputs at ``pos`` (the uncompiled path) ends the valid
+        prefix there, and the resident rows from ``pos`` on."""
         self.records.invalidate(layer, pos)
+        self.resident.truncate(layer, pos)
 
     def covered(self, layer: int) -> int:
         """Positions ``[0, covered)`` of ``layer`` can be recomputed (TokenRecords.covered)."""
         return self.records.covered(layer)
+
+    def stored_where_uncovered(self, layer: int, r: int, k_rec, v_rec, device):
+        """The recomputed K,V of positions ``[r, r + l)`` with the rows past ``covered`` (no
+        stored X there) replaced by the stored K,V."""
+        l, covered = k_rec.shape[2], self.covered(layer)
+        if covered >= r + l:
+            return k_rec, v_rec
+        keep = max(covered - r, 0)
+        k_fix, v_fix = self.read_kv(layer, r + keep, r + l, device)
+        return (torch.cat([k_rec[:, :, :keep], k_fix], dim=2),
+                torch.cat([v_rec[:, :, :keep], v_fix], dim=2))
 
     # ---- the store as a whole ------------------------------------------------------------
     @property
@@ -155,9 +173,11 @@ class KVStore:
     def changed(self) -> None:
         """Something outside the store may have changed what it holds (its K/V handed out)."""
         self._changes += 1
+        self.resident.clear()
 
     def reset(self) -> None:
         self.records.reset()
+        self.resident.clear()
         for part in self.parts or ():
             part.reset()
 
@@ -166,6 +186,7 @@ class KVStore:
         parts): remake the K/V views and forget every memo of the fast paths."""
         self.kv.remake_views()
         self.records.forget_memos()
+        self.resident.clear()
         self._changes += 1
 
     def whole(self) -> KVStore:

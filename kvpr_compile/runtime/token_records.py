@@ -191,19 +191,19 @@ class TokenRecords:
         return out
 
     def read(self, layer: int, end: int, specs: list[tuple[tuple, torch.dtype]],
-             device: torch.device | None):
-        """Records for positions ``[0, end)``; rows past ``covered`` are unspecified (zeros if
-        nothing usable was stored): the assemble step replaces what they produce. ``device``
+             device: torch.device | None, start: int = 0):
+        """Records for positions ``[start, end)``; rows past ``covered`` are unspecified (zeros
+        if nothing usable was stored): the assemble step replaces what they produce. ``device``
         None: views of the store (zeros on the CPU if nothing fits)."""
         sources = self.sources(layer, specs)
         if sources is None:
-            return [torch.zeros((end, *shape), dtype=dtype, device=device)
+            return [torch.zeros((end - start, *shape), dtype=dtype, device=device)
                     for shape, dtype in specs]
         if traffic.ON:
-            traffic.note("tokens", *(s[:end] for s in sources))
+            traffic.note("tokens", *(s[start:end] for s in sources))
         if device is None:
-            return [s[:end] for s in sources]
-        return [s[:end].to(device, non_blocking=self.pin) for s in sources]
+            return [s[start:end] for s in sources]
+        return [s[start:end].to(device, non_blocking=self.pin) for s in sources]
 
     def covered(self, layer: int) -> int:
         """Positions ``[0, covered)`` of ``layer`` can be recomputed: its own records and those it

@@ -27,6 +27,7 @@ class Compilation:
     rows: object = None            # batch_rows: the batch roles when the column order can run
     budget: object = None          # batch_rows: the throughput budget check, or None
     ratios: dict = field(default_factory=dict)   # plan: layer -> requested split ratio
+    resident: dict = field(default_factory=dict)  # plan: layer -> (share, cap, of_rest)
     compiled: object = None        # columns or lower: the callable Dynamo gets back
 
     @property

@@ -1,7 +1,9 @@
 """Stage ``plan``: the split ratio each rewritten layer asks for, forced by ``ratio`` or
 planned for this graph's sizes: by the throughput LP for the throughput schedule (unless both
 ``ratio`` and ``micro_batches`` are given), else by the latency LP. A forced ratio never imports
-mip.
+mip. A forced ``resident_ratio`` keeps that share of every layer's past on the device (a planned
+ratio is then capped at 1 - resident_ratio); else ``gpu_budget_bytes`` (on CUDA "auto" by
+default) decides what is resident (stages/residency.py).
 
 On a CPU device with no profile named (neither ``options['profile']`` nor $KVPR_PROFILE) the
 plan is ratio 0: the store lives in the same memory, loads are views, so there is no link whose
@@ -19,6 +21,7 @@ from ..ops.nodes import args_of
 from ..plan.resolve import ENV_PROFILE
 from .compilation import Compilation
 from .dims import graph_dims
+from .residency import resident_rule
 from .throughput_plan import plan_columns
 
 
@@ -51,5 +54,9 @@ def plan(c: Compilation) -> None:
             profile=o.profile, overlap=o.overlap, num_layers=len(layers),
             batch_size=d.batch_size, hidden_size=d.hidden_size,
             kv_hidden_size=d.kv_hidden_size, dtype=d.dtype, device=d.device)
+    share = o.resident_ratio or 0.0
+    if share and o.ratio is None:   # a planned ratio recomputes from what is not resident
+        ratios = [min(r, 1.0 - share) for r in ratios]
     c.ratios = dict(zip(layers, ratios))
+    c.resident = resident_rule(c, layers) if o.schedule == "latency" else {}
     c.report.ratio_source, c.report.plan = source, planned

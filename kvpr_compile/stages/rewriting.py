@@ -8,7 +8,9 @@ from ..passes.rewrite import rewrite_site
 from ..passes.shared_inputs import shared_links
 from ..ops.nodes import args_of
 from ..ops.split import ratio_fraction
+from ..passes.graph_utils import example_value
 from .compilation import Compilation
+from .residency import describe
 
 
 def rewrite(c: Compilation) -> None:
@@ -20,11 +22,17 @@ def rewrite(c: Compilation) -> None:
     links = shared_links(c.graph, recomputing)
     for node, sl in c.slices.items():
         layer = layer_of[node]
+        share, cap, of_rest = c.resident.get(layer, (0.0, -1, False))
+        k_new = example_value(args_of(node).k)   # read before the rewrite erases the node
         effective = rewrite_site(c.graph, node, sl, c.ratios[layer],
                                  owned_loads=c.options.inner == "inductor",
-                                 links=links.get(layer, ()))
-        c.report.layers.append(rep.layer_entry(layer, sl, effective, c.ratios[layer],
-                                               links.get(layer)))
+                                 links=links.get(layer, ()), resident=share, resident_cap=cap,
+                                 ratio_of_rest=of_rest)
+        entry = rep.layer_entry(layer, sl, effective, c.ratios[layer], links.get(layer))
+        if layer in c.resident and c.resident[layer][1] != 0:
+            words = describe(c.resident[layer], k_new)
+            entry.note = "; ".join(filter(None, [entry.note, words]))
+        c.report.layers.append(entry)
 
 
 def record(c: Compilation) -> None:
