@@ -26,11 +26,11 @@ import torch
 
 from .runtime import kernels  # noqa: F401  (registers the kvpr:: ops' bodies)
 from .runtime.checks import check_write
-from .runtime.geometry import CacheGeometry
+from .runtime.geometry import CacheGeometry, HasGeometry
 from .runtime.store import KVStore
 
 
-class OffloadedKVCache:
+class OffloadedKVCache(HasGeometry):
     def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device="cpu"):
         self.geometry = CacheGeometry(num_layers, batch_size, max_seq_len, num_kv_heads, head_dim,
@@ -39,34 +39,6 @@ class OffloadedKVCache:
         self._lengths = [0] * num_layers
         self.reset_after_use = False   # reset() emptied a cache that held tokens (hf_checks.py)
         self._layer_names = tuple(str(i) for i in range(num_layers))
-
-    @property
-    def num_layers(self) -> int:
-        return self.geometry.num_layers
-
-    @property
-    def batch_size(self) -> int:
-        return self.geometry.batch_size
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.geometry.max_seq_len
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.geometry.num_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.geometry.head_dim
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.geometry.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.geometry.device
 
     @property
     def k_cpu(self) -> list[torch.Tensor]:

@@ -51,3 +51,19 @@ class CacheGeometry:
     def with_rows(self, rows: int) -> CacheGeometry:
         """The same geometry over ``rows`` batch rows (a micro-batch part)."""
         return dataclasses.replace(self, batch_size=rows)
+
+
+def _field(name: str) -> property:
+    return property(lambda self: getattr(self.geometry, name), doc=f"``geometry.{name}``")
+
+
+class HasGeometry:
+    """The geometry's fields as read-only attributes of an object that holds ``self.geometry``
+    (the cache and its store read the same sizes)."""
+    num_layers = _field("num_layers")
+    batch_size = _field("batch_size")
+    max_seq_len = _field("max_seq_len")
+    num_kv_heads = _field("num_kv_heads")
+    head_dim = _field("head_dim")
+    dtype = _field("dtype")
+    device = _field("device")

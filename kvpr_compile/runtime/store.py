@@ -30,7 +30,7 @@ import math
 import torch
 
 from . import handles
-from .geometry import CacheGeometry
+from .geometry import CacheGeometry, HasGeometry
 from .handles import lookup  # noqa: F401  (the store behind a handle: ``store.lookup`` for the ops)
 from .kv_storage import KVStorage
 from .resident import ResidentRows
@@ -38,7 +38,7 @@ from .store_parts import merge
 from .token_records import TokenRecords
 
 
-class KVStore:
+class KVStore(HasGeometry):
     def __init__(self, geometry: CacheGeometry):
         self.geometry = geometry
         self.kv = KVStorage(geometry)
@@ -54,35 +54,6 @@ class KVStore:
     def by_handle_id(handle_id: int) -> KVStore | None:
         """The live store whose handle tensor has this ``id`` (no read of the tensor)."""
         return handles.by_handle_id(handle_id)
-
-    # ---- geometry ------------------------------------------------------------------------
-    @property
-    def num_layers(self) -> int:
-        return self.geometry.num_layers
-
-    @property
-    def batch_size(self) -> int:
-        return self.geometry.batch_size
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.geometry.max_seq_len
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.geometry.num_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.geometry.head_dim
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.geometry.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.geometry.device
 
     # ---- what the halves hold (read-only names; see kv_storage.py, token_records.py) ------
     @property
