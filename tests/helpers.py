@@ -239,6 +239,26 @@ def hf_generate(model, ids, **kw):
                               return_dict_in_generate=True, **cache_kwargs(model, cache), **kw)
 
 
+
+def hf_left_padded(model, **options):
+    """Greedy ``generate`` of 10 tokens for a batch of 2 whose first row is left-padded by 3,
+    uncompiled (the reference) and then with the forward compiled by kvpr with ``options``:
+    (reference, compiled) results, with the logits."""
+    from kvpr_compile.hf import KVPRCache, cache_kwargs   # imports transformers
+    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[0, :3], ids[0, :3] = 0, 0
+
+    def run():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True,
+                                  **cache_kwargs(model, KVPRCache(model.config, 2, 64)))
+
+    ref = run()
+    model.forward = torch.compile(model.forward, backend="kvpr", options=options)
+    return ref, run()
+
 # -- backends and checks of the runs on simulated streams -----------------------------------------
 
 

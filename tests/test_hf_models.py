@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import kvpr_compile  # noqa: E402
 from kvpr_compile.hf import KVPRCache, cache_kwargs  # noqa: E402
-from helpers import (HF_SMALL, hf_build, hf_configs, hf_generate,  # noqa: E402
+from helpers import (HF_SMALL, hf_build, hf_configs, hf_generate, hf_left_padded,  # noqa: E402
                      max_rel_err, worst_rel_err)
 
 TOL = 1e-5
@@ -147,19 +147,7 @@ def test_left_padded_batch_recomputes_with_each_rows_positions():
     """Left padding gives each row its own positions; the stored RoPE records carry them, so a
     full recompute stays exact (regenerating cos/sin for 0..l-1 would not be)."""
     model = hf_build("llama")
-    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones_like(ids)
-    mask[0, :3], ids[0, :3] = 0, 0
-
-    def run():
-        with torch.no_grad():
-            return model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                  output_logits=True, return_dict_in_generate=True,
-                                  **cache_kwargs(model, KVPRCache(model.config, 2, 64)))
-
-    ref = run()
-    model.forward = torch.compile(model.forward, backend="kvpr", options={"ratio": 1.0})
-    out = run()
+    ref, out = hf_left_padded(model, ratio=1.0)
     assert worst_rel_err(out.logits, ref.logits) <= TOL
     assert torch.equal(out.sequences, ref.sequences)
     assert kvpr_compile.last_report().ratios == {0: 1.0, 1: 1.0}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import kvpr_compile
-from helpers import worst_rel_err
+from helpers import decode_steps, worst_rel_err
 from kvpr_compile.models import TinyLlama, TinyLlamaConfig
 from kvpr_compile.runtime import cuda_runtime
 
@@ -53,14 +53,7 @@ def llama_with_a_break():
 @torch.no_grad()
 def decode(run, cache):
     """Prefill, then ``STEPS`` greedy steps: (per-step logits, tokens)."""
-    nxt = run(PROMPT, cache)[:, -1].argmax(-1, keepdim=True)
-    logits, tokens = [], []
-    for _ in range(STEPS):
-        tokens.append(nxt)
-        out = run(nxt, cache)[:, -1]
-        logits.append(out)
-        nxt = out.argmax(-1, keepdim=True)
-    return logits, torch.cat(tokens, 1)
+    return decode_steps(run, PROMPT, cache, STEPS)[1:]
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import (check_race_free, decode_seeded, hf_build, hf_generate, sim_backend,
-                     tiny_llama, worst_rel_err)
+from helpers import (check_race_free, decode_seeded, hf_build, hf_generate, hf_left_padded,
+                     sim_backend, tiny_llama, worst_rel_err)
 from kvpr_compile.runtime import cuda_runtime, traffic
 from kvpr_compile.runtime.resident import ResidentRows
 
@@ -196,22 +196,8 @@ def test_hf_generate_with_a_resident_share(arch, ratio, share):
 
 
 def test_hf_left_padding_with_a_resident_share():
-    from kvpr_compile.hf import KVPRCache, cache_kwargs
     model = hf_build("llama")
-    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones_like(ids)
-    mask[0, :3], ids[0, :3] = 0, 0
-
-    def run():
-        with torch.no_grad():
-            return model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                  output_logits=True, return_dict_in_generate=True,
-                                  **cache_kwargs(model, KVPRCache(model.config, 2, 64)))
-
-    ref = run()
-    model.forward = torch.compile(model.forward, backend="kvpr",
-                                  options={"ratio": 0.5, "resident_ratio": 0.5})
-    out = run()
+    ref, out = hf_left_padded(model, ratio=0.5, resident_ratio=0.5)
     assert worst_rel_err(out.logits, ref.logits) <= TOL
     assert torch.equal(out.sequences, ref.sequences)
 
