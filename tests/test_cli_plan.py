@@ -333,7 +333,7 @@ def test_plan_prints_host_and_device_memory(capsys):
     weights = 5 * cm.layer_params(4096, 4096, ARCH_PRESETS["llama-7b"].mlp_params) * 2
     ws = data["working_set_bytes"]
     assert (f"device memory: weights {sized(weights)} (5 layers, resident) + working set "
-            f"{sized(ws)} (two K,V slots of 2049 positions, two X slots of "
+            f"{sized(ws)} (two K,V slots and an assembled K,V of 2049 positions, two X slots of "
             f"{max(data['recompute_tokens'])} tokens) = {sized(weights + ws)}") in out
 
 

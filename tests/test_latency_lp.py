@@ -160,7 +160,7 @@ def test_budget_uses_resident_prefix_and_more_budget_never_hurts():
               dtype=torch.float16)
     free = plan_split(H200, **kw)
     per_token = 2 * 16 * 4096 * 2
-    working = 2 * per_token * (2048 + 1)
+    working = 3 * per_token * (2048 + 1)   # two K,V slots and one assembled K,V
     assert free.resident_tokens == [0] * 6
     previous = math.inf   # (None is not "budget 0": it skips the memory check altogether)
     for extra_tokens in (0, 500, 1000, 3000, 6 * 2048, 6 * 2048 + 4096):
@@ -186,7 +186,7 @@ def test_budget_uses_resident_prefix_and_more_budget_never_hurts():
 def test_budget_at_the_working_set_forbids_recompute_staging():
     kw = dict(num_layers=3, batch_size=16, seq_len=1024, hidden_size=4096, kv_hidden_size=4096,
               dtype=torch.float16)
-    working = 2 * (2 * 16 * 4096 * 2) * (1024 + 1)
+    working = 3 * (2 * 16 * 4096 * 2) * (1024 + 1)
     plan = plan_split(H200, gpu_budget_bytes=working, **kw)
     assert plan.recompute_tokens == [0] * 3 and plan.resident_tokens == [0] * 3
 

@@ -71,6 +71,8 @@ ELEMENTWISE_PASSES = 1
 # The cached length the backend plans at: a graph is dynamic in the length, and l/s hardly
 # depends on s (plan/latency_ratios.py), so one plan serves every length.
 REPRESENTATIVE_SEQ_LEN = 4096
+KV_SLOTS = 2       # double-buffered K,V load slots (runtime/slots.py)
+ASSEMBLED_KV = 1   # one layer's assembled K,V alive while attention reads it
 
 
 def bytes_per_element(dtype: torch.dtype | str) -> int:
@@ -346,6 +348,7 @@ def balanced_recompute_tokens(c: LayerCoefficients, resident: float = 0,
 
 def working_set_bytes(c: LayerCoefficients, x_tokens: int, new_tokens: int = 1) -> int:
     """Device memory the double-buffered pipeline needs outside resident prefixes: two slots of
-    K,V for s+n positions (attention reads the whole length) and two X staging slots of
-    `x_tokens` positions."""
-    return 2 * c.kv_bytes_per_token * (c.seq_len + new_tokens) + 2 * c.x_bytes_per_token * x_tokens
+    K,V for s+n positions and one layer's assembled K,V (what attention reads; the whole
+    length), and two X staging slots of `x_tokens` positions."""
+    return (KV_SLOTS + ASSEMBLED_KV) * c.kv_bytes_per_token * (c.seq_len + new_tokens) \
+        + 2 * c.x_bytes_per_token * x_tokens

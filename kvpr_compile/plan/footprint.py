@@ -47,15 +47,16 @@ def host_line(ratios, *, batch: int, seq_len: int, hidden: int, kv_hidden: int, 
 
 def device_line(plan, mlp_params: int | None = None) -> str:
     """The latency schedule's device bytes: weights (resident), the working set (two K,V slots
-    of s+1 positions, two X slots of the largest l), resident prefixes."""
+    of s+1 positions and one assembled K,V, two X slots of the largest l), resident prefixes."""
     c = plan.coefficients
     p = cm.bytes_per_element(plan.dtype)
     weights = plan.num_layers * cm.layer_params(plan.hidden_size, plan.kv_hidden_size,
                                                 mlp_params) * p
     resident = sum(plan.resident_tokens) * c.kv_bytes_per_token
     text = (f"device memory: weights {sized(weights)} ({plan.num_layers} layers, resident) "
-            f"+ working set {sized(plan.working_set_bytes)} (two K,V slots of "
-            f"{plan.seq_len + 1} positions, two X slots of {max(plan.recompute_tokens)} tokens)")
+            f"+ working set {sized(plan.working_set_bytes)} (two K,V slots and an "
+            f"assembled K,V of {plan.seq_len + 1} positions, two X slots of "
+            f"{max(plan.recompute_tokens)} tokens)")
     if resident:
         text += f" + resident K,V {sized(resident)} ({sum(plan.resident_tokens)} tokens)"
     return text + f" = {sized(weights + plan.working_set_bytes + resident)}"

@@ -21,8 +21,9 @@ coefficients are O(1)); per layer i:
              (among equally fast plans: finish each layer early, recompute no more than needed,
              e.g. l = 0 when h = 2*h_kv makes shipping X a wash, keep as much resident as fits)
   budget B   x_slot >= l_i for all i;
-             sum_i r_i * 2*b*h_kv*p + 2*b*h*p * x_slot <= B - 2 * 2*b*(s+n)*h_kv*p
-             (double-buffered K,V slots and X staging slots, plus resident prefixes)
+             sum_i r_i * 2*b*h_kv*p + 2*b*h*p * x_slot <= B - 3 * 2*b*(s+n)*h_kv*p
+             (double-buffered K,V slots, one assembled K,V and X staging slots, plus
+             resident prefixes)
 Each "finish = max(preds) + duration" of the task graph is one row per predecessor: the max()
 linearised, exact because minimising the end pushes every binding row tight. Steady state this is
 the paper's t_i >= A_i + R_i, t_i >= A_i + K_i (+ D on the link, with the previous layer's rest
@@ -68,7 +69,8 @@ def plan_split(profile: HardwareProfile, *, num_layers: int, batch_size: int, se
                mlp_params: int | None = None, overlap: str = cm.DEFAULT_OVERLAP) -> Plan:
     """Solve the LP above and return the integer plan (r_i floored, l_i rounded).
 
-    gpu_budget_bytes: device memory for the KV path (staging slots + resident prefixes); None
+    gpu_budget_bytes: device memory for the KV path (staging slots, one assembled K,V,
+    resident prefixes); None
     means no resident prefix and no memory check. new_tokens=0 drops the append, the
     rest-of-layer compute and the device-memory terms (the paper's bare model). overlap: "row"
     (the paper's) or "stream" (deeper pipelining), see cost_model. ValueError on invalid sizes
@@ -115,9 +117,9 @@ def _check_budget(budget: float | None, fixed_ws: float, positions: int, batch_s
     if budget < fixed_ws:
         raise ValueError(
             f"nothing fits: gpu_budget_bytes={budget:.4g} cannot hold the "
-            f"double-buffered working set of {fixed_ws:.4g} bytes (2 slots of K,V for "
-            f"{positions} positions at batch {batch_size}); raise the budget or lower "
-            f"batch/seq_len")
+            f"double-buffered working set of {fixed_ws:.4g} bytes (2 slots of K,V and one "
+            f"assembled K,V for {positions} positions at batch {batch_size}); raise the "
+            f"budget or lower batch/seq_len")
 
 
 def _build_lp(c: cm.LayerCoefficients, num_layers: int, overlap: str, budget: float | None,

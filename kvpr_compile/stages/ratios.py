@@ -21,7 +21,7 @@ from ..ops.nodes import args_of
 from ..plan.resolve import ENV_PROFILE
 from .compilation import Compilation
 from .dims import graph_dims
-from .residency import resident_rule
+from .residency import budget_context, planned_rule, resident_rule
 from .throughput_plan import plan_columns
 
 
@@ -47,6 +47,10 @@ def plan(c: Compilation) -> None:
         ratios, source, planned = [o.ratio] * len(layers), "forced", None
     elif no_link:
         ratios, source, planned = [0.0] * len(layers), rep.CPU_NO_LINK, None
+    elif o.schedule == "latency" and o.resident_ratio is None and \
+            (ctx := budget_context(c, recompute=False)) is not None:
+        _place(c, layers, ctx)
+        return
     else:
         from ..plan.latency_ratios import choose_ratios  # local: keeps mip out of import time
         d = graph_dims(c.slices)
@@ -59,4 +63,18 @@ def plan(c: Compilation) -> None:
         ratios = [min(r, 1.0 - share) for r in ratios]
     c.ratios = dict(zip(layers, ratios))
     c.resident = resident_rule(c, layers) if o.schedule == "latency" else {}
+    c.report.ratio_source, c.report.plan = source, planned
+
+
+def _place(c: Compilation, layers: list[int], ctx) -> None:
+    """A budget decides what is resident and the split is planned: the latency LP at the
+    cache's full length places r_i and l_i per layer (stages/residency.py planned_rule)."""
+    from ..plan.latency_ratios import choose_placement  # local: keeps mip out of import time
+    o, d = c.options, graph_dims(c.slices)
+    planned, source = choose_placement(
+        profile=o.profile, overlap=o.overlap, num_layers=len(layers), batch_size=d.batch_size,
+        seq_len=ctx.max_seq_len, hidden_size=d.hidden_size, kv_hidden_size=d.kv_hidden_size,
+        dtype=d.dtype, gpu_budget_bytes=ctx.budget,
+        device=d.device)
+    c.ratios, c.resident = planned_rule(layers, planned)
     c.report.ratio_source, c.report.plan = source, planned

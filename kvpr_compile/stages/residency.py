@@ -4,11 +4,17 @@ by ``resident_ratio``, or what ``gpu_budget_bytes`` leaves after the working set
 The budget is device memory the step may use for the cache: the two load slots of K,V (sized,
 as the runtime sizes them, for the cache's ``max_seq_len``), two X slots where the layer
 recomputes, and one layer's assembled K,V (what attention reads); what is left holds resident
-rows, the same number of tokens in every layer (each layer's token costs the same bytes and the
-same link time). ``"auto"`` (the default, ``None``, on CUDA) is the device's free memory at
-compile time (the first compiled call) less ``AUTO_MARGIN``: the larger of
-``AUTO_MARGIN_FRACTION`` of it and ``AUTO_MARGIN_MIN_BYTES``, for activations, logits and the
-allocator's rounding; a number overrides it. On a CPU device nothing is resident unless a number
+rows. Where the split is planned, the latency LP places them: it is solved at the cache's full
+length under the budget and chooses r_i with l_i per layer (``planned_rule``; a resident token
+of an early layer shortens the step more than one of a late layer, whose load hides under the
+compute before it, and X slots compete with resident rows for the same bytes). Where the ratio
+is forced or there is no link to plan for, the same number of tokens is kept in every layer
+(``resident_rule``: each layer's token costs the same bytes and the same link time).
+
+``"auto"`` (the default, ``None``, on CUDA) is the device's free memory at compile time (the
+first compiled call) less ``AUTO_MARGIN``: the larger of ``AUTO_MARGIN_FRACTION`` of it and
+``AUTO_MARGIN_MIN_BYTES``, for activations, logits and the allocator's rounding; a number
+overrides it. On a CPU device nothing is resident unless a number
 or ``resident_ratio`` asks for it.
 
 The cache's capacity is read from the example call's cache (its store, through the handle); a
@@ -17,6 +23,7 @@ graph reused by a cache of another capacity keeps the tokens computed here.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -71,43 +78,80 @@ def working_set(positions: int, batch: int, kv_hidden: int, hidden: int, element
     return parts
 
 
-def resident_rule(c: Compilation, layers: list[int]) -> dict:
-    """layer -> (resident share, cap in tokens (-1: none), whether the ratio applies to the
-    past not resident), {} for none. A budget alone keeps the whole past up to the cap, and the
-    layer's ratio then recomputes that share of the rest."""
-    o = c.options
-    share = o.resident_ratio
-    if share == 0.0:
-        return {}
+@dataclass(frozen=True)
+class BudgetContext:
+    """What a budget is checked and split against: the resolved budget, the positions the
+    cache holds (its ``max_seq_len``; the runtime sizes its slots for one more), the K,V bytes
+    of one token of one layer and the step's working set outside resident rows, by part."""
+
+    budget: float
+    max_seq_len: int
+    per_token: int
+    parts: dict
+
+    @property
+    def need(self) -> int:
+        return sum(self.parts.values())
+
+
+def budget_context(c: Compilation, recompute: bool) -> BudgetContext | None:
+    """The graph's budget (``gpu_budget_bytes``, "auto" resolved) against its working set, with
+    X slots when ``recompute``; None on a CPU device with no number given. ValueError, before
+    anything is written, when the budget is below the working set."""
+    budget = c.options.gpu_budget_bytes
     node, sl = next(iter(c.slices.items()))
     k = example_value(args_of(node).k)
-    device = k.device
-    budget = o.gpu_budget_bytes
     if budget is None or budget == "auto":
-        budget = auto_budget(device)
-    if budget is None:   # CPU, nothing asked: only a forced share
-        return {layer: (share, -1, False) for layer in layers} if share else {}
+        budget = auto_budget(k.device)
+    if budget is None:
+        return None
     store = _store_of(c, node)
     b, kv_heads, _, d = (hint(s) for s in k.shape)
-    positions = store.max_seq_len if store is not None else None
-    if positions is None:
+    if store is not None:
+        positions = store.max_seq_len
+    else:
         from ..plan.cost_model import REPRESENTATIVE_SEQ_LEN
         positions = REPRESENTATIVE_SEQ_LEN
-    element = k.element_size()
-    recompute = any(c.ratios[layer] > 0 for layer in layers)
     parts = working_set(positions + 1, b, kv_heads * d, hint(example_value(sl.x).shape[-1]),
-                        element, recompute)
-    need = sum(parts.values())
-    if budget < need:
+                        k.element_size(), recompute)
+    ctx = BudgetContext(budget, positions, 2 * b * kv_heads * d * k.element_size(), parts)
+    if budget < ctx.need:
         named = ", ".join(f"{name} {n}" for name, n in parts.items())
         raise ValueError(f"kvpr: options['gpu_budget_bytes']={budget!r} is below the latency "
-                         f"working set of {need} bytes ({named}; batch {b}, {positions + 1} "
-                         f"positions)")
-    per_token = 2 * b * kv_heads * d * element
-    cap = min(int((budget - need) // (per_token * len(layers))), positions)
+                         f"working set of {ctx.need} bytes ({named}; batch {b}, "
+                         f"{positions + 1} positions)")
+    return ctx
+
+
+def resident_rule(c: Compilation, layers: list[int]) -> dict:
+    """layer -> (resident share, cap in tokens (-1: none), whether the ratio applies to the
+    past not resident), {} for none: the same cap in every layer (what is left of the budget,
+    split evenly). A budget alone keeps the whole past up to the cap, and the layer's ratio
+    then recomputes that share of the rest. (A planned split takes the LP's per-layer caps
+    instead: ``planned_rule``.)"""
+    share = c.options.resident_ratio
+    if share == 0.0:
+        return {}
+    ctx = budget_context(c, recompute=any(c.ratios[layer] > 0 for layer in layers))
+    if ctx is None:   # CPU, nothing asked: only a forced share
+        return {layer: (share, -1, False) for layer in layers} if share else {}
+    positions = ctx.max_seq_len
+    cap = min(int((ctx.budget - ctx.need) // (ctx.per_token * len(layers))), positions)
     if share is None:   # the budget decides: the whole past up to the cap
         return {layer: (1.0, cap, True) for layer in layers}
     return {layer: (share, min(cap, math.floor(share * positions)), False) for layer in layers}
+
+
+def planned_rule(layers: list[int], plan) -> tuple[dict, dict]:
+    """(layer -> ratio, layer -> residency rule) of a latency plan solved at the cache's full
+    length under the budget: layer i keeps its past up to r_i tokens resident and recomputes
+    l_i / (s - r_i) of the rest, so at the full length it does exactly what the LP chose."""
+    s = plan.seq_len
+    ratios, rules = {}, {}
+    for layer, l, r in zip(layers, plan.recompute_tokens, plan.resident_tokens):
+        ratios[layer] = l / (s - r) if s > r else 0.0
+        rules[layer] = (1.0, r, True)
+    return ratios, rules
 
 
 def describe(rule: tuple, k_new) -> str:

@@ -31,6 +31,7 @@ HF_USERS = "tests/test_hf_users.py::"
 STORE = "kvpr_compile/runtime/store.py"
 RESIDENT = "kvpr_compile/runtime/resident.py"
 RESIDENT_TESTS = "tests/test_resident.py"
+PLACEMENT = "tests/test_resident_placement.py"
 STAGING_RATIO_0 = ("tests/test_store_race.py::"
                    "test_staging_buffers_reused_at_ratio_0_wait_for_their_copy")
 NEXT_BREAKS = ("tests/test_next_call_graph_breaks.py::"
@@ -602,9 +603,26 @@ BREAKAGES = (
              (RESIDENT_TESTS + "::test_resident_share_is_exact[cpu-0.5-0.5]",),
              "the recompute of [r, r + l) reads the records of [0, l) (another position's RoPE)"),
     Breakage("resident-budget-ignores-working-set", "kvpr_compile/stages/residency.py",
-             "    if budget < need:",
+             "    if budget < ctx.need:",
              "    if False:",
              (RESIDENT_TESTS + "::test_a_budget_below_the_working_set_is_refused_before_anything"
-                               "_is_written",),
+                               "_is_written",
+              PLACEMENT + "::test_a_planned_budget_below_the_working_set_is_refused_before_"
+                          "anything_is_written"),
              "a budget below the slots accepted"),
+    # ---- the LP's placement of a budget (stages/residency.py planned_rule) -----------------
+    Breakage("placement-even-split", "kvpr_compile/stages/residency.py",
+             "        rules[layer] = (1.0, r, True)",
+             "        rules[layer] = (1.0, sum(plan.resident_tokens) // len(layers), True)",
+             (PLACEMENT + "::test_the_runtime_keeps_the_lps_resident_rows_per_layer[cpu-1-200-10]",),
+             "the runtime keeps an even split, not the LP's r_i"),
+    Breakage("placement-ratio-of-the-whole-past", "kvpr_compile/stages/residency.py",
+             "        ratios[layer] = l / (s - r) if s > r else 0.0",
+             "        ratios[layer] = l / s",
+             (PLACEMENT + "::test_the_runtime_keeps_the_lps_resident_rows_per_layer[cpu-4-200-40]",),
+             "the LP's l_i taken as a share of the whole past, not of the part not resident"),
+    Breakage("lp-working-set-without-assembled-kv", "kvpr_compile/plan/cost_model.py",
+             "ASSEMBLED_KV = 1", "ASSEMBLED_KV = 0",
+             (PLACEMENT + "::test_the_lps_memory_row_is_the_backends_check",),
+             "the LP's memory row forgets the assembled K,V the backend's check counts"),
 )
