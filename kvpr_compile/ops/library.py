@@ -120,13 +120,17 @@ def store_tokens(handle: Tensor, layer: int, pos: int, k: Tensor, v: Tensor,
 @torch.library.custom_op("kvpr::prefetch_next", mutates_args=())
 def prefetch_next(handle: Tensor, layer: int, past: int, new: int, num: int, den: int,
                   shapes: list[int], ranks: list[int], dtypes: list[int], batch: int, heads: int,
-                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+                  head_dim: int, dtype: torch.dtype, device: torch.device, resident_num: int = 0,
+                  resident_den: int = 1, resident_cap: int = -1,
+                  ratio_of_rest: bool = False) -> None:
+    """The resident rule (``resident_num/den``, ``cap``) and ``ratio_of_rest`` as the layer's
+    assemble and loads have them: the next call's loads start after its resident prefix."""
     _unimplemented("prefetch_next")
 
 
 @prefetch_next.register_fake
 def _(handle, layer, past, new, num, den, shapes, ranks, dtypes, batch, heads, head_dim, dtype,
-      device):
+      device, resident_num=0, resident_den=1, resident_cap=-1, ratio_of_rest=False):
     return None
 
 

@@ -103,6 +103,14 @@ class PrefetchNext(NamedTuple):
     head_dim: Any
     dtype: Any
     device: Any
+    resident_num: Any = 0
+    resident_den: Any = 1
+    resident_cap: Any = -1
+    ratio_of_rest: Any = False
+
+    def residency(self) -> tuple:
+        """(num, den, cap, of_rest): the resident rule of the next call's first layer."""
+        return self.resident_num, self.resident_den, self.resident_cap, self.ratio_of_rest
 
 
 class Assemble(NamedTuple):

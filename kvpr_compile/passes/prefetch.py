@@ -16,8 +16,9 @@ move; a load group whose inputs are not all defined before the new position stay
 (its past is this call's past plus this call's new tokens) are asked for right after the last
 site's assemble, by one ``kvpr.prefetch_next`` with the first site's own load arguments; the
 runtime decides whether the next call uses them (runtime/next_call.py). Latency schedule only
-(the column runner issues its loads itself), not for loads into owned tensors (inductor), and not
-for a graph with a resident prefix (``prefetch_next`` splits the next past by the ratio alone).
+(the column runner issues its loads itself) and not for loads into owned tensors (inductor). A
+first site with a resident prefix passes its rule (the assemble's, and ``kvpr_ratio_of_rest``
+from the loads): the next call's loads start after that call's resident prefix.
 """
 from __future__ import annotations
 
@@ -95,13 +96,15 @@ def prefetch_next_call(graph: fx.Graph) -> bool:
     load = None if kv is None else args_of(kv)
     if load is None or load.owned:   # owned loads: inductor runs the graph
         return False
-    if _custom(kv).get("kvpr_resident"):   # prefetch_next knows no resident prefix (yet)
-        return False
     handle, layer, l, past = load.handle, load.layer, load.start, load.end
+    resident = args_of(first)
+    residency = ((resident.resident_num, resident.resident_den, resident.resident_cap,
+                  bool(_custom(kv).get("kvpr_ratio_of_rest")))
+                 if resident.resident_num else ())
     if tokens is None:
         num, den, specs = 0, 1, ([], [], [])
     else:
-        if isinstance(l, fx.Node) and l.target is split_len:
+        if isinstance(l, fx.Node) and l.target is split_len and not residency:
             num, den = l.args[1], l.args[2]
         else:   # a static past: l is an int, the ratio is the site's
             frac = ratio_fraction(_custom(kv)["kvpr_ratio"])
@@ -113,7 +116,7 @@ def prefetch_next_call(graph: fx.Graph) -> bool:
         new = size_arg(graph, example_value(k_new).shape[2], k_new, 2)
         node = graph.call_function(PREFETCH_NEXT, (handle, layer, past, new, num, den, *specs,
                                                    load.batch, load.heads, load.head_dim,
-                                                   load.dtype, load.device))
+                                                   load.dtype, load.device, *residency))
     node.meta["custom"] = {**_custom(kv), "kvpr_role": "prefetch_next"}
     graph.lint()
     return True

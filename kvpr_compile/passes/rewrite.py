@@ -14,7 +14,8 @@ With a resident share (``resident`` > 0) the order of the past stays position or
 [0, r), recomputed [r, r + l), loaded [r + l, past), with r = min(floor(resident * past), cap);
 ``load_tokens`` then reads records [r, r + l) (``start`` = r, so RoPE's stored cos/sin are those
 positions'), ``load_kv`` starts at r + l and ``assemble`` takes r and the capacity rule (it reads
-[0, r) from the device rows, runtime/resident.py). Nodes then carry ``kvpr_resident`` too.
+[0, r) from the device rows, runtime/resident.py). Nodes then carry ``kvpr_resident`` too, and
+``kvpr_ratio_of_rest`` where l is a share of past - r (the cross-call prefetch reads it).
 
 Side inputs an earlier layer of the graph computes alike (RoPE cos/sin) are stored by that layer
 only; ``shared`` names them (passes/shared_inputs.py) and the load reads the owner's record.
@@ -102,6 +103,8 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
         node.meta["custom"] = _annotation(effective, layer, role)
         if keep:
             node.meta["custom"]["kvpr_resident"] = float(rfrac)
+            if ratio_of_rest:
+                node.meta["custom"]["kvpr_ratio_of_rest"] = True
         return node
 
     def items(node, count, role):

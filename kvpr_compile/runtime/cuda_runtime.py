@@ -261,9 +261,10 @@ class CudaRuntime:
         return [b[:n] for b in buffers]
 
     def prefetch_next(self, store, layer: int, l: int, end: int, specs, batch: int, heads: int,
-                      head_dim: int, dtype: torch.dtype) -> None:
-        """Issue ``layer``'s loads of the next call now: records [0, l) (``specs`` None: the
-        layer loads none) and K,V[l:end), into a slot of the pool, kept for ``next_call.take``.
+                      head_dim: int, dtype: torch.dtype, start: int = 0) -> None:
+        """Issue ``layer``'s loads of the next call now: records [start, start + l) (``specs``
+        None: the layer loads none) and K,V[start + l:end) (``start``: the resident prefix's
+        end), into a slot of the pool, kept for ``next_call.take``.
         Called after the step's last assemble, when no slot is read any more but the last
         layer's with ``config.assemble_in_place`` (still held: another one is taken)."""
         current = API.current_stream(self.device)
@@ -275,13 +276,14 @@ class CudaRuntime:
                 or (specs and specs[0][0] and specs[0][0][0] != store.batch_size)):
             return   # a slot still read, or a load the next call would refuse: not prefetched
         wants, views = {}, {}
+        split = start + l
         if specs is not None:
-            wants["tokens"] = next_call.tokens_want(l, specs)
-            views["tokens"] = self._load_tokens(store, layer, l, specs, False, current)
-        wants["kv"] = next_call.kv_want(l, end, batch, heads, head_dim, dtype,
+            wants["tokens"] = next_call.tokens_want(split, specs, start)
+            views["tokens"] = self._load_tokens(store, layer, split, specs, False, current, start)
+        wants["kv"] = next_call.kv_want(split, end, batch, heads, head_dim, dtype,
                                        config.assemble_in_place)
-        views["kv"] = self._load_kv(store, layer, l, end, batch, heads, head_dim, dtype, False,
-                                    current)
+        views["kv"] = self._load_kv(store, layer, split, end, batch, heads, head_dim, dtype,
+                                    False, current)
         self.slots.next_call = next_call.Prefetched(weakref.ref(self), key, layer,
                                                     self.slots.held[key], store.writes, wants,
                                                     views)

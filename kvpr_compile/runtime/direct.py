@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.split import split_len
+from ..ops.split import resident_len, split_len
 from . import cuda_runtime
 from .checks import check_read, check_token_read, check_write
 from .resident import plain_copy, resident_rows
@@ -171,14 +171,18 @@ def stream_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_
 
 
 def stream_prefetch_next(store: KVStore, layer: int, past: int, new: int, num: int, den: int, specs,
-                         batch: int, heads: int, head_dim: int, dtype, device) -> None:
+                         batch: int, heads: int, head_dim: int, dtype, device,
+                         residency=(0, 1, -1, False)) -> None:
     """The next call's loads of ``layer``: its past is this one's plus the ``new`` tokens, split at
-    ``num/den`` as the rewrite splits it (``num`` 0: no records loaded). The CPU has nothing to
+    ``num/den`` as the rewrite splits it (``num`` 0: no records loaded) after the resident prefix
+    of ``residency`` = (num, den, cap, ratio_of_rest) (``num`` 0: none). The CPU has nothing to
     prefetch (its loads are views)."""
     end = past + new
+    rnum, rden, rcap, of_rest = residency
+    r = resident_len(end, rnum, rden, rcap) if rnum else 0
+    l = split_len(end - r if of_rest else end, num, den)
     cuda_runtime.runtime(store, device).prefetch_next(
-        store, layer, split_len(end, num, den), end, specs if num else None, batch, heads,
-        head_dim, dtype)
+        store, layer, l, end, specs if num else None, batch, heads, head_dim, dtype, start=r)
 
 
 def stream_cache_update(store: KVStore, k, v, layer: int, pos: int):

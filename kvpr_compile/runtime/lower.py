@@ -209,7 +209,7 @@ class _Steps:
         specs = self.specs(node, a.shapes, a.ranks, a.dtypes)
         self.replace(node, direct.stream_prefetch_next,
                      (self.store_of(a.handle), a.layer, a.past, a.new, a.num, a.den, specs,
-                      a.batch, a.heads, a.head_dim, a.dtype, a.device))
+                      a.batch, a.heads, a.head_dim, a.dtype, a.device, a.residency()))
 
     def cache_update(self, node, on_stream: bool, folded: bool) -> None:
         a = args_of(node)

@@ -32,6 +32,8 @@ STORE = "kvpr_compile/runtime/store.py"
 RESIDENT = "kvpr_compile/runtime/resident.py"
 RESIDENT_TESTS = "tests/test_resident.py"
 PLACEMENT = "tests/test_resident_placement.py"
+NEXT_RESIDENT = ("tests/test_next_call_resident.py::"
+                 "test_each_step_uses_the_prefetch_of_the_step_before")
 STAGING_RATIO_0 = ("tests/test_store_race.py::"
                    "test_staging_buffers_reused_at_ratio_0_wait_for_their_copy")
 NEXT_BREAKS = ("tests/test_next_call_graph_breaks.py::"
@@ -625,4 +627,13 @@ BREAKAGES = (
              "ASSEMBLED_KV = 1", "ASSEMBLED_KV = 0",
              (PLACEMENT + "::test_the_lps_memory_row_is_the_backends_check",),
              "the LP's memory row forgets the assembled K,V the backend's check counts"),
+    Breakage("prefetch-next-from-zero", DIRECT,
+             "head_dim, dtype, start=r)", "head_dim, dtype, start=0)",
+             (NEXT_RESIDENT + "[share 0.5, ratio 0]",),
+             "the next call's loads prefetched from position 0, not after its resident prefix"),
+    Breakage("prefetch-next-ratio-of-the-whole-past", DIRECT,
+             "    l = split_len(end - r if of_rest else end, num, den)",
+             "    l = split_len(end, num, den)",
+             (NEXT_RESIDENT + "[budget cap 12, ratio 0.5 of the rest]",),
+             "the next call's split taken of the whole past where the budget's ratio is of the rest"),
 )
