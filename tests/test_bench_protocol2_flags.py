@@ -37,6 +37,9 @@ def test_each_pure_flag_fires_on_doctored_and_not_on_clean_numbers():
     assert fl.generate_vs_loop(48.9, 190.0) and not fl.generate_vs_loop(48.9, 52.0)
     assert fl.micro_batches_named([64, 64]) and not fl.micro_batches_named(None)
     assert not fl.micro_batches_named([128])
+    assert fl.bytes_off(1.03e9, 1e9) and not fl.bytes_off(1.01e9, 1e9)
+    assert fl.bytes_off(0.0, 1e9) and fl.bytes_off(5.0, 0) and not fl.bytes_off(0, 0)
+    assert not fl.bytes_off(None, 1e9)
 
 
 def test_explained_agreement_counts_tokens_before_the_first_near_tie():
@@ -111,6 +114,9 @@ def _child(name: str, ms: float, *, round_: int = 1, jitter: float = 0.01, host:
         out["split"] = SPLIT
     if name == ct.KVPR_RATIO0:
         out["split"] = [0.0] * 8
+    if name in ct.COUNTED:   # what the runtime's counter would say for the rule
+        out["kv_bytes_counted_per_step"] = assemble.expected_kv_per_step(
+            name, out.get("split"), MHA, CASE["prompt"], 32)
     return out
 
 
@@ -321,3 +327,48 @@ def test_run_all_records_what_the_deadline_leaves_no_time_for(monkeypatch):
 def test_the_command_lines_contender_names_are_the_protocols():
     from kvpr_compile.bench.main import V2_CONTENDERS
     assert V2_CONTENDERS == ct.NAMES       # named twice so that --help needs no torch
+
+
+# ---- a resident share of the cache (opt-in contenders) ----------------------------------
+
+
+def test_resident_share_yardsticks():
+    past = 1039
+    full = ys.kv_bytes(MHA, past)
+    third = ys.share_kv_bytes(MHA, past, 1 / 3)
+    assert third == ys.kv_bytes(MHA, past - 346)          # floor(1039 / 3) rows resident
+    assert third / full == pytest.approx(2 / 3, rel=1e-3)
+    assert ys.share_kv_bytes(MHA, past, 1.0) == 0
+    assert ys.share_t_star_ms(MHA, past, 1 / 3, RATES, 4.0) == pytest.approx(third / 55e9 * 1e3)
+    assert ys.share_t_star_ms(MHA, past, 1.0, RATES, 4.0) == 4.0
+
+
+def _with_shares(doctor=None, **ms):
+    base = {**_clean_ms()}
+    for name, share in ct.RESIDENT_SHARES.items():
+        floor = ys.share_kv_bytes(MHA, 1039, share) / 55e9 * 1e3
+        base[name] = ms.get(name, floor * 1.05)
+    return _row(base, doctor)
+
+
+def test_resident_share_contenders_carry_their_bound_and_are_clean_at_it():
+    row = _with_shares()
+    for name, share in ct.RESIDENT_SHARES.items():
+        c = row["contenders"][name]
+        assert c["flags"] == [], (name, c["flags"])
+        assert c["resident_share"] == share
+        assert c["h2d_bytes_per_step"] == ys.share_kv_bytes(MHA, 1039, share)
+        assert c["over_t_star"] == pytest.approx(1.05, rel=0.02)
+        assert c["kv_bytes_counted_per_step"] == c["kv_bytes_expected_per_step"]
+
+
+def test_resident_share_below_its_floor_or_with_other_bytes_is_flagged():
+    def off(results):   # the counter saw the bytes of budget 0: the share was not kept
+        for r in results[ct.RESIDENT_THIRD]:
+            r["kv_bytes_counted_per_step"] = assemble.expected_kv_per_step(
+                ct.KVPR_RATIO0, None, MHA, CASE["prompt"], 32)
+    row = _with_shares(off, **{ct.RESIDENT_TWO_THIRDS: 0.5})
+    assert fl.BYTES_OFF in _flags(row, ct.RESIDENT_THIRD)
+    assert fl.BELOW_FLOOR in _flags(row, ct.RESIDENT_TWO_THIRDS)
+    assert fl.T_STAR_ORDER in _flags(row, ct.RESIDENT_TWO_THIRDS)
+    assert _flags(row, ct.KVPR_RATIO0) == []

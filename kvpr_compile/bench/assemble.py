@@ -14,7 +14,7 @@ import statistics
 from . import contenders as ct
 from . import flags as fl
 from . import yardsticks as ys
-from .limits import step_h2d_bytes
+from .limits import split_tokens, step_h2d_bytes
 
 ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 HEADLINES = (("kvpr_vs_hf_generate", ct.HF_GENERATE, ct.KVPR),   # numerator / denominator
@@ -118,6 +118,12 @@ def build_row(case: dict, profile: dict, collected: dict) -> dict:
                 if own else full_kv
             c["h2d_bytes_per_step"] = moved
             c["floor_ms"] = ys.floor_ms(moved, rates)
+        if name in ct.RESIDENT_SHARES:
+            _share_yardsticks(c, ct.RESIDENT_SHARES[name], dims, past, rates, resident_ms)
+        if name in ct.COUNTED:
+            c["kv_bytes_counted_per_step"] = raw[name].get("kv_bytes_counted_per_step")
+            c["kv_bytes_expected_per_step"] = expected_kv_per_step(
+                name, raw[name].get("split"), dims, case["prompt"], case["steps"])
         c["flags"] = contender_flags(name, c, kv_link=kv_link, hf_bound=hf_bound["overlapped"],
                                      resident_ms=resident_ms, t_star=t_star,
                                      resident_bytes=(raw[name]["weight_bytes"] + full_kv
@@ -133,6 +139,34 @@ def build_row(case: dict, profile: dict, collected: dict) -> dict:
            "contenders": contenders, "absent": absent, "orders": plan}
     row["headline"] = headline(row, resident_ms)
     return row
+
+
+def _share_yardsticks(c: dict, share: float, dims: ys.Dims, past: int, rates: ys.Rates,
+                      resident_ms: float | None) -> None:
+    """A resident-share contender's bytes, floor and own T* (yardsticks.py share_*), and its
+    step over that T* (the target: at most 1.10)."""
+    c["resident_share"] = share
+    c["h2d_bytes_per_step"] = ys.share_kv_bytes(dims, past, share)
+    c["floor_ms"] = ys.floor_ms(c["h2d_bytes_per_step"], rates)
+    if resident_ms:
+        c["t_star_ms"] = ys.share_t_star_ms(dims, past, share, rates, resident_ms)
+        c["over_t_star"] = c["median_ms"] / c["t_star_ms"]
+
+
+def expected_kv_per_step(name: str, split, dims: ys.Dims, prompt: int, steps: int
+                         ) -> float | None:
+    """The K,V bytes per step the contender's rule loads, averaged over the steps' past lengths
+    (prompt .. prompt + steps - 1) as the counted decode averages them; None where unknown."""
+    pasts = range(prompt, prompt + steps)
+    if name in ct.RESIDENT_SHARES:
+        share = ct.RESIDENT_SHARES[name]
+        return sum(ys.share_kv_bytes(dims, p, share) for p in pasts) / steps
+    if name == ct.KVPR_RATIO0:
+        return sum(ys.kv_bytes(dims, p) for p in pasts) / steps
+    if not split:
+        return None
+    kv_tok = 2 * dims.batch * dims.kv_hidden * dims.elem_bytes
+    return sum((p - split_tokens(r, p)) * kv_tok for p in pasts for r in split) / steps
 
 
 def contender_flags(name: str, c: dict, *, kv_link: float, hf_bound: float,
@@ -158,12 +192,17 @@ def contender_flags(name: str, c: dict, *, kv_link: float, hf_bound: float,
         out.append(fl.OVER_BYTES_BOUND)
     if name == ct.KVPR_RATIO0 and fl.ratio0_slow(med, kv_link, resident_ms):
         out.append(fl.RATIO0_SLOW)
-    if name in ct.OFFLOADED and fl.below_floor(med, c.get("floor_ms")):
+    if (name in ct.OFFLOADED or name in ct.RESIDENT_SHARES) \
+            and fl.below_floor(med, c.get("floor_ms")):
         out.append(fl.BELOW_FLOOR)
+    if fl.bytes_off(c.get("kv_bytes_counted_per_step"), c.get("kv_bytes_expected_per_step")):
+        out.append(fl.BYTES_OFF)
     if name in ct.RESIDENTS and fl.resident_slow(med, resident_bytes, mem_read):
         out.append(fl.RESIDENT_SLOW)
     if name in (ct.KVPR, ct.KVPR_GENERATE) and fl.t_star_order(None, t_star, med)[1]:
         out.append(fl.T_STAR_ORDER)
+    if name in ct.RESIDENT_SHARES and fl.t_star_order(None, c.get("t_star_ms"), med)[1]:
+        out.append(fl.T_STAR_ORDER)   # faster than its own placement allows
     if fl.tokens_low(c.get("token_agreement"), c.get("explained_agreement")):
         out.append(fl.TOKENS)
     return out

@@ -23,6 +23,7 @@ T_STAR_ORDER = "t_star_order"           # resident <= T* <= kvpr violated
 TOKENS = "token_agreement"              # agreement below what fp16 near-ties explain
 GENERATE_VS_LOOP = "generate_vs_loop"   # HF's loop figure vs its generate figure > 15% apart
 NO_MICRO_BATCHES = "micro_batches_not_named"   # a throughput row that names no micro-batches
+BYTES_OFF = "counted_bytes_off"         # traffic counted per step vs the yardstick's > 2% apart
 
 HOST_SHARE = 0.8
 SPREAD_LIMIT = 0.10
@@ -33,6 +34,7 @@ RATIO0_FACTOR = 1.3
 FLOOR_FACTOR = 0.97
 RESIDENT_FACTOR = 3.0
 GENERATE_LIMIT = 0.15
+BYTES_LIMIT = 0.02
 
 
 def _positive(*values) -> bool:
@@ -124,3 +126,13 @@ def generate_vs_loop(generate_ms: float | None, loop_ms: float | None) -> bool:
 def micro_batches_named(micro_batches) -> bool:
     """A throughput row counts as micro-batched only if it lists more than one micro-batch."""
     return isinstance(micro_batches, (list, tuple)) and len(micro_batches) > 1
+
+
+def bytes_off(counted: float | None, expected: float | None) -> bool:
+    """The bytes the runtime counted per step are not the bytes the yardstick charges it (a
+    count of 0 where bytes are due fires too)."""
+    if counted is None or expected is None:
+        return False
+    if expected <= 0:
+        return counted > 0
+    return abs(counted - expected) / expected > BYTES_LIMIT

@@ -16,9 +16,11 @@ measured here). The process:
 3. drops that cache, runs ``gc.collect()`` and synchronises, emptying no allocator cache;
 4. snapshots the counters (counters.py), runs R timed decodes, each over a fresh cache, and
    snapshots them again: any growth marks the window not clean;
-5. writes every raw number to OUT.json (step times per repeat, host times, wall clocks, the
-   first repeat's tokens, the kvpr split, the counters, versions), or ``status`` "absent" / "error"
-   with the reason.
+5. kvpr's loop contenders decode once more, untimed, under the traffic counter: the K,V bytes
+   the runtime loaded per step, for the check against the yardstick's bytes;
+6. writes every raw number to OUT.json (step times per repeat, host times, wall clocks, the
+   first repeat's tokens, the kvpr split, the counted bytes, the counters, versions), or
+   ``status`` "absent" / "error" with the reason.
 """
 from __future__ import annotations
 
@@ -126,6 +128,14 @@ def _split() -> list[float] | None:
     return None if rep is None else [e.ratio for e in sorted(rep.layers, key=lambda e: e.layer)]
 
 
+def _counted_kv_bytes(decode) -> int:
+    """K,V bytes the runtime loads from the store over one more, untimed decode."""
+    from ..runtime import traffic
+    with traffic.counting() as counted:
+        decode(False)
+    return counted.by_kind["kv"]
+
+
 def versions() -> dict:
     import transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -165,6 +175,8 @@ def run_spec(spec: dict) -> dict:
         out["tokens"] = runs[0].tokens.tolist() if runs[0].tokens is not None else None
         if name in ct.KVPR_NAMES:
             out["split"] = _split()
+        if name in ct.COUNTED:   # after the window: the counter's bookkeeping is not timed
+            out["kv_bytes_counted_per_step"] = _counted_kv_bytes(decode) / spec["steps"]
     except Exception as exc:  # noqa: BLE001 - the parent records the reason
         out.update(status="error", reason=f"{type(exc).__name__}: {exc}",
                    traceback=traceback.format_exc(limit=-6))

@@ -1,6 +1,7 @@
 """A protocol-2 document as Markdown: per row, every contender with its spread, host time,
-order, token agreement and flags; then the yardsticks and the headline ratios, each either a
-number (both sides unflagged) or "withheld" with the flags that stopped it."""
+order, token agreement and flags; then the yardsticks, each resident-share contender's bytes
+and step over its own T*, and the headline ratios, each either a number (both sides
+unflagged) or "withheld" with the flags that stopped it."""
 from __future__ import annotations
 
 from .contenders import ALL_NAMES
@@ -38,6 +39,13 @@ def markdown(doc: dict) -> str:
                       f"(l = {row.get('t_star_l')}), HF bytes bound "
                       f"{_f(row['hf_bound_ms']['overlapped'])} (overlapped) - "
                       f"{_f(row['hf_bound_ms']['serial'])} (serial) ms, kvpr mean split {mean}"]
+        for name, c in cs.items():
+            if "resident_share" in c:
+                lines.append(f"- {name}: {c['resident_share']:.2f} of the past resident, "
+                             f"{c['h2d_bytes_per_step'] / 1e6:.1f} MB per step (counted "
+                             f"{_f((c.get('kv_bytes_counted_per_step') or 0) / 1e6, '.1f')}), "
+                             f"{_f(c.get('over_t_star'))} x its own T* "
+                             f"{_f(c.get('t_star_ms'))} ms")
         for key, h in row.get("headline", {}).items():
             text = f"{h['value']:.2f}" if h["value"] is not None else f"withheld ({h['withheld']})"
             lines.append(f"- {key}: {text}")

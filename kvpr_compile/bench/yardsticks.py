@@ -17,6 +17,9 @@ median cached length ``past`` of the timed steps, over ``layers`` layers:
 - ``t_star_ms``    min over l in [0, past] of max(link_ms(l), device_ms(l)); both are linear in
                    l, so the minimum is at an end or where they cross
 - ``resident_bytes`` the weights a step reads + the full K,V, for the resident's own bound
+- ``share_kv_bytes(s)`` a resident share s of every layer's past kept on the device (ratio 0):
+                   layers * 2 * b * (past - floor(s * past)) * h_kv * elem, the rows not resident
+- ``share_t_star_ms`` that placement's own bound: max(share_kv_bytes / H2D, the resident step)
 """
 from __future__ import annotations
 
@@ -102,3 +105,15 @@ def floor_ms(h2d_bytes: float, r: Rates) -> float:
 def resident_bound_ms(weight_bytes: float, d: Dims, past: int, r: Rates) -> float:
     """Reading the weights and the full K,V once at the measured streaming-read rate."""
     return (weight_bytes + kv_bytes(d, past)) / r.mem_read_bytes_per_s * 1e3
+
+
+def share_kv_bytes(d: Dims, past: int, share: float) -> int:
+    """K,V bytes per step with ``share`` of every layer's past resident (the runtime's rule,
+    r = floor(share * past) with the share as the rewrite's fraction)."""
+    from ..ops.split import recompute_tokens   # the same floor of the same fraction
+    return kv_bytes(d, past - recompute_tokens(share, past))
+
+
+def share_t_star_ms(d: Dims, past: int, share: float, r: Rates, resident_ms: float) -> float:
+    """What a step with that resident share cannot beat: its link time or the resident step."""
+    return max(floor_ms(share_kv_bytes(d, past, share), r), resident_ms)
