@@ -71,39 +71,28 @@ def case_facts(key: str, spec: cf.ModelSpec, layers: int, batch: int, prompt: in
             "prompt": prompt, "steps": steps, "dtype": dtype}
 
 
-def run(args) -> int:
-    import torch
-    import transformers
-
+def _settings(args, cpu: bool) -> dict | None:
+    """The run's models, sizes, dtype and contenders from ``args`` over the defaults (None when
+    they leave nothing to run)."""
     from . import contenders as ct
-    from . import schema
-    from .assemble import build_row
-    from .device import NO_CUDA, device_of
-    from .rounds import collect, orders, process_order, run_all
-    from .v2_table import markdown
-    device = device_of(args)
-    cpu = device.type != "cuda"
-    if cpu and not args.cpu:
-        print(NO_CUDA, file=sys.stderr)
-        return 2
     base = CPU if cpu else GPU
     specs = cf.CPU_MODELS if cpu else cf.GPU_MODELS
-    models = [m for m in (args.models or base["models"]) if m in specs]
-    layers = args.layers or base["layers"]
-    steps, repeats = args.steps or base["steps"], args.repeats or base["repeats"]
-    dtype = args.dtype or ("float32" if cpu else "float16")
-    names = list(args.only or ct.NAMES)
-    if not models or steps < 2 or repeats < 1 or args.rounds < 1:
-        print("kvpr bench: error: protocol 2 needs a model, --steps >= 2, --repeats >= 1",
-              file=sys.stderr)
-        return 2
-    seed = args.order_seed if args.order_seed is not None else random.SystemRandom().randrange(
-        1 << 30)
-    workdir = Path(args.workdir) if args.workdir else Path(
-        os.environ.get("TMPDIR", "/tmp")) / f"kvpr-bench-v2-{os.getpid()}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    profile_path, profile = _profile(args, device, workdir)
-    deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
+    out = dict(specs=specs, models=[m for m in (args.models or base["models"]) if m in specs],
+               layers=args.layers or base["layers"], steps=args.steps or base["steps"],
+               repeats=args.repeats or base["repeats"],
+               dtype=args.dtype or ("float32" if cpu else "float16"),
+               names=list(args.only or ct.NAMES), batches=args.batch or base["batches"],
+               prompts=args.prompt or base["prompts"])
+    if not out["models"] or out["steps"] < 2 or out["repeats"] < 1 or args.rounds < 1:
+        return None
+    return out
+
+
+def _document(args, device, profile: dict, seed: int, dtype: str) -> dict:
+    """The document's header: the card, versions, link rates, the run's seed and profile."""
+    import torch
+    import transformers
+    cpu = device.type != "cuda"
     note = cf.CPU_NOTE if cpu else ""
     if args.in_process:
         note += ("; " if note else "") + "children run in-process (test mode), not one process each"
@@ -111,45 +100,39 @@ def run(args) -> int:
     measured = not cpu and str(profile.get("source", "")).startswith("measured")
     card = profile["device_name"] if measured else (
         "cpu" if cpu else torch.cuda.get_device_name(device))
-    doc = {"protocol": 2, "device": card,
-           "torch": torch.__version__, "transformers": transformers.__version__,
-           "driver": "none (CPU run)" if cpu else driver(),
-           "h2d_gbps": profile["h2d_bytes_per_s"] / 1e9,
-           "d2h_gbps": profile["d2h_bytes_per_s"] / 1e9,
-           "tests": {"passed": 0, "failed": 0}, "rows": [], "cpu": cpu, "note": note,
-           "call_id": args.call_id or os.environ.get("KVPR_CALL_ID") or f"pid{os.getpid()}",
-           "order_seed": seed, "profile": profile, "dtype": dtype, "argv": sys.argv[1:],
-           "date": datetime.date.today().isoformat()}
+    return {"protocol": 2, "device": card,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "driver": "none (CPU run)" if cpu else driver(),
+            "h2d_gbps": profile["h2d_bytes_per_s"] / 1e9,
+            "d2h_gbps": profile["d2h_bytes_per_s"] / 1e9,
+            "tests": {"passed": 0, "failed": 0}, "rows": [], "cpu": cpu, "note": note,
+            "call_id": args.call_id or os.environ.get("KVPR_CALL_ID") or f"pid{os.getpid()}",
+            "order_seed": seed, "profile": profile, "dtype": dtype, "argv": sys.argv[1:],
+            "date": datetime.date.today().isoformat()}
 
-    def log(text):
-        print(f"  {text}", file=sys.stderr, flush=True)
+
+def _cases(args, device, st: dict, profile_path: str) -> tuple[list[dict], list[dict]]:
+    """(the children's case specs, the rows' case facts), one per model, batch and prompt."""
+    cpu = device.type != "cuda"
     cases, facts = [], []
-    for key in models:
-        for batch in args.batch or base["batches"]:
-            for prompt in args.prompt or base["prompts"]:
-                facts.append(case_facts(key, specs[key], layers, batch, prompt, steps, dtype))
-                cases.append({"model": key, "cpu": cpu, "layers": layers, "batch": batch,
-                              "prompt": prompt, "steps": steps, "repeats": repeats,
-                              "dtype": dtype, "device": str(device), "seed": args.seed,
+    for key in st["models"]:
+        for batch in st["batches"]:
+            for prompt in st["prompts"]:
+                facts.append(case_facts(key, st["specs"][key], st["layers"], batch, prompt,
+                                        st["steps"], st["dtype"]))
+                cases.append({"model": key, "cpu": cpu, "layers": st["layers"], "batch": batch,
+                              "prompt": prompt, "steps": st["steps"], "repeats": st["repeats"],
+                              "dtype": st["dtype"], "device": str(device), "seed": args.seed,
                               "profile": profile_path, "inner": args.inner,
                               "overlap": args.overlap})
-    print(f"protocol 2: {len(cases)} case(s) x {len(names)} contenders x {args.rounds} rounds, "
-          f"order seed {seed}", file=sys.stderr, flush=True)
-    plan = orders(names, seed, args.rounds)
-    doc["prestart"] = not args.no_prestart and not args.in_process
+    return cases, facts
 
-    def save(results):   # after every child: a run cut short keeps what it measured
-        doc["rows"] = []
-        for index, case in enumerate(facts):
-            row = build_row(case, profile, collect(results, index, names, plan))
-            row.update(order_seed=seed, argv=sys.argv[1:], in_process=args.in_process)
-            doc["rows"].append(row)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-    save(run_all(process_order(cases, names, rounds=args.rounds, seed=seed), deadline=deadline,
-                 workdir=workdir, in_process=args.in_process, prestart=not args.no_prestart,
-                 log=log, on_result=save))
+
+def _finish(args, doc: dict) -> int:
+    """Test counts, the schema check, the results file, the table; 1 where a contender failed
+    for another reason than a missing GPU."""
+    from . import schema
+    from .v2_table import markdown
     if args.junit:
         from .results import test_counts
         doc["tests"] = test_counts(Path(args.junit))
@@ -166,3 +149,49 @@ def run(args) -> int:
               if not why.startswith("needs CUDA")]
     return 1 if failed else 0
 
+
+def run(args) -> int:
+    from .assemble import build_row
+    from .device import NO_CUDA, device_of
+    from .rounds import collect, orders, process_order, run_all
+    device = device_of(args)
+    cpu = device.type != "cuda"
+    if cpu and not args.cpu:
+        print(NO_CUDA, file=sys.stderr)
+        return 2
+    st = _settings(args, cpu)
+    if st is None:
+        print("kvpr bench: error: protocol 2 needs a model, --steps >= 2, --repeats >= 1",
+              file=sys.stderr)
+        return 2
+    names = st["names"]
+    seed = args.order_seed if args.order_seed is not None else random.SystemRandom().randrange(
+        1 << 30)
+    workdir = Path(args.workdir) if args.workdir else Path(
+        os.environ.get("TMPDIR", "/tmp")) / f"kvpr-bench-v2-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    profile_path, profile = _profile(args, device, workdir)
+    deadline = time.monotonic() + args.deadline_s if args.deadline_s else None
+    doc = _document(args, device, profile, seed, st["dtype"])
+    cases, facts = _cases(args, device, st, profile_path)
+    print(f"protocol 2: {len(cases)} case(s) x {len(names)} contenders x {args.rounds} rounds, "
+          f"order seed {seed}", file=sys.stderr, flush=True)
+    plan = orders(names, seed, args.rounds)
+    doc["prestart"] = not args.no_prestart and not args.in_process
+
+    def save(results):   # after every child: a run cut short keeps what it measured
+        doc["rows"] = []
+        for index, case in enumerate(facts):
+            row = build_row(case, profile, collect(results, index, names, plan))
+            row.update(order_seed=seed, argv=sys.argv[1:], in_process=args.in_process)
+            doc["rows"].append(row)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+
+    def log(text):
+        print(f"  {text}", file=sys.stderr, flush=True)
+    save(run_all(process_order(cases, names, rounds=args.rounds, seed=seed), deadline=deadline,
+                 workdir=workdir, in_process=args.in_process, prestart=not args.no_prestart,
+                 log=log, on_result=save))
+    return _finish(args, doc)
