@@ -110,6 +110,36 @@ def _short(name: str) -> str:
     return short.get(name, name)
 
 
+def _run_contenders(model, ids, case: Case, env: BenchEnv, contenders, build_error: str,
+                    progress) -> tuple[dict[str, RunResult], list[str]]:
+    """One case's contenders on a built model (each one's error recorded, the run goes on),
+    printing each one's figure; returns (runs by name, tracebacks to print)."""
+    runs: dict[str, RunResult] = {}
+    failures: list[str] = []
+    if model is not None and env.cuda:
+        try:
+            warm_up(model, ids)
+        except Exception as exc:  # noqa: BLE001 - the contenders report their own errors
+            print(f" (warm-up failed: {type(exc).__name__})", end="", file=progress)
+        free_memory(env.device)
+    for name in contenders:
+        if model is None:
+            runs[name] = RunResult(name, status="error", reason=build_error)
+            continue
+        try:
+            runs[name] = run_contender(name, model, ids, case, env)
+        except Exception as exc:  # noqa: BLE001
+            runs[name] = RunResult(name, status="error", reason=f"{type(exc).__name__}: {exc}")
+            failures.append(f"  {name}: " + traceback.format_exc(limit=-3))
+        free_memory(env.device)
+        run = runs[name]
+        shown = f"{run.ms:.2f}" if run.ms is not None else run.status
+        if run.ms is not None and run.host_ms and env.cuda:   # host-bound when close
+            shown += f" (host {statistics.median(run.host_ms):.2f})"
+        print(f" {_short(name)} {shown}", end="", file=progress, flush=True)
+    return runs, failures
+
+
 def run_suite(cases: list[Case], specs: dict[str, ModelSpec], env: BenchEnv, *, layers: int,
               contenders, progress=None, on_case=None) -> list[CaseResult]:
     """Every case in order; ``on_case(results so far)`` runs after each one (e.g. to save)."""
@@ -131,32 +161,10 @@ def run_suite(cases: list[Case], specs: dict[str, ModelSpec], env: BenchEnv, *, 
             started = time.perf_counter()
             print(f"[{index}/{total}] {case.label} ({spec.attention}, {layers} layers):",
                   end="", file=progress, flush=True)
-            runs: dict[str, RunResult] = {}
-            failures: list[str] = []
             ids = prompt_ids(case, spec.vocab_size, env.device, env.seed) \
                 if model is not None else None
-            if model is not None and env.cuda:
-                try:
-                    warm_up(model, ids)
-                except Exception as exc:  # noqa: BLE001 - the contenders report their own errors
-                    print(f" (warm-up failed: {type(exc).__name__})", end="", file=progress)
-                free_memory(env.device)
-            for name in contenders:
-                if model is None:
-                    runs[name] = RunResult(name, status="error", reason=build_error)
-                    continue
-                try:
-                    runs[name] = run_contender(name, model, ids, case, env)
-                except Exception as exc:  # noqa: BLE001
-                    runs[name] = RunResult(name, status="error",
-                                           reason=f"{type(exc).__name__}: {exc}")
-                    failures.append(f"  {name}: " + traceback.format_exc(limit=-3))
-                free_memory(env.device)
-                run = runs[name]
-                shown = f"{run.ms:.2f}" if run.ms is not None else run.status
-                if run.ms is not None and run.host_ms and env.cuda:   # host-bound when close
-                    shown += f" (host {statistics.median(run.host_ms):.2f})"
-                print(f" {_short(name)} {shown}", end="", file=progress, flush=True)
+            runs, failures = _run_contenders(model, ids, case, env, contenders, build_error,
+                                             progress)
             free_memory(env.device, host=True)
             result = finish(case, spec, layers, runs, env)
             result.wall_s = time.perf_counter() - started
