@@ -60,8 +60,9 @@ u fewer positions. One more serial resource, the host, runs per layer with u_i >
     CPU_i = F + C(u),  C(u) = 2*b*u*h_kv*p / v_cpu,  F = Q projection + the query's D2H + the
             result's H2D + the measured round trip (host waits)
     CPU_i starts after ATT_{i-1} (the layer's input, hence its query, exists) and after CPU_{i-1}
-    (one host worker); ATT_i's part after the merge (merge + O projection + MLP: `post_merge_s`)
-    waits for it: finish(ATT_i) >= finish(CPU_i) + post_merge_s.
+    (one host worker; implied here by the query's wait, as ATT_{i-1} follows CPU_{i-1}); ATT_i's
+    part after the merge (merge + O projection + MLP: `post_merge_s`) waits for it:
+    finish(ATT_i) >= finish(CPU_i) + post_merge_s.
 A layer then costs about max(link, GPU, CPU + round trip + post_merge_s). With u_i = 0 there is
 no CPU task and the graph above is unchanged.
 """
