@@ -77,6 +77,20 @@ def test_gqa_with_a_host_near_the_link_attends_about_half_and_halves_the_step():
 
 
 @pytest.mark.parametrize("overlap", cm.OVERLAPS)
+def test_bare_model_balances_link_and_host_from_first_principles(overlap):
+    # No append, no rest of the layer, no round trip: the link's (s - u)/v and the host's
+    # u/v_cpu balance at u = s * v_cpu / (v + v_cpu), and the step is v / (v + v_cpu) of the
+    # full-K,V link limit: 55 / 105 = 0.52 for a 50 GB/s host next to a 55 GB/s link.
+    v, v_cpu, s = H200.h2d_bytes_per_s, 50e9, 2048
+    plan = plan_split(H200, num_layers=4, seq_len=s, **GQA, new_tokens=0, overlap=overlap,
+                      cpu_attention_bytes_per_s=v_cpu, cpu_round_trip_s=0.0)
+    for u in plan.cpu_tokens:
+        assert abs(u - s * v_cpu / (v + v_cpu)) <= 2, plan.cpu_tokens
+    ratio = plan.predicted_step_s / plan.baseline_link_limit_s
+    assert ratio == pytest.approx(v / (v + v_cpu), rel=2e-3)
+
+
+@pytest.mark.parametrize("overlap", cm.OVERLAPS)
 def test_no_rate_zero_rate_or_a_slow_host_plan_exactly_as_before(overlap):
     kw = dict(num_layers=5, seq_len=2048, overlap=overlap)
     for dims in (GQA, MHA):

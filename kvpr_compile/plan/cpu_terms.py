@@ -53,7 +53,8 @@ def with_cpu_terms(c: cm.LayerCoefficients, profile, *, batch_size: int, hidden_
     p = cm.bytes_per_element(dtype)
     b, h, n = batch_size, hidden_size, new_tokens
     v_gpu, v_read = profile.flops(dtype), profile.mem_read_bytes_per_s
-    q_proj = max(2 * b * n * h * h / v_gpu, h * h * p / v_read)
+    # the Q projection is part of rest, which the bare model (n = 0) leaves out
+    q_proj = max(2 * b * n * h * h / v_gpu, h * h * p / v_read) if n > 0 else 0.0
     vectors = b * n * h * p
     fixed = (q_proj + vectors / profile.d2h_bytes_per_s + vectors / profile.h2d_bytes_per_s
              + round_trip_s)
