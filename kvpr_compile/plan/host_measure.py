@@ -1,12 +1,13 @@
 """The host's rates for CPU co-attention, measured on this machine (a CPU-only one too), and
 attached to a hardware profile.
 
-The timing itself is bench/host_rates.py's (one decode query per sequence attending to host K,V
-with matmul -> logsumexp -> matmul, GQA heads sharing a K,V head; a small D2H + H2D with the
-host waiting for each): this module picks the shapes and the thread count the CPU worker will
-use, and keeps, per dtype, the slowest of the shapes (bytes of K+V attended per second), so a
-plan never counts on the host's best case. Without CUDA the round trip is not measured: it is
-recorded as None and the profile's notes say so.
+The timing itself is host_timing.py's, shared with the benchmark's bench/host_rates.py (one
+decode query per sequence attending to host K,V with matmul -> logsumexp -> matmul, GQA heads
+sharing a K,V head; a small D2H + H2D with the host waiting for each): this module picks the
+shapes and the thread count the CPU worker will use, and keeps, per dtype, the slowest of the
+shapes (bytes of K+V attended per second), so a plan never counts on the host's best case.
+Without CUDA the round trip is not measured: it is recorded as None and the profile's notes say
+so.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import dataclasses
 
 import torch
 
-from ..bench import host_rates
+from . import host_timing
 from .profile import DTYPE_KEYS, HardwareProfile
 
 # Decode shapes (one query token per sequence): GQA 4:1 and MHA, K,V of 16 MiB each in fp16,
@@ -23,7 +24,7 @@ HOST_SHAPES = ({"name": "GQA 32:8 b4 past 1024", "batch": 4, "heads": 32, "kv_he
                 "head_dim": 128, "past": 1024},
                {"name": "MHA 32:32 b4 past 256", "batch": 4, "heads": 32, "kv_heads": 32,
                 "head_dim": 128, "past": 256})
-QUICK_SHAPES = host_rates.QUICK_SHAPES
+QUICK_SHAPES = host_timing.QUICK_SHAPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +52,10 @@ def measure_host(*, threads: int | None = None, dtypes: tuple[str, ...] = DTYPE_
     shapes = QUICK_SHAPES if quick else HOST_SHAPES
     rates = {}
     for dtype in dtypes:
-        measured = [host_rates.attention_rate(shape, dtype, n, repeats=repeats,
-                                              budget_s=budget_s) for shape in shapes]
+        measured = [host_timing.attention_rate(shape, dtype, n, repeats=repeats,
+                                               budget_s=budget_s) for shape in shapes]
         rates[dtype] = min(m["kv_bytes"] / (m["ms"] / 1e3) for m in measured)
-    trip = host_rates.round_trip(repeats=5 if quick else 50)
+    trip = host_timing.round_trip(repeats=5 if quick else 50)
     round_trip_s = trip["median_us"] / 1e6 if "median_us" in trip else None
     names = ", ".join(shape["name"] for shape in shapes)
     why = (f"round trip of {trip['bytes']} bytes D2H + H2D with host waits, median of "
