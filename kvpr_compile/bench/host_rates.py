@@ -1,10 +1,10 @@
-"""Host-side rates the placement work needs, measured on the CPU (a GPU only for the round trip).
+"""Host-side rates the placement work needs, measured on the CPU (a GPU only for the round trip),
+for the benchmark; the timing of the host's attention and of the round trip is
+plan/host_timing.py's (shared with `kvpr profile --host`).
 
-- ``attention_rate``: one decode query per sequence attending to host-resident K,V, as the CPU
-  part of a split attention would: scores = q K^T / sqrt(d) (GQA: the query heads of a group
-  share one K,V head), L = logsumexp(scores), p = exp(scores - L), out = p V; both the output and
-  L come back (the merge needs L). Reported as GB/s of K,V attended (K,V bytes / time), per dtype
-  and thread count (``torch.set_num_threads``: 1, 2, 4, ... up to every core).
+- ``attention_rate``: one decode query per sequence attending to host-resident K,V (see
+  plan/host_timing.py), as GB/s of K,V attended, per dtype and thread count
+  (``torch.set_num_threads``: 1, 2, 4, ... up to every core).
 - ``memory_bandwidth``: a large host tensor copied (bytes read + written per second) and summed
   (bytes read per second) with every thread.
 - ``round_trip``: a small device tensor to pinned host memory and back, the host waiting for each
@@ -15,21 +15,21 @@
 """
 from __future__ import annotations
 
-import math
 import os
-import statistics
 import time
 
 import torch
+
+from ..plan.host_timing import (QUICK_SHAPES, attend, attention_rate, decode_tensors,
+                                median_seconds, round_trip)
+
+__all__ = ["DECODE_SHAPES", "DTYPES", "QUICK_SHAPES", "attend", "attention_rate",
+           "decode_tensors", "measure", "memory_bandwidth", "round_trip", "thread_counts"]
 
 DECODE_SHAPES = ({"name": "llama-7b b16 p1024", "batch": 16, "heads": 32, "kv_heads": 32,
                   "head_dim": 128, "past": 1024},
                  {"name": "llama-3-8b b16 p1024", "batch": 16, "heads": 32, "kv_heads": 8,
                   "head_dim": 128, "past": 1024})
-QUICK_SHAPES = ({"name": "toy MHA", "batch": 2, "heads": 4, "kv_heads": 4, "head_dim": 16,
-                 "past": 64},
-                {"name": "toy GQA", "batch": 2, "heads": 4, "kv_heads": 2, "head_dim": 16,
-                 "past": 64})
 DTYPES = ("float16", "bfloat16")
 
 
@@ -42,86 +42,14 @@ def thread_counts(cores: int | None = None) -> list[int]:
     return counts + [cores]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (b, h, 1, d), k and v (b, h_kv, s, d) -> (out (b, h, 1, d), logsumexp (b, h, 1))."""
-    b, h, _, d = q.shape
-    h_kv = k.shape[1]
-    g = h // h_kv
-    qg = q.reshape(b, h_kv, g, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    p = torch.exp(scores - lse).to(v.dtype)
-    out = torch.matmul(p, v)                                     # (b, h_kv, g, d)
-    return out.reshape(b, h, 1, d), lse.reshape(b, h, 1)
-
-
-def _time(fn, repeats: int, budget_s: float) -> float:
-    """Median seconds of ``fn()`` after one warm call, over at most ``repeats`` calls and
-    ``budget_s`` seconds."""
-    fn()
-    times, spent = [], 0.0
-    while len(times) < repeats and (spent < budget_s or not times):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        spent += dt
-    return statistics.median(times)
-
-
-def decode_tensors(shape: dict, dtype: str) -> tuple[torch.Tensor, ...]:
-    """q (b, h, 1, d) and host-resident K, V (b, h_kv, past, d) of one decode step."""
-    dt = getattr(torch, dtype)
-    gen = torch.Generator().manual_seed(0)
-    b, h, h_kv, d, s = (shape[k] for k in ("batch", "heads", "kv_heads", "head_dim", "past"))
-    return tuple(torch.randn(*dims, generator=gen, dtype=dt)
-                 for dims in ((b, h, 1, d), (b, h_kv, s, d), (b, h_kv, s, d)))
-
-
-def attention_rate(shape: dict, dtype: str, threads: int, repeats: int = 5,
-                   budget_s: float = 1.0, tensors=None) -> dict:
-    q, k, v = tensors if tensors is not None else decode_tensors(shape, dtype)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        sec = _time(lambda: attend(q, k, v), repeats, budget_s)
-    finally:
-        torch.set_num_threads(before)
-    kv = (k.numel() + v.numel()) * k.element_size()
-    return {"shape": shape["name"], "dtype": dtype, "threads": threads, "kv_bytes": kv,
-            "ms": sec * 1e3, "gb_per_s": kv / sec / 1e9}
-
-
 def memory_bandwidth(mib: int = 256, repeats: int = 5) -> dict:
     src = torch.ones(mib << 18, dtype=torch.float32)            # mib MiB
     dst = torch.empty_like(src)
     size = src.numel() * src.element_size()
-    copy = _time(lambda: dst.copy_(src), repeats, 2.0)
-    read = _time(lambda: src.sum(), repeats, 2.0)
+    copy = median_seconds(lambda: dst.copy_(src), repeats, 2.0)
+    read = median_seconds(lambda: src.sum(), repeats, 2.0)
     return {"bytes": size, "threads": torch.get_num_threads(),
             "copy_gb_per_s": 2 * size / copy / 1e9, "read_gb_per_s": size / read / 1e9}
-
-
-def round_trip(nbytes: int = 4096, repeats: int = 50) -> dict:
-    if not torch.cuda.is_available():
-        return {"absent": "needs CUDA (a device-to-host and host-to-device copy)"}
-    dev = torch.zeros(nbytes // 2, dtype=torch.float16, device="cuda")
-    host = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
-    back = torch.empty_like(dev)
-
-    def once():
-        host.copy_(dev, non_blocking=True)
-        torch.cuda.current_stream().synchronize()               # the host waits for the query
-        back.copy_(host, non_blocking=True)
-        torch.cuda.current_stream().synchronize()               # and for the result's landing
-    times = []
-    once()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        once()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return {"bytes": nbytes, "median_us": statistics.median(times), "min_us": min(times),
-            "repeats": repeats}
 
 
 def measure(quick: bool = False, cores: int | None = None, max_s: float = 40.0) -> dict:

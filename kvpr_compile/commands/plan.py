@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from ..plan.arch_presets import ARCH_PRESETS, Arch
@@ -46,6 +47,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--micro-batches", type=int, default=None,
                         help="throughput schedule: number of micro-batches (default: planned "
                              "under --gpu-budget-gb)")
+    parser.add_argument("--cpu-attention-gbps", default=None, metavar="X",
+                        help="the host's attention rate in GB/s of K,V (1e9 bytes/s), overriding "
+                             "the profile's: the LP then attends part of each layer's past on "
+                             "the CPU where it pays; 0: none (default: the profile's rate, none "
+                             "without one)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(func=run)
     return parser
@@ -62,7 +68,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     layers = arch.num_layers if args.layers is None else args.layers
     budget = None if args.gpu_budget_gb is None else args.gpu_budget_gb * 1e9
+    try:
+        cpu_rate = cpu_attention_rate(args.cpu_attention_gbps)
+    except ValueError as exc:
+        print(f"kvpr plan: error: {exc}", file=sys.stderr)
+        return 2
     if args.schedule == "throughput":
+        if cpu_rate is not None:
+            print("kvpr plan: error: --cpu-attention-gbps plans the latency schedule's CPU "
+                  "share; the throughput schedule has none", file=sys.stderr)
+            return 2
         return run_throughput(args, arch, layers, budget)
     if args.micro_batches is not None:
         print("kvpr plan: error: --micro-batches needs --schedule throughput", file=sys.stderr)
@@ -72,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_split(profile, num_layers=layers, batch_size=args.batch, seq_len=args.seq,
                           hidden_size=arch.hidden_size, kv_hidden_size=arch.kv_hidden_size,
                           dtype=args.dtype, gpu_budget_bytes=budget, mlp_params=arch.mlp_params,
-                          overlap=args.overlap or cm.DEFAULT_OVERLAP)
+                          overlap=args.overlap or cm.DEFAULT_OVERLAP,
+                          cpu_attention_bytes_per_s=cpu_rate)
     except (ValueError, RuntimeError) as exc:
         print(f"kvpr plan: error: {exc}", file=sys.stderr)
         return 2
@@ -82,6 +98,22 @@ def run(args: argparse.Namespace) -> int:
         print(format_plan(plan, arch, profile))
         print(memory_lines(plan, arch))
     return 0
+
+
+def cpu_attention_rate(text: str | None) -> float | None:
+    """--cpu-attention-gbps in bytes/s (None: not given); ValueError in words unless it is a
+    finite number of GB/s >= 0."""
+    if text is None:
+        return None
+    try:
+        gbps = float(text)
+    except ValueError:
+        raise ValueError(f"--cpu-attention-gbps takes the host's attention rate in GB/s of K,V "
+                         f"(a number >= 0), got {text!r}") from None
+    if not math.isfinite(gbps) or gbps < 0:
+        raise ValueError(f"--cpu-attention-gbps must be a finite number of GB/s >= 0 (0: no CPU "
+                         f"share), got {text!r}")
+    return gbps * 1e9
 
 
 def _shape(args) -> tuple[Arch, str]:
@@ -154,6 +186,7 @@ def format_plan(plan, arch: Arch, profile) -> str:
         "",
     ]
     lines.append(format_layers(plan))
+    lines += cpu_lines(plan)
     if plan.gpu_budget_bytes is not None:
         used = plan.working_set_bytes + sum(plan.resident_tokens) * c.kv_bytes_per_token
         lines.append(f"GPU budget {plan.gpu_budget_bytes / 1e9:.2f} GB: working set "
@@ -161,6 +194,23 @@ def format_plan(plan, arch: Arch, profile) -> str:
                      f"{sum(plan.resident_tokens) * c.kv_bytes_per_token / 1e9:.2f} GB = "
                      f"{used / 1e9:.2f} GB")
     return "\n".join(lines)
+
+
+def cpu_lines(plan) -> list[str]:
+    """The CPU share: the host rate planned with and the step against the full-K,V link limit
+    (nothing without a host rate, but the note saying so)."""
+    if plan.cpu_attention_bytes_per_s is None:
+        return [f"CPU share: none ({plan.cpu_note.removeprefix('no CPU share: ')})"]
+    share = sum(plan.cpu_tokens) / (plan.num_layers * plan.seq_len)
+    trip = plan.cpu_round_trip_s or 0.0
+    lines = [f"CPU share: {share:.3f} of the past on average attended on the host at "
+             f"{plan.cpu_attention_bytes_per_s / 1e9:.2f} GB/s (round trip {trip * 1e6:.1f} us; "
+             f"per layer in the 'cpu' column); predicted step {plan.predicted_step_s * 1e3:.3f} "
+             f"ms = {plan.predicted_step_s / plan.baseline_link_limit_s:.2f}x the full-K,V link "
+             f"limit {plan.baseline_link_limit_s * 1e3:.3f} ms"]
+    if plan.cpu_note:
+        lines.append(f"           {plan.cpu_note}")
+    return lines
 
 
 def memory_lines(plan, arch: Arch) -> str:

@@ -52,10 +52,23 @@ per-token recompute, assemble and rest terms (`recompute_s_per_token`, `assemble
 `rest_s` below).
 
 D sharing the link is conservative (PCIe is full duplex).
+
+CPU co-attention (only with a host attention rate v_cpu, bytes of K,V attended per second; terms
+in cpu_terms.py): u_i more tokens per layer, the last u of the store's range [r+l, s) attended
+on the host where they lie, so KV_i ships s-l-r-u tokens and the GPU attends (and assembles)
+u fewer positions. One more serial resource, the host, runs per layer with u_i > 0
+    CPU_i = F + C(u),  C(u) = 2*b*u*h_kv*p / v_cpu,  F = Q projection + the query's D2H + the
+            result's H2D + the measured round trip (host waits)
+    CPU_i starts after ATT_{i-1} (the layer's input, hence its query, exists) and after CPU_{i-1}
+    (one host worker; implied here by the query's wait, as ATT_{i-1} follows CPU_{i-1}); ATT_i's
+    part after the merge (merge + O projection + MLP: `post_merge_s`) waits for it:
+    finish(ATT_i) >= finish(CPU_i) + post_merge_s.
+A layer then costs about max(link, GPU, CPU + round trip + post_merge_s). With u_i = 0 there is
+no CPU task and the graph above is unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
@@ -169,11 +182,31 @@ class LayerCoefficients:
     rest_s: float                 # rest
     assemble_s: float = 0.0       # M
     recompute_gemm_s_per_token: float = 0.0  # the GEMM part of recompute_s_per_token
+    # CPU co-attention (cpu_terms.py; all 0 without a host rate): C(u) = cpu_s_per_token * u,
+    # F = cpu_fixed_s, the part of ATT after the merge, and what the GPU saves per position the
+    # host attends (its assemble and attention reads)
+    cpu_s_per_token: float = 0.0
+    cpu_fixed_s: float = 0.0
+    post_merge_s: float = 0.0
+    gpu_kv_s_per_token: float = 0.0
 
     @property
     def attention_s(self) -> float:
         """The GPU task after recompute and loads: assemble + rest of the layer (M + rest)."""
         return self.assemble_s + self.rest_s
+
+    @property
+    def has_cpu(self) -> bool:
+        """Whether a host attention rate is known (else no token may go to the CPU)."""
+        return self.cpu_s_per_token > 0
+
+    def gpu_attention_s(self, u: float = 0) -> float:
+        """ATT with u positions attended on the host: M + rest less their assemble and reads."""
+        return self.attention_s - self.gpu_kv_s_per_token * u
+
+    def cpu_s(self, u: float) -> float:
+        """CPU_i: F + C(u) for u > 0; no task (0) for u = 0."""
+        return self.cpu_fixed_s + self.cpu_s_per_token * u if u > 0 else 0.0
 
     def x_load_s(self, l: float) -> float:
         return self.x_s_per_token * l
@@ -181,11 +214,11 @@ class LayerCoefficients:
     def recompute_s(self, l: float) -> float:
         return self.recompute_s_per_token * l
 
-    def kv_load_s(self, l: float, r: float = 0) -> float:
-        return self.kv_s_per_token * (self.seq_len - l - r)
+    def kv_load_s(self, l: float, r: float = 0, u: float = 0) -> float:
+        return self.kv_s_per_token * (self.seq_len - l - r - u)
 
-    def h2d_bytes(self, l: int, r: int = 0) -> int:
-        return self.x_bytes_per_token * l + self.kv_bytes_per_token * (self.seq_len - l - r)
+    def h2d_bytes(self, l: int, r: int = 0, u: int = 0) -> int:
+        return self.x_bytes_per_token * l + self.kv_bytes_per_token * (self.seq_len - l - r - u)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -232,6 +265,7 @@ class FinishTimes:
     kv_load: list[float]
     attention: list[float]
     store: list[float]
+    cpu: list[float] = field(default_factory=list)   # CPU_i's finish (0: no CPU task)
 
     @property
     def total(self) -> float:
@@ -254,19 +288,21 @@ def check_overlap(overlap: str) -> str:
 
 
 def finish_times(c: LayerCoefficients, recompute_tokens: Sequence[float],
-                 resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP
-                 ) -> FinishTimes:
-    """Walk the task graph above forward for per-layer l_i (recompute) and r_i (resident)."""
+                 resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP,
+                 cpu_tokens: Sequence[float] | None = None) -> FinishTimes:
+    """Walk the task graph above forward for per-layer l_i (recompute), r_i (resident) and u_i
+    (attended on the host; None: none)."""
     check_overlap(overlap)
     n = len(recompute_tokens)
     resident_tokens = list(resident_tokens) if resident_tokens is not None else [0] * n
-    if len(resident_tokens) != n or n == 0:
-        raise ValueError("need one recompute and one resident count per layer (at least one layer)")
-    for l, r in zip(recompute_tokens, resident_tokens):
-        if l < 0 or r < 0 or l + r > c.seq_len:
-            raise ValueError(f"need 0 <= l, r and l + r <= s={c.seq_len}; got l={l}, r={r}")
-    fx, frc, fkv, fatt, fst = ([0.0] * n for _ in range(5))
-    for i, (l, r) in enumerate(zip(recompute_tokens, resident_tokens)):
+    cpu_tokens = list(cpu_tokens) if cpu_tokens is not None else [0] * n
+    if len(resident_tokens) != n or len(cpu_tokens) != n or n == 0:
+        raise ValueError("need one recompute, resident and CPU count per layer (at least one "
+                         "layer)")
+    check_counts(c, recompute_tokens, resident_tokens, cpu_tokens)
+    fx, frc, fkv, fatt, fst, fcpu = ([0.0] * n for _ in range(6))
+    host_free = 0.0
+    for i, (l, r, u) in enumerate(zip(recompute_tokens, resident_tokens, cpu_tokens)):
         link_free = 0.0 if i == 0 else (fkv[0] if i == 1 else fst[i - 2])
         if overlap == "row":
             window = frc[i - 1] if i else 0.0
@@ -274,34 +310,54 @@ def finish_times(c: LayerCoefficients, recompute_tokens: Sequence[float],
             window = fatt[i - 2] if i >= 2 else 0.0
         fx[i] = max(link_free, window) + c.x_load_s(l)
         frc[i] = max(fx[i], fatt[i - 1] if i else 0.0) + c.recompute_s(l)
-        fkv[i] = fx[i] + c.kv_load_s(l, r)
-        fatt[i] = max(frc[i], fkv[i]) + c.attention_s
+        fkv[i] = fx[i] + c.kv_load_s(l, r, u)
+        fatt[i] = max(frc[i], fkv[i]) + c.gpu_attention_s(u)
+        if u > 0:
+            fcpu[i] = host_free = max(fatt[i - 1] if i else 0.0, host_free) + c.cpu_s(u)
+            fatt[i] = max(fatt[i], fcpu[i] + c.post_merge_s)
         if i:
             fst[i - 1] = max(fatt[i - 1], fkv[i]) + c.store_s
     fst[n - 1] = max(fatt[n - 1], fst[n - 2] if n > 1 else fkv[0]) + c.store_s
-    return FinishTimes(fx, frc, fkv, fatt, fst)
+    return FinishTimes(fx, frc, fkv, fatt, fst, fcpu)
+
+
+def check_counts(c: LayerCoefficients, recompute_tokens, resident_tokens, cpu_tokens) -> None:
+    """ValueError unless every layer has 0 <= l, r, u and l + r + u <= s, and u = 0 where no
+    host rate is known."""
+    for l, r, u in zip(recompute_tokens, resident_tokens, cpu_tokens):
+        if l < 0 or r < 0 or u < 0 or l + r + u > c.seq_len:
+            raise ValueError(f"need 0 <= l, r, u and l + r + u <= s={c.seq_len}; got l={l}, "
+                             f"r={r}, u={u} (recompute, resident, CPU tokens)")
+        if u > 0 and not c.has_cpu:
+            raise ValueError(f"{u} tokens attended on the CPU, but these coefficients have no "
+                             f"host attention rate")
 
 
 def step_times(c: LayerCoefficients, recompute_tokens: Sequence[float],
-               resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP
-               ) -> tuple[list[float], float]:
+               resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP,
+               cpu_tokens: Sequence[float] | None = None) -> tuple[list[float], float]:
     """Per-layer times and the tail (after the last attention); they sum to the step time."""
-    done = finish_times(c, recompute_tokens, resident_tokens, overlap)
+    done = finish_times(c, recompute_tokens, resident_tokens, overlap, cpu_tokens)
     return done.layer_times, done.tail
 
 
 def step_time(c: LayerCoefficients, recompute_tokens: Sequence[float],
-              resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP
-              ) -> float:
-    return finish_times(c, recompute_tokens, resident_tokens, overlap).total
+              resident_tokens: Sequence[float] | None = None, overlap: str = DEFAULT_OVERLAP,
+              cpu_tokens: Sequence[float] | None = None) -> float:
+    return finish_times(c, recompute_tokens, resident_tokens, overlap, cpu_tokens).total
 
 
 def link_time(c: LayerCoefficients, profile, recompute_tokens: Sequence[int],
-              resident_tokens: Sequence[int] | None = None) -> float:
-    """The physical limit: all bytes the step moves over the link divided by its bandwidths."""
+              resident_tokens: Sequence[int] | None = None,
+              cpu_tokens: Sequence[int] | None = None) -> float:
+    """The physical limit: all bytes the step moves over the link divided by its bandwidths
+    (the CPU share's query and result, a few KB per layer, left out)."""
     if resident_tokens is None:
         resident_tokens = [0] * len(recompute_tokens)
-    h2d = sum(c.h2d_bytes(l, r) for l, r in zip(recompute_tokens, resident_tokens))
+    if cpu_tokens is None:
+        cpu_tokens = [0] * len(recompute_tokens)
+    h2d = sum(c.h2d_bytes(l, r, u)
+              for l, r, u in zip(recompute_tokens, resident_tokens, cpu_tokens))
     d2h = c.store_bytes * len(recompute_tokens)
     return h2d / profile.h2d_bytes_per_s + d2h / profile.d2h_bytes_per_s
 

@@ -40,6 +40,11 @@ class Plan:
     working_set_bytes: int = 0
     overlap: str = cm.DEFAULT_OVERLAP
     coefficients: cm.LayerCoefficients | None = None
+    cpu_tokens: list[int] = field(default_factory=list)   # u_i, attended on the host
+    cpu_ratios: list[float] = field(default_factory=list)  # u_i / s
+    cpu_attention_bytes_per_s: float | None = None        # the host rate planned with
+    cpu_round_trip_s: float | None = None                 # the round trip planned with
+    cpu_note: str = ""                                    # why no share, or what was assumed
 
     @property
     def speedup(self) -> float:
@@ -49,6 +54,9 @@ class Plan:
         ratios = self.ratios or [0.0]
         resident = (f", {sum(self.resident_tokens)} tokens resident"
                     if any(self.resident_tokens) else "")
+        if any(self.cpu_tokens):
+            resident += (f", CPU share {min(self.cpu_ratios):.3f}..{max(self.cpu_ratios):.3f}"
+                         f" attended on the host")
         return (f"plan [{self.profile_name}, {self.overlap} overlap, b={self.batch_size}, "
                 f"s={self.seq_len}, h={self.hidden_size}, h_kv={self.kv_hidden_size}, "
                 f"{self.dtype}]: recompute ratio {min(ratios):.3f}..{max(ratios):.3f} over "

@@ -1,6 +1,7 @@
 """Measuring a hardware profile on this CUDA device: pinned copies, device copies and GEMMs,
-timed with CUDA events. Without CUDA nothing is measured (RuntimeError naming the presets):
-nothing is ever made up.
+timed with CUDA events, and the host's CPU-attention rates and round trip (host_measure.py).
+Without CUDA nothing is measured here (RuntimeError naming the presets): nothing is ever made
+up (the host's rates alone are measured by host_measure.py on any machine).
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def measure(device: str | torch.device | int = "cuda", *, repeats: int = 10, war
             sizes: tuple[int, ...] = (64 * MiB, 256 * MiB),
             gemm_shape: tuple[int, int, int] = (16384, 4096, 8192),
             dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32),
-            ) -> HardwareProfile:
+            host: bool = True) -> HardwareProfile:
     """Measure pinned H2D/D2H bandwidth, device-memory copy rates and GEMM rates on a CUDA
     device.
 
@@ -111,8 +112,8 @@ def measure(device: str | torch.device | int = "cuda", *, repeats: int = 10, war
     device lacks it; fp32 runs with whatever TF32 setting torch has). Device memory, at the
     largest size: a permuting copy (mem_copy) and a decode-shaped GEMM's weight reads (mem_read;
     the presets' read rates are lower: calibrated on whole layers, launch gaps and small kernels
-    included). Raises RuntimeError without
-    CUDA: nothing is ever made up.
+    included). ``host``: also the host's CPU-attention rates and round trip (host_measure.py).
+    Raises RuntimeError without CUDA: nothing is ever made up.
     """
     dev = cuda_device(device)
     if repeats < 1 or warmup < 0 or not sizes:
@@ -130,7 +131,7 @@ def measure(device: str | torch.device | int = "cuda", *, repeats: int = 10, war
         torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name(dev)
     m, k, n = gemm_shape
-    return HardwareProfile(
+    profile = HardwareProfile(
         name=slug(device_name).lower(),
         device_name=device_name,
         h2d_bytes_per_s=h2d,
@@ -147,3 +148,7 @@ def measure(device: str | torch.device | int = "cuda", *, repeats: int = 10, war
                f"bytes); GEMM {m}x{k}x{n}; "
                f"fp32 matmul precision {torch.get_float32_matmul_precision()!r}"),
     )
+    if not host:
+        return profile
+    from .host_measure import measure_host, with_host_rates
+    return with_host_rates(profile, measure_host())

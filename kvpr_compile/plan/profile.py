@@ -1,10 +1,13 @@
 """HardwareProfile: the rates of one GPU and its host link that the KVPR cost model needs.
 
 Host<->device bandwidth, the GEMM rate per dtype and two device-memory rates (strided copies and
-streaming reads), with where they came from (``source``), checked when made, and saved to / loaded
-from JSON. Where the numbers come from is elsewhere: presets.py (cited figures), measure.py (this
-GPU, timed), resolve.py (whatever a user passed). A profile saved before the device-memory rates
-existed still loads: the missing rates come from device_memory.py.
+streaming reads), optionally the host's rates for attending on the CPU (bytes of K,V per second
+per dtype, the torch thread count measured with, and a small D2H + H2D round trip), with where
+they came from (``source``), checked when made, and saved to / loaded from JSON. Where the
+numbers come from is elsewhere: presets.py (cited figures), measure.py (this GPU, timed),
+host_measure.py (this host, timed), resolve.py (whatever a user passed). A profile saved before
+the device-memory rates existed still loads: the missing rates come from device_memory.py. One
+without the host rates loads with them None: no CPU share is planned without a rate.
 """
 from __future__ import annotations
 
@@ -45,6 +48,13 @@ class HardwareProfile:
     # `memory_rates_for`.
     mem_copy_bytes_per_s: float | None = None
     mem_read_bytes_per_s: float | None = None
+    # The host attending to K,V where they lie (CPU co-attention): bytes of K+V attended per
+    # second at decode shapes, per dtype key; the torch thread count that rate was measured with
+    # (the CPU worker's); the round trip of a small D2H + H2D with the host waiting for each, in
+    # seconds (None where it was not measured, e.g. without CUDA). None: not measured.
+    cpu_attention_bytes_per_s: dict[str, float] | None = None
+    cpu_attention_threads: int | None = None
+    round_trip_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.mem_copy_bytes_per_s is None or self.mem_read_bytes_per_s is None:
@@ -70,6 +80,37 @@ class HardwareProfile:
                 raise ValueError(f"flops_per_s key {key!r} is not one of {DTYPE_KEYS}")
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"flops_per_s[{key!r}] must be positive and finite, got {value!r}")
+        self._check_host_rates()
+
+    def _check_host_rates(self) -> None:
+        """ValueError naming the field unless the optional host rates are None or sensible."""
+        rates = self.cpu_attention_bytes_per_s
+        if rates is not None:
+            if not isinstance(rates, dict):
+                raise ValueError(f"cpu_attention_bytes_per_s is a mapping of dtype to bytes/s "
+                                 f"(or None), got {rates!r}")
+            for key, value in rates.items():
+                if key not in DTYPE_KEYS:
+                    raise ValueError(f"cpu_attention_bytes_per_s key {key!r} is not one of "
+                                     f"{DTYPE_KEYS}")
+                if not _positive(value):
+                    raise ValueError(f"cpu_attention_bytes_per_s[{key!r}] must be a positive "
+                                     f"finite number of bytes/s, got {value!r}")
+        threads = self.cpu_attention_threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or threads < 1):
+            raise ValueError(f"cpu_attention_threads must be an integer >= 1 (or None), got "
+                             f"{threads!r}")
+        trip = self.round_trip_s
+        if trip is not None and not (_number(trip) and math.isfinite(trip) and trip >= 0):
+            raise ValueError(f"round_trip_s must be a finite number of seconds >= 0 (or None), "
+                             f"got {trip!r}")
+
+    def cpu_attention_rate(self, dtype: torch.dtype | str) -> float | None:
+        """Bytes of K,V the host attends per second in ``dtype``; None where not measured."""
+        rates = self.cpu_attention_bytes_per_s or {}
+        value = rates.get(dtype_key(dtype))
+        return None if value is None else float(value)
 
     def flops(self, dtype: torch.dtype | str) -> float:
         """GEMM rate for `dtype`; a missing fp16/bf16 entry borrows the other one, a missing fp32
@@ -91,7 +132,16 @@ class HardwareProfile:
         return (f"{self.name}: H2D {self.h2d_bytes_per_s / 1e9:.1f} GB/s, "
                 f"D2H {self.d2h_bytes_per_s / 1e9:.1f} GB/s, GEMM TFLOP/s {rates}, device "
                 f"memory GB/s copy {self.mem_copy_bytes_per_s / 1e9:.0f} "
-                f"read {self.mem_read_bytes_per_s / 1e9:.0f}")
+                f"read {self.mem_read_bytes_per_s / 1e9:.0f}{self._host_summary()}")
+
+    def _host_summary(self) -> str:
+        if not self.cpu_attention_bytes_per_s:
+            return ""
+        rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in self.cpu_attention_bytes_per_s.items())
+        trip = ("not measured" if self.round_trip_s is None
+                else f"{self.round_trip_s * 1e6:.0f} us")
+        return (f", host attention GB/s {rates} ({self.cpu_attention_threads} threads), "
+                f"round trip {trip}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,6 +165,9 @@ class HardwareProfile:
         for key in ("mem_copy_bytes_per_s", "mem_read_bytes_per_s"):
             if kwargs.get(key) is not None:
                 kwargs[key] = float(kwargs[key])
+        rates = kwargs.get("cpu_attention_bytes_per_s")
+        if isinstance(rates, dict):
+            kwargs["cpu_attention_bytes_per_s"] = {str(k): _as_float(v) for k, v in rates.items()}
         return cls(**kwargs)
 
     @classmethod
@@ -132,6 +185,19 @@ class HardwareProfile:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HardwareProfile":
         return cls.from_json(Path(path).read_text())
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive(value) -> bool:
+    return _number(value) and math.isfinite(value) and value > 0
+
+
+def _as_float(value):
+    """float(value) for a JSON number, the value itself otherwise (then the check names it)."""
+    return float(value) if _number(value) else value
 
 
 def dtype_key(dtype: torch.dtype | str) -> str:

@@ -50,6 +50,14 @@ TPUT = "tests/test_throughput_schedule.py"
 TPUT_SLOTS = "tests/test_throughput_slots.py::test_micro_batches_share_two_slots_loaded_one_ahead"
 REPORT = "kvpr_compile/report.py"
 CPU_PLAN = "tests/test_cpu_default_plan.py"
+LATENCY_LP = "kvpr_compile/plan/latency_lp.py"
+COST_MODEL = "kvpr_compile/plan/cost_model.py"
+TASKGRAPH = "kvpr_compile/plan/taskgraph.py"
+CPU_TERMS = "kvpr_compile/plan/cpu_terms.py"
+CPU_ATT = "tests/test_cpu_attention_plan.py::"
+CPU_LP_EQ = (CPU_ATT + "test_lp_equals_finish_times_equals_longest_path_with_cpu_tasks"
+             "[dims0-None-stream]")
+CPU_PATHS = CPU_ATT + "test_longest_path_equals_finish_times_for_any_split_with_cpu[stream]"
 
 VALUES = "tests/test_ops_values.py"
 ASSEMBLE = VALUES + "::test_assemble_orders_recomputed_loaded_new_and_falls_back_past_stored_x"
@@ -357,10 +365,63 @@ BREAKAGES = (
              "return gemm + elementwise / copy_bytes_per_s",
              "return gemm",
              ("tests/test_cost_model_memory.py::test_terms_written_out",)),
-    Breakage("assemble-left-off-the-gpu-chain", "kvpr_compile/plan/taskgraph.py",
-             'task("attn", i, "gpu", c.attention_s)',
-             'task("attn", i, "gpu", c.rest_s)',
+    Breakage("assemble-left-off-the-gpu-chain", TASKGRAPH,
+             'task("attn", i, "gpu", c.gpu_attention_s(u))',
+             'task("attn", i, "gpu", c.rest_s - c.gpu_kv_s_per_token * u)',
              ("tests/test_taskgraph.py::test_single_layer_by_hand",)),
+    # ---- the LP's CPU share (CPU co-attention) --------------------------------------------
+    Breakage("lp-cpu-tokens-still-loaded", LATENCY_LP,
+             "model += fk[i] >= fx[i] + k_u * (s - l - r - u), f\"k_link_{i}\"",
+             "model += fk[i] >= fx[i] + k_u * (s - l - r), f\"k_link_{i}\"",
+             (CPU_LP_EQ,),
+             "the LP still ships the K,V the host attends: it plans the CPU share as pure cost"),
+    Breakage("lp-merge-does-not-wait-for-the-host", LATENCY_LP,
+             "model += fa[i] >= fh[i] + post_u, f\"a_merge_{i}\"",
+             "pass",
+             (CPU_LP_EQ,),
+             "the LP thinks the host's result is free: it over-plans the CPU share"),
+    Breakage("lp-host-query-row-dropped", LATENCY_LP,
+             "model += fh[i] >= (fa[i - 1] if i else 0.0) + fixed_u + cpu_u * u, f\"h_query_{i}\"",
+             "model += fh[i] >= fixed_u + cpu_u * u, f\"h_query_{i}\"",
+             (CPU_LP_EQ,),
+             "the host attends layer i before its query exists"),
+    Breakage("lp-gpu-keeps-attending-the-cpu-share", LATENCY_LP,
+             "att = rest_u - c.gpu_kv_s_per_token / unit * u",
+             "att = rest_u",
+             (CPU_LP_EQ,),
+             "the LP's GPU still assembles and reads the positions the host attends"),
+    Breakage("cpu-share-kept-when-slower", LATENCY_LP,
+             "if _step(c, shared, overlap) < _step(c, best, overlap) * (1 - MAKESPAN_SLACK):",
+             "if True:",
+             (CPU_ATT + "test_no_rate_zero_rate_or_a_slow_host_plan_exactly_as_before[stream]",),
+             "a host too slow to pay is given a share anyway"),
+    Breakage("finish-times-host-ignores-the-query", COST_MODEL,
+             "fcpu[i] = host_free = max(fatt[i - 1] if i else 0.0, host_free) + c.cpu_s(u)",
+             "fcpu[i] = host_free = host_free + c.cpu_s(u)",
+             (CPU_PATHS,),
+             "the cost model's host attends layer i before the layer's input exists (the host "
+             "chain itself is implied by the query's wait: dropping it is no breakage)"),
+    Breakage("taskgraph-merge-waits-for-all-of-attn", TASKGRAPH,
+             'g.edges[node, attn]["weight"] -= g.nodes[attn]["duration"] - c.post_merge_s',
+             "pass",
+             (CPU_PATHS,),
+             "the whole GPU task waits for the host, not only its part after the merge"),
+    Breakage("cpu-rate-counts-k-only", CPU_TERMS,
+             "cpu_s_per_token=c.kv_bytes_per_token / cpu_attention_bytes_per_s",
+             "cpu_s_per_token=c.kv_bytes_per_token / 2 / cpu_attention_bytes_per_s",
+             (CPU_ATT + "test_cpu_terms_written_out",),
+             "the host rate read as bytes of K alone"),
+    Breakage("cli-negative-cpu-rate-accepted", "kvpr_compile/commands/plan.py",
+             "if not math.isfinite(gbps) or gbps < 0:",
+             "if not math.isfinite(gbps):",
+             (CPU_ATT + "test_kvpr_plan_refuses_bad_cpu_rates_in_words[-1-must be a finite "
+                        "number of GB/s >= 0]",),
+             "a negative --cpu-attention-gbps reaches the LP"),
+    Breakage("old-profile-host-rate-taken-as-zero", "kvpr_compile/plan/profile.py",
+             "return None if value is None else float(value)",
+             "return 0.0 if value is None else float(value)",
+             (CPU_ATT + "test_profile_rates_from_the_profile_and_old_files_without_them",),
+             "a profile without a host rate reads as a rate of 0"),
     # ---- the throughput schedule's execution (column order) ------------------------------
     Breakage("micro-batch-rows-off-by-one", COLUMNS,
              "env[p] = a.narrow(0, row, size)",
