@@ -34,9 +34,11 @@ CONFIGS = {   # arch -> (config keywords, the sliding layers)
 }
 
 
-def build(arch, **overrides):
+def build(arch, attn_implementation=None, **overrides):
     kw, _ = CONFIGS[arch]
     cfg = transformers.AutoConfig.for_model(arch, **{**kw, **overrides})
+    if attn_implementation:
+        cfg._attn_implementation = attn_implementation
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     model.generation_config.pad_token_id = 0
@@ -122,15 +124,14 @@ def test_left_padding_with_a_window_shorter_than_the_prompt():
 
 
 @torch.no_grad()
-def _decode(model, ids, cache, steps, poison_before=0, compiled_prefill=True, forward=None):
-    """Prefill (through ``forward``, or the model's uncompiled forward when not
-    ``compiled_prefill``), poison the stored K/V of positions ``[0, poison_before)`` of the
-    sliding layers with NaN, then ``steps`` greedy steps; the last-token logits of each step."""
+def _decode(model, ids, cache, steps, forward, poison_before=0, prefill=None):
+    """Prefill (through ``prefill``, else ``forward``), poison the stored K/V of positions
+    ``[0, poison_before)`` of the sliding layers with NaN, then ``steps`` greedy steps through
+    ``forward``; the last-token logits of each step."""
     kw = cache_kwargs(model, cache)
-    first = forward if compiled_prefill else model.forward
-    logits = first(input_ids=ids, **kw, use_cache=True).logits[:, -1]
+    logits = (prefill or forward)(input_ids=ids, **kw, use_cache=True).logits[:, -1]
     store = cache.offloaded
-    for layer, w in enumerate(store.windows):
+    for layer, w in enumerate(sliding_windows(model.config)):
         if w:
             store.k_cpu[layer][:poison_before] = float("nan")
             store.v_cpu[layer][:poison_before] = float("nan")
@@ -145,15 +146,15 @@ def _decode(model, ids, cache, steps, poison_before=0, compiled_prefill=True, fo
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
 def test_keys_before_the_window_are_never_read(ratio):
     """K/V older than every later window (positions [0, 24 - 8 + 1)) poisoned with NaN after a
-    prefill of 24: the compiled steps stay finite and exact (reading them gives NaN even where
-    the mask hides them)."""
-    model = build("mistral")
+    prefill of 24: the compiled steps stay finite and exact (eager attention that reads them
+    gives NaN even where the mask hides them: the masked scores still multiply V)."""
+    model = build("mistral", attn_implementation="eager")
     ids = prompt(24)
     ref = _decode(model, ids, KVPRCache(model.config, 2, 64, warn_uncompiled=False), 6,
-                  forward=model.forward)
+                  model.forward)
     kvpr_compile.hf.compile(model, ratio=ratio)
-    out = _decode(model, ids, KVPRCache(model.config, 2, 64), 6, poison_before=24 - WINDOW + 1,
-                  forward=model.forward)
+    out = _decode(model, ids, KVPRCache(model.config, 2, 64), 6, model.forward,
+                  poison_before=24 - WINDOW + 1)
     assert worst_rel_err(out, ref) <= TOL
 
 
@@ -162,11 +163,10 @@ def test_a_cache_filled_uncompiled_recomputes_from_stored_kv_in_the_window():
     come from the stored K,V at the window's own positions."""
     model = build("mistral")
     ids = prompt(24)
-    ref = _decode(model, ids, KVPRCache(model.config, 2, 64, warn_uncompiled=False), 4,
-                  forward=model.forward)
+    eager = model.forward
+    ref = _decode(model, ids, KVPRCache(model.config, 2, 64, warn_uncompiled=False), 4, eager)
     kvpr_compile.hf.compile(model, ratio=1.0)
-    out = _decode(model, ids, KVPRCache(model.config, 2, 64), 4, compiled_prefill=False,
-                  forward=model.forward)
+    out = _decode(model, ids, KVPRCache(model.config, 2, 64), 4, model.forward, prefill=eager)
     assert worst_rel_err(out, ref) <= TOL
 
 
@@ -215,7 +215,7 @@ def test_in_place_assemble_at_the_windows_rows(sim, monkeypatch):
     from helpers import sim_backend
     from kvpr_compile import config
     from kvpr_compile.runtime.cuda_runtime import CudaRuntime
-    model = build("mistral")
+    model = build("mistral", num_hidden_layers=3)   # each layer meets another's slot
     ids = prompt(20)
     ref = generate(model, ids)
     sim()
