@@ -31,6 +31,8 @@ CONFIGS = {   # arch -> (config keywords, the sliding layers)
     "gemma3_text": (dict(GQA, num_hidden_layers=3, head_dim=16, sliding_window=WINDOW,
                          layer_types=["sliding_attention", "full_attention",
                                       "sliding_attention"]), [0, 2]),
+    "gpt_oss": (dict(GQA, num_hidden_layers=2, head_dim=16, sliding_window=WINDOW,
+                     num_local_experts=4, num_experts_per_tok=2), [0]),
 }
 
 
@@ -87,7 +89,8 @@ def test_the_cache_takes_transformers_windows_and_mask_sizes():
 
 @pytest.mark.parametrize("arch,ratio", [("mistral", 0.0), ("mistral", 0.5), ("mistral", 1.0),
                                         ("gemma2", 0.0), ("gemma2", 0.5), ("gemma2", 1.0),
-                                        ("gemma3_text", 0.5), ("qwen2", 0.5)])
+                                        ("gemma3_text", 0.5), ("qwen2", 0.5),
+                                        ("gpt_oss", 0.5)])
 def test_prompt_longer_than_the_window_matches_eager(arch, ratio):
     """Prompt 24, window 8: the tokens and logits of transformers' own cache; the decode graphs
     read only the sliding layers' windows (the report says so), global layers the whole past."""
@@ -121,6 +124,44 @@ def test_left_padding_with_a_window_shorter_than_the_prompt():
     ref, out = hf_left_padded(model, ratio=0.5)
     assert worst_rel_err(out.logits, ref.logits) <= TOL
     assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_multi_token_calls_past_the_window_match_eager():
+    """A 3-token call (a chat's next turn) at a past beyond the window, then decode steps: the
+    logits of transformers' own cache, forward by forward."""
+    model = build("gemma2")
+    chunks = [prompt(20), prompt(3).flip(1), None, None, None]
+
+    @torch.no_grad()
+    def run(forward, cache):
+        kw, outs = cache_kwargs(model, cache), []
+        for chunk in chunks:
+            ids = chunk if chunk is not None else outs[-1][:, -1:].argmax(-1)
+            outs.append(forward(input_ids=ids, **kw, use_cache=True).logits)
+        return outs
+
+    ref = run(model.forward, transformers.DynamicCache(config=model.config))
+    first = len(kvpr_compile.reports())
+    kvpr_compile.hf.compile(model, ratio=0.5)
+    out = run(model.forward, KVPRCache(model.config, 2, 64))
+    assert worst_rel_err(out, ref) <= TOL
+    notes = [e.note for r in kvpr_compile.reports()[first:] for e in r.layers if e.layer == 0]
+    assert any("recomputes K,V[:l] of the past" in n and "sliding window" in n for n in notes)
+
+
+def test_throughput_schedule_reads_the_window():
+    model = build("mistral")
+    ids = prompt(20, batch=4)
+    ref = generate(model, ids)
+    first = len(kvpr_compile.reports())
+    kvpr_compile.hf.compile(model, dynamic=True, ratio=0.5, schedule="throughput",
+                            micro_batches=2)
+    out = generate(model, ids, KVPRCache(model.config, 4, 64))
+    assert worst_rel_err(out.logits, ref.logits) <= TOL
+    assert torch.equal(out.sequences, ref.sequences)
+    mine = kvpr_compile.reports()[first:]
+    assert all(r.schedule == "throughput" for r in mine)
+    assert windowed_layers(mine) == {0, 1}
 
 
 @torch.no_grad()
