@@ -22,6 +22,10 @@ where it does not (5.17 rejects ``cache=``).
 
 Every attention layer's ``cache.update(k, v, layer_idx)`` becomes ``OffloadedKVCache.update``, the
 call the kvpr backend recognises and rewrites. Uncompiled, it is a plain CPU-offloaded cache.
+Sliding-window layers (``sliding_windows``: each layer's window as transformers' own cache
+builds it from the config) size their masks and return their keys as transformers' sliding
+layers do, so that compiled, only the window's past is loaded or recomputed; the store keeps
+every token.
 Beam search (reorder) and cropping are not supported: they raise instead of corrupting the cache
 (``generate(num_beams > 1)`` raises before its prefill, hf_checks.py).
 Models whose cache is not one K and one V of equal width per attention layer are refused at
