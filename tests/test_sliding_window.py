@@ -15,6 +15,7 @@ import kvpr_compile  # noqa: E402
 import kvpr_compile.hf  # noqa: E402
 from kvpr_compile.bench.limits import step_h2d_bytes  # noqa: E402
 from kvpr_compile.hf import KVPRCache, cache_kwargs, sliding_windows  # noqa: E402
+from kvpr_compile.ops.nodes import PREFETCH_NEXT  # noqa: E402
 from kvpr_compile.runtime import traffic  # noqa: E402
 from helpers import hf_left_padded, worst_rel_err  # noqa: E402
 
@@ -217,6 +218,7 @@ def test_decode_steps_load_only_the_window():
     that is the bench's physical-limit bytes with the windows."""
     model = build("mistral", num_key_value_heads=1)
     ids = prompt(24, batch=1)
+    first = len(kvpr_compile.reports())
     kvpr_compile.hf.compile(model, ratio=0.0)
     cache = KVPRCache(model.config, 1, 64)
     kw = cache_kwargs(model, cache)
@@ -230,6 +232,9 @@ def test_decode_steps_load_only_the_window():
             per_step.append(dict(counted.by_kind))
     row = 2 * 1 * 16 * 4   # K and V of one position: batch 1, 1 KV head, head_dim 16, fp32
     assert per_step == [{"kv": 2 * (WINDOW - 1) * row}] * 4
+    # no cross-call prefetch of a windowed first layer: it would split the next past from 0
+    graphs = [r.graph_module for r in kvpr_compile.reports()[first:] if windowed_layers([r])]
+    assert graphs and not any(n.target is PREFETCH_NEXT for g in graphs for n in g.graph.nodes)
     assert step_h2d_bytes([0.0, 0.0], 27, batch=1, hidden=64, kv_hidden=16, elem_bytes=4,
                           windows=[WINDOW, WINDOW]) == 2 * (WINDOW - 1) * row
 
