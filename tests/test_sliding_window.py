@@ -108,6 +108,34 @@ def test_prompt_longer_than_the_window_matches_eager(arch, ratio):
     assert all(not r.skipped for r in mine)
 
 
+def test_inductor_runs_the_windowed_graph():
+    """Inductor's fake shapes of the window (cache_update's, the loads', the assemble's) agree
+    with what the kernels return."""
+    model = build("gemma2")
+    ids = prompt(20)
+    ref = generate(model, ids)
+    kvpr_compile.hf.compile(model, ratio=0.5, inner="inductor")
+    out = generate(model, ids, KVPRCache(model.config, 2, 64))
+    assert worst_rel_err(out.logits, ref.logits) <= TOL
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_streams_load_only_the_window():
+    model = build("gemma2").cuda()
+    ids = prompt(24).cuda()
+    ref = generate(model, ids)
+    kvpr_compile.hf.compile(model, ratio=0.5)
+    cache = KVPRCache(model.config, 2, 64, device="cuda")
+    with traffic.counting() as counted:
+        out = generate(model, ids, cache)
+    assert worst_rel_err(out.logits, ref.logits) <= TOL
+    assert torch.equal(out.sequences, ref.sequences)
+    whole = step_h2d_bytes([0.0, 0.0], 24 + NEW, batch=2, hidden=64, kv_hidden=32,
+                           elem_bytes=4) * NEW
+    assert 0 < counted.bytes < whole   # the window of layer 0, X and K,V: well under the past
+
+
 @pytest.mark.parametrize("arch", ["mistral", "gemma2"])
 def test_prompt_shorter_than_the_window_reaches_it_while_decoding(arch):
     model = build(arch)
