@@ -17,7 +17,7 @@ from kvpr_compile.bench.limits import step_h2d_bytes  # noqa: E402
 from kvpr_compile.hf import KVPRCache, cache_kwargs, sliding_windows  # noqa: E402
 from kvpr_compile.ops.nodes import PREFETCH_NEXT  # noqa: E402
 from kvpr_compile.runtime import traffic  # noqa: E402
-from helpers import hf_left_padded, worst_rel_err  # noqa: E402
+from helpers import worst_rel_err  # noqa: E402
 
 TOL = 1e-5
 WINDOW = 8
@@ -147,10 +147,24 @@ def test_prompt_shorter_than_the_window_reaches_it_while_decoding(arch):
     assert torch.equal(out.sequences, ref.sequences)
 
 
-def test_left_padding_with_a_window_shorter_than_the_prompt():
-    """Row 0 left-padded by 3 of 8, window 4: the padding leaves the window while decoding."""
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_left_padding_with_a_window_shorter_than_the_prompt(ratio):
+    """Row 0 left-padded by 3 of 12, window 4: the padding leaves the window while decoding;
+    the reference is transformers' own cache."""
     model = build("gemma2", sliding_window=4)
-    ref, out = hf_left_padded(model, ratio=0.5)
+    ids = prompt(12)
+    mask = torch.ones_like(ids)
+    mask[0, :3], ids[0, :3] = 0, 0
+
+    def run(cache=None):
+        kw = {} if cache is None else cache_kwargs(model, cache)
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True, **kw)
+
+    ref = run()
+    kvpr_compile.hf.compile(model, ratio=ratio)
+    out = run(KVPRCache(model.config, 2, 64))
     assert worst_rel_err(out.logits, ref.logits) <= TOL
     assert torch.equal(out.sequences, ref.sequences)
 
@@ -200,9 +214,9 @@ def _decode(model, ids, cache, steps, forward, poison_before=0, prefill=None):
     ``forward``; the last-token logits of each step."""
     kw = cache_kwargs(model, cache)
     logits = (prefill or forward)(input_ids=ids, **kw, use_cache=True).logits[:, -1]
-    store = cache.offloaded
     for layer, w in enumerate(sliding_windows(model.config)):
-        if w:
+        if w and poison_before:
+            store = cache.offloaded
             store.k_cpu[layer][:poison_before] = float("nan")
             store.v_cpu[layer][:poison_before] = float("nan")
     outs = [logits]
@@ -220,8 +234,7 @@ def test_keys_before_the_window_are_never_read(ratio):
     gives NaN even where the mask hides them: the masked scores still multiply V)."""
     model = build("mistral", attn_implementation="eager")
     ids = prompt(24)
-    ref = _decode(model, ids, KVPRCache(model.config, 2, 64, warn_uncompiled=False), 6,
-                  model.forward)
+    ref = _decode(model, ids, transformers.DynamicCache(config=model.config), 6, model.forward)
     kvpr_compile.hf.compile(model, ratio=ratio)
     out = _decode(model, ids, KVPRCache(model.config, 2, 64), 6, model.forward,
                   poison_before=24 - WINDOW + 1)
@@ -234,7 +247,7 @@ def test_a_cache_filled_uncompiled_recomputes_from_stored_kv_in_the_window():
     model = build("mistral")
     ids = prompt(24)
     eager = model.forward
-    ref = _decode(model, ids, KVPRCache(model.config, 2, 64, warn_uncompiled=False), 4, eager)
+    ref = _decode(model, ids, transformers.DynamicCache(config=model.config), 4, eager)
     kvpr_compile.hf.compile(model, ratio=1.0)
     out = _decode(model, ids, KVPRCache(model.config, 2, 64), 4, model.forward, prefill=eager)
     assert worst_rel_err(out, ref) <= TOL
