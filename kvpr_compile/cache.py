@@ -16,6 +16,13 @@ over its own rows. ``k_cpu`` / ``v_cpu`` still are the whole batch's tensors: re
 the parts back into that layout first (and the next throughput step splits again), so what they
 show and what is written into them is what the next step uses.
 
+Sliding-window layers (``windows``: per layer, the number of keys a query attends to, itself
+included; 0 or None: every key) return only the keys their next queries can see, as transformers'
+``DynamicSlidingWindowLayer`` does: once the layer holds ``pos >= w`` tokens, K,V
+``[pos - w + 1, pos + n)``; before, the whole past. The store still keeps every token (each one
+is in the windows of the next ``w - 1`` queries, and ``k_cpu``, ``reset`` and the uncompiled
+path read the cache as a whole); compiled, only the window is loaded or recomputed.
+
 Under compilation ``update`` reads only the handle tensor and the per-layer length (an int that
 Dynamo makes dynamic after its first change), so one compiled graph serves every cache: the
 geometry checks run inside the kvpr ops (``runtime/checks.py``), where values are concrete.
@@ -32,13 +39,15 @@ from .runtime.store import KVStore
 
 class OffloadedKVCache(HasGeometry):
     def __init__(self, num_layers: int, batch_size: int, max_seq_len: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype = torch.float32, device="cpu"):
+                 head_dim: int, dtype: torch.dtype = torch.float32, device="cpu",
+                 windows=None):
         self.geometry = CacheGeometry(num_layers, batch_size, max_seq_len, num_kv_heads, head_dim,
                                       dtype, device)   # checks the sizes
         self._store = KVStore(self.geometry)
         self._lengths = [0] * num_layers
         self.reset_after_use = False   # reset() emptied a cache that held tokens (hf_checks.py)
         self._layer_names = tuple(str(i) for i in range(num_layers))
+        self.windows = _windows(windows, num_layers)
 
     @property
     def k_cpu(self) -> list[torch.Tensor]:
@@ -67,7 +76,8 @@ class OffloadedKVCache(HasGeometry):
         self._store.reset()
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
-        """Append ``k, v`` ``(batch, num_kv_heads, n_new, head_dim)``; return the full K, V."""
+        """Append ``k, v`` ``(batch, num_kv_heads, n_new, head_dim)``; return the full K, V (a
+        sliding-window layer's: from its window's first key on, see the module docstring)."""
         if not 0 <= layer_idx < len(self._lengths):   # the list's length is guarded anyway
             raise IndexError(f"OffloadedKVCache: layer {layer_idx} out of range "
                              f"[0, {len(self._lengths)})")
@@ -80,6 +90,21 @@ class OffloadedKVCache(HasGeometry):
             # the kvpr ops check at run time, so tracing reads no batch_size / max_seq_len /
             # dtype / device of the cache and Dynamo puts no guard on them.
             check_write(self._store, layer_idx, pos, k, v)
-        k_all, v_all = torch.ops.kvpr.cache_update(self._store.handle, k, v, layer_idx, pos)
+        w = self.windows[layer_idx]
+        # the same test as transformers' sliding layers' get_mask_sizes (one guard for both)
+        start = pos - w + 1 if w and pos >= w else 0
+        k_all, v_all = torch.ops.kvpr.cache_update(self._store.handle, k, v, layer_idx, pos,
+                                                   start)
         self._lengths[layer_idx] = pos + k.shape[2]
         return k_all, v_all
+
+
+def _windows(windows, num_layers: int) -> tuple[int, ...]:
+    """Per-layer sliding windows as ints (0: none), checked."""
+    if windows is None:
+        return (0,) * num_layers
+    out = tuple(int(w or 0) for w in windows)
+    if len(out) != num_layers or any(w < 0 for w in out):
+        raise ValueError(f"OffloadedKVCache: windows must give one window >= 0 (0 or None: "
+                         f"none) per layer ({num_layers}), got {list(windows)!r}")
+    return out

@@ -22,6 +22,10 @@ where it does not (5.17 rejects ``cache=``).
 
 Every attention layer's ``cache.update(k, v, layer_idx)`` becomes ``OffloadedKVCache.update``, the
 call the kvpr backend recognises and rewrites. Uncompiled, it is a plain CPU-offloaded cache.
+Sliding-window layers (``sliding_windows``: each layer's window as transformers' own cache
+builds it from the config) size their masks and return their keys as transformers' sliding
+layers do, so that compiled, only the window's past is loaded or recomputed; the store keeps
+every token.
 Beam search (reorder) and cropping are not supported: they raise instead of corrupting the cache
 (``generate(num_beams > 1)`` raises before its prefill, hf_checks.py).
 Models whose cache is not one K and one V of equal width per attention layer are refused at
@@ -46,12 +50,16 @@ from .options import Options
 
 
 class KVPRLayer(CacheLayerMixin):
+    """One layer of the cache. A sliding-window layer (``store.windows[layer_idx]`` > 0) reports
+    ``is_sliding`` and sizes its mask as transformers' ``DynamicSlidingWindowLayer`` does, and
+    its update returns the same keys: the last ``window - 1`` of the past and the new ones."""
     is_compileable = False   # generate() must not auto-compile it; the user compiles with kvpr
-    is_sliding = False
 
     def __init__(self, store: OffloadedKVCache, layer_idx: int, on_uncompiled=None):
         super().__init__()
         self.store = store
+        self.sliding_window = store.windows[layer_idx] or None
+        self.is_sliding = self.sliding_window is not None
         self.on_uncompiled = on_uncompiled   # called by an update that kvpr did not compile
         self.layer_idx = layer_idx
         self.device = store.device
@@ -66,7 +74,10 @@ class KVPRLayer(CacheLayerMixin):
         return self.store.update(self.layer_idx, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.store.seq_len(self.layer_idx) + query_length, 0
+        past, w = self.store.seq_len(self.layer_idx), self.sliding_window
+        if w and past >= w:   # the keys update returns: [past - w + 1, past + query_length)
+            return w - 1 + query_length, past - w + 1
+        return past + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.store.seq_len(self.layer_idx)
@@ -181,6 +192,25 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(runs)
 
 
+def sliding_windows(config) -> list[int]:
+    """Per layer, the sliding window transformers' own cache gives that layer (0: none): the
+    layers of kind ``sliding_attention`` (``config.layer_types``, or every layer when the config
+    names a ``sliding_window`` and no kinds), as ``DynamicCache(config=...)`` builds them.
+    Chunked-attention layers read whole chunks, not a window: 0."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+        kinds, kwargs = get_layer_types_and_kwargs(cfg)
+    except (ImportError, AttributeError):   # a transformers without per-layer configs
+        kinds = _attr(cfg, "layer_types")
+        window = _attr(cfg, "sliding_window")
+        if kinds is None:
+            kinds = ["sliding_attention" if window else "full_attention"] * cfg.num_hidden_layers
+        kwargs = [{"sliding_window": window}] * len(kinds)
+    return [int(kw.get("sliding_window") or 0) if kind == "sliding_attention" else 0
+            for kind, kw in zip(kinds, kwargs)]
+
+
 def check_supported(config) -> None:
     """Raise ``NotImplementedError`` naming the reason if ``config`` describes a model whose
     cache KVPRCache cannot hold exactly."""
@@ -250,7 +280,8 @@ class KVPRCache(Cache):
             dtype = getattr(cfg, "dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.offloaded = OffloadedKVCache(num_layers, batch_size, max_seq_len, kv_heads, head_dim,
-                                          dtype=dtype, device=device or "cpu")
+                                          dtype=dtype, device=device or "cpu",
+                                          windows=sliding_windows(config))
         self._warn_uncompiled = warn_uncompiled
         on_uncompiled = self._uncompiled_update if warn_uncompiled else None
         super().__init__(layers=[KVPRLayer(self.offloaded, i, on_uncompiled)

@@ -3,9 +3,11 @@
 Per layer with split ratio r and ``past`` cached tokens, the backend recomputes
 l = floor(r * past) tokens (r as a fraction with denominator <= 1000, exactly as the rewrite
 does) and ships X for them (b*h*p bytes per token) and K,V for the rest (2*b*h_kv*p per token);
-ratio 0 ships all K,V. The step's bytes are summed over layers and divided by the measured pinned
-H2D bandwidth. The small per-token side inputs (RoPE cos/sin records) and the device-to-host append
-are left out: this is the floor the host link sets, not a model of the step.
+ratio 0 ships all K,V. A sliding-window layer (``windows``: one window per layer, 0: none)
+reads only its window's past, the last ``w - 1`` tokens once it holds ``w``, split the same
+way. The step's bytes are summed over layers and divided by the measured pinned H2D bandwidth.
+The small per-token side inputs (RoPE cos/sin records) and the device-to-host append are left
+out: this is the floor the host link sets, not a model of the step.
 """
 from __future__ import annotations
 
@@ -21,14 +23,22 @@ def split_tokens(ratio: float, past: int) -> int:
     return recompute_tokens(ratio, past)
 
 
+def window_past(past: int, window: int) -> int:
+    """Past tokens a layer with sliding window ``window`` (0: none) reads: the ``window - 1``
+    before the new token once it holds that many (as the cache returns them)."""
+    return window - 1 if window and past >= window else past
+
+
 def step_h2d_bytes(ratios: Sequence[float], past: int, *, batch: int, hidden: int,
-                   kv_hidden: int, elem_bytes: int) -> int:
-    """Host-to-device bytes of one decode step, summed over layers (one ratio per layer)."""
+                   kv_hidden: int, elem_bytes: int, windows: Sequence[int] = ()) -> int:
+    """Host-to-device bytes of one decode step, summed over layers (one ratio per layer;
+    ``windows``: one sliding window per layer, none where empty)."""
     x_tok, kv_tok = batch * hidden * elem_bytes, 2 * batch * kv_hidden * elem_bytes
     total = 0
-    for ratio in ratios:
-        l = split_tokens(ratio, past)
-        total += l * x_tok + (past - l) * kv_tok
+    for i, ratio in enumerate(ratios):
+        read = window_past(past, windows[i]) if windows else past
+        l = split_tokens(ratio, read)
+        total += l * x_tok + (read - l) * kv_tok
     return total
 
 
@@ -45,12 +55,13 @@ class Limit:
 
 
 def limit(ratios: Sequence[float], pasts: Sequence[int], *, batch: int, hidden: int,
-          kv_hidden: int, elem_bytes: int, h2d_bytes_per_s: float) -> Limit:
+          kv_hidden: int, elem_bytes: int, h2d_bytes_per_s: float,
+          windows: Sequence[int] = ()) -> Limit:
     """The limit for the steps whose cache held ``pasts`` tokens (the same median as the timing)."""
     if not ratios or not pasts:
         raise ValueError("limit() needs at least one layer ratio and one past length")
     per_step = [step_h2d_bytes(ratios, p, batch=batch, hidden=hidden, kv_hidden=kv_hidden,
-                               elem_bytes=elem_bytes) for p in pasts]
+                               elem_bytes=elem_bytes, windows=windows) for p in pasts]
     ms = statistics.median(b / h2d_bytes_per_s * 1e3 for b in per_step)
     return Limit(ms=ms, per_layer_ms=ms / len(ratios), bytes=int(statistics.median(per_step)),
                  h2d_bytes_per_s=h2d_bytes_per_s)

@@ -3,7 +3,8 @@ graphs touch the CPU store.
 
 Op boundaries (the CUDA runtime fills in the same ones with streams and events):
 
-- ``cache_update``: the uncompiled contract; store new K,V, return the full K,V on the device.
+- ``cache_update``: the uncompiled contract; store new K,V, return K,V ``[start, pos + n)`` on the
+  device (``start`` > 0: a sliding window's first key; the whole past otherwise).
 - ``load_kv``: K,V for positions ``[start, end)`` (the streamed part). ``owned=True`` (graphs run
   by inductor, which may recycle op outputs' memory) loads into fresh tensors, not device slots.
 - ``load_tokens``: per-token recompute inputs (X and side inputs) for positions ``[start, end)``
@@ -17,6 +18,8 @@ Op boundaries (the CUDA runtime fills in the same ones with streams and events):
   (runtime/resident.py): the concatenation reads them once, with no staging copy; rows the
   device does not hold yet are copied there from the store first, and the new tokens are
   appended to them while they fit (``resident_num/den`` and ``resident_cap`` give the capacity).
+  ``start`` > 0 (a sliding window, never with a resident prefix): the past begins there, the
+  recomputed rows are ``[start, start + l)``.
 - ``prefetch_next``: after a step's last assemble, the first layer's loads of the next call
   (nothing on the CPU). It returns nothing and writes nothing the graph reads: graphs handed to
   inductor do not get it (passes/prefetch.py).
@@ -59,15 +62,15 @@ def set_slot_views(rule: Callable) -> None:
 
 
 @torch.library.custom_op("kvpr::cache_update", mutates_args=("handle",))
-def cache_update(handle: Tensor, k: Tensor, v: Tensor, layer: int,
-                 pos: int) -> tuple[Tensor, Tensor]:
+def cache_update(handle: Tensor, k: Tensor, v: Tensor, layer: int, pos: int,
+                 start: int = 0) -> tuple[Tensor, Tensor]:
     _unimplemented("cache_update")
 
 
 @cache_update.register_fake
-def _(handle, k, v, layer, pos):
+def _(handle, k, v, layer, pos, start=0):
     b, h, n, d = k.shape
-    return k.new_empty(b, h, pos + n, d), v.new_empty(b, h, pos + n, d)
+    return k.new_empty(b, h, pos - start + n, d), v.new_empty(b, h, pos - start + n, d)
 
 
 @torch.library.custom_op("kvpr::load_kv", mutates_args=())
@@ -138,13 +141,13 @@ def _(handle, layer, past, new, num, den, shapes, ranks, dtypes, batch, heads, h
 def assemble(handle: Tensor, layer: int, k_rec: Tensor, v_rec: Tensor, k_load: Tensor,
              v_load: Tensor, k_new: Tensor, v_new: Tensor, resident: int = 0,
              resident_num: int = 0, resident_den: int = 1,
-             resident_cap: int = -1) -> tuple[Tensor, Tensor]:
+             resident_cap: int = -1, start: int = 0) -> tuple[Tensor, Tensor]:
     _unimplemented("assemble")
 
 
 @assemble.register_fake
 def _(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, resident=0, resident_num=0,
-      resident_den=1, resident_cap=-1):
+      resident_den=1, resident_cap=-1, start=0):
     b, h, _, d = k_new.shape
     s = resident + k_rec.shape[2] + k_load.shape[2] + k_new.shape[2]
     return k_new.new_empty(b, h, s, d), v_new.new_empty(b, h, s, d)

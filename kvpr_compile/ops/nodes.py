@@ -46,6 +46,7 @@ class CacheUpdate(NamedTuple):
     v: Any
     layer: Any
     pos: Any
+    start: Any = 0   # a sliding window's first key (0: the whole past)
 
 
 class LoadKv(NamedTuple):
@@ -126,6 +127,7 @@ class Assemble(NamedTuple):
     resident_num: Any = 0
     resident_den: Any = 1
     resident_cap: Any = -1
+    start: Any = 0   # a sliding window's first position (never with a resident prefix)
 
     def residency(self) -> tuple:
         """(resident, num, den, cap): the resident prefix's length and capacity rule."""

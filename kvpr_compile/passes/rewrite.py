@@ -17,6 +17,12 @@ positions'), ``load_kv`` starts at r + l and ``assemble`` takes r and the capaci
 [0, r) from the device rows, runtime/resident.py). Nodes then carry ``kvpr_resident`` too, and
 ``kvpr_ratio_of_rest`` where l is a share of past - r (the cross-call prefetch reads it).
 
+A sliding-window layer's read (``cache_update``'s ``start`` > 0: K,V ``[start, past + n)``) is
+split the same way over its window alone: recomputed [start, start + l), loaded
+[start + l, past), with l = floor(ratio * (past - start)); ``load_tokens`` and ``assemble`` take
+``start``, and nothing of the window is kept resident (``resident`` does not apply). Nodes then
+carry ``kvpr_window`` too.
+
 Side inputs an earlier layer of the graph computes alike (RoPE cos/sin) are stored by that layer
 only; ``shared`` names them (passes/shared_inputs.py) and the load reads the owner's record.
 Graphs that add several tokens per call (chunked prefill, speculative verification) recompute
@@ -64,6 +70,21 @@ def _add(call, r, l):
     return call(operator.add, (r, l), "split")
 
 
+def _window_length(call, past, start):
+    """past - start: an int where both are, or where their example values' difference is one
+    (a window past its first ``w`` tokens: ``past - (past - w + 1)`` is ``w - 1``); else a graph
+    node (role ``split``)."""
+    if isinstance(past, int) and isinstance(start, int):
+        return past - start
+    values = [example_value(v) if isinstance(v, fx.Node) else v for v in (past, start)]
+    if all(isinstance(v, (int, torch.SymInt)) for v in values):
+        diff = values[0] - values[1]
+        known = diff if isinstance(diff, int) else diff.node.maybe_as_int()
+        if known is not None:
+            return int(known)
+    return call(operator.sub, (past, start), "split")
+
+
 def _annotation(ratio: float, layer: int, role: str) -> dict:
     return {"kvpr_ratio": ratio, "kvpr_layer": layer, "kvpr_role": role}
 
@@ -89,14 +110,15 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
     ``resident_cap`` < 0: no cap); the recompute then covers [r, r + l), the load [r + l, past).
     ``ratio_of_rest``: l = floor(ratio * (past - r)) instead of floor(ratio * past) (a budget's
     share: everything resident up to the cap, the ratio applied to what is not)."""
-    handle, k_new, v_new, layer, past = args_of(cache_node)
+    handle, k_new, v_new, layer, past, start = args_of(cache_node)
+    windowed = not (isinstance(start, int) and start == 0)
     kv = example_value(k_new)
     frac, rfrac = ratio_fraction(ratio), ratio_fraction(resident)
     if rfrac + frac > 1 and not ratio_of_rest:
         raise ValueError(f"kvpr: layer {layer}: ratio {ratio} + resident_ratio {resident} > 1")
     recompute = sl.module is not None and frac > 0
     effective = float(frac) if recompute else 0.0
-    keep = rfrac > 0 and resident_cap != 0
+    keep = rfrac > 0 and resident_cap != 0 and not windowed
 
     def call(target, args, role):
         node = graph.call_function(target, args)
@@ -105,6 +127,8 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
             node.meta["custom"]["kvpr_resident"] = float(rfrac)
             if ratio_of_rest:
                 node.meta["custom"]["kvpr_ratio_of_rest"] = True
+        if windowed:
+            node.meta["custom"]["kvpr_window"] = True
         return node
 
     def items(node, count, role):
@@ -126,9 +150,12 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
                 call(resident_len, (past, *rule), "split")
         else:
             rule, r = (0, 1, -1), 0
+        base = start if windowed else r   # the first position the read covers past the resident
         if recompute:
             rest = past
-            if keep and ratio_of_rest:
+            if windowed:
+                rest = _window_length(call, past, start)
+            elif keep and ratio_of_rest:
                 rest = past - r if isinstance(past, int) and isinstance(r, int) else \
                     call(operator.sub, (past, r), "split")
             l = split_len(rest, frac.numerator, frac.denominator) if isinstance(rest, int) else \
@@ -137,13 +164,13 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
                       for t, c, d in zip(sl.token_inputs, is_complex, sl.tdims)
                       for i, size in [*enumerate(record_shape(example_value(t), d)),
                                       *([(-1, 2)] if c else [])]]
-            end = _add(call, r, l)
+            end = _add(call, base, l)
             loaded = items(call(ops.load_tokens.default,
                                 (handle, layer, end, shapes, ranks, codes, kv.device, owned_loads,
-                                 *([r] if keep else [])),
+                                 *([base] if keep or windowed else [])),
                                 "load_tokens"), len(sl.token_inputs), "load_tokens")
         else:
-            l, end, loaded = 0, r, []
+            l, end, loaded = 0, base, []
         b, heads, head_dim = (size_arg(graph, kv.shape[i], k_new, i) for i in (0, 1, 3))
         k_ld, v_ld = items(call(ops.load_kv.default,
                                 (handle, layer, end, past, b, heads, head_dim, kv.dtype,
@@ -165,7 +192,8 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
              "store")
         k_all, v_all = items(call(ops.assemble.default,
                                   (handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new,
-                                   *([r, *rule] if keep else [])), "assemble"),
+                                   *([r, *rule] if keep else []),
+                                   *([0, *rule, start] if windowed else [])), "assemble"),
                              2, "assemble")
     for user in list(cache_node.users):
         user.replace_all_uses_with(k_all if user.args[1] == 0 else v_all)

@@ -333,7 +333,7 @@ class CudaRuntime:
         k, v, *records = self._stage(layer, [k, v, *records], API.current_stream(self.device))
         self.store_tokens(store, layer, pos, k, v, records, (), links)
 
-    def cache_update(self, store, k, v, layer: int, pos: int):
+    def cache_update(self, store, k, v, layer: int, pos: int, start: int = 0):
         """The uncompiled contract, stream-ordered on the compute stream (the reference path)."""
         current = API.current_stream(self.device)
         next_call.drop(self.slots, current)   # its copies may read the positions written here
@@ -344,16 +344,17 @@ class CudaRuntime:
         done = API.new_event()
         done.record(current)
         self.stored[layer] = done
-        k_all, v_all = store.read_kv(layer, 0, pos + k.shape[2], k.device)
+        k_all, v_all = store.read_kv(layer, start, pos + k.shape[2], k.device)
         return k_all.contiguous(), v_all.contiguous()
 
     # ---- assemble ------------------------------------------------------------------------
     def assemble(self, store, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new,
-                 residency=(0, 0, 1, -1)):
+                 residency=(0, 0, 1, -1), start: int = 0):
         """Resident ++ recomputed ++ loaded ++ new into fresh tensors (the resident rows read
-        in place, once); then the layer's slot is free. ``residency``: (r, num, den, cap)."""
+        in place, once); then the layer's slot is free. ``residency``: (r, num, den, cap);
+        ``start``: a sliding window's first position (the recomputed rows begin there)."""
         current = API.current_stream(self.device)
-        r, l = residency[0], k_rec.shape[2]
+        r, l = residency[0] + start, k_rec.shape[2]
         if store.covered(layer) < r + l or (residency[1] and store.resident.filled[layer] < r):
             # rows read from the store on the compute stream (rare): after the layer's stores
             # (the wait for K,V[r + l:] orders them too: its copy waited for the same event)
@@ -362,16 +363,16 @@ class CudaRuntime:
             k_rec, v_rec = store.stored_where_uncovered(layer, r, k_rec, v_rec, k_new.device)
         past = r + l + k_load.shape[2]
         held = resident_rows(store, layer, residency, past, API.copy)
-        in_place = self._in_place(k_load, v_load, l) if held is None else None
+        in_place = self._in_place(k_load, v_load, start + l) if held is None else None
         if in_place is not None:
-            return self._assemble_in_place(layer, in_place, l + k_load.shape[2], k_rec, v_rec,
-                                           k_new, v_new, current)
+            return self._assemble_in_place(layer, in_place, start, start + l + k_load.shape[2],
+                                           k_rec, v_rec, k_new, v_new, current)
         parts_k, parts_v = [k_rec, k_load, k_new], [v_rec, v_load, v_new]
         if held is not None:
             parts_k.insert(0, held[0])
             parts_v.insert(0, held[1])
         b, h, _, d = k_new.shape
-        s = past + k_new.shape[2]
+        s = past - start + k_new.shape[2]
         k_all = k_new.new_empty(b, h, s, d)
         v_all = v_new.new_empty(b, h, s, d)
         torch.cat(parts_k, dim=2, out=k_all)
@@ -399,18 +400,20 @@ class CudaRuntime:
                 return None
         return kb, vb
 
-    def _assemble_in_place(self, layer: int, buffers, past: int, k_rec, v_rec, k_new, v_new,
-                           current):
-        """Recomputed rows [0, l) and new rows [past, past + n) written into the slot around the
-        loaded ones; returns (b, h, past + n, d) views of it. Attention reads them after this
-        returns, so the slot is given back at the next layer's assemble instead of now."""
+    def _assemble_in_place(self, layer: int, buffers, start: int, past: int, k_rec, v_rec,
+                           k_new, v_new, current):
+        """Recomputed rows [start, start + l) and new rows [past, past + n) written into the slot
+        around the loaded ones; returns (b, h, past + n - start, d) views of it. Attention reads
+        them after this returns, so the slot is given back at the next layer's assemble instead
+        of now."""
         l, n = k_rec.shape[2], k_new.shape[2]
         for buf, rec, new in ((buffers[0], k_rec, k_new), (buffers[1], v_rec, v_new)):
             if l:
-                buf[:l].copy_(rec.permute(2, 0, 1, 3))
+                buf[start:start + l].copy_(rec.permute(2, 0, 1, 3))
             buf[past:past + n].copy_(new.permute(2, 0, 1, 3))
         if self.read_later not in (None, layer):   # that layer's attention is enqueued by now
             self.slots.give_back(self.key(self.read_later), current)
         self.read_later = layer
         self._retire()
-        return buffers[0][:past + n].permute(1, 2, 0, 3), buffers[1][:past + n].permute(1, 2, 0, 3)
+        return (buffers[0][start:past + n].permute(1, 2, 0, 3),
+                buffers[1][start:past + n].permute(1, 2, 0, 3))

@@ -90,10 +90,12 @@ def _store(store: KVStore, layer: int, pos: int, k, v, inputs, tdims, links=()) 
 
 
 def cpu_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
-                       k_rec, v_rec, k_load, v_load, k_new, v_new, links=(), residency=NONE):
+                       k_rec, v_rec, k_load, v_load, k_new, v_new, links=(), residency=NONE,
+                       start: int = 0):
     """store_tokens then assemble, as the two ops do them."""
     _store(store, layer, pos, k_new, v_new, inputs, tdims, links)
-    return cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency)
+    return cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency,
+                        start)
 
 
 def cpu_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims, links=()) -> None:
@@ -101,11 +103,12 @@ def cpu_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims,
 
 
 def cpu_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new,
-                 residency=NONE):
-    """resident [0, r) ++ recomputed [r, r + l) ++ loaded [r + l, past) ++ new."""
+                 residency=NONE, start: int = 0):
+    """resident [0, r) ++ recomputed [r, r + l) ++ loaded [r + l, past) ++ new; a sliding
+    window's (``start`` > 0, nothing resident): recomputed [start, start + l) ++ loaded ++ new."""
     r = residency[0]
-    k_rec, v_rec = store.stored_where_uncovered(layer, r, k_rec, v_rec, k_new.device)
-    past = r + k_rec.shape[2] + k_load.shape[2]
+    k_rec, v_rec = store.stored_where_uncovered(layer, r + start, k_rec, v_rec, k_new.device)
+    past = r + start + k_rec.shape[2] + k_load.shape[2]
     held = resident_rows(store, layer, residency, past, plain_copy)
     if held is not None:
         store.resident.append(layer, past, k_new, v_new, plain_copy)
@@ -116,11 +119,11 @@ def cpu_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new
     return torch.cat([k_rec, k_load, k_new], dim=2), torch.cat([v_rec, v_load, v_new], dim=2)
 
 
-def cpu_cache_update(store: KVStore, k, v, layer: int, pos: int):
+def cpu_cache_update(store: KVStore, k, v, layer: int, pos: int, start: int = 0):
     check_write(store, layer, pos, k, v)
     store.write_kv(layer, pos, k, v)
     store.invalidate_tokens(layer, pos)
-    k_all, v_all = store.read_kv(layer, 0, pos + k.shape[2], k.device)
+    k_all, v_all = store.read_kv(layer, start, pos + k.shape[2], k.device)
     return k_all.contiguous(), v_all.contiguous()
 
 
@@ -145,12 +148,13 @@ def stream_wait(tensors) -> None:
 
 def stream_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
                           k_rec, v_rec, k_load, v_load, k_new, v_new, links=(),
-                          staged: bool = False, residency=NONE):
+                          staged: bool = False, residency=NONE, start: int = 0):
     """store_tokens, then wait for K,V[l:] and assemble. ``staged``: the graph writes a source
     in place later on, so the D2H copy reads runtime-owned copies (see CudaRuntime)."""
     stream_store(store, layer, pos, k_new, v_new, inputs, tdims, links, staged)
     cuda_runtime.wait([k_load, v_load])
-    return stream_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency)
+    return stream_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency,
+                           start)
 
 
 def stream_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims, links=(),
@@ -165,9 +169,10 @@ def stream_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdi
 
 
 def stream_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new,
-                    residency=NONE):
+                    residency=NONE, start: int = 0):
     return cuda_runtime.runtime(store, k_new.device).assemble(store, layer, k_rec, v_rec, k_load,
-                                                              v_load, k_new, v_new, residency)
+                                                              v_load, k_new, v_new, residency,
+                                                              start)
 
 
 def stream_prefetch_next(store: KVStore, layer: int, past: int, new: int, num: int, den: int, specs,
@@ -185,6 +190,6 @@ def stream_prefetch_next(store: KVStore, layer: int, past: int, new: int, num: i
         store, layer, l, end, specs if num else None, batch, heads, head_dim, dtype, start=r)
 
 
-def stream_cache_update(store: KVStore, k, v, layer: int, pos: int):
+def stream_cache_update(store: KVStore, k, v, layer: int, pos: int, start: int = 0):
     check_write(store, layer, pos, k, v)
-    return cuda_runtime.runtime(store, k.device).cache_update(store, k, v, layer, pos)
+    return cuda_runtime.runtime(store, k.device).cache_update(store, k, v, layer, pos, start)

@@ -26,13 +26,14 @@ def _kernel_of(op):
 
 
 @_kernel_of(library.cache_update)
-def cache_update(handle, k, v, layer, pos):
+def cache_update(handle, k, v, layer, pos, start=0):
     store = lookup(handle)
     check_write(store, layer, pos, k, v)
     handle[1] += 1   # the cache's version: every op that writes the store bumps it
     if cuda_runtime.handles(k.device):
-        return cuda_runtime.runtime(store, k.device).cache_update(store, k, v, layer, pos)
-    return direct.cpu_cache_update(store, k, v, layer, pos)
+        return cuda_runtime.runtime(store, k.device).cache_update(store, k, v, layer, pos,
+                                                                  start)
+    return direct.cpu_cache_update(store, k, v, layer, pos, start)
 
 
 @_kernel_of(library.load_kv)
@@ -91,14 +92,14 @@ def prefetch_next(handle, layer, past, new, num, den, shapes, ranks, dtypes, bat
 
 @_kernel_of(library.assemble)
 def assemble(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, resident=0,
-             resident_num=0, resident_den=1, resident_cap=-1):
+             resident_num=0, resident_den=1, resident_cap=-1, start=0):
     store = lookup(handle)
     residency = (resident, resident_num, resident_den, resident_cap)
     if cuda_runtime.handles(k_new.device):
         return cuda_runtime.runtime(store, k_new.device).assemble(
-            store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency)
+            store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency, start)
     return direct.cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new,
-                               residency)
+                               residency, start)
 
 
 library.set_slot_views(lambda device: cuda_runtime.handles(device))

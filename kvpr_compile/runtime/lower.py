@@ -96,9 +96,10 @@ def _tensors(asm) -> tuple:
 
 
 def _residency(asm) -> dict:
-    """The assemble's resident prefix as a keyword (none when the graph keeps none resident,
-    so graphs without one lower as before)."""
-    return {"residency": asm.residency()} if asm.resident_num else {}
+    """The assemble's resident prefix and sliding-window start as keywords (none when the
+    graph keeps none resident and reads the whole past, so such graphs lower as before)."""
+    window = {} if isinstance(asm.start, int) and asm.start == 0 else {"start": asm.start}
+    return {"residency": asm.residency(), **window} if asm.resident_num else window
 
 
 class _Steps:
@@ -214,7 +215,7 @@ class _Steps:
     def cache_update(self, node, on_stream: bool, folded: bool) -> None:
         a = args_of(node)
         target = direct.stream_cache_update if on_stream else direct.cpu_cache_update
-        self.replace(node, target, (self.store_of(a.handle), a.k, a.v, a.layer, a.pos))
+        self.replace(node, target, (self.store_of(a.handle), a.k, a.v, a.layer, a.pos, a.start))
 
 
 _LOWER = {LOAD_TOKENS: _Steps.load_tokens, LOAD_KV: _Steps.load_kv, WAIT: _Steps.wait,

@@ -1,6 +1,6 @@
 """Stage ``rewrite``: each site's cache read replaced by the kvpr steps at its layer's ratio
 (passes/rewrite.py), side inputs several layers compute alike stored once
-(passes/shared_inputs.py), and one report line per layer."""
+(passes/shared_inputs.py), and one report line per layer (a sliding-window layer's says so)."""
 from __future__ import annotations
 
 from .. import report as rep
@@ -11,6 +11,10 @@ from ..ops.split import ratio_fraction
 from ..passes.graph_utils import example_value
 from .compilation import Compilation
 from .residency import describe
+
+
+_WINDOW_NOTE = ("sliding window: loads and recomputes only the window's past "
+                "[past - window + 1, past), nothing of it resident")
 
 
 def rewrite(c: Compilation) -> None:
@@ -24,12 +28,16 @@ def rewrite(c: Compilation) -> None:
         layer = layer_of[node]
         share, cap, of_rest = c.resident.get(layer, (0.0, -1, False))
         k_new = example_value(args_of(node).k)   # read before the rewrite erases the node
+        start = args_of(node).start
+        windowed = not (isinstance(start, int) and start == 0)
         effective = rewrite_site(c.graph, node, sl, c.ratios[layer],
                                  owned_loads=c.options.inner == "inductor",
                                  links=links.get(layer, ()), resident=share, resident_cap=cap,
                                  ratio_of_rest=of_rest)
         entry = rep.layer_entry(layer, sl, effective, c.ratios[layer], links.get(layer))
-        if layer in c.resident and c.resident[layer][1] != 0:
+        if windowed:
+            entry.note = "; ".join(filter(None, [entry.note, _WINDOW_NOTE]))
+        elif layer in c.resident and c.resident[layer][1] != 0:
             words = describe(c.resident[layer], k_new)
             entry.note = "; ".join(filter(None, [entry.note, words]))
         c.report.layers.append(entry)

@@ -58,6 +58,9 @@ CPU_ATT = "tests/test_cpu_attention_plan.py::"
 CPU_LP_EQ = (CPU_ATT + "test_lp_equals_finish_times_equals_longest_path_with_cpu_tasks"
              "[dims0-None-stream]")
 CPU_PATHS = CPU_ATT + "test_longest_path_equals_finish_times_for_any_split_with_cpu[stream]"
+CACHE = "kvpr_compile/cache.py"
+LIMITS = "kvpr_compile/bench/limits.py"
+WINDOWS = "tests/test_sliding_window.py::"
 
 VALUES = "tests/test_ops_values.py"
 ASSEMBLE = VALUES + "::test_assemble_orders_recomputed_loaded_new_and_falls_back_past_stored_x"
@@ -661,7 +664,7 @@ BREAKAGES = (
              (RESIDENT_TESTS + "::test_k_cpu_handed_out_drops_the_device_rows[cpu]",),
              "device rows kept while the store is written through k_cpu"),
     Breakage("resident-records-from-zero", REWRITE,
-             "*([r] if keep else [])),",
+             "*([base] if keep or windowed else [])),",
              "),",
              (RESIDENT_TESTS + "::test_resident_share_is_exact[cpu-0.5-0.5]",),
              "the recompute of [r, r + l) reads the records of [0, l) (another position's RoPE)"),
@@ -697,4 +700,51 @@ BREAKAGES = (
              "    l = split_len(end, num, den)",
              (NEXT_RESIDENT + "[budget cap 12, ratio 0.5 of the rest]",),
              "the next call's split taken of the whole past where the budget's ratio is of the rest"),
+    # ---- sliding windows -------------------------------------------------------------------
+    Breakage("window-none-from-the-config", HF,
+             "windows=sliding_windows(config))",
+             "windows=None)",
+             (WINDOWS + "test_keys_before_the_window_are_never_read[0.0]",
+              WINDOWS + "test_prompt_longer_than_the_window_matches_eager[gemma2-0.5]"),
+             "KVPRCache reads the whole past of every layer (as before sliding windows)"),
+    Breakage("window-off-by-one", CACHE,
+             "start = pos - w + 1 if w and pos >= w else 0",
+             "start = pos - w + 2 if w and pos >= w else 0",
+             (WINDOWS + "test_the_cache_takes_transformers_windows_and_mask_sizes",),
+             "a sliding layer returns w - 2 past keys, not the w - 1 its mask covers"),
+    Breakage("window-mask-offset", HF,
+             "return w - 1 + query_length, past - w + 1",
+             "return w - 1 + query_length, past - w",
+             (WINDOWS + "test_the_cache_takes_transformers_windows_and_mask_sizes",),
+             "the sliding mask is placed one position early"),
+    Breakage("window-ignored-in-the-load", REWRITE,
+             "    windowed = not (isinstance(start, int) and start == 0)\n    kv =",
+             "    windowed = False\n    kv =",
+             (WINDOWS + "test_decode_steps_load_only_the_window",),
+             "the rewrite loads the whole past of a sliding layer"),
+    Breakage("window-fallback-from-zero", DIRECT,
+             "store.stored_where_uncovered(layer, r + start, k_rec, v_rec, k_new.device)",
+             "store.stored_where_uncovered(layer, r, k_rec, v_rec, k_new.device)",
+             (WINDOWS + "test_a_cache_filled_uncompiled_recomputes_from_stored_kv_in_the_window",),
+             "rows without stored X are replaced by the stored K,V of [0, l), not the window's"),
+    Breakage("window-runtime-start-ignored", RT,
+             "        r, l = residency[0] + start, k_rec.shape[2]",
+             "        r, l = residency[0], k_rec.shape[2]",
+             (WINDOWS + "test_race_free_on_simulated_streams",),
+             "the CUDA runtime's assemble counts the window from position 0"),
+    Breakage("window-in-place-rows", RT,
+             "                buf[start:start + l].copy_(rec.permute(2, 0, 1, 3))",
+             "                buf[:l].copy_(rec.permute(2, 0, 1, 3))",
+             (WINDOWS + "test_in_place_assemble_at_the_windows_rows",),
+             "the in-place assemble writes the recomputed rows at the slot's start"),
+    Breakage("window-prefetch-from-zero", PREFETCH,
+             '    if _custom(kv).get("kvpr_window"):   # prefetch_next knows no window start',
+             "    if False:",
+             (WINDOWS + "test_decode_steps_load_only_the_window",),
+             "the next call's first loads asked for from position 0 of a sliding layer (wasted)"),
+    Breakage("window-limit-ignored", LIMITS,
+             "read = window_past(past, windows[i]) if windows else past",
+             "read = past",
+             (WINDOWS + "test_decode_steps_load_only_the_window",),
+             "the bench's physical limit counts a sliding layer's whole past"),
 )
