@@ -143,6 +143,19 @@ def graph_holds_some_layers(report: Report, layers: list[int], num_layers: int,
               key=f"graph holds {len(layers)} of {num_layers} layers")
 
 
+def cpu_share_words(share: float) -> str:
+    """A layer's note when the CPU attends to its share of the past."""
+    return f"cpu: the last floor({share:g} * past) tokens attended on the CPU, merged by LSE"
+
+
+def cpu_share_refused(share: float, reason: str) -> str:
+    """A layer's note (and a one-time warning) when its attention cannot be split exactly:
+    the layer keeps cpu share 0."""
+    words = f"cpu share 0 (cpu_ratio {share:g} not applied): {reason}"
+    warn_once(f"kvpr: {words}", key=f"cpu share refused: {reason}")
+    return words
+
+
 def site_left_unchanged(report: Report, node_name: str, layer: int, err: Exception) -> None:
     reason = f"layer {layer}: {err}; left as a plain offloaded-cache read"
     report.skipped.append((node_name, reason))

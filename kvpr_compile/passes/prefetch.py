@@ -17,7 +17,8 @@ move; a load group whose inputs are not all defined before the new position stay
 site's assemble, by one ``kvpr.prefetch_next`` with the first site's own load arguments; the
 runtime decides whether the next call uses them (runtime/next_call.py). Latency schedule only
 (the column runner issues its loads itself), not for loads into owned tensors (inductor), and not
-for a graph with a resident prefix (``prefetch_next`` splits the next past by the ratio alone).
+for a graph with a resident prefix or a CPU share (``prefetch_next`` splits the next past by the
+ratio alone).
 """
 from __future__ import annotations
 
@@ -95,8 +96,8 @@ def prefetch_next_call(graph: fx.Graph) -> bool:
     load = None if kv is None else args_of(kv)
     if load is None or load.owned:   # owned loads: inductor runs the graph
         return False
-    if _custom(kv).get("kvpr_resident"):   # prefetch_next knows no resident prefix (yet)
-        return False
+    if _custom(kv).get("kvpr_resident") or _custom(kv).get("kvpr_cpu"):
+        return False   # prefetch_next knows no resident prefix or CPU range (yet)
     handle, layer, l, past = load.handle, load.layer, load.start, load.end
     if tokens is None:
         num, den, specs = 0, 1, ([], [], [])

@@ -11,7 +11,7 @@ import torch
 
 from ..ops import library
 from ..ops.specs import split_specs
-from . import cuda_runtime, direct
+from . import cpu_attention, cuda_runtime, direct
 from . import weight_stream  # noqa: F401  (registers the bodies of the kvpr::weights_* ops)
 from .checks import check_read, check_token_read, check_write
 from .store import lookup
@@ -89,14 +89,25 @@ def prefetch_next(handle, layer, past, new, num, den, shapes, ranks, dtypes, bat
 
 @_kernel_of(library.assemble)
 def assemble(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, resident=0,
-             resident_num=0, resident_den=1, resident_cap=-1):
+             resident_num=0, resident_den=1, resident_cap=-1, cpu_len=0):
     store = lookup(handle)
     residency = (resident, resident_num, resident_den, resident_cap)
     if cuda_runtime.handles(k_new.device):
         return cuda_runtime.runtime(store, k_new.device).assemble(
-            store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency)
+            store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency, cpu_len)
     return direct.cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new,
-                               residency)
+                               residency, cpu_len)
+
+
+@_kernel_of(library.cpu_attend)
+def cpu_attend(handle, layer, q, start, end, mask, scale):
+    store = lookup(handle)
+    check_read(store, layer, end, q.shape[0], store.num_kv_heads, q.shape[-1], store.dtype,
+               q.device)
+    if cuda_runtime.handles(q.device):   # in flight until a wait on the result
+        return cuda_runtime.runtime(store, q.device).cpu_attend(store, layer, q, start, end,
+                                                                 mask, scale)
+    return cpu_attention.attend(store, layer, q, start, end, mask, scale)
 
 
 library.set_slot_views(lambda device: cuda_runtime.handles(device))

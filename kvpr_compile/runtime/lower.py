@@ -24,8 +24,8 @@ import operator
 import torch
 from torch import fx
 
-from ..ops.nodes import (ASSEMBLE, CACHE_UPDATE, LOAD_KV, LOAD_TOKENS, PREFETCH_NEXT, WAIT,
-                         LOAD_ROLES, args_of, role_of)
+from ..ops.nodes import (ASSEMBLE, CACHE_UPDATE, CPU_ATTEND, LOAD_KV, LOAD_TOKENS,
+                         PREFETCH_NEXT, WAIT, LOAD_ROLES, args_of, role_of)
 from ..ops.nodes import STORE_TOKENS as STORE
 from ..ops.specs import split_specs
 from . import cuda_runtime, direct
@@ -43,6 +43,8 @@ def _device_of(node: fx.Node):
         src = t.args[0] if t.op == "call_function" and t.target is operator.getitem else t
         if isinstance(src, fx.Node) and src.target in (LOAD_TOKENS, LOAD_KV):
             return _device_of(src)
+        if isinstance(src, fx.Node) and src.target is CPU_ATTEND:
+            return args_of(src).q.meta["example_value"].device
         return t.meta["example_value"].device
     k = a.k if node.target in (STORE, CACHE_UPDATE) else a.k_new
     return k.meta["example_value"].device
@@ -96,9 +98,12 @@ def _tensors(asm) -> tuple:
 
 
 def _residency(asm) -> dict:
-    """The assemble's resident prefix as a keyword (none when the graph keeps none resident,
-    so graphs without one lower as before)."""
-    return {"residency": asm.residency()} if asm.resident_num else {}
+    """The assemble's resident prefix and CPU range as keywords (none when the graph keeps
+    none resident and attends to nothing on the CPU, so such graphs lower as before)."""
+    words = {"residency": asm.residency()} if asm.resident_num else {}
+    if not (isinstance(asm.cpu_len, int) and asm.cpu_len == 0):
+        words["cpu_len"] = asm.cpu_len
+    return words
 
 
 class _Steps:

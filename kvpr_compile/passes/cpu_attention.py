@@ -1,0 +1,230 @@
+"""Split one layer's attention by key range: the device attends to what it holds, the CPU to the
+past's last c tokens where they lie (the store), merged exactly by log-sum-exp.
+
+Before (after the rewrite of the cache read, rewrite.py):
+
+    k_all, v_all = kvpr.assemble(...)        # resident ++ recomputed ++ loaded ++ new
+    out = sdpa(q, chain(k_all), chain(v_all), attn_mask=mask, scale=s)
+
+After, with start = past - c (ops/split.py ``cpu_start``; the loads stop at ``start`` and the
+assemble holds zeros in [start, past), so every layout op after it sees the length it saw):
+
+    o_c, lse_c = kvpr.cpu_attend(handle, layer, q, start, past, mask[..., start:past], s)
+    o_d, lse_d = partial_attention(q, chain(k_all), chain(v_all), mask_out(mask, [start, past)), s)
+    kvpr.wait([o_c, lse_c])
+    out = merge_partials(o_d, lse_d, o_c, lse_c, q.dtype)          (ops/attention.py)
+
+Why the tail of the past: r and l, the load's start and every rule before it stay as they were
+(a cache at cpu share 0 runs the same graph); the loads stay one contiguous block [r + l, start)
+and so does the CPU's range, and the range moves forward with the past, as a sliding window
+would keep it. The zeros cost device memory traffic (c rows written and read once), not link
+bytes; they let the layout ops between the cache read and attention (``repeat_kv``'s
+``expand(b, h, n_rep, S, d)`` with S baked in) run unchanged.
+
+``plan_split`` decides, before anything is rewritten, whether the split is exact; otherwise the
+layer keeps cpu share 0 and the reason goes into the report. Exact means: the attention is SDPA
+(a matmul -> softmax -> matmul pattern may hold per-score ops, sinks or softcapping the CPU part
+would have to repeat: refused for now), with no dropout, no ``is_causal`` on a past, a constant
+scale, a mask absent or with a key column per key (or one for all), and K and V reaching it
+from the cache read through layout ops only (checked by running the chain on a probe: it must
+equal the cache's K/V with each head repeated, as ``repeat_kv``/``repeat_interleave`` do, in a
+dtype no narrower).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import fx
+
+from ..ops.attention import mask_out, mask_range, merge_partials, partial_attention
+from ..ops.errors import Unsupported
+from ..ops.split import cpu_start
+from .graph_utils import example_value, hint, is_matmul, is_sdpa, is_softmax
+
+ops = torch.ops.kvpr
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+              "enable_gqa")
+
+
+@dataclass
+class CpuSplit:
+    """A layer's attention, checked to split exactly: what ``apply`` rewrites (its operands
+    are read from the node then: the rewrite of the cache read replaces some)."""
+    frac: Fraction
+    attention: fx.Node
+    scale: float
+    dtype: torch.dtype
+
+    def start(self, call, past, taken):
+        """The CPU range's first position (a graph node of role ``split`` on a symbolic past)."""
+        args = (past, self.frac.numerator, self.frac.denominator, taken)
+        if isinstance(past, int) and isinstance(taken, int):
+            return cpu_start(*args)
+        return call(cpu_start, args, "split")
+
+
+def _users_getitem(cache_node: fx.Node, index: int):
+    return next((u for u in cache_node.users if u.op == "call_function"
+                 and u.target is operator.getitem and u.args[1] == index), None)
+
+
+def _chain(operand, source: fx.Node) -> list[fx.Node] | None:
+    """The nodes from ``source`` (excluded) to ``operand`` (included), each reading the previous
+    one as its first argument; None where ``operand`` does not come from ``source`` so."""
+    chain, node = [], operand
+    for _ in range(32):
+        if node is source:
+            return chain[::-1]
+        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method") \
+                or not node.args:
+            return None
+        chain.append(node)
+        node = node.args[0]
+    return None
+
+
+def _concrete(arg):
+    """An argument of a chain node as a plain value: sizes by their hint; a tensor by an empty
+    one of its dtype (enough for ``to``/``type_as``; arithmetic with it fails the probe)."""
+    def one(a):
+        if not isinstance(a, fx.Node):
+            return a
+        value = example_value(a)
+        if isinstance(value, torch.SymInt):
+            return hint(value)
+        if isinstance(value, torch.Tensor):
+            return torch.zeros((), dtype=value.dtype)
+        if isinstance(value, (int, float, bool, torch.dtype)):
+            return value
+        raise Unsupported(f"{a.name} is not a constant")
+    return fx.node.map_aggregate(arg, one)
+
+
+def _probe(chain: list[fx.Node], source: fx.Node, kv: torch.Tensor, what: str) -> int:
+    """Run ``chain`` on a probe shaped like the cache read's result; returns the head repeat it
+    applies, or raises Unsupported when it does anything else."""
+    shape = tuple(hint(s) for s in example_value(source).shape)
+    probe = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)
+    x = probe
+    try:
+        for node in chain:
+            args, kwargs = _concrete(node.args[1:]), _concrete(dict(node.kwargs))
+            x = getattr(x, node.target)(*args, **kwargs) if node.op == "call_method" \
+                else node.target(x, *args, **kwargs)
+    except Unsupported:
+        raise
+    except Exception as e:  # noqa: BLE001 - any op the probe cannot run is not a layout op
+        raise Unsupported(f"{what} reaches attention through {node.name}, which the CPU part "
+                          f"cannot repeat ({type(e).__name__})") from None
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] % shape[1]:
+        raise Unsupported(f"{what} reaches attention in a shape the CPU part cannot repeat")
+    rep = x.shape[1] // shape[1]
+    want = probe.repeat_interleave(rep, dim=1)
+    if not (x.is_floating_point() and x.dtype.itemsize >= kv.dtype.itemsize
+            and x.shape == want.shape and torch.equal(x.double(), want.to(x.dtype).double())):
+        raise Unsupported(f"{what} reaches attention changed by more than layout and head "
+                          f"repetition ({', '.join(n.name for n in chain) or 'as is'})")
+    return rep
+
+
+def _bound_sdpa(node: fx.Node) -> dict:
+    bound = dict(zip(_SDPA_ARGS, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _attention_of(cache_node: fx.Node, k_get: fx.Node, v_get: fx.Node) -> fx.Node:
+    """The one attention node that reads this cache read's K."""
+    found = []
+    for node in cache_node.graph.nodes:
+        if is_sdpa(node):
+            bound = _bound_sdpa(node)
+            if _chain(bound.get("key"), k_get) is not None:
+                found.append(node)
+        elif is_softmax(node) or is_matmul(node):
+            if any(_chain(a, k_get) is not None for a in node.args[:2]):
+                raise Unsupported("attention is matmul -> softmax -> matmul: the CPU split "
+                                  "covers SDPA only (per-score ops, sinks and softcapping "
+                                  "would have to be repeated on the CPU)")
+    if len(found) != 1:
+        raise Unsupported(f"{len(found)} SDPA nodes read this cache read's K (expected 1)")
+    return found[0]
+
+
+def plan_split(cache_node: fx.Node, cpu_ratio: float) -> CpuSplit:
+    """The checked split of the attention that reads ``cache_node``'s K,V (module docstring);
+    raises Unsupported with the reason where the split would not be exact."""
+    frac = Fraction(cpu_ratio).limit_denominator(1000)
+    k_get, v_get = _users_getitem(cache_node, 0), _users_getitem(cache_node, 1)
+    if k_get is None or v_get is None:
+        raise Unsupported("the cache read's K or V is unused")
+    att = _attention_of(cache_node, k_get, v_get)
+    bound = _bound_sdpa(att)
+    q, key, value = bound.get("query"), bound.get("key"), bound.get("value")
+    if _chain(value, v_get) is None:
+        raise Unsupported("the attention's V is not this cache read's V")
+    dropout = bound.get("dropout_p", 0.0)
+    if isinstance(dropout, fx.Node) or dropout != 0:
+        raise Unsupported(f"attention dropout {dropout} (training): the split would draw "
+                          "other masks")
+    causal = bound.get("is_causal", False)
+    if causal is not False:
+        raise Unsupported("is_causal on a past (its mask is aligned to the keys' start)")
+    scale = bound.get("scale")
+    if isinstance(scale, fx.Node):
+        raise Unsupported("the attention's scale is computed in the graph")
+    qv, kv = example_value(q), example_value(k_get)
+    if not isinstance(qv, torch.Tensor) or qv.dim() != 4:
+        raise Unsupported("the query is not (batch, heads, tokens, head_dim)")
+    if hint(qv.shape[-1]) != hint(kv.shape[-1]) or hint(qv.shape[1]) % hint(kv.shape[1]):
+        raise Unsupported("query and cache heads do not match (head_dim or group size)")
+    mask = bound.get("attn_mask")
+    if mask is not None:
+        mv = example_value(mask)
+        if not isinstance(mask, fx.Node) or not isinstance(mv, torch.Tensor):
+            raise Unsupported("the attention mask is not a tensor of the graph")
+        if mv.dim() > 4 or hint(mv.shape[-1]) not in (1, hint(kv.shape[2])):
+            raise Unsupported("the attention mask has no column per key")
+    _probe(_chain(key, k_get), k_get, kv, "K")
+    _probe(_chain(value, v_get), v_get, example_value(v_get), "V")
+    if scale is None:
+        scale = 1.0 / math.sqrt(hint(qv.shape[-1]))
+    return CpuSplit(frac, att, float(scale), qv.dtype)
+
+
+def apply(graph: fx.Graph, split: CpuSplit, handle, layer: int, start, past, annotate) -> None:
+    """Replace the split's attention by the device part, the CPU part and the merge (module
+    docstring). ``annotate(node, role)`` gives inserted nodes the rewrite's metadata."""
+    att = split.attention
+    bound = _bound_sdpa(att)
+    q, key, value, mask = (bound.get(n) for n in ("query", "key", "value", "attn_mask"))
+
+    def call(target, args, role):
+        node = graph.call_function(target, args)
+        annotate(node, role)
+        return node
+
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    inputs = [n for n in (q, mask, start) if isinstance(n, fx.Node)]
+    latest = max(inputs, key=order.__getitem__)
+    with graph.inserting_after(latest):   # as early as its inputs allow: the CPU starts sooner
+        cpu_mask = call(mask_range, (mask, start, past), "cpu_attention") \
+            if mask is not None else None
+    with graph.inserting_after(cpu_mask if cpu_mask is not None else latest):
+        cpu = call(ops.cpu_attend.default,
+                   (handle, layer, q, start, past, cpu_mask, split.scale),
+                   "cpu_attention")
+    with graph.inserting_before(att):
+        o_c, lse_c = (call(operator.getitem, (cpu, i), "cpu_attention") for i in (0, 1))
+        dev_mask = call(mask_out, (mask, key, start, past), "attention")
+        dev = call(partial_attention, (q, key, value, dev_mask, split.scale), "attention")
+        o_d, lse_d = (call(operator.getitem, (dev, i), "attention") for i in (0, 1))
+        call(ops.wait.default, ([o_c, lse_c],), "wait")
+        out = call(merge_partials, (o_d, lse_d, o_c, lse_c, split.dtype), "attention")
+    att.replace_all_uses_with(out)
+    graph.erase_node(att)
+
