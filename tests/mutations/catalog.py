@@ -47,6 +47,12 @@ TPUT = "tests/test_throughput_schedule.py"
 TPUT_SLOTS = "tests/test_throughput_slots.py::test_micro_batches_share_two_slots_loaded_one_ahead"
 REPORT = "kvpr_compile/report.py"
 CPU_PLAN = "tests/test_cpu_default_plan.py"
+CPU_ATT = "kvpr_compile/runtime/cpu_attention.py"
+CPU_PASS = "kvpr_compile/passes/cpu_attention.py"
+ATTENTION = "kvpr_compile/ops/attention.py"
+CPU_TESTS = "tests/test_cpu_attention.py::"
+CPU_EXACT = CPU_TESTS + "test_custom_decoders_are_exact[fused-qkv-0.25]"
+CPU_SIM = CPU_TESTS + "test_simulated_streams_are_race_free[0.25]"
 
 VALUES = "tests/test_ops_values.py"
 ASSEMBLE = VALUES + "::test_assemble_orders_recomputed_loaded_new_and_falls_back_past_stored_x"
@@ -607,4 +613,45 @@ BREAKAGES = (
              (RESIDENT_TESTS + "::test_a_budget_below_the_working_set_is_refused_before_anything"
                                "_is_written",),
              "a budget below the slots accepted"),
+    # ---- CPU co-attention ------------------------------------------------------------------
+    Breakage("cpu-attention-wrong-lse", CPU_ATT,
+             "    return partial_attention(q, k, v, mask, scale)",
+             "    o, lse = partial_attention(q, k, v, mask, scale)\n    return o, lse + 1.0",
+             (CPU_EXACT, CPU_TESTS + "test_exact_on_both_paths[cpu-0.25]"),
+             "the CPU part's log-sum-exp off by one: the merge weighs it e times too much"),
+    Breakage("cpu-attention-merge-unnormalised", ATTENTION,
+             "    w2 = torch.exp(lse2 - m).unsqueeze(-1)",
+             "    w2 = torch.exp(lse1 - m).unsqueeze(-1)",
+             (CPU_EXACT,),
+             "the merge weighs the CPU part by the device part's LSE"),
+    Breakage("cpu-mask-off-by-one", ATTENTION,
+             "    return mask[..., start:end]",
+             "    return mask[..., start + 1:end + 1]",
+             (CPU_TESTS + "test_hf_left_padding[llama-1.0]",),
+             "the CPU part's mask sliced one column late (a padded key attended)"),
+    Breakage("device-mask-off-by-one", ATTENTION,
+             "    keep = (pos < start) | (pos >= end)",
+             "    keep = (pos < start + 1) | (pos >= end)",
+             (CPU_EXACT,),
+             "the device part attends to one zero row of the CPU range"),
+    Breakage("cpu-range-wrong-layer", CPU_PASS,
+             "(handle, layer, q, start, past, cpu_mask, split.scale),",
+             "(handle, max(layer - 1, 0), q, start, past, cpu_mask, split.scale),",
+             (CPU_EXACT,),
+             "the CPU attends to the previous layer's K,V"),
+    Breakage("cpu-worker-skips-query-wait", CPU_ATT,
+             "            q_ready.synchronize()",
+             "            pass",
+             (CPU_SIM,),
+             "the worker reads the host query before its D2H copy is known done"),
+    Breakage("cpu-worker-skips-store-wait", CPU_ATT,
+             "            if stored is not None:\n                stored.synchronize()",
+             "            pass",
+             (CPU_SIM,),
+             "the worker reads the store's rows before the layer's latest D2H store landed"),
+    Breakage("cpu-result-not-waited", CPU_ATT,
+             "    current.wait_event(done)",
+             "    pass",
+             (CPU_SIM,),
+             "the merge reads the CPU part's result before its H2D copy"),
 )
