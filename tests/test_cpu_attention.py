@@ -76,10 +76,12 @@ def test_cpu_range_is_the_past_tail_and_leaves_what_is_taken():
 # -- exact against eager -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("cpu", CPU_SHARES)
-@pytest.mark.parametrize("name", ["fused-qkv", "llama-gqa"])
+@pytest.mark.parametrize("name", ["fused-qkv", "llama-gqa", "complex-rope"])
 def test_custom_decoders_are_exact(name, cpu):
-    """nanoGPT-style MHA with a bool mask (fused-qkv) and the built-in Llama with grouped-query
-    heads (SDPA, enable_gqa-free repeat), each with a recompute ratio and a resident share."""
+    """nanoGPT-style MHA with a bool mask through SDPA (fused-qkv), the built-in Llama with
+    grouped-query heads (SDPA) and a gpt-fast-style decoder (GQA by repeat_interleave, explicit
+    matmul -> masked_fill -> softmax -> matmul), each with a recompute ratio and a resident
+    share."""
     ref, out = _compare(name, _split(cpu, ratio=0.25, resident=0.25))
     _exact(ref, out)
     if cpu:
@@ -112,11 +114,52 @@ def test_hf_models_through_generate(arch, cpu):
     assert all("attended on the CPU" in note for note in _decode_notes())
 
 
-@pytest.mark.parametrize("arch,cpu", [("llama", 1.0), ("qwen2", 0.5)])
+GQA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+           vocab_size=128, num_hidden_layers=2)
+MORE = {   # name -> (model type, config words, attention implementation)
+    "llama-eager": ("llama", GQA, "eager"),
+    "gemma2-softcap": ("gemma2", dict(GQA, head_dim=16, attn_logit_softcapping=0.5), "eager"),
+    "phi3": ("phi3", dict(GQA, pad_token_id=0), "sdpa"),
+}
+
+
+def _more(name):
+    import transformers
+    arch, words, implementation = MORE[name]
+    cfg = transformers.AutoConfig.for_model(arch, **words)
+    cfg._attn_implementation = implementation
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.mark.parametrize("cpu", [0.25, 1.0])
+@pytest.mark.parametrize("name", sorted(MORE))
+def test_more_hf_attentions(name, cpu):
+    """HF's eager attention (matmul, scaling, the mask added, softmax in float32, dropout off,
+    matmul), Gemma2's logit softcapping (tanh between the matmuls, repeated by the CPU part) and
+    Phi3 (fused QKV, SDPA)."""
+    model = _more(name)
+    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    ref = hf_generate(model, ids)
+    model.forward = torch.compile(model.forward, backend="kvpr",
+                                  options=_split(cpu, ratio=0.25, resident=0.25))
+    out = hf_generate(model, ids)
+    assert worst_rel_err(out.logits, ref.logits) <= TOL
+    assert torch.equal(out.sequences, ref.sequences)
+    notes = _decode_notes()
+    assert notes and all("attended on the CPU" in note for note in notes), notes
+
+
+@pytest.mark.parametrize("arch,cpu", [("llama", 1.0), ("qwen2", 0.5), ("llama-eager", 1.0),
+                                      ("gemma2-softcap", 0.5)])
 def test_hf_left_padding(arch, cpu):
     """A left-padded row: its mask's columns go with their keys to the CPU part (at 1.0 the
-    padded keys are the CPU's)."""
-    ref, out = hf_left_padded(hf_build(arch), ratio=0.0 if cpu == 1.0 else 0.25, cpu_ratio=cpu)
+    padded keys are the CPU's), through SDPA's mask and through the eager attention's added
+    mask."""
+    model = _more(arch) if arch in MORE else hf_build(arch)
+    ref, out = hf_left_padded(model, ratio=0.0 if cpu == 1.0 else 0.25, cpu_ratio=cpu)
     assert worst_rel_err(out.logits, ref.logits) <= TOL
     assert torch.equal(out.sequences, ref.sequences)
 
@@ -211,10 +254,10 @@ def _logged(sim, monkeypatch):
         api.watch_release(q, "the query (a D2H source)")
         return start(self, store, rt, layer, q, s, e, mask, scale)
 
-    def logged_attend(q, k, v, mask, scale):
+    def logged_attend(q, k, v, mask, scale, *scoring):
         for t in (q, k, v):
             api.races.read(api.current, t, "CPU attention input")
-        return attend(q, k, v, mask, scale)
+        return attend(q, k, v, mask, scale, *scoring)
 
     monkeypatch.setattr(cpu_attention.CpuAttention, "start", logged_start)
     monkeypatch.setattr(cpu_attention, "partial_attention", logged_attend)
@@ -298,14 +341,44 @@ def test_bad_cpu_ratio_refused_before_anything_is_written():
     assert cache.seq_len(0) == 0
 
 
-def test_matmul_softmax_attention_keeps_cpu_share_zero():
-    """The gpt-fast-style decoder's explicit matmul -> softmax -> matmul: not split, exact, and
-    the report says why."""
-    ref, out = _compare("complex-rope", {"ratio": 0.5, "cpu_ratio": 0.5})
+class SinkDecoder(torch.nn.Module):
+    """One layer whose softmax also runs over a learned sink logit (gpt-oss style): the
+    scores are concatenated with it, which the CPU part cannot repeat."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads, self.head_dim, self.num_kv_heads = 2, 8, 2
+        self.emb = torch.nn.Embedding(61, 16)
+        self.qkv = torch.nn.Linear(16, 48)
+        self.sink = torch.nn.Parameter(torch.randn(1, 2, 1, 1))
+        self.blocks = [None]
+        self.out = torch.nn.Linear(16, 61)
+
+    def forward(self, tokens, cache):
+        b, n = tokens.shape
+        q, k, v = (t.view(b, n, 2, 8).transpose(1, 2)
+                   for t in self.qkv(self.emb(tokens)).split(16, -1))
+        k, v = cache.update(0, k, v)
+        scores = (q @ k.transpose(-2, -1)) * 8 ** -0.5
+        scores = torch.cat([scores, self.sink.expand(b, 2, n, 1)], dim=-1)
+        p = torch.softmax(scores, dim=-1)[..., :-1]
+        return self.out((p @ v).transpose(1, 2).reshape(b, n, 16))
+
+
+def test_attention_sinks_keep_cpu_share_zero():
+    """A softmax over the scores and a sink logit: not split, exact, and the report says
+    why."""
+    import custom_models
+    torch.manual_seed(0)
+    model = SinkDecoder().eval()
+    prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(3))
+    ref = decode_steps(model, prompt, custom_models.make_cache(model, 2, 32), 4)
+    compiled = torch.compile(model, backend="kvpr", options={"cpu_ratio": 0.5})
+    out = decode_steps(compiled, prompt, custom_models.make_cache(model, 2, 32), 4)
     _exact(ref, out)
     notes = _decode_notes()
-    assert all("cpu share 0 (cpu_ratio 0.5 not applied): attention is matmul -> softmax -> "
-               "matmul" in note for note in notes)
+    assert notes and all("cpu share 0 (cpu_ratio 0.5 not applied): " in note and "cat" in note
+                         for note in notes), notes
 
 
 def test_cpu_ratio_zero_keeps_the_graph():

@@ -16,16 +16,36 @@ import torch
 NEG_INF = float("-inf")
 
 
-def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float):
+_SCORES: list = []   # the per-score programs of matmul -> softmax -> matmul attentions
+
+
+def register_scores(fn) -> int:
+    """Keep ``fn(scores, *extras)`` (a layer's per-score ops: scale, softcapping, masks) for
+    ``partial_attention``; returns the index an op argument names it by."""
+    _SCORES.append(fn)
+    return len(_SCORES) - 1
+
+
+def scores_fn(index: int):
+    """The per-score program registered as ``index`` (None for -1)."""
+    return None if index < 0 else _SCORES[index]
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,
+                      scores_of=None, extras=()):
     """``(out, lse)`` of ``q`` (b, H, n, d) over keys ``k``, ``v`` (b, Hk, c, d), in float32:
     ``out`` (b, H, n, dv), ``lse`` (b, H, n). Query head h reads key head h // (H / Hk), as
     ``repeat_interleave`` and SDPA's ``enable_gqa`` do (no copy of K,V). ``mask``: None, a bool
-    mask (True: attend) or an additive float mask broadcastable to (b, H, n, c)."""
+    mask (True: attend) or an additive float mask broadcastable to (b, H, n, c). ``scores_of``:
+    None, or the layer's per-score ops ``scores_of(scores, *extras)`` applied after the scale,
+    before the mask."""
     b, heads, n, d = q.shape
     kv_heads, c = k.shape[1], k.shape[2]
     rep = heads // kv_heads
     qf = q.float().reshape(b, kv_heads, rep * n, d)
     scores = (qf @ k.float().transpose(-2, -1)).reshape(b, heads, n, c) * scale
+    if scores_of is not None:
+        scores = scores_of(scores, *extras).float()
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, NEG_INF)
@@ -59,6 +79,14 @@ def mask_out(mask, key: torch.Tensor, start, end):
     if mask.dtype == torch.bool:
         return mask & keep
     return torch.where(keep, mask, NEG_INF)
+
+
+def scores_without(scores, start, end):
+    """Scores (..., S) with key columns [start, end) at -inf (the device part of a
+    matmul -> softmax -> matmul attention), and their float32 log-sum-exp."""
+    pos = torch.arange(scores.shape[-1], device=scores.device)
+    kept = scores.masked_fill((pos >= start) & (pos < end), NEG_INF)
+    return kept, torch.logsumexp(kept.float(), dim=-1)
 
 
 def mask_range(mask, start, end):

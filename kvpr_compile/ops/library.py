@@ -154,12 +154,16 @@ def _(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, resident=0, res
 
 @torch.library.custom_op("kvpr::cpu_attend", mutates_args=())
 def cpu_attend(handle: Tensor, layer: int, q: Tensor, start: int, end: int,
-               mask: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+               mask: Optional[Tensor], scale: float, scores: int,
+               extras: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``scores``: the index of the layer's per-score ops (ops/attention.py
+    ``register_scores``), -1 for none; ``extras``: their tensor operands (masks), sliced to the
+    range's key columns."""
     _unimplemented("cpu_attend")
 
 
 @cpu_attend.register_fake
-def _(handle, layer, q, start, end, mask, scale):
+def _(handle, layer, q, start, end, mask, scale, scores, extras):
     b, h, n, d = q.shape
     return (torch.empty((b, h, n, d), dtype=torch.float32, device=q.device),
             torch.empty((b, h, n), dtype=torch.float32, device=q.device))

@@ -134,6 +134,8 @@ class CpuAttend(NamedTuple):
     end: Any
     mask: Any
     scale: Any
+    scores: Any
+    extras: Any
 
 
 class WeightsHook(NamedTuple):   # weights_ready and weights_release

@@ -43,7 +43,9 @@ from torch import fx
 from ..ops.attention import mask_out, mask_range, merge_partials, partial_attention
 from ..ops.errors import Unsupported
 from ..ops.split import cpu_start
-from .graph_utils import example_value, hint, is_matmul, is_sdpa, is_softmax
+from .attention_chain import chain_from, probe_layout
+from .cpu_attention_manual import ManualParts, apply_manual, plan_manual
+from .graph_utils import example_value, hint, is_matmul, is_sdpa
 
 ops = torch.ops.kvpr
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
@@ -58,6 +60,7 @@ class CpuSplit:
     attention: fx.Node
     scale: float
     dtype: torch.dtype
+    manual: ManualParts | None = None   # a matmul -> softmax -> matmul attention's parts
 
     def start(self, call, past, taken):
         """The CPU range's first position (a graph node of role ``split`` on a symbolic past)."""
@@ -72,87 +75,33 @@ def _users_getitem(cache_node: fx.Node, index: int):
                  and u.target is operator.getitem and u.args[1] == index), None)
 
 
-def _chain(operand, source: fx.Node) -> list[fx.Node] | None:
-    """The nodes from ``source`` (excluded) to ``operand`` (included), each reading the previous
-    one as its first argument; None where ``operand`` does not come from ``source`` so."""
-    chain, node = [], operand
-    for _ in range(32):
-        if node is source:
-            return chain[::-1]
-        if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method") \
-                or not node.args:
-            return None
-        chain.append(node)
-        node = node.args[0]
-    return None
-
-
-def _concrete(arg):
-    """An argument of a chain node as a plain value: sizes by their hint; a tensor by an empty
-    one of its dtype (enough for ``to``/``type_as``; arithmetic with it fails the probe)."""
-    def one(a):
-        if not isinstance(a, fx.Node):
-            return a
-        value = example_value(a)
-        if isinstance(value, torch.SymInt):
-            return hint(value)
-        if isinstance(value, torch.Tensor):
-            return torch.zeros((), dtype=value.dtype)
-        if isinstance(value, (int, float, bool, torch.dtype)):
-            return value
-        raise Unsupported(f"{a.name} is not a constant")
-    return fx.node.map_aggregate(arg, one)
-
-
-def _probe(chain: list[fx.Node], source: fx.Node, kv: torch.Tensor, what: str) -> int:
-    """Run ``chain`` on a probe shaped like the cache read's result; returns the head repeat it
-    applies, or raises Unsupported when it does anything else."""
-    shape = tuple(hint(s) for s in example_value(source).shape)
-    probe = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)
-    x = probe
-    try:
-        for node in chain:
-            args, kwargs = _concrete(node.args[1:]), _concrete(dict(node.kwargs))
-            x = getattr(x, node.target)(*args, **kwargs) if node.op == "call_method" \
-                else node.target(x, *args, **kwargs)
-    except Unsupported:
-        raise
-    except Exception as e:  # noqa: BLE001 - any op the probe cannot run is not a layout op
-        raise Unsupported(f"{what} reaches attention through {node.name}, which the CPU part "
-                          f"cannot repeat ({type(e).__name__})") from None
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] % shape[1]:
-        raise Unsupported(f"{what} reaches attention in a shape the CPU part cannot repeat")
-    rep = x.shape[1] // shape[1]
-    want = probe.repeat_interleave(rep, dim=1)
-    if not (x.is_floating_point() and x.dtype.itemsize >= kv.dtype.itemsize
-            and x.shape == want.shape and torch.equal(x.double(), want.to(x.dtype).double())):
-        raise Unsupported(f"{what} reaches attention changed by more than layout and head "
-                          f"repetition ({', '.join(n.name for n in chain) or 'as is'})")
-    return rep
-
-
 def _bound_sdpa(node: fx.Node) -> dict:
     bound = dict(zip(_SDPA_ARGS, node.args))
     bound.update(node.kwargs)
     return bound
 
 
-def _attention_of(cache_node: fx.Node, k_get: fx.Node, v_get: fx.Node) -> fx.Node:
-    """The one attention node that reads this cache read's K."""
+def _attention_of(cache_node: fx.Node, k_get: fx.Node) -> tuple[str, fx.Node]:
+    """The one attention node that reads this cache read's K: ("sdpa", the SDPA node) or
+    ("manual", the ``q @ k^T`` matmul)."""
     found = []
     for node in cache_node.graph.nodes:
         if is_sdpa(node):
-            bound = _bound_sdpa(node)
-            if _chain(bound.get("key"), k_get) is not None:
-                found.append(node)
-        elif is_softmax(node) or is_matmul(node):
-            if any(_chain(a, k_get) is not None for a in node.args[:2]):
-                raise Unsupported("attention is matmul -> softmax -> matmul: the CPU split "
-                                  "covers SDPA only (per-score ops, sinks and softcapping "
-                                  "would have to be repeated on the CPU)")
+            if chain_from(_bound_sdpa(node).get("key"), k_get) is not None:
+                found.append(("sdpa", node))
+        elif is_matmul(node) and len(node.args) == 2 \
+                and chain_from(node.args[1], k_get) is not None:
+            found.append(("manual", node))
     if len(found) != 1:
-        raise Unsupported(f"{len(found)} SDPA nodes read this cache read's K (expected 1)")
+        raise Unsupported(f"{len(found)} attention nodes read this cache read's K (expected 1)")
     return found[0]
+
+
+def _check_query(qv, kv) -> None:
+    if not isinstance(qv, torch.Tensor) or qv.dim() != 4:
+        raise Unsupported("the query is not (batch, heads, tokens, head_dim)")
+    if hint(qv.shape[-1]) != hint(kv.shape[-1]) or hint(qv.shape[1]) % hint(kv.shape[1]):
+        raise Unsupported("query and cache heads do not match (head_dim or group size)")
 
 
 def plan_split(cache_node: fx.Node, cpu_ratio: float) -> CpuSplit:
@@ -162,10 +111,15 @@ def plan_split(cache_node: fx.Node, cpu_ratio: float) -> CpuSplit:
     k_get, v_get = _users_getitem(cache_node, 0), _users_getitem(cache_node, 1)
     if k_get is None or v_get is None:
         raise Unsupported("the cache read's K or V is unused")
-    att = _attention_of(cache_node, k_get, v_get)
+    kind, att = _attention_of(cache_node, k_get)
+    if kind == "manual":
+        qv = example_value(att.args[0])
+        _check_query(qv, example_value(k_get))
+        parts = plan_manual(att, k_get, v_get)
+        return CpuSplit(frac, att, 1.0, qv.dtype, parts)
     bound = _bound_sdpa(att)
     q, key, value = bound.get("query"), bound.get("key"), bound.get("value")
-    if _chain(value, v_get) is None:
+    if chain_from(value, v_get) is None:
         raise Unsupported("the attention's V is not this cache read's V")
     dropout = bound.get("dropout_p", 0.0)
     if isinstance(dropout, fx.Node) or dropout != 0:
@@ -178,10 +132,7 @@ def plan_split(cache_node: fx.Node, cpu_ratio: float) -> CpuSplit:
     if isinstance(scale, fx.Node):
         raise Unsupported("the attention's scale is computed in the graph")
     qv, kv = example_value(q), example_value(k_get)
-    if not isinstance(qv, torch.Tensor) or qv.dim() != 4:
-        raise Unsupported("the query is not (batch, heads, tokens, head_dim)")
-    if hint(qv.shape[-1]) != hint(kv.shape[-1]) or hint(qv.shape[1]) % hint(kv.shape[1]):
-        raise Unsupported("query and cache heads do not match (head_dim or group size)")
+    _check_query(qv, kv)
     mask = bound.get("attn_mask")
     if mask is not None:
         mv = example_value(mask)
@@ -189,8 +140,8 @@ def plan_split(cache_node: fx.Node, cpu_ratio: float) -> CpuSplit:
             raise Unsupported("the attention mask is not a tensor of the graph")
         if mv.dim() > 4 or hint(mv.shape[-1]) not in (1, hint(kv.shape[2])):
             raise Unsupported("the attention mask has no column per key")
-    _probe(_chain(key, k_get), k_get, kv, "K")
-    _probe(_chain(value, v_get), v_get, example_value(v_get), "V")
+    probe_layout(chain_from(key, k_get), k_get, kv, "K")
+    probe_layout(chain_from(value, v_get), v_get, example_value(v_get), "V")
     if scale is None:
         scale = 1.0 / math.sqrt(hint(qv.shape[-1]))
     return CpuSplit(frac, att, float(scale), qv.dtype)
@@ -200,13 +151,17 @@ def apply(graph: fx.Graph, split: CpuSplit, handle, layer: int, start, past, ann
     """Replace the split's attention by the device part, the CPU part and the merge (module
     docstring). ``annotate(node, role)`` gives inserted nodes the rewrite's metadata."""
     att = split.attention
-    bound = _bound_sdpa(att)
-    q, key, value, mask = (bound.get(n) for n in ("query", "key", "value", "attn_mask"))
 
     def call(target, args, role):
         node = graph.call_function(target, args)
         annotate(node, role)
         return node
+
+    if split.manual is not None:
+        apply_manual(graph, split.manual, handle, layer, start, past, call)
+        return
+    bound = _bound_sdpa(att)
+    q, key, value, mask = (bound.get(n) for n in ("query", "key", "value", "attn_mask"))
 
     order = {n: i for i, n in enumerate(graph.nodes)}
     inputs = [n for n in (q, mask, start) if isinstance(n, fx.Node)]
@@ -216,7 +171,7 @@ def apply(graph: fx.Graph, split: CpuSplit, handle, layer: int, start, past, ann
             if mask is not None else None
     with graph.inserting_after(cpu_mask if cpu_mask is not None else latest):
         cpu = call(ops.cpu_attend.default,
-                   (handle, layer, q, start, past, cpu_mask, split.scale),
+                   (handle, layer, q, start, past, cpu_mask, split.scale, -1, []),
                    "cpu_attention")
     with graph.inserting_before(att):
         o_c, lse_c = (call(operator.getitem, (cpu, i), "cpu_attention") for i in (0, 1))

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..ops.attention import partial_attention
+from ..ops.attention import partial_attention, scores_fn
 from . import host_memory
 
 # Threads the worker's attention may use (None: half the cores, at least one).
@@ -45,10 +45,11 @@ def store_range(store, layer: int, start: int, end: int):
             store.v[layer][start:end].permute(1, 2, 0, 3))
 
 
-def attend(store, layer: int, q, start: int, end: int, mask, scale: float):
+def attend(store, layer: int, q, start: int, end: int, mask, scale: float, scores: int = -1,
+           extras=()):
     """The synchronous path: ``partial_attention`` of ``q`` over the store's rows."""
     k, v = store_range(store, layer, start, end)
-    return partial_attention(q, k, v, mask, scale)
+    return partial_attention(q, k, v, mask, scale, scores_fn(scores), extras)
 
 
 def cpu_gap(k_new, cpu_len: int) -> list:
@@ -105,7 +106,8 @@ class CpuAttention:
         self.api.copy(host, t)
         return host
 
-    def start(self, store, rt, layer: int, q, start: int, end: int, mask, scale: float):
+    def start(self, store, rt, layer: int, q, start: int, end: int, mask, scale: float,
+              scores: int = -1, extras=()):
         """Issue the CPU's part of ``layer``'s attention; returns device tensors (out, lse)
         that a ``wait`` makes ready (see ``wait_for``)."""
         api = self.api
@@ -116,20 +118,22 @@ class CpuAttention:
         with api.use(self.d2h):
             q_host = self._to_host(q)
             mask_host = self._to_host(mask) if mask is not None else None
+            extras_host = [self._to_host(t) for t in extras]
             q_ready = api.new_event()
             q_ready.record(self.d2h)
         b, h, n, d = q.shape
         out = torch.empty((b, h, n, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
         stored = rt.stored[layer]
-        job = self.pool.submit(self._work, store, layer, (q, mask), q_host, mask_host, q_ready,
-                               stored, issued, out, lse, start, end, scale)
+        job = self.pool.submit(self._work, store, layer, (q, mask, *extras), q_host,
+                               (mask_host, scores, extras_host), q_ready, stored, issued, out,
+                               lse, start, end, scale)
         for t in (out, lse):
             key = id(t)
             _PENDING[key] = (weakref.ref(t, lambda _, key=key: _PENDING.pop(key, None)), job, rt)
         return out, lse
 
-    def _work(self, store, layer, sources, q_host, mask_host, q_ready, stored, issued, out, lse,
+    def _work(self, store, layer, sources, q_host, scoring, q_ready, stored, issued, out, lse,
               start, end, scale):
         api = self.api
         with api.use(self.h2d):   # the worker's host work and its copies, on its own stream
@@ -138,7 +142,9 @@ class CpuAttention:
             if stored is not None:
                 stored.synchronize()
             k, v = store_range(store, layer, start, end)
-            o_cpu, lse_cpu = partial_attention(q_host, k, v, mask_host, scale)
+            mask_host, scores, extras_host = scoring
+            o_cpu, lse_cpu = partial_attention(q_host, k, v, mask_host, scale, scores_fn(scores),
+                                               extras_host)
             o_host, lse_host = (host_memory.alloc(tuple(t.shape), t.dtype, self.pin, zero=False)
                                 for t in (o_cpu, lse_cpu))
             o_host.copy_(o_cpu)

@@ -349,12 +349,13 @@ class CudaRuntime:
         return k_all.contiguous(), v_all.contiguous()
 
     # ---- CPU attention -------------------------------------------------------------------
-    def cpu_attend(self, store, layer: int, q, start: int, end: int, mask, scale: float):
+    def cpu_attend(self, store, layer: int, q, start: int, end: int, mask, scale: float,
+                   scores: int = -1, extras=()):
         """The CPU attends to K,V [start, end) of ``layer`` (runtime/cpu_attention.py): device
         tensors (out, lse), ready after a ``wait`` on them."""
         if self.cpu is None:
             self.cpu = cpu_attention.CpuAttention(API, self.device)
-        return self.cpu.start(store, self, layer, q, start, end, mask, scale)
+        return self.cpu.start(store, self, layer, q, start, end, mask, scale, scores, extras)
 
     # ---- assemble ------------------------------------------------------------------------
     def assemble(self, store, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new,

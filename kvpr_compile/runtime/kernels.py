@@ -100,14 +100,15 @@ def assemble(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, resident
 
 
 @_kernel_of(library.cpu_attend)
-def cpu_attend(handle, layer, q, start, end, mask, scale):
+def cpu_attend(handle, layer, q, start, end, mask, scale, scores, extras):
     store = lookup(handle)
     check_read(store, layer, end, q.shape[0], store.num_kv_heads, q.shape[-1], store.dtype,
                q.device)
+    extras = list(extras or ())
     if cuda_runtime.handles(q.device):   # in flight until a wait on the result
         return cuda_runtime.runtime(store, q.device).cpu_attend(store, layer, q, start, end,
-                                                                 mask, scale)
-    return cpu_attention.attend(store, layer, q, start, end, mask, scale)
+                                                                 mask, scale, scores, extras)
+    return cpu_attention.attend(store, layer, q, start, end, mask, scale, scores, extras)
 
 
 library.set_slot_views(lambda device: cuda_runtime.handles(device))
