@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import kvpr_compile
-from helpers import (CUSTOM_MODELS, SEEDED_PROMPT, check_race_free, decode_seeded, decode_steps,
+from helpers import (CUSTOM_MODELS, SEEDED_PROMPT, check_race_free, conversation, decode_seeded,
+                     decode_steps,
                      hf_build, hf_generate, hf_left_padded, sim_backend, tiny_llama,
                      worst_rel_err)
 from kvpr_compile.ops.attention import merge_partials, partial_attention
@@ -97,6 +98,24 @@ def test_exact_on_both_paths(path, cpu):
     out = decode_seeded(model, model.make_cache(2, 96), STEPS, compiled)
     assert worst_rel_err(out[0], ref[0]) <= TOL
     assert torch.equal(out[1], ref[1])
+
+
+def test_graphs_that_add_several_tokens_on_a_past(path):
+    """Chunks of 3 and 5 tokens and a next turn on a past: the queries of every new token attend
+    to the CPU's range, the causal mask among the new tokens stays on the device."""
+    model = tiny_llama(layers=2, kv_heads=2)
+    ref = conversation(model, model.make_cache(2, 96))
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.25, "cpu_ratio": 0.5})
+    out = conversation(compiled, model.make_cache(2, 96))
+    assert worst_rel_err(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("inner", ["inductor", "piecewise"])
+def test_other_inner_compilers(inner):
+    """The split under inductor (the whole graph) and piecewise (inductor between the steps):
+    the device part and the merge are plain torch, the CPU part an opaque op."""
+    ref, out = _compare("fused-qkv", {"ratio": 0.25, "cpu_ratio": 0.5, "inner": inner}, steps=3)
+    _exact(ref, out)
 
 
 @pytest.mark.parametrize("arch,cpu", [("llama", 0.25), ("llama", 1.0), ("qwen2", 0.5),
@@ -249,10 +268,10 @@ def _logged(sim, monkeypatch):
     api = sim()
     start, attend = cpu_attention.CpuAttention.start, cpu_attention.partial_attention
 
-    def logged_start(self, store, rt, layer, q, s, e, mask, scale):
+    def logged_start(self, store, rt, layer, q, *rest):
         api.races.write(api.compute, q, "query")
         api.watch_release(q, "the query (a D2H source)")
-        return start(self, store, rt, layer, q, s, e, mask, scale)
+        return start(self, store, rt, layer, q, *rest)
 
     def logged_attend(q, k, v, mask, scale, *scoring):
         for t in (q, k, v):
@@ -278,6 +297,20 @@ def test_simulated_streams_are_race_free(sim, monkeypatch, cpu):
     ref, out = _sim_run(api, cpu, ratio=0.0 if cpu == 1.0 else 0.25)
     check_race_free(api, ref, out)
     assert any("CPU attention input" in e[5] for log in api.races.log.values() for e in log)
+
+
+def test_simulated_streams_with_per_score_ops_are_race_free(sim, monkeypatch):
+    """The gpt-fast-style decoder (matmul -> masked_fill -> softmax -> matmul): its mask's
+    columns go to the host with the query."""
+    api = _logged(sim, monkeypatch)
+    model, new_cache = CUSTOM_MODELS["complex-rope"]()
+    prompt = torch.randint(0, 89, (2, 7), generator=torch.Generator().manual_seed(3))
+    ref = decode_steps(model, prompt, new_cache(2), 6)
+    compiled = torch.compile(model, backend=sim_backend(), options={"ratio": 0.25,
+                                                                     "cpu_ratio": 0.5})
+    out = decode_steps(compiled, prompt, new_cache(2), 6)
+    assert worst_rel_err(out[1], ref[1]) <= TOL and torch.equal(out[2], ref[2])
+    assert api.races.accesses > 100 and api.races.found == []
 
 
 @pytest.mark.parametrize("dropped", ["query D2H", "result H2D"])

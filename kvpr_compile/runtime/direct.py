@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.split import split_len
-from . import cuda_runtime
+from . import cpu_attention, cuda_runtime
 from .checks import check_read, check_token_read, check_write
 from .cpu_attention import cpu_gap
 from .resident import plain_copy, resident_rows
@@ -130,6 +130,18 @@ def cpu_cache_update(store: KVStore, k, v, layer: int, pos: int):
     store.invalidate_tokens(layer, pos)
     k_all, v_all = store.read_kv(layer, 0, pos + k.shape[2], k.device)
     return k_all.contiguous(), v_all.contiguous()
+
+
+def cpu_attend(store: KVStore, layer: int, q, start: int, end: int, mask, scale: float,
+               scores: int, extras):
+    """The CPU's part of a split attention (runtime/cpu_attention.py): synchronous on the CPU
+    path, in flight until a wait on the result on CUDA."""
+    check_read(store, layer, end, q.shape[0], store.num_kv_heads, q.shape[-1], store.dtype,
+               q.device)
+    if cuda_runtime.handles(q.device):
+        return cuda_runtime.runtime(store, q.device).cpu_attend(store, layer, q, start, end,
+                                                                 mask, scale, scores, extras)
+    return cpu_attention.attend(store, layer, q, start, end, mask, scale, scores, extras)
 
 
 # ---- CUDA runtime (streams, events, slots) -------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from ..ops import library
 from ..ops.specs import split_specs
-from . import cpu_attention, cuda_runtime, direct
+from . import cuda_runtime, direct
 from . import weight_stream  # noqa: F401  (registers the bodies of the kvpr::weights_* ops)
 from .checks import check_read, check_token_read, check_write
 from .store import lookup
@@ -101,14 +101,8 @@ def assemble(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, resident
 
 @_kernel_of(library.cpu_attend)
 def cpu_attend(handle, layer, q, start, end, mask, scale, scores, extras):
-    store = lookup(handle)
-    check_read(store, layer, end, q.shape[0], store.num_kv_heads, q.shape[-1], store.dtype,
-               q.device)
-    extras = list(extras or ())
-    if cuda_runtime.handles(q.device):   # in flight until a wait on the result
-        return cuda_runtime.runtime(store, q.device).cpu_attend(store, layer, q, start, end,
-                                                                 mask, scale, scores, extras)
-    return cpu_attention.attend(store, layer, q, start, end, mask, scale, scores, extras)
+    return direct.cpu_attend(lookup(handle), layer, q, start, end, mask, scale, scores,
+                             list(extras))
 
 
 library.set_slot_views(lambda device: cuda_runtime.handles(device))
