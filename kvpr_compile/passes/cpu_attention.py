@@ -22,13 +22,12 @@ bytes; they let the layout ops between the cache read and attention (``repeat_kv
 ``expand(b, h, n_rep, S, d)`` with S baked in) run unchanged.
 
 ``plan_split`` decides, before anything is rewritten, whether the split is exact; otherwise the
-layer keeps cpu share 0 and the reason goes into the report. Exact means: the attention is SDPA
-(a matmul -> softmax -> matmul pattern may hold per-score ops, sinks or softcapping the CPU part
-would have to repeat: refused for now), with no dropout, no ``is_causal`` on a past, a constant
-scale, a mask absent or with a key column per key (or one for all), and K and V reaching it
-from the cache read through layout ops only (checked by running the chain on a probe: it must
-equal the cache's K/V with each head repeated, as ``repeat_kv``/``repeat_interleave`` do, in a
-dtype no narrower).
+layer keeps cpu share 0 and the reason goes into the report. Exact means: one attention reads
+the cache read's K; for SDPA no dropout, no ``is_causal`` on a past, a constant scale, a mask
+absent or with a key column per key (or one for all); a matmul -> softmax -> matmul attention
+only per-score ops the CPU part can repeat (cpu_attention_manual.py); and K and V reaching it
+from the cache read through layout ops only (attention_chain.py: the chain run on a probe must
+equal the cache's K/V with each head repeated, in a dtype no narrower).
 """
 from __future__ import annotations
 
