@@ -96,6 +96,24 @@ def _attention_of(cache_node: fx.Node, k_get: fx.Node) -> tuple[str, fx.Node]:
     return found[0]
 
 
+def _assembled(operand) -> tuple:
+    """(the assemble output ``operand`` is laid out from, the layout nodes in between); the
+    probe checked that they only repeat heads, which ``partial_attention`` does without a copy.
+    (operand, []) where there is no such chain."""
+    chain, node = [], operand
+    for _ in range(32):
+        if not isinstance(node, fx.Node):
+            break
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+                and node.args[0].target is ops.assemble.default:
+            return node, chain
+        if node.op not in ("call_function", "call_method") or not node.args:
+            break
+        chain.append(node)
+        node = node.args[0]
+    return operand, []
+
+
 def _check_query(qv, kv) -> None:
     if not isinstance(qv, torch.Tensor) or qv.dim() != 4:
         raise Unsupported("the query is not (batch, heads, tokens, head_dim)")
@@ -174,11 +192,15 @@ def apply(graph: fx.Graph, split: CpuSplit, handle, layer: int, start, past, ann
                    "cpu_attention")
     with graph.inserting_before(att):
         o_c, lse_c = (call(operator.getitem, (cpu, i), "cpu_attention") for i in (0, 1))
-        dev_mask = call(mask_out, (mask, key, start, past), "attention")
-        dev = call(partial_attention, (q, key, value, dev_mask, split.scale), "attention")
+        (k_dev, k_layout), (v_dev, v_layout) = _assembled(key), _assembled(value)
+        dev_mask = call(mask_out, (mask, k_dev, start, past), "attention")
+        dev = call(partial_attention, (q, k_dev, v_dev, dev_mask, split.scale), "attention")
         o_d, lse_d = (call(operator.getitem, (dev, i), "attention") for i in (0, 1))
         call(ops.wait.default, ([o_c, lse_c],), "wait")
         out = call(merge_partials, (o_d, lse_d, o_c, lse_c, split.dtype), "attention")
     att.replace_all_uses_with(out)
     graph.erase_node(att)
+    for node in [*k_layout, *v_layout]:   # the head repeats nothing reads any more
+        if not node.users:
+            graph.erase_node(node)
 
