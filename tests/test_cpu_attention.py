@@ -100,6 +100,32 @@ def test_exact_on_both_paths(path, cpu):
     assert torch.equal(out[1], ref[1])
 
 
+def test_uncompiled_prefill_then_compiled_decode(path):
+    """The prompt's K,V stored by the uncompiled cache (no X): the CPU attends to them as well
+    (on simulated streams after the uncompiled write's event)."""
+    model = tiny_llama(layers=2, kv_heads=2)
+    ref = decode_seeded(model, model.make_cache(2, 96), STEPS)
+    compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.5, "cpu_ratio": 0.5})
+    out = decode_seeded(model, model.make_cache(2, 96), STEPS, compiled, eager_prefill=True)
+    assert worst_rel_err(out[0], ref[0]) <= TOL
+    assert torch.equal(out[1], ref[1])
+
+
+@pytest.mark.parametrize("tokens", [0, 8, 40])
+def test_with_a_resident_budget(tokens):
+    """A budget keeps up to ``tokens`` of every layer resident and the ratio recomputes its
+    share of the rest; the CPU's range takes what neither does (nothing once all is resident)."""
+    row = 2 * 2 * 4 * 16 * 4   # one position's K and V in one layer (batch 2, fp32)
+    budget = 4 * row * 97 + 4 * tokens * row   # two K,V and X slots, one assembled K,V
+    model = tiny_llama()
+    ref = decode_seeded(model, model.make_cache(2, 96), STEPS)
+    compiled = torch.compile(model, backend="kvpr", options={
+        "ratio": 0.25, "cpu_ratio": 0.5, "gpu_budget_bytes": budget})
+    out = decode_seeded(model, model.make_cache(2, 96), STEPS, compiled)
+    assert worst_rel_err(out[0], ref[0]) <= TOL
+    assert torch.equal(out[1], ref[1])
+
+
 def test_graphs_that_add_several_tokens_on_a_past(path):
     """Chunks of 3 and 5 tokens and a next turn on a past: the queries of every new token attend
     to the CPU's range, the causal mask among the new tokens stays on the device."""
