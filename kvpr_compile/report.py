@@ -15,6 +15,7 @@ class LayerEntry:
     x_node: str             # the node stored as X, or NO_X where none is kept (ratio 0)
     side_inputs: list[str]
     note: str = ""
+    cpu: float = 0.0        # share of the past attended on the CPU in this graph (cpu_ratio)
 
 
 @dataclass

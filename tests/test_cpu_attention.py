@@ -87,6 +87,7 @@ def test_custom_decoders_are_exact(name, cpu):
     _exact(ref, out)
     if cpu:
         assert all("attended on the CPU" in note for note in _decode_notes())
+    assert [e.cpu for e in kvpr_compile.last_report().layers] == [cpu] * 2
 
 
 @pytest.mark.parametrize("cpu", [0.25, 0.5, 1.0])
@@ -438,6 +439,7 @@ def test_attention_sinks_keep_cpu_share_zero():
     notes = _decode_notes()
     assert notes and all("cpu share 0 (cpu_ratio 0.5 not applied): " in note and "cat" in note
                          for note in notes), notes
+    assert [e.cpu for e in kvpr_compile.last_report().layers] == [0.0]
 
 
 def test_cpu_ratio_zero_keeps_the_graph():

@@ -33,6 +33,7 @@ def rewrite(c: Compilation) -> None:
                                  ratio_of_rest=of_rest, cpu_split=split)
         entry = rep.layer_entry(layer, sl, effective, c.ratios[layer], links.get(layer))
         entry.note = "; ".join(filter(None, [entry.note, cpu_words]))
+        entry.cpu = float(split.frac) if split is not None else 0.0
         if layer in c.resident and c.resident[layer][1] != 0:
             words = describe(c.resident[layer], k_new)
             entry.note = "; ".join(filter(None, [entry.note, words]))
