@@ -68,6 +68,17 @@ def test_merge_of_two_key_ranges_is_softmax_over_their_union():
 
 
 @pytest.mark.quick
+def test_merge_ignores_a_part_whose_keys_are_all_masked():
+    """A part with every key masked (lse -inf) may hold NaN (SDPA's own result does): weight 0."""
+    g = torch.Generator().manual_seed(1)
+    o = torch.randn(1, 2, 1, 4, generator=g)
+    lse = torch.randn(1, 2, 1, generator=g)
+    nan, none = torch.full_like(o, float("nan")), torch.full_like(lse, float("-inf"))
+    assert torch.equal(merge_partials(o, lse, nan, none, o.dtype), o)
+    assert torch.equal(merge_partials(nan, none, o, lse, o.dtype), o)
+
+
+@pytest.mark.quick
 def test_cpu_range_is_the_past_tail_and_leaves_what_is_taken():
     assert [cpu_start(p, 1, 4, 0) for p in (0, 3, 4, 9)] == [0, 3, 3, 7]
     assert cpu_start(10, 1, 1, 4) == 4      # capped: [0, 4) is resident or recomputed

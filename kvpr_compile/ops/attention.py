@@ -65,7 +65,9 @@ def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2:
     m = torch.where(torch.isneginf(m), 0.0, m)
     w1 = torch.exp(lse1 - m).unsqueeze(-1)
     w2 = torch.exp(lse2 - m).unsqueeze(-1)
-    return ((w1 * o1 + w2 * o2) / (w1 + w2)).to(dtype)
+    part1 = torch.where(w1 > 0, w1 * o1, 0.0)   # a part with no key may hold NaN: weight 0
+    part2 = torch.where(w2 > 0, w2 * o2, 0.0)
+    return ((part1 + part2) / (w1 + w2)).to(dtype)
 
 
 def mask_out(mask, key: torch.Tensor, start, end):
