@@ -351,6 +351,69 @@ def test_simulated_streams_with_per_score_ops_are_race_free(sim, monkeypatch):
     assert api.races.accesses > 100 and api.races.found == []
 
 
+class _NoStreams:
+    """Streams and events that order nothing (the host does it all): enough to run the worker
+    thread's logic on a CPU, where every copy is synchronous."""
+    device_type = "cpu"
+
+    class Stream:
+        def wait_event(self, event):
+            pass
+
+    class Event:
+        def record(self, stream):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def query(self):
+            return True
+
+    def new_stream(self, device):
+        return self.Stream()
+
+    def new_event(self):
+        return self.Event()
+
+    def current_stream(self, device):
+        return self.Stream()
+
+    def use(self, stream):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def copy(self, dst, src):
+        dst.copy_(src)
+
+
+def test_worker_thread_attends_with_its_own_thread_count(monkeypatch):
+    """The CUDA runtime's worker thread (as on a GPU, with streams that order nothing): its
+    results equal the synchronous path's, and its torch thread count is its own."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(cpu_attention, "THREADS", 1)
+    cache = tiny_llama(layers=2).make_cache(2, 96)
+    store = cache._store
+    g = torch.Generator().manual_seed(0)
+    for layer in range(2):
+        store.k[layer][:20].copy_(torch.randn(20, 2, 4, 16, generator=g))
+        store.v[layer][:20].copy_(torch.randn(20, 2, 4, 16, generator=g))
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    mask = torch.rand(2, 1, 1, 8, generator=g) > 0.2
+    main_threads = torch.get_num_threads()
+    worker = cpu_attention.CpuAttention(_NoStreams(), torch.device("cpu"), threaded=True)
+    rt = SimpleNamespace(stored=[None, None], in_flight=[])
+    jobs = [worker.start(store, rt, layer, q, 12, 20, mask, 0.25) for layer in (0, 1)]
+    for layer, (out, lse) in enumerate(jobs):
+        for t in (out, lse):
+            assert cpu_attention.wait_for(t, _NoStreams.Stream())
+        want = cpu_attention.attend(store, layer, q, 12, 20, mask, 0.25)
+        assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    assert worker.pool.submit(torch.get_num_threads).result() == 1
+    assert torch.get_num_threads() == main_threads
+    assert len(rt.in_flight) == 4
+
+
 @pytest.mark.parametrize("dropped", ["query D2H", "result H2D"])
 def test_race_checker_catches_a_missing_wait(sim, monkeypatch, dropped):
     api = _logged(sim, monkeypatch)

@@ -25,7 +25,6 @@ merge; the query and the mask are held by the job until the worker saw ``q_ready
 from __future__ import annotations
 
 import os
-import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -88,18 +87,24 @@ class _Deferred:
 class CpuAttention:
     """The CPU part of a cache's runtime (module docstring)."""
 
-    def __init__(self, api, device: torch.device):
+    def __init__(self, api, device: torch.device, threaded: bool | None = None):
+        """``threaded``: a worker thread (default on CUDA) or jobs run when their result is
+        asked for (simulated streams, whose stream state is one per process)."""
         self.api, self.device = api, device
         self.d2h = api.new_stream(device)
         self.h2d = api.new_stream(device)
         self.pin = api.device_type == "cuda"
-        if self.pin:
+        if threaded if threaded is not None else self.pin:
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="kvpr-cpu-attention",
                                            initializer=torch.set_num_threads,
                                            initargs=(_threads(),))
         else:
             self.pool = _Inline()
-        self.lock = threading.Lock()
+
+    def __del__(self):
+        shutdown = getattr(self.pool, "shutdown", None)
+        if shutdown is not None:
+            shutdown(wait=False)   # a job still running finishes; nothing waits for it here
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         host = host_memory.alloc(tuple(t.shape), t.dtype, self.pin, zero=False)
