@@ -177,6 +177,7 @@ MORE = {   # name -> (model type, config words, attention implementation)
     "llama-eager": ("llama", GQA, "eager"),
     "gemma2-softcap": ("gemma2", dict(GQA, head_dim=16, attn_logit_softcapping=0.5), "eager"),
     "phi3": ("phi3", dict(GQA, pad_token_id=0), "sdpa"),
+    "mistral-window": ("mistral", dict(GQA, sliding_window=5), "sdpa"),
 }
 
 
@@ -195,8 +196,9 @@ def _more(name):
 @pytest.mark.parametrize("name", sorted(MORE))
 def test_more_hf_attentions(name, cpu):
     """HF's eager attention (matmul, scaling, the mask added, softmax in float32, dropout off,
-    matmul), Gemma2's logit softcapping (tanh between the matmuls, repeated by the CPU part) and
-    Phi3 (fused QKV, SDPA)."""
+    matmul), Gemma2's logit softcapping (tanh between the matmuls, repeated by the CPU part),
+    Phi3 (fused QKV, SDPA) and Mistral with a sliding window of 5 keys (its mask's columns: at
+    cpu 1 the window lies in the CPU's range)."""
     model = _more(name)
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
     ref = hf_generate(model, ids)
