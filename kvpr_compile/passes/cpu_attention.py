@@ -41,7 +41,7 @@ from torch import fx
 
 from ..ops.attention import mask_out, mask_range, merge_partials, partial_attention
 from ..ops.errors import Unsupported
-from ..ops.split import cpu_start
+from ..ops.split import cpu_start, ratio_fraction
 from .attention_chain import chain_from, probe_layout
 from .cpu_attention_manual import ManualParts, apply_manual, plan_manual
 from .graph_utils import example_value, hint, is_matmul, is_sdpa
@@ -124,7 +124,7 @@ def _check_query(qv, kv) -> None:
 def plan_split(cache_node: fx.Node, cpu_ratio: float) -> CpuSplit:
     """The checked split of the attention that reads ``cache_node``'s K,V (module docstring);
     raises Unsupported with the reason where the split would not be exact."""
-    frac = Fraction(cpu_ratio).limit_denominator(1000)
+    frac = ratio_fraction(cpu_ratio)   # baked into the graph like the ratio
     k_get, v_get = _users_getitem(cache_node, 0), _users_getitem(cache_node, 1)
     if k_get is None or v_get is None:
         raise Unsupported("the cache read's K or V is unused")
