@@ -78,6 +78,15 @@ class Options:
     only the rest of the past is recomputed or loaded (runtime/resident.py). None: nothing
     resident. Latency schedule only."""
 
+    cpu_ratio: float = 0.0
+    """Forces the fraction of each layer's past the CPU attends to where its K,V lie, in the
+    store (c = floor(cpu_ratio * past) tokens, the past's last ones): those K,V never cross the
+    link; the CPU sends back a partial output and its log-sum-exp, merged exactly with the
+    device's attention (passes/cpu_attention.py). A number in [0, 1]; ``ratio + resident_ratio
+    + cpu_ratio`` must not exceed 1. 0 (default): everything attended on the device. A layer
+    whose attention cannot be split exactly keeps 0 (the report says why). Latency schedule
+    only."""
+
     def __post_init__(self) -> None:
         ratio = self.ratio
         if ratio is not None:
@@ -86,6 +95,7 @@ class Options:
                                  f"got {ratio!r}")
             object.__setattr__(self, "ratio", float(ratio))
         self._check_resident()
+        self._check_cpu()
         if self.inner is not None and self.inner not in INNER:
             raise ValueError(f"kvpr: options['inner'] must be one of {INNER}, got {self.inner!r}")
         if self.overlap not in OVERLAPS:
@@ -109,6 +119,22 @@ class Options:
             raise ValueError(f"kvpr: options['resident_ratio'] ({self.resident_ratio!r}) applies "
                              f"to schedule='latency' only: the throughput schedule keeps no "
                              f"resident share of the cache")
+
+    def _check_cpu(self) -> None:
+        share = self.cpu_ratio
+        if not _is_number(share) or not 0.0 <= float(share) <= 1.0:   # also rejects NaN
+            raise ValueError(f"kvpr: options['cpu_ratio'] must be a number in [0, 1], "
+                             f"got {share!r}")
+        object.__setattr__(self, "cpu_ratio", float(share))
+        total = (self.ratio or 0.0) + (self.resident_ratio or 0.0) + self.cpu_ratio
+        if self.cpu_ratio > 0 and total > 1.0 + 1e-12:
+            raise ValueError(f"kvpr: options['ratio'] ({self.ratio!r}) + "
+                             f"options['resident_ratio'] ({self.resident_ratio!r}) + "
+                             f"options['cpu_ratio'] ({self.cpu_ratio!r}) = {total:g} must not "
+                             f"exceed 1: they are fractions of one past")
+        if self.schedule == "throughput" and self.cpu_ratio > 0:
+            raise ValueError(f"kvpr: options['cpu_ratio'] ({self.cpu_ratio!r}) applies to "
+                             f"schedule='latency' only")
 
     def _check_schedule(self) -> None:
         if self.schedule not in SCHEDULES:

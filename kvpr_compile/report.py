@@ -15,6 +15,7 @@ class LayerEntry:
     x_node: str             # the node stored as X, or NO_X where none is kept (ratio 0)
     side_inputs: list[str]
     note: str = ""
+    cpu: float = 0.0        # share of the past attended on the CPU in this graph (cpu_ratio)
 
 
 @dataclass
@@ -141,6 +142,19 @@ def graph_holds_some_layers(report: Report, layers: list[int], num_layers: int,
               "earlier layer of its own graph computes. Results stay exact, but steps are "
               f"slower.{reason} Find the breaks with TORCH_LOGS=graph_breaks.",
               key=f"graph holds {len(layers)} of {num_layers} layers")
+
+
+def cpu_share_words(share: float) -> str:
+    """A layer's note when the CPU attends to its share of the past."""
+    return f"cpu: the last floor({share:g} * past) tokens attended on the CPU, merged by LSE"
+
+
+def cpu_share_refused(share: float, reason: str) -> str:
+    """A layer's note (and a one-time warning) when its attention cannot be split exactly:
+    the layer keeps cpu share 0."""
+    words = f"cpu share 0 (cpu_ratio {share:g} not applied): {reason}"
+    warn_once(f"kvpr: {words}", key=f"cpu share refused: {reason}")
+    return words
 
 
 def site_left_unchanged(report: Report, node_name: str, layer: int, err: Exception) -> None:

@@ -265,3 +265,15 @@ def test_soak_memory_flat_over_many_decode_steps(steps):
     assert last[0] <= first[0] + (256 << 10 if steps <= 2_000 else 1 << 20)
     assert 0 < last[1] == first[1]
     assert len(rt.slots.slots) == 2 and len(rt.in_flight) < 64
+
+
+@pytest.mark.parametrize("name,dtype", [("llama-gqa", torch.float16), ("llama-mha", torch.float32),
+                                        ("complex-rope", torch.float16)])
+def test_cpu_attention_on_cuda(name, dtype):
+    """Half of each layer's past attended by the CPU worker from the pinned store, merged on the
+    device (runtime/cpu_attention.py), next to a recompute ratio."""
+    model, new_cache = build(name, dtype)
+    fn = torch.compile(model, backend=hoisting_backend([]),
+                       options={"ratio": 0.25, "cpu_ratio": 0.5, "resident_ratio": 0.0})
+    check_close(model, new_cache, fn, dtype)
+    assert all(e.cpu == 0.5 for e in kvpr_compile.last_report().layers)

@@ -16,9 +16,9 @@ def test_defaults():
     assert o == Options() == parse_options({})
     assert (o.ratio, o.profile, o.overlap, o.inner) == (None, None, "stream", None)
     assert (o.schedule, o.micro_batches, o.gpu_budget_bytes) == ("latency", None, None)
-    assert o.resident_ratio is None
+    assert o.resident_ratio is None and o.cpu_ratio == 0.0
     assert set(KNOWN) == {"ratio", "resident_ratio", "profile", "overlap", "inner", "schedule",
-                          "micro_batches", "gpu_budget_bytes"}
+                          "micro_batches", "gpu_budget_bytes", "cpu_ratio"}
 
 
 def test_every_field_has_a_docstring():

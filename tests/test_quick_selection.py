@@ -24,6 +24,7 @@ AREAS = {
     "options": "tests/test_options.py",
     "import layers": "tests/test_import_layers.py",
     "golden graphs": "tests/test_golden_graphs.py",
+    "CPU co-attention": "tests/test_cpu_attention.py",
 }
 
 

@@ -20,6 +20,12 @@ Op boundaries (the CUDA runtime fills in the same ones with streams and events):
   appended to them while they fit (``resident_num/den`` and ``resident_cap`` give the capacity).
   ``start`` > 0 (a sliding window, never with a resident prefix): the past begins there, the
   recomputed rows are ``[start, start + l)``.
+  ``cpu_len`` > 0: the past's last ``cpu_len`` tokens are not loaded (the CPU attends to
+  them, ``cpu_attend``): zeros stand in their rows, which the device's part masks out.
+- ``cpu_attend``: the query attends to K,V [start, end) of the layer where they lie, in the CPU
+  store (no copy), returning the partial output and its log-sum-exp (float32, on the query's
+  device) for an exact merge with the device's part (ops/attention.py). On CUDA the result is
+  in flight until a ``wait`` on it (runtime/cpu_attention.py).
 - ``prefetch_next``: after a step's last assemble, the first layer's loads of the next call
   (nothing on the CPU). It returns nothing and writes nothing the graph reads: graphs handed to
   inductor do not get it (passes/prefetch.py).
@@ -141,16 +147,34 @@ def _(handle, layer, past, new, num, den, shapes, ranks, dtypes, batch, heads, h
 def assemble(handle: Tensor, layer: int, k_rec: Tensor, v_rec: Tensor, k_load: Tensor,
              v_load: Tensor, k_new: Tensor, v_new: Tensor, resident: int = 0,
              resident_num: int = 0, resident_den: int = 1,
-             resident_cap: int = -1, start: int = 0) -> tuple[Tensor, Tensor]:
+             resident_cap: int = -1, start: int = 0,
+             cpu_len: int = 0) -> tuple[Tensor, Tensor]:
     _unimplemented("assemble")
 
 
 @assemble.register_fake
 def _(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, resident=0, resident_num=0,
-      resident_den=1, resident_cap=-1, start=0):
+      resident_den=1, resident_cap=-1, start=0, cpu_len=0):
     b, h, _, d = k_new.shape
-    s = resident + k_rec.shape[2] + k_load.shape[2] + k_new.shape[2]
+    s = resident + k_rec.shape[2] + k_load.shape[2] + cpu_len + k_new.shape[2]
     return k_new.new_empty(b, h, s, d), v_new.new_empty(b, h, s, d)
+
+
+@torch.library.custom_op("kvpr::cpu_attend", mutates_args=())
+def cpu_attend(handle: Tensor, layer: int, q: Tensor, start: int, end: int,
+               mask: Optional[Tensor], scale: float, scores: int,
+               extras: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``scores``: the index of the layer's per-score ops (ops/attention.py
+    ``register_scores``), -1 for none; ``extras``: their tensor operands (masks), sliced to the
+    range's key columns."""
+    _unimplemented("cpu_attend")
+
+
+@cpu_attend.register_fake
+def _(handle, layer, q, start, end, mask, scale, scores, extras):
+    b, h, n, d = q.shape
+    return (torch.empty((b, h, n, d), dtype=torch.float32, device=q.device),
+            torch.empty((b, h, n), dtype=torch.float32, device=q.device))
 
 
 @torch.library.custom_op("kvpr::weights_ready", mutates_args=("handle",))

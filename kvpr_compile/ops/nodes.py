@@ -27,6 +27,7 @@ WAIT = _kvpr.wait.default
 STORE_TOKENS = _kvpr.store_tokens.default
 ASSEMBLE = _kvpr.assemble.default
 PREFETCH_NEXT = _kvpr.prefetch_next.default
+CPU_ATTEND = _kvpr.cpu_attend.default
 WEIGHTS_READY = _kvpr.weights_ready.default
 WEIGHTS_RELEASE = _kvpr.weights_release.default
 
@@ -128,10 +129,23 @@ class Assemble(NamedTuple):
     resident_den: Any = 1
     resident_cap: Any = -1
     start: Any = 0   # a sliding window's first position (never with a resident prefix)
+    cpu_len: Any = 0
 
     def residency(self) -> tuple:
         """(resident, num, den, cap): the resident prefix's length and capacity rule."""
         return self.resident, self.resident_num, self.resident_den, self.resident_cap
+
+
+class CpuAttend(NamedTuple):
+    handle: Any
+    layer: Any
+    q: Any
+    start: Any
+    end: Any
+    mask: Any
+    scale: Any
+    scores: Any
+    extras: Any
 
 
 class WeightsHook(NamedTuple):   # weights_ready and weights_release
@@ -141,6 +155,7 @@ class WeightsHook(NamedTuple):   # weights_ready and weights_release
 
 VIEWS = {CACHE_UPDATE: CacheUpdate, LOAD_KV: LoadKv, LOAD_TOKENS: LoadTokens, WAIT: Wait,
          STORE_TOKENS: StoreTokens, PREFETCH_NEXT: PrefetchNext, ASSEMBLE: Assemble,
+         CPU_ATTEND: CpuAttend,
          WEIGHTS_READY: WeightsHook, WEIGHTS_RELEASE: WeightsHook}
 _PACKETS = {op.overloadpacket: view for op, view in VIEWS.items()}
 

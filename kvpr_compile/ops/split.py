@@ -1,7 +1,7 @@
 """The split rule (how many past tokens a ratio recomputes), the resident rule (how many sit on
-the device) and the empty prefix rewritten graphs call where nothing is recomputed. The rewrite,
-the loads, the runtime's cross-call prefetch and the benchmarks' physical limit all use these
-rules."""
+the device), the CPU rule (where the range the CPU attends to starts) and the empty prefix
+rewritten graphs call where nothing is recomputed. The rewrite, the loads, the runtime's
+cross-call prefetch and the benchmarks' physical limit all use these rules."""
 from __future__ import annotations
 
 from fractions import Fraction
@@ -32,6 +32,18 @@ def resident_len(past, num: int, den: int, cap: int):
     if cap < 0:
         return r
     return min(r, cap) if isinstance(r, int) else torch.sym_min(r, cap)
+
+
+def cpu_start(past, num: int, den: int, taken, first=0):
+    """Where the CPU's key range [start, past) begins: past - c, c = floor(cpu_ratio * (past -
+    first)) for cpu_ratio = num/den (``first``: a sliding window's first position, else 0),
+    capped so that the range starts at or after ``taken`` (the end of what the device holds or
+    recomputes; a budget's share may take the whole past); ints and SymInts alike."""
+    c = ((past - first) * num) // den
+    room = past - taken
+    if isinstance(c, int) and isinstance(room, int):
+        return past - min(c, room)
+    return past - torch.sym_min(c, room)
 
 
 def resident_capacity(max_seq_len: int, num: int, den: int, cap: int) -> int:

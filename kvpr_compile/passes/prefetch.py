@@ -17,9 +17,10 @@ move; a load group whose inputs are not all defined before the new position stay
 site's assemble, by one ``kvpr.prefetch_next`` with the first site's own load arguments; the
 runtime decides whether the next call uses them (runtime/next_call.py). Latency schedule only
 (the column runner issues its loads itself), not for loads into owned tensors (inductor), and not
-for a graph whose first site reads a sliding window (``prefetch_next`` knows no window start). A
-first site with a resident prefix passes its rule (the assemble's, and ``kvpr_ratio_of_rest``
-from the loads): the next call's loads start after that call's resident prefix.
+for a graph whose first site reads a sliding window or has a CPU share (``prefetch_next`` knows
+no window start and no CPU range). A first site with a resident prefix passes its rule (the
+assemble's, and ``kvpr_ratio_of_rest`` from the loads): the next call's loads start after that
+call's resident prefix.
 """
 from __future__ import annotations
 
@@ -97,8 +98,8 @@ def prefetch_next_call(graph: fx.Graph) -> bool:
     load = None if kv is None else args_of(kv)
     if load is None or load.owned:   # owned loads: inductor runs the graph
         return False
-    if _custom(kv).get("kvpr_window"):   # prefetch_next knows no window start
-        return False
+    if _custom(kv).get("kvpr_window") or _custom(kv).get("kvpr_cpu"):
+        return False   # prefetch_next knows no window start and no CPU range
     handle, layer, l, past = load.handle, load.layer, load.start, load.end
     resident = args_of(first)
     residency = ((resident.resident_num, resident.resident_den, resident.resident_cap,

@@ -23,6 +23,11 @@ split the same way over its window alone: recomputed [start, start + l), loaded
 ``start``, and nothing of the window is kept resident (``resident`` does not apply). Nodes then
 carry ``kvpr_window`` too.
 
+With a CPU share (``cpu_split``, passes/cpu_attention.py) the loads stop at start = past - c,
+the assemble leaves [start, past) out (``cpu_len``) and the attention is split: the CPU attends
+to that range in the store, merged exactly with the device's part. Nodes then carry
+``kvpr_cpu``.
+
 Side inputs an earlier layer of the graph computes alike (RoPE cos/sin) are stored by that layer
 only; ``shared`` names them (passes/shared_inputs.py) and the load reads the owner's record.
 Graphs that add several tokens per call (chunked prefill, speculative verification) recompute
@@ -46,6 +51,7 @@ from ..ops.errors import Unsupported
 from ..ops.nodes import args_of
 from ..ops.specs import record_specs
 from ..ops.split import empty_past, ratio_fraction, resident_len, split_len
+from . import cpu_attention
 from .graph_utils import example_value, size_arg
 from .one_token import record_shape
 from .slices import RecomputeSlice
@@ -100,16 +106,31 @@ def _inline(graph: fx.Graph, module: fx.GraphModule, inputs: list, ratio: float,
     return out
 
 
+def _assemble_tail(keep: bool, windowed: bool, r, rule: tuple, start, cpu_len: list) -> list:
+    """The assemble's optional arguments, as far as they are needed: (resident, num, den, cap)
+    with a resident prefix, a window or a CPU share, then the window's ``start``, then
+    ``cpu_len``."""
+    if not (keep or windowed or cpu_len):
+        return []
+    out = [r if keep else 0, *rule]
+    if windowed or cpu_len:
+        out.append(start if windowed else 0)
+    return out + cpu_len
+
+
 def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio: float,
                  owned_loads: bool = False, links: tuple = (), resident: float = 0.0,
-                 resident_cap: int = -1, ratio_of_rest: bool = False) -> float:
+                 resident_cap: int = -1, ratio_of_rest: bool = False,
+                 cpu_split: cpu_attention.CpuSplit | None = None) -> float:
     """Rewrite in place; returns the ratio that applies in this graph (0 where nothing is
     recomputed). ``links``: side inputs an earlier layer stores for this one
     (passes/shared_inputs.py): not stored here, loaded from the owner's record. ``resident``:
     the fraction of the past kept on the device (r = min(floor(resident * past), resident_cap),
     ``resident_cap`` < 0: no cap); the recompute then covers [r, r + l), the load [r + l, past).
     ``ratio_of_rest``: l = floor(ratio * (past - r)) instead of floor(ratio * past) (a budget's
-    share: everything resident up to the cap, the ratio applied to what is not)."""
+    share: everything resident up to the cap, the ratio applied to what is not). ``cpu_split``:
+    the checked split of the layer's attention (passes/cpu_attention.py ``plan_split``), whose
+    share of the past (of the window, on a sliding layer) the CPU attends to."""
     handle, k_new, v_new, layer, past, start = args_of(cache_node)
     windowed = not (isinstance(start, int) and start == 0)
     kv = example_value(k_new)
@@ -119,9 +140,10 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
     recompute = sl.module is not None and frac > 0
     effective = float(frac) if recompute else 0.0
     keep = rfrac > 0 and resident_cap != 0 and not windowed
+    if isinstance(past, int) and past == 0:
+        cpu_split = None   # an empty past: nothing for the CPU
 
-    def call(target, args, role):
-        node = graph.call_function(target, args)
+    def annotate(node, role):
         node.meta["custom"] = _annotation(effective, layer, role)
         if keep:
             node.meta["custom"]["kvpr_resident"] = float(rfrac)
@@ -129,6 +151,12 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
                 node.meta["custom"]["kvpr_ratio_of_rest"] = True
         if windowed:
             node.meta["custom"]["kvpr_window"] = True
+        if cpu_split is not None:
+            node.meta["custom"]["kvpr_cpu"] = float(cpu_split.frac)
+
+    def call(target, args, role):
+        node = graph.call_function(target, args)
+        annotate(node, role)
         return node
 
     def items(node, count, role):
@@ -172,8 +200,10 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
         else:
             l, end, loaded = 0, base, []
         b, heads, head_dim = (size_arg(graph, kv.shape[i], k_new, i) for i in (0, 1, 3))
+        cpu_from = past if cpu_split is None else \
+            cpu_split.start(call, past, end, start if windowed else 0)
         k_ld, v_ld = items(call(ops.load_kv.default,
-                                (handle, layer, end, past, b, heads, head_dim, kv.dtype,
+                                (handle, layer, end, cpu_from, b, heads, head_dim, kv.dtype,
                                  kv.device, owned_loads),
                                 "load_kv"), 2, "load_kv")
         if recompute:  # recompute as soon as X is in; K,V[l:] may still be on the way
@@ -190,13 +220,20 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
              (handle, layer, past, k_new, v_new, stored,
               [sl.tdims[i] for i in own] if keep_x else [], *([shared] if shared else [])),
              "store")
+        tail = []
+        if cpu_split is not None:
+            tail = [past - cpu_from if isinstance(cpu_from, int) else
+                    call(operator.sub, (past, cpu_from), "split")]
         k_all, v_all = items(call(ops.assemble.default,
                                   (handle, layer, k_rc, v_rc, k_ld, v_ld, k_new, v_new,
-                                   *([r, *rule] if keep else []),
-                                   *([0, *rule, start] if windowed else [])), "assemble"),
+                                   *_assemble_tail(keep, windowed, r, rule, start, tail)),
+                                  "assemble"),
                              2, "assemble")
     for user in list(cache_node.users):
         user.replace_all_uses_with(k_all if user.args[1] == 0 else v_all)
         graph.erase_node(user)
     graph.erase_node(cache_node)
+    if cpu_split is not None:
+        cpu_attention.apply(graph, cpu_split, handle, layer, cpu_from, past, annotate,
+                            first=start if windowed else 0)
     return effective

@@ -50,7 +50,7 @@ from collections import deque
 import torch
 
 from .. import config
-from . import next_call, traffic
+from . import cpu_attention, next_call, traffic
 from .resident import resident_rows
 from .slots import SlotPool, slot_of
 
@@ -115,6 +115,8 @@ def wait(tensors: list[torch.Tensor]) -> None:
         if not handles(t.device):
             continue
         current = API.current_stream(t.device)
+        if cpu_attention.wait_for(t, current):   # a CPU-attention result: its job and copies
+            continue
         found = slot_of(t)
         if found is None:   # not a slot view (e.g. copied by functionalization): wait for all loads
             device = API.normalize(t.device)
@@ -148,6 +150,7 @@ class CudaRuntime:
         self.read_later: int | None = None
         # prefetched loads used / prefetches dropped
         self.next_call_used = self.next_call_dropped = 0
+        self.cpu = None   # the CPU part of split attentions, made at the first one
         _LIVE.add(self)
 
     def __del__(self):
@@ -347,12 +350,22 @@ class CudaRuntime:
         k_all, v_all = store.read_kv(layer, start, pos + k.shape[2], k.device)
         return k_all.contiguous(), v_all.contiguous()
 
+    # ---- CPU attention -------------------------------------------------------------------
+    def cpu_attend(self, store, layer: int, q, start: int, end: int, mask, scale: float,
+                   scores: int = -1, extras=()):
+        """The CPU attends to K,V [start, end) of ``layer`` (runtime/cpu_attention.py): device
+        tensors (out, lse), ready after a ``wait`` on them."""
+        if self.cpu is None:
+            self.cpu = cpu_attention.CpuAttention(API, self.device)
+        return self.cpu.start(store, self, layer, q, start, end, mask, scale, scores, extras)
+
     # ---- assemble ------------------------------------------------------------------------
     def assemble(self, store, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new,
-                 residency=(0, 0, 1, -1), start: int = 0):
+                 residency=(0, 0, 1, -1), start: int = 0, cpu_len: int = 0):
         """Resident ++ recomputed ++ loaded ++ new into fresh tensors (the resident rows read
         in place, once); then the layer's slot is free. ``residency``: (r, num, den, cap);
-        ``start``: a sliding window's first position (the recomputed rows begin there)."""
+        ``start``: a sliding window's first position (the recomputed rows begin there);
+        ``cpu_len``: the past's last tokens are zeros here (the CPU attends to them)."""
         current = API.current_stream(self.device)
         r, l = residency[0] + start, k_rec.shape[2]
         if store.covered(layer) < r + l or (residency[1] and store.resident.filled[layer] < r):
@@ -361,13 +374,15 @@ class CudaRuntime:
             if self.stored[layer] is not None:
                 current.wait_event(self.stored[layer])
             k_rec, v_rec = store.stored_where_uncovered(layer, r, k_rec, v_rec, k_new.device)
-        past = r + l + k_load.shape[2]
+        past = r + l + k_load.shape[2] + cpu_len
         held = resident_rows(store, layer, residency, past, API.copy)
-        in_place = self._in_place(k_load, v_load, start + l) if held is None else None
+        in_place = self._in_place(k_load, v_load, start + l) \
+            if held is None and not cpu_len else None
         if in_place is not None:
             return self._assemble_in_place(layer, in_place, start, start + l + k_load.shape[2],
                                            k_rec, v_rec, k_new, v_new, current)
-        parts_k, parts_v = [k_rec, k_load, k_new], [v_rec, v_load, v_new]
+        gap = cpu_attention.cpu_gap(k_new, cpu_len)
+        parts_k, parts_v = [k_rec, k_load, *gap, k_new], [v_rec, v_load, *gap, v_new]
         if held is not None:
             parts_k.insert(0, held[0])
             parts_v.insert(0, held[1])

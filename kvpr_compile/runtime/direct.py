@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 
 from ..ops.split import resident_len, split_len
-from . import cuda_runtime
+from . import cpu_attention, cuda_runtime
 from .checks import check_read, check_token_read, check_write
+from .cpu_attention import cpu_gap
 from .resident import plain_copy, resident_rows
 from .store import KVStore, lookup
 
@@ -91,11 +92,11 @@ def _store(store: KVStore, layer: int, pos: int, k, v, inputs, tdims, links=()) 
 
 def cpu_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
                        k_rec, v_rec, k_load, v_load, k_new, v_new, links=(), residency=NONE,
-                       start: int = 0):
+                       start: int = 0, cpu_len: int = 0):
     """store_tokens then assemble, as the two ops do them."""
     _store(store, layer, pos, k_new, v_new, inputs, tdims, links)
     return cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency,
-                        start)
+                        start=start, cpu_len=cpu_len)
 
 
 def cpu_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims, links=()) -> None:
@@ -103,17 +104,22 @@ def cpu_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims,
 
 
 def cpu_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new,
-                 residency=NONE, start: int = 0):
-    """resident [0, r) ++ recomputed [r, r + l) ++ loaded [r + l, past) ++ new; a sliding
-    window's (``start`` > 0, nothing resident): recomputed [start, start + l) ++ loaded ++ new."""
+                 residency=NONE, start: int = 0, cpu_len: int = 0):
+    """resident [0, r) ++ recomputed [r, r + l) ++ loaded [r + l, past - cpu_len) ++ zeros
+    where the CPU attends, [past - cpu_len, past) (``cpu_gap``) ++ new; a sliding window's
+    (``start`` > 0, nothing resident): the same from ``start`` on."""
     r = residency[0]
     k_rec, v_rec = store.stored_where_uncovered(layer, r + start, k_rec, v_rec, k_new.device)
-    past = r + start + k_rec.shape[2] + k_load.shape[2]
+    past = r + start + k_rec.shape[2] + k_load.shape[2] + cpu_len
     held = resident_rows(store, layer, residency, past, plain_copy)
+    gap = cpu_gap(k_new, cpu_len)
     if held is not None:
         store.resident.append(layer, past, k_new, v_new, plain_copy)
-        return (torch.cat([held[0], k_rec, k_load, k_new], dim=2),
-                torch.cat([held[1], v_rec, v_load, v_new], dim=2))
+        return (torch.cat([held[0], k_rec, k_load, *gap, k_new], dim=2),
+                torch.cat([held[1], v_rec, v_load, *gap, v_new], dim=2))
+    if gap:
+        return (torch.cat([k_rec, k_load, *gap, k_new], dim=2),
+                torch.cat([v_rec, v_load, *gap, v_new], dim=2))
     if not k_load.shape[2]:   # ratio 1: nothing loaded
         return torch.cat([k_rec, k_new], dim=2), torch.cat([v_rec, v_new], dim=2)
     return torch.cat([k_rec, k_load, k_new], dim=2), torch.cat([v_rec, v_load, v_new], dim=2)
@@ -125,6 +131,18 @@ def cpu_cache_update(store: KVStore, k, v, layer: int, pos: int, start: int = 0)
     store.invalidate_tokens(layer, pos)
     k_all, v_all = store.read_kv(layer, start, pos + k.shape[2], k.device)
     return k_all.contiguous(), v_all.contiguous()
+
+
+def cpu_attend(store: KVStore, layer: int, q, start: int, end: int, mask, scale: float,
+               scores: int, extras):
+    """The CPU's part of a split attention (runtime/cpu_attention.py): synchronous on the CPU
+    path, in flight until a wait on the result on CUDA."""
+    check_read(store, layer, end, q.shape[0], store.num_kv_heads, q.shape[-1], store.dtype,
+               q.device)
+    if cuda_runtime.handles(q.device):
+        return cuda_runtime.runtime(store, q.device).cpu_attend(store, layer, q, start, end,
+                                                                 mask, scale, scores, extras)
+    return cpu_attention.attend(store, layer, q, start, end, mask, scale, scores, extras)
 
 
 # ---- CUDA runtime (streams, events, slots) -------------------------------------------------
@@ -148,13 +166,14 @@ def stream_wait(tensors) -> None:
 
 def stream_store_assemble(store: KVStore, layer: int, pos: int, inputs, tdims,
                           k_rec, v_rec, k_load, v_load, k_new, v_new, links=(),
-                          staged: bool = False, residency=NONE, start: int = 0):
+                          staged: bool = False, residency=NONE, start: int = 0,
+                          cpu_len: int = 0):
     """store_tokens, then wait for K,V[l:] and assemble. ``staged``: the graph writes a source
     in place later on, so the D2H copy reads runtime-owned copies (see CudaRuntime)."""
     stream_store(store, layer, pos, k_new, v_new, inputs, tdims, links, staged)
     cuda_runtime.wait([k_load, v_load])
     return stream_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency,
-                           start)
+                           start=start, cpu_len=cpu_len)
 
 
 def stream_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdims, links=(),
@@ -169,10 +188,10 @@ def stream_store(store: KVStore, layer: int, pos: int, k_new, v_new, inputs, tdi
 
 
 def stream_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_new, v_new,
-                    residency=NONE, start: int = 0):
+                    residency=NONE, start: int = 0, cpu_len: int = 0):
     return cuda_runtime.runtime(store, k_new.device).assemble(store, layer, k_rec, v_rec, k_load,
                                                               v_load, k_new, v_new, residency,
-                                                              start)
+                                                              start=start, cpu_len=cpu_len)
 
 
 def stream_prefetch_next(store: KVStore, layer: int, past: int, new: int, num: int, den: int, specs,

@@ -92,14 +92,21 @@ def prefetch_next(handle, layer, past, new, num, den, shapes, ranks, dtypes, bat
 
 @_kernel_of(library.assemble)
 def assemble(handle, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, resident=0,
-             resident_num=0, resident_den=1, resident_cap=-1, start=0):
+             resident_num=0, resident_den=1, resident_cap=-1, start=0, cpu_len=0):
     store = lookup(handle)
     residency = (resident, resident_num, resident_den, resident_cap)
     if cuda_runtime.handles(k_new.device):
         return cuda_runtime.runtime(store, k_new.device).assemble(
-            store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency, start)
+            store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new, residency,
+            start=start, cpu_len=cpu_len)
     return direct.cpu_assemble(store, layer, k_rec, v_rec, k_load, v_load, k_new, v_new,
-                               residency, start)
+                               residency, start=start, cpu_len=cpu_len)
+
+
+@_kernel_of(library.cpu_attend)
+def cpu_attend(handle, layer, q, start, end, mask, scale, scores, extras):
+    return direct.cpu_attend(lookup(handle), layer, q, start, end, mask, scale, scores,
+                             list(extras))
 
 
 library.set_slot_views(lambda device: cuda_runtime.handles(device))

@@ -11,7 +11,8 @@ as it is: the report shows it, and inductor gets it under ``inner="inductor"``).
   of them in place (``store_tokens_staged``); otherwise holding them is enough;
 - on CPU every ``wait`` goes (loads are synchronous); on CUDA the wait for K,V[l:] folds into
   that call (K,V[l:] has no other reader), the wait for X stays where it is;
-- ``prefetch_next`` goes on CPU (nothing to prefetch) and is a direct call on CUDA.
+- ``prefetch_next`` goes on CPU (nothing to prefetch) and is a direct call on CUDA;
+- ``cpu_attend`` is a direct call (synchronous on CPU, in flight on CUDA until its wait).
 
 Nodes this pass does not recognise keep their custom op (correct, only slower). The copy also
 drops casts to the dtype a tensor already has (``x.to(torch.float32)`` on fp32, four per layer of
@@ -24,13 +25,13 @@ import operator
 import torch
 from torch import fx
 
-from ..ops.nodes import (ASSEMBLE, CACHE_UPDATE, LOAD_KV, LOAD_TOKENS, PREFETCH_NEXT, WAIT,
-                         LOAD_ROLES, args_of, role_of)
+from ..ops.nodes import (ASSEMBLE, CACHE_UPDATE, CPU_ATTEND, LOAD_KV, LOAD_TOKENS,
+                         PREFETCH_NEXT, WAIT, LOAD_ROLES, args_of, role_of)
 from ..ops.nodes import STORE_TOKENS as STORE
 from ..ops.specs import split_specs
 from . import cuda_runtime, direct
 
-KVPR_OPS = {LOAD_TOKENS, LOAD_KV, WAIT, STORE, ASSEMBLE, CACHE_UPDATE, PREFETCH_NEXT}
+KVPR_OPS = {LOAD_TOKENS, LOAD_KV, WAIT, STORE, ASSEMBLE, CACHE_UPDATE, PREFETCH_NEXT, CPU_ATTEND}
 
 
 def _device_of(node: fx.Node):
@@ -38,11 +39,15 @@ def _device_of(node: fx.Node):
     a = args_of(node)
     if node.target in (LOAD_TOKENS, LOAD_KV, PREFETCH_NEXT):
         return a.device
+    if node.target is CPU_ATTEND:
+        return a.q.meta["example_value"].device
     if node.target is WAIT:
         t = a.tensors[0]
         src = t.args[0] if t.op == "call_function" and t.target is operator.getitem else t
         if isinstance(src, fx.Node) and src.target in (LOAD_TOKENS, LOAD_KV):
             return _device_of(src)
+        if isinstance(src, fx.Node) and src.target is CPU_ATTEND:
+            return args_of(src).q.meta["example_value"].device
         return t.meta["example_value"].device
     k = a.k if node.target in (STORE, CACHE_UPDATE) else a.k_new
     return k.meta["example_value"].device
@@ -96,10 +101,15 @@ def _tensors(asm) -> tuple:
 
 
 def _residency(asm) -> dict:
-    """The assemble's resident prefix and sliding-window start as keywords (none when the
-    graph keeps none resident and reads the whole past, so such graphs lower as before)."""
-    window = {} if isinstance(asm.start, int) and asm.start == 0 else {"start": asm.start}
-    return {"residency": asm.residency(), **window} if asm.resident_num else window
+    """The assemble's resident prefix, sliding-window start and CPU range as keywords (none
+    when the graph keeps none resident, reads the whole past and attends to nothing on the
+    CPU, so such graphs lower as before)."""
+    words = {"residency": asm.residency()} if asm.resident_num else {}
+    if not (isinstance(asm.start, int) and asm.start == 0):
+        words["start"] = asm.start
+    if not (isinstance(asm.cpu_len, int) and asm.cpu_len == 0):
+        words["cpu_len"] = asm.cpu_len
+    return words
 
 
 class _Steps:
@@ -212,6 +222,10 @@ class _Steps:
                      (self.store_of(a.handle), a.layer, a.past, a.new, a.num, a.den, specs,
                       a.batch, a.heads, a.head_dim, a.dtype, a.device, a.residency()))
 
+    def cpu_attend(self, node, on_stream: bool, folded: bool) -> None:
+        a = args_of(node)
+        self.replace(node, direct.cpu_attend, (self.store_of(a.handle), *tuple(a)[1:]))
+
     def cache_update(self, node, on_stream: bool, folded: bool) -> None:
         a = args_of(node)
         target = direct.stream_cache_update if on_stream else direct.cpu_cache_update
@@ -220,7 +234,8 @@ class _Steps:
 
 _LOWER = {LOAD_TOKENS: _Steps.load_tokens, LOAD_KV: _Steps.load_kv, WAIT: _Steps.wait,
           STORE: _Steps.store_tokens, ASSEMBLE: _Steps.assemble,
-          PREFETCH_NEXT: _Steps.prefetch_next, CACHE_UPDATE: _Steps.cache_update}
+          PREFETCH_NEXT: _Steps.prefetch_next, CACHE_UPDATE: _Steps.cache_update,
+          CPU_ATTEND: _Steps.cpu_attend}
 
 
 def _drop_identity_casts(graph: fx.Graph) -> None:

@@ -28,6 +28,7 @@ class Compilation:
     budget: object = None          # batch_rows: the throughput budget check, or None
     ratios: dict = field(default_factory=dict)   # plan: layer -> requested split ratio
     resident: dict = field(default_factory=dict)  # plan: layer -> (share, cap, of_rest)
+    cpu: dict = field(default_factory=dict)       # plan: layer -> share attended on the CPU
     compiled: object = None        # columns or lower: the callable Dynamo gets back
 
     @property

@@ -2,7 +2,8 @@
 planned for this graph's sizes: by the throughput LP for the throughput schedule (unless both
 ``ratio`` and ``micro_batches`` are given), else by the latency LP. A forced ratio never imports
 mip. A forced ``resident_ratio`` keeps that share of every layer's past on the device (a planned
-ratio is then capped at 1 - resident_ratio); else ``gpu_budget_bytes`` (on CUDA "auto" by
+ratio is then capped at 1 - resident_ratio - cpu_ratio); a forced ``cpu_ratio`` has the CPU
+attend to that share (passes/cpu_attention.py); else ``gpu_budget_bytes`` (on CUDA "auto" by
 default) decides what is resident (stages/residency.py).
 
 On a CPU device with no profile named (neither ``options['profile']`` nor $KVPR_PROFILE) the
@@ -58,10 +59,11 @@ def plan(c: Compilation) -> None:
             profile=o.profile, overlap=o.overlap, num_layers=len(layers),
             batch_size=d.batch_size, hidden_size=d.hidden_size,
             kv_hidden_size=d.kv_hidden_size, dtype=d.dtype, device=d.device)
-    share = o.resident_ratio or 0.0
+    share = (o.resident_ratio or 0.0) + o.cpu_ratio
     if share and o.ratio is None:   # a planned ratio recomputes from what is not resident
-        ratios = [min(r, 1.0 - share) for r in ratios]
+        ratios = [min(r, 1.0 - share) for r in ratios]   # or attended on the CPU
     c.ratios = dict(zip(layers, ratios))
+    c.cpu = {layer: o.cpu_ratio for layer in layers} if o.cpu_ratio > 0 else {}
     c.resident = resident_rule(c, layers) if o.schedule == "latency" else {}
     c.report.ratio_source, c.report.plan = source, planned
 

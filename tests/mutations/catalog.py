@@ -61,6 +61,12 @@ CPU_PATHS = CPU_ATT + "test_longest_path_equals_finish_times_for_any_split_with_
 CACHE = "kvpr_compile/cache.py"
 LIMITS = "kvpr_compile/bench/limits.py"
 WINDOWS = "tests/test_sliding_window.py::"
+CPU_RUNTIME = "kvpr_compile/runtime/cpu_attention.py"
+CPU_PASS = "kvpr_compile/passes/cpu_attention.py"
+ATTENTION = "kvpr_compile/ops/attention.py"
+CPU_TESTS = "tests/test_cpu_attention.py::"
+CPU_EXACT = CPU_TESTS + "test_custom_decoders_are_exact[fused-qkv-0.25]"
+CPU_SIM = CPU_TESTS + "test_simulated_streams_are_race_free[0.25]"
 
 VALUES = "tests/test_ops_values.py"
 ASSEMBLE = VALUES + "::test_assemble_orders_recomputed_loaded_new_and_falls_back_past_stored_x"
@@ -747,4 +753,64 @@ BREAKAGES = (
              "read = past",
              (WINDOWS + "test_decode_steps_load_only_the_window",),
              "the bench's physical limit counts a sliding layer's whole past"),
+    # ---- CPU co-attention ------------------------------------------------------------------
+    Breakage("cpu-attention-wrong-lse", CPU_RUNTIME,
+             "    return partial_attention(q, k, v, mask, scale, scores_fn(scores), extras)",
+             "    o, lse = partial_attention(q, k, v, mask, scale, scores_fn(scores), extras)\n"
+             "    return o, lse + 1.0",
+             (CPU_EXACT, CPU_TESTS + "test_exact_on_both_paths[cpu-0.25]"),
+             "the CPU part's log-sum-exp off by one: the merge weighs it e times too much"),
+    Breakage("cpu-attention-merge-unnormalised", ATTENTION,
+             "    w2 = torch.exp(lse2 - m).unsqueeze(-1)",
+             "    w2 = torch.exp(lse1 - m).unsqueeze(-1)",
+             (CPU_EXACT,),
+             "the merge weighs the CPU part by the device part's LSE"),
+    Breakage("cpu-scores-skipped", ATTENTION,
+             "    if scores_of is not None:",
+             "    if False:",
+             (CPU_TESTS + "test_more_hf_attentions[gemma2-softcap-0.25]",
+              CPU_TESTS + "test_hf_left_padding[llama-eager-1.0]"),
+             "the CPU part scores without the layer's per-score ops (softcapping, added mask)"),
+    Breakage("cpu-mask-off-by-one", ATTENTION,
+             "    return mask[..., start:end]",
+             "    return mask[..., start + 1:end + 1]",
+             (CPU_TESTS + "test_hf_left_padding[llama-1.0]",
+              CPU_TESTS + "test_hf_left_padding[llama-eager-1.0]"),
+             "the CPU part's mask sliced one column late (a padded key attended)"),
+    Breakage("device-mask-off-by-one", ATTENTION,
+             "    keep = (pos < start) | (pos >= end)",
+             "    keep = (pos < start + 1) | (pos >= end)",
+             (CPU_EXACT,),
+             "the device part attends to one zero row of the CPU range"),
+    Breakage("cpu-range-wrong-layer", CPU_PASS,
+             "(handle, layer, q, start, past, cpu_mask, split.scale, -1, []),",
+             "(handle, max(layer - 1, 0), q, start, past, cpu_mask, split.scale, -1, []),",
+             (CPU_EXACT,),
+             "the CPU attends to the previous layer's K,V"),
+    Breakage("cpu-worker-skips-query-wait", CPU_RUNTIME,
+             "            q_ready.synchronize()",
+             "            pass",
+             (CPU_SIM,),
+             "the worker reads the host query before its D2H copy is known done"),
+    Breakage("cpu-worker-skips-store-wait", CPU_RUNTIME,
+             "            if stored is not None:\n                stored.synchronize()",
+             "            pass",
+             (CPU_SIM,),
+             "the worker reads the store's rows before the layer's latest D2H store landed"),
+    Breakage("cpu-window-columns-absolute", "kvpr_compile/passes/cpu_attention_manual.py",
+             "    if isinstance(first, int) and first == 0:\n        return start, past",
+             "    if True:\n        return start, past",
+             (CPU_TESTS + "test_more_hf_attentions[mistral-window-1.0]",
+              CPU_TESTS + "test_more_hf_attentions[mistral-window-0.25]"),
+             "a sliding layer's CPU range taken as mask columns from position 0, not the window's"),
+    Breakage("cpu-share-of-the-whole-past-on-a-window", SPLIT,
+             "    c = ((past - first) * num) // den",
+             "    c = (past * num) // den",
+             (CPU_TESTS + "test_a_sliding_layers_cpu_share_is_of_its_window",),
+             "a sliding layer's CPU share taken of the whole past, not of its window"),
+    Breakage("cpu-result-not-waited", CPU_RUNTIME,
+             "    current.wait_event(done)",
+             "    pass",
+             (CPU_SIM,),
+             "the merge reads the CPU part's result before its H2D copy"),
 )
