@@ -78,14 +78,15 @@ class Options:
     only the rest of the past is recomputed or loaded (runtime/resident.py). None: nothing
     resident. Latency schedule only."""
 
-    cpu_ratio: float = 0.0
+    cpu_ratio: float | None = None
     """Forces the fraction of each layer's past the CPU attends to where its K,V lie, in the
     store (c = floor(cpu_ratio * past) tokens, the past's last ones): those K,V never cross the
     link; the CPU sends back a partial output and its log-sum-exp, merged exactly with the
     device's attention (passes/cpu_attention.py). A number in [0, 1]; ``ratio + resident_ratio
-    + cpu_ratio`` must not exceed 1. 0 (default): everything attended on the device. A layer
-    whose attention cannot be split exactly keeps 0 (the report says why). Latency schedule
-    only."""
+    + cpu_ratio`` must not exceed 1; 0: everything attended on the device. None (default): the
+    latency LP chooses it with the split, from the profile's host attention rate (0 where the
+    profile measured none, where ``ratio`` is forced and where there is no link). A layer whose
+    attention cannot be split exactly keeps 0 (the report says why). Latency schedule only."""
 
     def __post_init__(self) -> None:
         ratio = self.ratio
@@ -122,6 +123,8 @@ class Options:
 
     def _check_cpu(self) -> None:
         share = self.cpu_ratio
+        if share is None:
+            return
         if not _is_number(share) or not 0.0 <= float(share) <= 1.0:   # also rejects NaN
             raise ValueError(f"kvpr: options['cpu_ratio'] must be a number in [0, 1], "
                              f"got {share!r}")

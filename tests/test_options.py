@@ -16,7 +16,7 @@ def test_defaults():
     assert o == Options() == parse_options({})
     assert (o.ratio, o.profile, o.overlap, o.inner) == (None, None, "stream", None)
     assert (o.schedule, o.micro_batches, o.gpu_budget_bytes) == ("latency", None, None)
-    assert o.resident_ratio is None and o.cpu_ratio == 0.0
+    assert o.resident_ratio is None and o.cpu_ratio is None   # None: the plan chooses
     assert set(KNOWN) == {"ratio", "resident_ratio", "profile", "overlap", "inner", "schedule",
                           "micro_batches", "gpu_budget_bytes", "cpu_ratio"}
 

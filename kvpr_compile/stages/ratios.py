@@ -52,6 +52,9 @@ def plan(c: Compilation) -> None:
             (ctx := budget_context(c, recompute=False)) is not None:
         _place(c, layers, ctx)
         return
+    elif o.cpu_ratio is None:   # the LP chooses the CPU share with the split
+        _plan_with_cpu(c, layers)
+        return
     else:
         from ..plan.latency_ratios import choose_ratios  # local: keeps mip out of import time
         d = graph_dims(c.slices)
@@ -59,13 +62,46 @@ def plan(c: Compilation) -> None:
             profile=o.profile, overlap=o.overlap, num_layers=len(layers),
             batch_size=d.batch_size, hidden_size=d.hidden_size,
             kv_hidden_size=d.kv_hidden_size, dtype=d.dtype, device=d.device)
-    share = (o.resident_ratio or 0.0) + o.cpu_ratio
+        _warn_unplanned_cpu(o, d)
+    forced_cpu = o.cpu_ratio or 0.0   # None with a forced ratio or no link: nothing planned
+    share = (o.resident_ratio or 0.0) + forced_cpu
     if share and o.ratio is None:   # a planned ratio recomputes from what is not resident
         ratios = [min(r, 1.0 - share) for r in ratios]   # or attended on the CPU
     c.ratios = dict(zip(layers, ratios))
-    c.cpu = {layer: o.cpu_ratio for layer in layers} if o.cpu_ratio > 0 else {}
+    c.cpu = {layer: forced_cpu for layer in layers} if forced_cpu > 0 else {}
     c.resident = resident_rule(c, layers) if o.schedule == "latency" else {}
     c.report.ratio_source, c.report.plan = source, planned
+
+
+def _plan_with_cpu(c: Compilation, layers: list[int]) -> None:
+    """No ratio or CPU share forced: the latency LP chooses l_i and the CPU share u_i together
+    (plan/cpu_ratios.py; u = 0 where the profile has no host attention rate)."""
+    from ..plan.cpu_ratios import choose_cpu_ratios  # local: keeps mip out of import time
+    o, d = c.options, graph_dims(c.slices)
+    split = choose_cpu_ratios(profile=o.profile, overlap=o.overlap, num_layers=len(layers),
+                              batch_size=d.batch_size, hidden_size=d.hidden_size,
+                              kv_hidden_size=d.kv_hidden_size, dtype=d.dtype, device=d.device)
+    ratios = split.ratios
+    share = o.resident_ratio or 0.0
+    if share:   # a forced resident share: the planned shares apply to what is not resident
+        ratios = [min(r, 1.0 - share - u) for r, u in zip(ratios, split.cpu_ratios)]
+    c.ratios = dict(zip(layers, ratios))
+    c.cpu = {layer: u for layer, u in zip(layers, split.cpu_ratios) if u > 0}
+    c.resident = resident_rule(c, layers)
+    c.report.ratio_source, c.report.plan = split.how, split.plan
+
+
+def _warn_unplanned_cpu(o, d) -> None:
+    """A forced CPU share next to a planned split whose profile measured no host rate: it runs,
+    but nothing chose it."""
+    if not o.cpu_ratio:
+        return
+    from ..plan.resolve import resolve_profile
+    profile = resolve_profile(o.profile, device=d.device)
+    if profile.cpu_attention_rate(d.dtype) is None:
+        rep.warn_once(f"kvpr: options['cpu_ratio']={o.cpu_ratio:g} is applied as given: profile "
+                  f"{profile.name} has no host attention rate for {d.dtype}, so the plan did "
+                  f"not choose it (measure one with `kvpr profile --host`)")
 
 
 def _place(c: Compilation, layers: list[int], ctx) -> None:
@@ -76,7 +112,11 @@ def _place(c: Compilation, layers: list[int], ctx) -> None:
     planned, source = choose_placement(
         profile=o.profile, overlap=o.overlap, num_layers=len(layers), batch_size=d.batch_size,
         seq_len=ctx.max_seq_len, hidden_size=d.hidden_size, kv_hidden_size=d.kv_hidden_size,
-        dtype=d.dtype, gpu_budget_bytes=ctx.budget,
-        device=d.device)
+        dtype=d.dtype, gpu_budget_bytes=ctx.budget, device=d.device,
+        cpu_attention_bytes_per_s=None if o.cpu_ratio is None else 0.0)
     c.ratios, c.resident = planned_rule(layers, planned)
+    if o.cpu_ratio is None:   # the LP's own CPU share, a share of the whole past
+        c.cpu = {layer: u for layer, u in zip(layers, planned.cpu_ratios) if u > 0}
+    elif o.cpu_ratio > 0:
+        c.cpu = {layer: o.cpu_ratio for layer in layers}
     c.report.ratio_source, c.report.plan = source, planned

@@ -66,6 +66,8 @@ CPU_PASS = "kvpr_compile/passes/cpu_attention.py"
 ATTENTION = "kvpr_compile/ops/attention.py"
 CPU_TESTS = "tests/test_cpu_attention.py::"
 CPU_EXACT = CPU_TESTS + "test_custom_decoders_are_exact[fused-qkv-0.25]"
+RATIOS = "kvpr_compile/stages/ratios.py"
+CPU_PLANNED = "tests/test_cpu_attention_planned.py::"
 CPU_SIM = CPU_TESTS + "test_simulated_streams_are_race_free[0.25]"
 
 VALUES = "tests/test_ops_values.py"
@@ -808,6 +810,21 @@ BREAKAGES = (
              "    c = (past * num) // den",
              (CPU_TESTS + "test_a_sliding_layers_cpu_share_is_of_its_window",),
              "a sliding layer's CPU share taken of the whole past, not of its window"),
+    Breakage("planned-cpu-share-dropped", RATIOS,
+             "    c.cpu = {layer: u for layer, u in zip(layers, split.cpu_ratios) if u > 0}",
+             "    c.cpu = {}",
+             (CPU_PLANNED + "test_the_lp_chooses_a_cpu_share_from_the_profiles_host_rate[cpu]",),
+             "the LP's CPU share planned and reported, but not applied"),
+    Breakage("placed-cpu-share-dropped", RATIOS,
+             "        c.cpu = {layer: u for layer, u in zip(layers, planned.cpu_ratios) if u > 0}",
+             "        c.cpu = {}",
+             (CPU_PLANNED + "test_a_budgets_placement_carries_the_lps_cpu_share",),
+             "the budget's placement drops the CPU share its LP chose"),
+    Breakage("unplanned-cpu-share-silent", RATIOS,
+             "    if profile.cpu_attention_rate(d.dtype) is None:",
+             "    if False:",
+             (CPU_PLANNED + "test_a_forced_share_without_a_host_rate_runs_with_a_warning",),
+             "a forced CPU share nothing planned runs without a word"),
     Breakage("cpu-result-not-waited", CPU_RUNTIME,
              "    current.wait_event(done)",
              "    pass",
