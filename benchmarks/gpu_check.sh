@@ -8,14 +8,15 @@
 #   call 2 (<= 300 s):  KVPR_CHECK_BUDGET=290 bash benchmarks/gpu_check.sh "$OUT" call2
 #     install -> env -> profile -> the throughput schedule (OPT-6.7B/13B-like, b128, weights
 #     streamed; a row that names no micro-batches is flagged) -> host rates (CPU attention over
-#     host fp16/bf16 K,V, 1..all cores, host memory bandwidth, small D2H+H2D round trip) -> a
+#     host fp16/bf16 K,V, 1..all cores, host memory bandwidth, small D2H+H2D round trip) -> the
+#     plan's CPU share on the GQA case (kvpr_cpu against ratio 0 and the link limit) -> a
 #     resident share of the GQA case's cache (1/3, 2/3 against budget 0) -> the MHA case at 32
 #     layers with what time is left -> <date>-<card>-v2-call2.json
 # Usage, from the repo root:  bash benchmarks/gpu_check.sh [DEST [STEPS]]
 #   DEST defaults to $OUT (the device tool's output folder), else /tmp/kvpr_gpu.
 #   STEPS: "call1" (default), "call2", or a comma-separated subset of
-#   env,profile,cases,tests,results,throughput,hostrates,shares,mha32,results2 (install always
-#   runs).
+#   env,profile,cases,tests,results,throughput,hostrates,cpu,shares,mha32,results2 (install
+#   always runs).
 #   KVPR_CHECK_BUDGET (seconds; 470, or 290 for call2) is the deadline every step is cut to.
 #   KVPR_CHECK_SMOKE=1 runs the same plumbing on a CPU (toy models, preset profile): a dry run.
 # DEST receives few files: results/*.json, results.md, steps.log and check.tgz (everything else).
@@ -25,7 +26,8 @@ dest="${1:-${OUT:-/tmp/kvpr_gpu}}"
 steps="${2:-call1}"
 case "$steps" in
     call1) steps="env,profile,cases,tests,results"; default_budget=470 ;;
-    call2) steps="env,profile,throughput,hostrates,shares,mha32,results2"; default_budget=290 ;;
+    call2) steps="env,profile,throughput,hostrates,cpu,shares,mha32,results2"
+           default_budget=290 ;;
     *) default_budget=470 ;;
 esac
 steps=",$steps,"
@@ -127,14 +129,18 @@ rates_args=(); [[ "$smoke" == 1 ]] && rates_args=(--quick)
 want hostrates && run hostrates 60 $py -m benchmarks.host_rates --json "$out/host_rates.json" \
     "${rates_args[@]}"
 want results2 && r2=15 || r2=0
+# the plan's CPU share (the profile's host attention rate) on the GQA case, against ratio 0
+want cpu && v2 cpu 100 --models llama-3-8b --batch 16 --prompt 1024 --layers 8 \
+    --only resident_static kvpr_ratio0 kvpr_cpu
 # a resident share of the GQA case's cache (one third, two thirds) against budget 0
 want shares && v2 shares 90 --models llama-3-8b --batch 16 --prompt 1024 --layers 8 \
     --only resident_static kvpr_ratio0 kvpr_resident_third kvpr_resident_two_thirds
 want mha32 && v2 mha32 $(($(left) - r2)) --models llama-7b --batch 16 --prompt 1024 \
-    --layers 32 --only resident_static hf_generate_offloaded kvpr_ratio0 kvpr copy_only
+    --layers 32 --only resident_static hf_generate_offloaded kvpr_ratio0 kvpr kvpr_cpu copy_only
 if want results2; then
     log "results (call 2)"
-    $py -m kvpr_compile.bench.schema assemble $(ls "$out"/cases/{shares,mha32}.json 2>/dev/null) \
+    $py -m kvpr_compile.bench.schema assemble \
+        $(ls "$out"/cases/{cpu,shares,mha32}.json 2>/dev/null) \
         --throughput "$out/throughput/throughput.json" --host-rates "$out/host_rates.json" \
         --env "$out/env.json" --profile "$out/profile.json" -o "$out/results" \
         --also-check benchmarks/results --tag v2-call2 | tee "$out/results.md"

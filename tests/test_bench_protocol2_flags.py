@@ -325,8 +325,9 @@ def test_run_all_records_what_the_deadline_leaves_no_time_for(monkeypatch):
 
 
 def test_the_command_lines_contender_names_are_the_protocols():
-    from kvpr_compile.bench.main import V2_CONTENDERS
+    from kvpr_compile.bench.main import V2_CONTENDERS, V2_OPT_IN
     assert V2_CONTENDERS == ct.NAMES       # named twice so that --help needs no torch
+    assert V2_OPT_IN == ct.OPT_IN
 
 
 # ---- a resident share of the cache (opt-in contenders) ----------------------------------
@@ -372,3 +373,45 @@ def test_resident_share_below_its_floor_or_with_other_bytes_is_flagged():
     assert fl.BELOW_FLOOR in _flags(row, ct.RESIDENT_TWO_THIRDS)
     assert fl.T_STAR_ORDER in _flags(row, ct.RESIDENT_TWO_THIRDS)
     assert _flags(row, ct.KVPR_RATIO0) == []
+
+
+# ---- the plan's CPU share (opt-in kvpr_cpu) ------------------------------------------------
+
+CPU_SPLIT = [0.45] * 8   # no recompute (GQA), the CPU attends to 0.45 of every layer's past
+GQA_CASE = {**CASE, "model": "llama-3-8b", "attention": "GQA", "kv_hidden": 1024}
+
+
+def _cpu_row(ms: float, predicted: float = 5.0, counted_off: float = 1.0):
+    def doctor(results):
+        for r in results[ct.KVPR_CPU]:
+            r.update(split=[0.0] * 8, cpu_split=CPU_SPLIT, predicted_ms=predicted)
+            r["kv_bytes_counted_per_step"] = counted_off * assemble.expected_kv_per_step(
+                ct.KVPR_CPU, [0.0] * 8, GQA, CASE["prompt"], 32, CPU_SPLIT)
+        for r in results[ct.KVPR_RATIO0]:   # _child counts for the MHA case
+            r["kv_bytes_counted_per_step"] = assemble.expected_kv_per_step(
+                ct.KVPR_RATIO0, None, GQA, CASE["prompt"], 32)
+    base = {ct.RESIDENT_STATIC: 4.0, ct.KVPR_RATIO0: ys.kv_link_ms(GQA, 1039, RATES) * 1.05,
+            ct.KVPR_CPU: ms}
+    return assemble.build_row(GQA_CASE, PROFILE, _collected(base, doctor))
+
+
+def test_kvpr_cpu_bytes_exclude_the_cpus_rows_and_its_headlines_appear():
+    kv_link = ys.kv_link_ms(GQA, 1039, RATES)
+    row = _cpu_row(0.6 * kv_link)
+    c = row["contenders"][ct.KVPR_CPU]
+    u = int(0.45 * 1039)
+    assert c["h2d_bytes_per_step"] == 8 * (1039 - u) * 2 * 16 * 1024 * 2
+    assert c["flags"] == [], c["flags"]
+    assert c["predicted_ms"] == 5.0 and c["measured_over_predicted"] == pytest.approx(
+        c["median_ms"] / 5.0)
+    assert row["headline"]["kvpr_cpu_over_kv_link"]["value"] == pytest.approx(0.6, rel=0.02)
+    assert row["headline"]["kvpr_cpu_vs_ratio0"]["value"] == pytest.approx(1.05 / 0.6, rel=0.02)
+    assert "kvpr_cpu_over_kv_link" not in _row()["headline"]   # not asked for: no headline
+
+
+def test_kvpr_cpu_below_its_own_floor_or_off_its_bytes_is_flagged():
+    floor = _cpu_row(1.0)["contenders"][ct.KVPR_CPU]["floor_ms"]
+    assert fl.BELOW_FLOOR in _flags(_cpu_row(0.5 * floor), ct.KVPR_CPU)
+    assert fl.BYTES_OFF in _flags(_cpu_row(2 * floor, counted_off=1.2), ct.KVPR_CPU)
+    row = _cpu_row(2 * floor, counted_off=1.2)
+    assert row["headline"]["kvpr_cpu_over_kv_link"]["value"] is None

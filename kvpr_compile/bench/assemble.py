@@ -21,6 +21,10 @@ HEADLINES = (("kvpr_vs_hf_generate", ct.HF_GENERATE, ct.KVPR),   # numerator / d
              ("kvpr_vs_ratio0", ct.KVPR_RATIO0, ct.KVPR),
              ("kvpr_over_t_star", ct.KVPR, "t_star"),
              ("kvpr_over_resident", ct.KVPR, "resident"))
+# with the plan's CPU share: against the full-K,V link limit (the bound recompute alone cannot
+# pass for GQA) and against ratio 0; only in rows where kvpr_cpu was asked for
+CPU_HEADLINES = (("kvpr_cpu_over_kv_link", ct.KVPR_CPU, "kv_link"),
+                 ("kvpr_cpu_vs_ratio0", ct.KVPR_RATIO0, ct.KVPR_CPU))
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -112,9 +116,11 @@ def build_row(case: dict, profile: dict, collected: dict) -> dict:
         c["token_agreement"] = agreement(tokens, ref["tokens"]) if ref else None
         c["explained_agreement"] = explained
         if name in ct.OFFLOADED:
-            own = raw[name].get("split") if name in (ct.KVPR, ct.KVPR_GENERATE) else None
+            own = raw[name].get("split") if name in (ct.KVPR, ct.KVPR_GENERATE, ct.KVPR_CPU) \
+                else None
             moved = step_h2d_bytes(own, past, batch=dims.batch, hidden=dims.hidden,
-                                   kv_hidden=dims.kv_hidden, elem_bytes=dims.elem_bytes) \
+                                   kv_hidden=dims.kv_hidden, elem_bytes=dims.elem_bytes,
+                                   cpu_ratios=raw[name].get("cpu_split") or ()) \
                 if own else full_kv
             c["h2d_bytes_per_step"] = moved
             c["floor_ms"] = ys.floor_ms(moved, rates)
@@ -123,7 +129,11 @@ def build_row(case: dict, profile: dict, collected: dict) -> dict:
         if name in ct.COUNTED:
             c["kv_bytes_counted_per_step"] = raw[name].get("kv_bytes_counted_per_step")
             c["kv_bytes_expected_per_step"] = expected_kv_per_step(
-                name, raw[name].get("split"), dims, case["prompt"], case["steps"])
+                name, raw[name].get("split"), dims, case["prompt"], case["steps"],
+                raw[name].get("cpu_split") or ())
+        if raw[name].get("predicted_ms"):   # the cost model's step for the split it ran
+            c["predicted_ms"] = raw[name]["predicted_ms"]
+            c["measured_over_predicted"] = c["median_ms"] / c["predicted_ms"]
         c["flags"] = contender_flags(name, c, kv_link=kv_link, hf_bound=hf_bound["overlapped"],
                                      resident_ms=resident_ms, t_star=t_star,
                                      resident_bytes=(raw[name]["weight_bytes"] + full_kv
@@ -153,10 +163,11 @@ def _share_yardsticks(c: dict, share: float, dims: ys.Dims, past: int, rates: ys
         c["over_t_star"] = c["median_ms"] / c["t_star_ms"]
 
 
-def expected_kv_per_step(name: str, split, dims: ys.Dims, prompt: int, steps: int
-                         ) -> float | None:
+def expected_kv_per_step(name: str, split, dims: ys.Dims, prompt: int, steps: int,
+                         cpu_split=()) -> float | None:
     """The K,V bytes per step the contender's rule loads, averaged over the steps' past lengths
-    (prompt .. prompt + steps - 1) as the counted decode averages them; None where unknown."""
+    (prompt .. prompt + steps - 1) as the counted decode averages them (``cpu_split``: each
+    layer's share attended on the CPU, never loaded); None where unknown."""
     pasts = range(prompt, prompt + steps)
     if name in ct.RESIDENT_SHARES:
         share = ct.RESIDENT_SHARES[name]
@@ -166,7 +177,9 @@ def expected_kv_per_step(name: str, split, dims: ys.Dims, prompt: int, steps: in
     if not split:
         return None
     kv_tok = 2 * dims.batch * dims.kv_hidden * dims.elem_bytes
-    return sum((p - split_tokens(r, p)) * kv_tok for p in pasts for r in split) / steps
+    cpu = list(cpu_split) or [0.0] * len(split)
+    return sum((p - split_tokens(r, p) - min(split_tokens(u, p), p - split_tokens(r, p)))
+               * kv_tok for p in pasts for r, u in zip(split, cpu)) / steps
 
 
 def contender_flags(name: str, c: dict, *, kv_link: float, hf_bound: float,
@@ -221,10 +234,13 @@ def headline(row: dict, resident_ms: float | None) -> dict:
     res_name = next((n for n in ct.RESIDENTS if n in cs
                      and cs[n]["median_ms"] == resident_ms), None)
     out = {}
-    for key, num, den in HEADLINES:
+    asked = ct.KVPR_CPU in cs or ct.KVPR_CPU in row.get("absent", {})
+    for key, num, den in HEADLINES + (CPU_HEADLINES if asked else ()):
         sides = []
         for side in (num, den):
-            if side == "t_star":   # T* rests on the measured resident step
+            if side == "kv_link":   # bytes over the measured rate: no flag of its own
+                sides.append(("kv_link", row["kv_link_ms"], []))
+            elif side == "t_star":   # T* rests on the measured resident step
                 sides.append(("T*", row["t_star_ms"], cs[res_name]["flags"] if res_name else None))
             elif side == "resident":
                 sides.append((res_name, resident_ms, cs[res_name]["flags"] if res_name else None))

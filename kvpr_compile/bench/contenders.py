@@ -24,6 +24,10 @@ token and N decode steps) over a cache of its own, built fresh for that decode. 
 ``kvpr_resident_third`` / ``kvpr_resident_two_thirds``  as ``kvpr_ratio0`` with that share of
                    every layer's past resident on the device (``resident_ratio``): a budget of
                    one and two thirds of the cache. Opt-in (``--only``): not in the default run
+``kvpr_cpu``       ``model.forward`` compiled with the plan's CPU share too (``cpu_ratio`` None:
+                   the LP's from the profile's host attention rate), with recompute. Opt-in.
+                   The other kvpr contenders pass ``cpu_ratio=0``: their yardsticks (T*, the
+                   link floor) model no host attention
 """
 from __future__ import annotations
 
@@ -40,14 +44,15 @@ HF_GENERATE, HF_LOOP = "hf_generate_offloaded", "hf_loop_offloaded"
 KVPR_RATIO0, KVPR, KVPR_GENERATE, COPY_ONLY = "kvpr_ratio0", "kvpr", "kvpr_generate", "copy_only"
 RESIDENT_THIRD, RESIDENT_TWO_THIRDS = "kvpr_resident_third", "kvpr_resident_two_thirds"
 RESIDENT_SHARES = {RESIDENT_THIRD: 1 / 3, RESIDENT_TWO_THIRDS: 2 / 3}   # name -> resident_ratio
+KVPR_CPU = "kvpr_cpu"
 NAMES = (RESIDENT_STATIC, RESIDENT_DYNAMIC, HF_GENERATE, HF_LOOP, KVPR_RATIO0, KVPR,
          KVPR_GENERATE, COPY_ONLY)          # the default run
-OPT_IN = tuple(RESIDENT_SHARES)             # run only when named (--only)
-COUNTED = (KVPR_RATIO0, KVPR, *RESIDENT_SHARES)   # their K,V bytes are counted (protocol.py)
+OPT_IN = (*RESIDENT_SHARES, KVPR_CPU)        # run only when named (--only)
+COUNTED = (KVPR_RATIO0, KVPR, *RESIDENT_SHARES, KVPR_CPU)   # K,V bytes counted (protocol.py)
 ALL_NAMES = (*NAMES, *OPT_IN)
 RESIDENTS = (RESIDENT_STATIC, RESIDENT_DYNAMIC)
-OFFLOADED = (HF_GENERATE, HF_LOOP, KVPR_RATIO0, KVPR, KVPR_GENERATE, COPY_ONLY)
-KVPR_NAMES = (KVPR_RATIO0, KVPR, KVPR_GENERATE)
+OFFLOADED = (HF_GENERATE, HF_LOOP, KVPR_RATIO0, KVPR, KVPR_GENERATE, COPY_ONLY, KVPR_CPU)
+KVPR_NAMES = (KVPR_RATIO0, KVPR, KVPR_GENERATE, KVPR_CPU)   # they record their split
 CUDA_ONLY = {HF_GENERATE: "HF's offloaded cache prefetches on CUDA streams",
              HF_LOOP: "HF's offloaded cache prefetches on CUDA streams"}
 # a near-tied argmax: top-2 logit margin below this share of the largest |logit|

@@ -30,15 +30,18 @@ def window_past(past: int, window: int) -> int:
 
 
 def step_h2d_bytes(ratios: Sequence[float], past: int, *, batch: int, hidden: int,
-                   kv_hidden: int, elem_bytes: int, windows: Sequence[int] = ()) -> int:
+                   kv_hidden: int, elem_bytes: int, windows: Sequence[int] = (),
+                   cpu_ratios: Sequence[float] = ()) -> int:
     """Host-to-device bytes of one decode step, summed over layers (one ratio per layer;
-    ``windows``: one sliding window per layer, none where empty)."""
+    ``windows``: one sliding window per layer, none where empty; ``cpu_ratios``: the share of
+    each layer's past the CPU attends to where it lies, none where empty)."""
     x_tok, kv_tok = batch * hidden * elem_bytes, 2 * batch * kv_hidden * elem_bytes
     total = 0
     for i, ratio in enumerate(ratios):
         read = window_past(past, windows[i]) if windows else past
         l = split_tokens(ratio, read)
-        total += l * x_tok + (read - l) * kv_tok
+        c = min(split_tokens(cpu_ratios[i], read), read - l) if cpu_ratios else 0
+        total += l * x_tok + (read - l - c) * kv_tok
     return total
 
 

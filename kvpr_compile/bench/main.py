@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 V2_CONTENDERS = ("resident_static", "resident_dynamic", "hf_generate_offloaded",
                  "hf_loop_offloaded", "kvpr_ratio0", "kvpr", "kvpr_generate", "copy_only")
-V2_OPT_IN = ("kvpr_resident_third", "kvpr_resident_two_thirds")   # only when named in --only
+V2_OPT_IN = ("kvpr_resident_third", "kvpr_resident_two_thirds", "kvpr_cpu")   # only with --only
 
 
 def _protocol2_arguments(parser: argparse.ArgumentParser) -> None:

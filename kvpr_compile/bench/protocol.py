@@ -57,11 +57,14 @@ def weight_bytes_read(model) -> int:
     return total - emb.weight.numel() * emb.weight.element_size()
 
 
-def _kvpr_forward(model, spec: dict, ratio: float | None, resident: float = 0.0):
+def _kvpr_forward(model, spec: dict, ratio: float | None, resident: float = 0.0,
+                  cpu: float | None = 0.0):
     from ..plan.resolve import resolve_profile
     from .runners import backend
-    # resident_ratio 0: the offloaded contenders keep the whole cache in CPU memory
-    options: dict = {"profile": resolve_profile(spec["profile"]), "resident_ratio": resident}
+    # resident_ratio 0: the offloaded contenders keep the whole cache in CPU memory; cpu_ratio
+    # 0: all attention on the device (None: the plan's CPU share, kvpr_cpu)
+    options: dict = {"profile": resolve_profile(spec["profile"]), "resident_ratio": resident,
+                     "cpu_ratio": cpu}
     for key in ("inner", "overlap"):
         if spec.get(key):
             options[key] = spec[key]
@@ -108,6 +111,10 @@ def _decoder(spec: dict, device: torch.device, dtype: torch.dtype):
         forward = _kvpr_forward(model, spec, 0.0 if name == ct.KVPR_RATIO0 else None)
         return (lambda margins: ct.loop_decode(model, forward, kvpr_cache(), ids, steps,
                                                device)), facts
+    if name == ct.KVPR_CPU:
+        forward = _kvpr_forward(model, spec, None, cpu=None)
+        return (lambda margins: ct.loop_decode(model, forward, kvpr_cache(), ids, steps,
+                                               device)), facts
     if name in ct.RESIDENT_SHARES:
         forward = _kvpr_forward(model, spec, 0.0, ct.RESIDENT_SHARES[name])
         return (lambda margins: ct.loop_decode(model, forward, kvpr_cache(), ids, steps,
@@ -122,10 +129,24 @@ def _decoder(spec: dict, device: torch.device, dtype: torch.dtype):
     raise ValueError(f"unknown contender {name!r}; known: {', '.join(ct.ALL_NAMES)}")
 
 
-def _split() -> list[float] | None:
+def _split(spec: dict, dtype) -> dict:
+    """The decode graph's per-layer ratios and CPU shares, and the cost model's step for that
+    split at the timed steps' median past (the run's profile: what the plan promised)."""
     from .. import report
+    from ..plan.resolve import resolve_profile
+    from .prediction import predicted_ms
+    from .yardsticks import median_past
     rep = report.decode_graph_report(report.reports())
-    return None if rep is None else [e.ratio for e in sorted(rep.layers, key=lambda e: e.layer)]
+    if rep is None:
+        return {"split": None}
+    layers = sorted(rep.layers, key=lambda e: e.layer)
+    ratios, cpu = [e.ratio for e in layers], [e.cpu for e in layers]
+    model = _spec_model(spec)
+    predicted = predicted_ms(resolve_profile(spec["profile"]), ratios,
+                             [median_past(spec["prompt"], spec["steps"])], batch=spec["batch"],
+                             hidden=model.hidden_size, kv_hidden=model.kv_hidden_size,
+                             dtype=dtype, overlap=spec.get("overlap"), cpu_ratios=cpu)
+    return {"split": ratios, "cpu_split": cpu, "predicted_ms": predicted}
 
 
 def _counted_kv_bytes(decode) -> int:
@@ -174,7 +195,7 @@ def run_spec(spec: dict) -> dict:
         out["extra"] = [r.extra for r in runs]
         out["tokens"] = runs[0].tokens.tolist() if runs[0].tokens is not None else None
         if name in ct.KVPR_NAMES:
-            out["split"] = _split()
+            out.update(_split(spec, dtype))
         if name in ct.COUNTED:   # after the window: the counter's bookkeeping is not timed
             out["kv_bytes_counted_per_step"] = _counted_kv_bytes(decode) / spec["steps"]
     except Exception as exc:  # noqa: BLE001 - the parent records the reason
