@@ -87,7 +87,7 @@ def test_cpu_range_is_the_past_tail_and_leaves_what_is_taken():
 
 # -- exact against eager -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("cpu", CPU_SHARES)
+@pytest.mark.parametrize("cpu", [0.0, 0.25, pytest.param(0.5, marks=pytest.mark.slow), 1.0])
 @pytest.mark.parametrize("name", ["fused-qkv", "llama-gqa", "complex-rope"])
 def test_custom_decoders_are_exact(name, cpu):
     """nanoGPT-style MHA with a bool mask through SDPA (fused-qkv), the built-in Llama with
@@ -148,7 +148,7 @@ def test_graphs_that_add_several_tokens_on_a_past(path):
     assert worst_rel_err(out, ref) <= TOL
 
 
-@pytest.mark.parametrize("inner", ["inductor", "piecewise"])
+@pytest.mark.parametrize("inner", ["inductor", pytest.param("piecewise", marks=pytest.mark.slow)])
 def test_other_inner_compilers(inner):
     """The split under inductor (the whole graph) and piecewise (inductor between the steps):
     the device part and the merge are plain torch, the CPU part an opaque op."""
@@ -157,7 +157,7 @@ def test_other_inner_compilers(inner):
 
 
 @pytest.mark.parametrize("arch,cpu", [("llama", 0.25), ("llama", 1.0), ("qwen2", 0.5),
-                                      ("qwen2", 0.25)])
+                                      pytest.param("qwen2", 0.25, marks=pytest.mark.slow)])
 def test_hf_models_through_generate(arch, cpu):
     """transformers' Llama (MHA) and Qwen2 (GQA, biased projections) through ``generate``."""
     model = hf_build(arch)

@@ -16,7 +16,8 @@ BUDGET = 3 * ROW * 97 + 2 * 2 * 64 * 4 * 97 + 2 * 8 * ROW   # slots, X slots, 8 
 
 @pytest.mark.parametrize("on_streams,options,held", [
     (False, {"ratio": 0.5, "resident_ratio": 0.5}, 6 + STEPS),
-    (True, {"ratio": 0.5, "gpu_budget_bytes": BUDGET}, 8)])
+    pytest.param(True, {"ratio": 0.5, "gpu_budget_bytes": BUDGET}, 8,
+                 marks=pytest.mark.slow)])
 def test_inductor_with_a_resident_share(monkeypatch, on_streams, options, held):
     """Inductor compiles are slow on a CPU: one case per path (the CPU path with a forced
     share, the CUDA runtime on simulated streams with a budget's cap)."""

@@ -89,7 +89,9 @@ def test_the_cache_takes_transformers_windows_and_mask_sizes():
 
 
 @pytest.mark.parametrize("arch,ratio", [("mistral", 0.0), ("mistral", 0.5), ("mistral", 1.0),
-                                        ("gemma2", 0.0), ("gemma2", 0.5), ("gemma2", 1.0),
+                                        pytest.param("gemma2", 0.0, marks=pytest.mark.slow),
+                                        ("gemma2", 0.5),
+                                        pytest.param("gemma2", 1.0, marks=pytest.mark.slow),
                                         ("gemma3_text", 0.5), ("qwen2", 0.5),
                                         ("gpt_oss", 0.5)])
 def test_prompt_longer_than_the_window_matches_eager(arch, ratio):
@@ -136,7 +138,7 @@ def test_cuda_streams_load_only_the_window():
     assert 0 < counted.bytes < whole   # the window of layer 0, X and K,V: well under the past
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+@pytest.mark.parametrize("arch", ["mistral", pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_prompt_shorter_than_the_window_reaches_it_while_decoding(arch):
     model = build(arch)
     ids = prompt(5)
@@ -147,7 +149,7 @@ def test_prompt_shorter_than_the_window_reaches_it_while_decoding(arch):
     assert torch.equal(out.sequences, ref.sequences)
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("ratio", [0.0, pytest.param(0.5, marks=pytest.mark.slow), 1.0])
 def test_left_padding_with_a_window_shorter_than_the_prompt(ratio):
     """Row 0 left-padded by 3 of 12, window 4: the padding leaves the window while decoding;
     the reference is transformers' own cache."""
