@@ -192,7 +192,7 @@ def _more(name):
     return model
 
 
-@pytest.mark.parametrize("cpu", [0.25, 1.0])
+@pytest.mark.parametrize("cpu", [0.25, pytest.param(1.0, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(MORE))
 def test_more_hf_attentions(name, cpu):
     """HF's eager attention (matmul, scaling, the mask added, softmax in float32, dropout off,

@@ -337,6 +337,7 @@ def test_hf_generate_whose_cache_fits_moves_nothing():
     assert counted.bytes == 0
 
 
+@pytest.mark.slow   # protocol children for three contenders: half a minute on a CPU
 def test_bench_contenders_with_a_resident_share(tmp_path, capsys):
     """Protocol 2's opt-in contenders: kvpr at ratio 0 with a third and two thirds of the cache
     resident, in the same schema as the others (timings meaningless on a CPU)."""

@@ -92,7 +92,8 @@ def test_the_cache_takes_transformers_windows_and_mask_sizes():
                                         pytest.param("gemma2", 0.0, marks=pytest.mark.slow),
                                         ("gemma2", 0.5),
                                         pytest.param("gemma2", 1.0, marks=pytest.mark.slow),
-                                        ("gemma3_text", 0.5), ("qwen2", 0.5),
+                                        ("gemma3_text", 0.5),
+                                        pytest.param("qwen2", 0.5, marks=pytest.mark.slow),
                                         ("gpt_oss", 0.5)])
 def test_prompt_longer_than_the_window_matches_eager(arch, ratio):
     """Prompt 24, window 8: the tokens and logits of transformers' own cache; the decode graphs
@@ -110,6 +111,7 @@ def test_prompt_longer_than_the_window_matches_eager(arch, ratio):
     assert all(not r.skipped for r in mine)
 
 
+@pytest.mark.slow   # an inductor compile: seconds on a CPU
 def test_inductor_runs_the_windowed_graph():
     """Inductor's fake shapes of the window (cache_update's, the loads', the assemble's) agree
     with what the kernels return."""
