@@ -137,8 +137,8 @@ def _host_terms(profile: HardwareProfile, dtype, rate, trip) -> tuple[float | No
         rate = profile.cpu_attention_rate(key)
         if rate is None:
             return None, 0.0, (f"no CPU share: the profile has no host attention rate for "
-                               f"{key}; measure one with kvpr profile --host or give "
-                               f"--cpu-attention-gbps")
+                               f"{key}; measure one with kvpr profile --host (kvpr plan "
+                               f"also takes --cpu-attention-gbps)")
     if rate == 0:
         return None, 0.0, "no CPU share: a host attention rate of 0"
     if trip is None:
