@@ -89,12 +89,7 @@ class Options:
     attention cannot be split exactly keeps 0 (the report says why). Latency schedule only."""
 
     def __post_init__(self) -> None:
-        ratio = self.ratio
-        if ratio is not None:
-            if not _is_number(ratio) or not 0.0 <= float(ratio) <= 1.0:   # also rejects NaN
-                raise ValueError(f"kvpr: options['ratio'] must be a number in [0, 1], "
-                                 f"got {ratio!r}")
-            object.__setattr__(self, "ratio", float(ratio))
+        self._share("ratio")
         self._check_resident()
         self._check_cpu()
         if self.inner is not None and self.inner not in INNER:
@@ -104,14 +99,20 @@ class Options:
                              f"got {self.overlap!r}")
         self._check_schedule()
 
-    def _check_resident(self) -> None:
-        share = self.resident_ratio
+    def _share(self, name: str) -> bool:
+        """Check the fraction ``name`` (None allowed) and store it as a float; whether set."""
+        share = getattr(self, name)
         if share is None:
-            return
+            return False
         if not _is_number(share) or not 0.0 <= float(share) <= 1.0:   # also rejects NaN
-            raise ValueError(f"kvpr: options['resident_ratio'] must be a number in [0, 1], "
+            raise ValueError(f"kvpr: options[{name!r}] must be a number in [0, 1], "
                              f"got {share!r}")
-        object.__setattr__(self, "resident_ratio", float(share))
+        object.__setattr__(self, name, float(share))
+        return True
+
+    def _check_resident(self) -> None:
+        if not self._share("resident_ratio"):
+            return
         if self.ratio is not None and self.ratio + self.resident_ratio > 1.0 + 1e-12:
             raise ValueError(f"kvpr: options['ratio'] ({self.ratio!r}) + "
                              f"options['resident_ratio'] ({self.resident_ratio!r}) must not "
@@ -122,13 +123,8 @@ class Options:
                              f"resident share of the cache")
 
     def _check_cpu(self) -> None:
-        share = self.cpu_ratio
-        if share is None:
+        if not self._share("cpu_ratio"):
             return
-        if not _is_number(share) or not 0.0 <= float(share) <= 1.0:   # also rejects NaN
-            raise ValueError(f"kvpr: options['cpu_ratio'] must be a number in [0, 1], "
-                             f"got {share!r}")
-        object.__setattr__(self, "cpu_ratio", float(share))
         total = (self.ratio or 0.0) + (self.resident_ratio or 0.0) + self.cpu_ratio
         if self.cpu_ratio > 0 and total > 1.0 + 1e-12:
             raise ValueError(f"kvpr: options['ratio'] ({self.ratio!r}) + "

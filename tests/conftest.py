@@ -125,3 +125,10 @@ def sim(monkeypatch):
         monkeypatch.setattr(SlotPool, "give_back", logged_give_back)
         return api
     return enable
+
+
+@pytest.fixture
+def isolated_profiles(monkeypatch, tmp_path):
+    """No $KVPR_PROFILE and a profile cache of the test's own."""
+    monkeypatch.delenv("KVPR_PROFILE", raising=False)
+    monkeypatch.setenv("KVPR_CACHE_DIR", str(tmp_path / "cache"))

@@ -329,3 +329,18 @@ def check_race_free(api, ref, out, tol=1e-5):
     assert api.races.accesses > 100
     assert api.races.found == []
     assert api.stream_waits[("compute", "side1")] == 0   # every wait found its slot's event
+
+
+def kvpr_cli(argv: list[str]) -> int:
+    """Run ``kvpr plan`` / ``kvpr profile`` through a throwaway parser (cli.py also needs the
+    demo and bench modules)."""
+    import argparse
+
+    from kvpr_compile.commands import plan as plan_cmd
+    from kvpr_compile.commands import profile as profile_cmd
+    parser = argparse.ArgumentParser(prog="kvpr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan_cmd.add_parser(sub)
+    profile_cmd.add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,7 +1,6 @@
 """`kvpr plan` and `kvpr profile` through their argparse sub-commands."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -11,24 +10,17 @@ from kvpr_compile.plan.arch_presets import ARCH_PRESETS
 from kvpr_compile.commands import plan as plan_cmd
 from kvpr_compile.commands import profile as profile_cmd
 from kvpr_compile.plan.presets import PRESETS
+from helpers import kvpr_cli
 
 pytestmark = pytest.mark.quick
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    monkeypatch.delenv("KVPR_PROFILE", raising=False)
-    monkeypatch.setenv("KVPR_CACHE_DIR", str(tmp_path / "cache"))
+def _isolated(isolated_profiles):
+    pass
 
 
-def kvpr(argv: list[str]) -> int:
-    """Run a sub-command through a throwaway parser (cli.py also needs demo/bench modules)."""
-    parser = argparse.ArgumentParser(prog="kvpr")
-    sub = parser.add_subparsers(dest="command", required=True)
-    plan_cmd.add_parser(sub)
-    profile_cmd.add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+kvpr = kvpr_cli   # tests read as the command line
 
 
 def table_rows(out: str) -> list[list[float]]:

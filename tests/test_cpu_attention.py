@@ -156,11 +156,9 @@ def test_other_inner_compilers(inner):
     _exact(ref, out)
 
 
-@pytest.mark.parametrize("arch,cpu", [("llama", 0.25), ("llama", 1.0), ("qwen2", 0.5),
-                                      pytest.param("qwen2", 0.25, marks=pytest.mark.slow)])
-def test_hf_models_through_generate(arch, cpu):
-    """transformers' Llama (MHA) and Qwen2 (GQA, biased projections) through ``generate``."""
-    model = hf_build(arch)
+def _generate_exactly(model, cpu):
+    """``generate`` with the forward compiled at ``cpu`` (with recompute 0.25 and a resident
+    share 0.25) against the uncompiled one: exact logits, identical tokens."""
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
     ref = hf_generate(model, ids)
     model.forward = torch.compile(model.forward, backend="kvpr",
@@ -168,6 +166,14 @@ def test_hf_models_through_generate(arch, cpu):
     out = hf_generate(model, ids)
     assert worst_rel_err(out.logits, ref.logits) <= TOL
     assert torch.equal(out.sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("arch,cpu", [("llama", 0.25), ("llama", 1.0), ("qwen2", 0.5),
+                                      pytest.param("qwen2", 0.25, marks=pytest.mark.slow)])
+def test_hf_models_through_generate(arch, cpu):
+    """transformers' Llama (MHA) and Qwen2 (GQA, biased projections) through ``generate``."""
+    model = hf_build(arch)
+    _generate_exactly(model, cpu)
     assert all("attended on the CPU" in note for note in _decode_notes())
 
 
@@ -200,13 +206,7 @@ def test_more_hf_attentions(name, cpu):
     Phi3 (fused QKV, SDPA) and Mistral with a sliding window of 5 keys (its mask's columns: at
     cpu 1 the window lies in the CPU's range)."""
     model = _more(name)
-    ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
-    ref = hf_generate(model, ids)
-    model.forward = torch.compile(model.forward, backend="kvpr",
-                                  options=_split(cpu, ratio=0.25, resident=0.25))
-    out = hf_generate(model, ids)
-    assert worst_rel_err(out.logits, ref.logits) <= TOL
-    assert torch.equal(out.sequences, ref.sequences)
+    _generate_exactly(model, cpu)
     notes = _decode_notes()
     assert notes and all("attended on the CPU" in note for note in notes), notes
 

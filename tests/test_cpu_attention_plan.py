@@ -3,7 +3,6 @@ model and task graph, the LP's fourth fraction, `kvpr plan --cpu-attention-gbps`
 `kvpr profile --host`, and their refusals of bad input."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -11,8 +10,6 @@ import random
 import pytest
 import torch
 
-from kvpr_compile.commands import plan as plan_cmd
-from kvpr_compile.commands import profile as profile_cmd
 from kvpr_compile.plan import cost_model as cm
 from kvpr_compile.plan import host_measure
 from kvpr_compile.plan.cpu_ratios import choose_cpu_ratios
@@ -21,6 +18,7 @@ from kvpr_compile.plan.latency_lp import plan_split
 from kvpr_compile.plan.presets import PRESETS, preset
 from kvpr_compile.plan.profile import HardwareProfile
 from kvpr_compile.plan.taskgraph import build_task_graph, plan_task_graph, predicted_step_time
+from helpers import kvpr_cli
 
 pytestmark = pytest.mark.quick
 
@@ -31,18 +29,11 @@ TRIP = 30e-6
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    monkeypatch.delenv("KVPR_PROFILE", raising=False)
-    monkeypatch.setenv("KVPR_CACHE_DIR", str(tmp_path / "cache"))
+def _isolated(isolated_profiles):
+    pass
 
 
-def kvpr(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kvpr")
-    sub = parser.add_subparsers(dest="command", required=True)
-    plan_cmd.add_parser(sub)
-    profile_cmd.add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+kvpr = kvpr_cli   # tests read as the command line
 
 
 def cpu_coefficients(rate=50e9, trip=TRIP, seq_len=1024, dims=GQA, profile=H200):

@@ -290,33 +290,33 @@ def _whole_tokens(lp: _SplitLP, c: cm.LayerCoefficients, overlap: str, budget: f
 
 def _round_recompute(c: cm.LayerCoefficients, values: list[float], resident: list[int],
                      cpu: list[int], cap: int, overlap: str) -> list[int]:
-    """Floor or ceil each layer's LP value, one pass in layer order, keeping the faster (by the
-    cost model; the makespan is convex in each l_i, so its integer optimum is next to the LP's)."""
-    lows = [min(max(int(math.floor(v + 1e-6)), 0), c.seq_len - r - u, cap)
-            for v, r, u in zip(values, resident, cpu)]
-    chosen = list(lows)
-    for i, (value, r) in enumerate(zip(values, resident)):
-        high = min(int(math.ceil(value - 1e-6)), c.seq_len - r - cpu[i], cap)
-        if high <= chosen[i]:
-            continue
-        trial = chosen[:i] + [high] + chosen[i + 1:]
-        if (cm.step_time(c, trial, resident, overlap, cpu)
-                < cm.step_time(c, chosen, resident, overlap, cpu)):
-            chosen = trial
-    return chosen
+    """Floor or ceil each layer's LP l_i, keeping the faster (by the cost model; the makespan is
+    convex in each l_i, so its integer optimum is next to the LP's)."""
+    room = [min(c.seq_len - r - u, cap) for r, u in zip(resident, cpu)]
+    lows = [min(max(int(math.floor(v + 1e-6)), 0), top) for v, top in zip(values, room)]
+    return _round_up_where_faster(values, lows, room,
+                                  lambda l: cm.step_time(c, l, resident, overlap, cpu))
 
 
 def _round_cpu(c: cm.LayerCoefficients, values: list[float], recompute: list[int],
                resident: list[int], lows: list[int], overlap: str) -> list[int]:
     """The CPU share's floor or ceil per layer, as _round_recompute does for l_i."""
+    room = [c.seq_len - r - l for r, l in zip(resident, recompute)]
+    return _round_up_where_faster(values, lows, room,
+                                  lambda u: cm.step_time(c, recompute, resident, overlap, u))
+
+
+def _round_up_where_faster(values: list[float], lows: list[int], room: list[int],
+                           step_time) -> list[int]:
+    """One pass in layer order from the floors ``lows``: a layer's value is ceiled (within its
+    ``room``) where ``step_time`` of the whole split gets shorter."""
     chosen = list(lows)
     for i, value in enumerate(values):
-        high = min(int(math.ceil(value - 1e-6)), c.seq_len - resident[i] - recompute[i])
+        high = min(int(math.ceil(value - 1e-6)), room[i])
         if high <= chosen[i]:
             continue
         trial = chosen[:i] + [high] + chosen[i + 1:]
-        if (cm.step_time(c, recompute, resident, overlap, trial)
-                < cm.step_time(c, recompute, resident, overlap, chosen)):
+        if step_time(trial) < step_time(chosen):
             chosen = trial
     return chosen
 
