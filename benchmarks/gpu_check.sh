@@ -6,16 +6,22 @@
 #     (Llama-3-8B-like b16 p1024), every contender in its own process, round 1 of both cases then
 #     round 2 (reversed) -> the CUDA tests' quick selection -> <date>-<card>-v2.json
 #   call 2 (<= 300 s):  KVPR_CHECK_BUDGET=290 bash benchmarks/gpu_check.sh "$OUT" call2
-#     install -> env -> profile -> the throughput schedule (OPT-6.7B/13B-like, b128, weights
+#     (set the budget to the device time left after call 1, less 20 s: the run tool's
+#     lease.budget_left_s; the steps come in the order of what matters most)
+#     install -> env -> profile -> the plan's CPU share on the GQA case (kvpr_cpu against ratio
+#     0 and the link limit) -> the throughput schedule (OPT-6.7B/13B-like, b128, weights
 #     streamed; a row that names no micro-batches is flagged) -> host rates (CPU attention over
-#     host fp16/bf16 K,V, 1..all cores, host memory bandwidth, small D2H+H2D round trip) -> the
-#     plan's CPU share on the GQA case (kvpr_cpu against ratio 0 and the link limit) -> a
+#     host fp16/bf16 K,V, 1..all cores, the worker's kernel and the native one, host memory
+#     bandwidth, small D2H+H2D round trip) -> the CPU share on the MHA case (8 layers) -> a
 #     resident share of the GQA case's cache (1/3, 2/3 against budget 0) -> the MHA case at 32
 #     layers with what time is left -> <date>-<card>-v2-call2.json
+#   The profile carries the host's attention rate (a CUDA measurement includes it, at the CPU
+#   worker's thread count; the smoke run adds it with --host), so kvpr_cpu's share is the
+#   plan's; the other kvpr contenders pin 0.
 # Usage, from the repo root:  bash benchmarks/gpu_check.sh [DEST [STEPS]]
 #   DEST defaults to $OUT (the device tool's output folder), else /tmp/kvpr_gpu.
 #   STEPS: "call1" (default), "call2", or a comma-separated subset of
-#   env,profile,cases,tests,results,throughput,hostrates,cpu,shares,mha32,results2 (install
+#   env,profile,cases,tests,results,cpu,throughput,hostrates,cpu_mha,shares,mha32,results2 (install
 #   always runs).
 #   KVPR_CHECK_BUDGET (seconds; 470, or 290 for call2) is the deadline every step is cut to.
 #   KVPR_CHECK_SMOKE=1 runs the same plumbing on a CPU (toy models, preset profile): a dry run.
@@ -26,7 +32,7 @@ dest="${1:-${OUT:-/tmp/kvpr_gpu}}"
 steps="${2:-call1}"
 case "$steps" in
     call1) steps="env,profile,cases,tests,results"; default_budget=470 ;;
-    call2) steps="env,profile,throughput,hostrates,cpu,shares,mha32,results2"
+    call2) steps="env,profile,cpu,throughput,hostrates,cpu_mha,shares,mha32,results2"
            default_budget=290 ;;
     *) default_budget=470 ;;
 esac
@@ -97,7 +103,8 @@ v2() {
 want env && run env 40 $py -m benchmarks.gpu_env "$out/env.json"
 if want profile; then
     if [[ "$smoke" == 1 ]]; then
-        run profile 30 $py -m kvpr_compile.cli profile --preset h200-pcie5 -o "$out/profile.json"
+        run profile 30 $py -m kvpr_compile.cli profile --preset h200-pcie5 --host \
+            -o "$out/profile.json"
     else
         run profile 60 $py -m kvpr_compile.cli profile --refresh -o "$out/profile.json"
     fi
@@ -121,6 +128,9 @@ if want results; then
 fi
 
 # call 2
+# the plan's CPU share (the profile's host attention rate) on the GQA case, against ratio 0
+want cpu && v2 cpu 100 --models llama-3-8b --batch 16 --prompt 1024 --layers 8 \
+    --only resident_static kvpr_ratio0 kvpr_cpu
 tput_args=(--models opt-6.7b opt-13b --batch 128)
 [[ "$smoke" == 1 ]] && tput_args=(--cpu-smoke --models opt-6.7b)
 want throughput && run throughput 150 $py -m kvpr_compile.cli bench --schedule throughput \
@@ -129,8 +139,8 @@ rates_args=(); [[ "$smoke" == 1 ]] && rates_args=(--quick)
 want hostrates && run hostrates 60 $py -m benchmarks.host_rates --json "$out/host_rates.json" \
     "${rates_args[@]}"
 want results2 && r2=15 || r2=0
-# the plan's CPU share (the profile's host attention rate) on the GQA case, against ratio 0
-want cpu && v2 cpu 100 --models llama-3-8b --batch 16 --prompt 1024 --layers 8 \
+# the same on the MHA case (8 layers): kvpr_cpu against ratio 0
+want cpu_mha && v2 cpu_mha 90 --models llama-7b --batch 16 --prompt 1024 --layers 8 \
     --only resident_static kvpr_ratio0 kvpr_cpu
 # a resident share of the GQA case's cache (one third, two thirds) against budget 0
 want shares && v2 shares 90 --models llama-3-8b --batch 16 --prompt 1024 --layers 8 \
@@ -140,7 +150,7 @@ want mha32 && v2 mha32 $(($(left) - r2)) --models llama-7b --batch 16 --prompt 1
 if want results2; then
     log "results (call 2)"
     $py -m kvpr_compile.bench.schema assemble \
-        $(ls "$out"/cases/{cpu,shares,mha32}.json 2>/dev/null) \
+        $(ls "$out"/cases/{cpu,cpu_mha,shares,mha32}.json 2>/dev/null) \
         --throughput "$out/throughput/throughput.json" --host-rates "$out/host_rates.json" \
         --env "$out/env.json" --profile "$out/profile.json" -o "$out/results" \
         --also-check benchmarks/results --tag v2-call2 | tee "$out/results.md"

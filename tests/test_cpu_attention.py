@@ -323,7 +323,7 @@ def _logged(sim, monkeypatch):
     """``sim`` with the query logged as a compute output whose release is watched (the D2H
     copy reads it), and the worker's reads of the host query and the store's rows logged."""
     api = sim()
-    start, attend = cpu_attention.CpuAttention.start, cpu_attention.partial_attention
+    start, attend = cpu_attention.CpuAttention.start, cpu_attention.host_partial_attention
 
     def logged_start(self, store, rt, layer, q, *rest):
         api.races.write(api.compute, q, "query")
@@ -336,7 +336,7 @@ def _logged(sim, monkeypatch):
         return attend(q, k, v, mask, scale, *scoring)
 
     monkeypatch.setattr(cpu_attention.CpuAttention, "start", logged_start)
-    monkeypatch.setattr(cpu_attention, "partial_attention", logged_attend)
+    monkeypatch.setattr(cpu_attention, "host_partial_attention", logged_attend)
     return api
 
 

@@ -97,3 +97,25 @@ def test_a_forced_share_without_a_host_rate_runs_with_a_warning():
     said = [str(w.message) for w in seen if "plan did not choose it" in str(w.message)]
     assert said and "cpu_ratio']=0.25" in said[0] and "kvpr profile --host" in said[0]
     assert all(e.cpu == 0.25 for e in report.layers)
+
+
+@pytest.mark.parametrize("measured", ["other", "same"])
+def test_a_host_rate_measured_at_other_threads_than_the_workers_is_said(monkeypatch, measured):
+    """The plan counts on the profile's host rate; measured at another thread count than the
+    CPU worker attends with, it says so once (naming both counts and the fix); at the same count
+    it says nothing."""
+    from kvpr_compile.runtime import cpu_attention
+    monkeypatch.setattr(cpu_attention, "THREADS", 2)
+    threads = 5 if measured == "other" else 2
+    profile = dataclasses.replace(HOST, name=f"h200-host50-{measured}-threads",
+                                  cpu_attention_threads=threads)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _, _, _, report = _compiled_run(tiny_llama(), {"profile": profile}, steps=1)
+    assert any(report.plan.cpu_ratios)
+    said = [str(w.message) for w in seen if "CPU worker attends with" in str(w.message)]
+    if measured == "same":
+        assert not said
+    else:
+        assert len(said) == 1 and "measured at 5 torch threads" in said[0]
+        assert "attends with 2" in said[0] and "THREADS = 5" in said[0]

@@ -124,6 +124,9 @@ def build_row(case: dict, profile: dict, collected: dict) -> dict:
                 if own else full_kv
             c["h2d_bytes_per_step"] = moved
             c["floor_ms"] = ys.floor_ms(moved, rates)
+            if own:   # the split this contender ran (and its CPU share, where it had one)
+                c["split"] = list(own)
+                c["cpu_split"] = list(raw[name].get("cpu_split") or [])
         if name in ct.RESIDENT_SHARES:
             _share_yardsticks(c, ct.RESIDENT_SHARES[name], dims, past, rates, resident_ms)
         if name in ct.COUNTED:

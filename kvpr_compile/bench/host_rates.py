@@ -3,8 +3,10 @@ for the benchmark; the timing of the host's attention and of the round trip is
 plan/host_timing.py's (shared with `kvpr profile --host`).
 
 - ``attention_rate``: one decode query per sequence attending to host-resident K,V (see
-  plan/host_timing.py), as GB/s of K,V attended, per dtype and thread count
-  (``torch.set_num_threads``: 1, 2, 4, ... up to every core).
+  plan/host_timing.py), as GB/s of K,V attended, per dtype, thread count
+  (``torch.set_num_threads``: 1, 2, 4, ... up to every core) and kernel: the CPU worker's own
+  (``runtime``, what a plan counts on) and the host's native-dtype matmuls on contiguous K,V
+  (``native``, what the host gives at best); the gap is what a better CPU kernel could win.
 - ``memory_bandwidth``: a large host tensor copied (bytes read + written per second) and summed
   (bytes read per second) with every thread.
 - ``round_trip``: a small device tensor to pinned host memory and back, the host waiting for each
@@ -20,10 +22,10 @@ import time
 
 import torch
 
-from ..plan.host_timing import (QUICK_SHAPES, attend, attention_rate, decode_tensors,
+from ..plan.host_timing import (KERNELS, QUICK_SHAPES, attend, attention_rate, decode_tensors,
                                 median_seconds, round_trip)
 
-__all__ = ["DECODE_SHAPES", "DTYPES", "QUICK_SHAPES", "attend", "attention_rate",
+__all__ = ["DECODE_SHAPES", "DTYPES", "KERNELS", "QUICK_SHAPES", "attend", "attention_rate",
            "decode_tensors", "measure", "memory_bandwidth", "round_trip", "thread_counts"]
 
 DECODE_SHAPES = ({"name": "llama-7b b16 p1024", "batch": 16, "heads": 32, "kv_heads": 32,
@@ -61,12 +63,14 @@ def measure(quick: bool = False, cores: int | None = None, max_s: float = 40.0) 
         for dtype in DTYPES:
             tensors = decode_tensors(shape, dtype)       # built once, attended per thread count
             for n in counts:
-                if attention and time.perf_counter() - started > max_s:
-                    attention.append({"shape": shape["name"], "dtype": dtype, "threads": n,
-                                      "absent": f"past the {max_s:.0f} s budget"})
-                    continue
-                attention.append(attention_rate(shape, dtype, n, repeats=2 if quick else 5,
-                                                tensors=tensors))
+                for kernel in KERNELS:
+                    if attention and time.perf_counter() - started > max_s:
+                        attention.append({"shape": shape["name"], "dtype": dtype, "threads": n,
+                                          "kernel": kernel,
+                                          "absent": f"past the {max_s:.0f} s budget"})
+                        continue
+                    attention.append(attention_rate(shape, dtype, n, repeats=2 if quick else 5,
+                                                    tensors=tensors, kernel=kernel))
             del tensors
     return {"cores": os.cpu_count(), "torch": torch.__version__, "attention": attention,
             "memory": memory_bandwidth(mib=8 if quick else 256, repeats=2 if quick else 5),

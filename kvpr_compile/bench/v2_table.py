@@ -41,8 +41,10 @@ def markdown(doc: dict) -> str:
                       f"{_f(row['hf_bound_ms']['serial'])} (serial) ms, kvpr mean split {mean}"]
         for name, c in cs.items():
             if c.get("predicted_ms"):
+                cpu = c.get("cpu_split") or []
+                share = f", mean CPU share {sum(cpu) / len(cpu):.3f}" if cpu else ""
                 lines.append(f"- {name}: predicted {_f(c['predicted_ms'])} ms by the cost model "
-                             f"for the split it ran, measured / predicted "
+                             f"for the split it ran{share}, measured / predicted "
                              f"{_f(c.get('measured_over_predicted'))}")
             if "resident_share" in c:
                 lines.append(f"- {name}: {c['resident_share']:.2f} of the past resident, "

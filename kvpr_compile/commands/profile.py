@@ -28,8 +28,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "(CUDA only), and attach them to the profile shown (on a machine "
                              "without CUDA: --preset/--file, default the h200-pcie5 preset)")
     parser.add_argument("--cpu-threads", type=int, default=None, metavar="N",
-                        help="--host: torch threads the CPU worker will use (default: torch's "
-                             "current count)")
+                        help="--host: torch threads to measure at (default: the CPU "
+                             "worker's, kvpr_compile.runtime.cpu_attention.THREADS, else half "
+                             "the cores)")
     parser.add_argument("--json", action="store_true", help="print the profile as JSON")
     parser.add_argument("-o", "--output", metavar="PATH", help="also write the profile's JSON here")
     parser.set_defaults(func=run)

@@ -29,6 +29,7 @@ class CpuSplit:
     cpu_ratios: list[float]
     how: str
     plan: Plan
+    warning: str = ""   # the plan counts on a host rate the worker may not reach
 
 
 @functools.lru_cache(maxsize=128)
@@ -62,4 +63,18 @@ def choose_cpu_ratios(*, profile, num_layers: int, batch_size: int, hidden_size:
         given = "given" if rate is not None else "the profile's"
         why = f"host attention {plan.cpu_attention_bytes_per_s / 1e9:.3g} GB/s ({given})"
     how = f"profile {profile.name} ({label}), {overlap} overlap; CPU share: {why}"
-    return CpuSplit(list(plan.ratios), list(plan.cpu_ratios), how, plan)
+    return CpuSplit(list(plan.ratios), list(plan.cpu_ratios), how, plan,
+                    threads_warning(profile, rate, plan))
+
+
+def threads_warning(profile: HardwareProfile, rate: float | None, plan: Plan) -> str:
+    """Said where a CPU share is planned from a host rate measured at another thread count
+    than the worker attends with."""
+    from ..runtime.cpu_attention import worker_threads
+    measured, worker = profile.cpu_attention_threads, worker_threads()
+    if rate is not None or measured is None or measured == worker or not any(plan.cpu_tokens):
+        return ""
+    return (f"kvpr: the CPU share is planned from profile {profile.name}'s host attention rate, "
+            f"measured at {measured} torch threads, but the CPU worker attends with {worker} "
+            f"(set kvpr_compile.runtime.cpu_attention.THREADS = {measured}, or measure at "
+            f"{worker} with `kvpr profile --host`)")

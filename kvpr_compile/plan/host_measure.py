@@ -1,11 +1,13 @@
 """The host's rates for CPU co-attention, measured on this machine (a CPU-only one too), and
 attached to a hardware profile.
 
-The timing itself is host_timing.py's, shared with the benchmark's bench/host_rates.py (one
-decode query per sequence attending to host K,V with matmul -> logsumexp -> matmul, GQA heads
-sharing a K,V head; a small D2H + H2D with the host waiting for each): this module picks the
-shapes and the thread count the CPU worker will use, and keeps, per dtype, the slowest of the
-shapes (bytes of K+V attended per second), so a plan never counts on the host's best case.
+The timing itself is host_timing.py's, shared with the benchmark's bench/host_rates.py: the CPU
+worker's own attention (runtime/cpu_attention.py) timed on token-major store rows, one decode
+query per sequence, GQA heads sharing a K,V head; a small D2H + H2D with the host waiting for
+each. This module picks the shapes and the thread count the CPU worker attends with
+(``runtime.cpu_attention.worker_threads``), and keeps, per dtype, the slowest of the shapes
+(bytes of K+V attended per second), so a plan never counts on the host's best case nor on a
+kernel the worker does not run.
 Without CUDA the round trip is not measured: it is recorded as None and the profile's notes say
 so.
 """
@@ -13,8 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
+from ..runtime.cpu_attention import worker_threads
 from . import host_timing
 from .profile import DTYPE_KEYS, HardwareProfile
 
@@ -38,7 +39,7 @@ class HostRates:
 
 
 def _threads(threads: int | None) -> int:
-    n = torch.get_num_threads() if threads is None else threads
+    n = worker_threads() if threads is None else threads
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the CPU worker's thread count must be an integer >= 1, got {n!r}")
     return n
@@ -46,8 +47,8 @@ def _threads(threads: int | None) -> int:
 
 def measure_host(*, threads: int | None = None, dtypes: tuple[str, ...] = DTYPE_KEYS,
                  quick: bool = False, repeats: int = 3, budget_s: float = 0.5) -> HostRates:
-    """Time the host's decode attention per dtype at ``threads`` torch threads (default: torch's
-    current count) over a few shapes (``quick``: toy shapes, for tests), and the round trip."""
+    """Time the worker's decode attention per dtype at ``threads`` torch threads (default: the
+    worker's count) over a few shapes (``quick``: toy shapes, for tests), and the round trip."""
     n = _threads(threads)
     shapes = QUICK_SHAPES if quick else HOST_SHAPES
     rates = {}
@@ -61,7 +62,7 @@ def measure_host(*, threads: int | None = None, dtypes: tuple[str, ...] = DTYPE_
     why = (f"round trip of {trip['bytes']} bytes D2H + H2D with host waits, median of "
            f"{trip['repeats']}" if round_trip_s is not None
            else f"round trip not measured: {trip.get('absent', 'no CUDA')}")
-    notes = (f"host attention: matmul-logsumexp-matmul on plain host tensors, {n} torch "
+    notes = (f"host attention: the CPU worker's kernel on token-major store rows, {n} torch "
              f"threads, slowest of [{names}], median of {repeats}; {why}")
     return HostRates(rates, n, round_trip_s, notes)
 

@@ -2,7 +2,7 @@
 lie, in the CPU store, and only the partial output and its log-sum-exp go back.
 
 Synchronous path (CPU device): ``attend`` reads the store's rows as views (no copy) and returns
-``partial_attention``'s result (ops/attention.py).
+``host_partial_attention``'s result (ops/attention.py).
 
 CUDA runtime (and simulated streams): ``CpuAttention`` of a cache's runtime, one per device.
 ``start`` (called at the op, on the host thread that runs the graph):
@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..ops.attention import partial_attention, scores_fn
+from ..ops.attention import host_partial_attention, scores_fn
 from . import host_memory
 
 # Threads the worker's attention may use (None: half the cores, at least one).
@@ -40,15 +40,26 @@ _PENDING: dict = {}   # id(out or lse tensor) -> (weakref to it, job, runtime)
 
 def store_range(store, layer: int, start: int, end: int):
     """The store's K, V [start, end) of ``layer`` as (b, kv_heads, n, d) views: no copy."""
-    return (store.k[layer][start:end].permute(1, 2, 0, 3),
-            store.v[layer][start:end].permute(1, 2, 0, 3))
+    return rows_as_heads(store.k[layer][start:end], store.v[layer][start:end])
+
+
+def rows_as_heads(k_rows: torch.Tensor, v_rows: torch.Tensor):
+    """Token-major store rows (n, b, kv_heads, d) as the (b, kv_heads, n, d) views attention
+    reads."""
+    return k_rows.permute(1, 2, 0, 3), v_rows.permute(1, 2, 0, 3)
+
+
+def worker_threads() -> int:
+    """The torch thread count the worker attends with (``THREADS``, else half the cores): what
+    ``kvpr profile --host`` measures at by default, so the plan's host rate is the worker's."""
+    return THREADS if THREADS is not None else max(1, (os.cpu_count() or 2) // 2)
 
 
 def attend(store, layer: int, q, start: int, end: int, mask, scale: float, scores: int = -1,
            extras=()):
-    """The synchronous path: ``partial_attention`` of ``q`` over the store's rows."""
+    """The synchronous path: ``host_partial_attention`` of ``q`` over the store's rows."""
     k, v = store_range(store, layer, start, end)
-    return partial_attention(q, k, v, mask, scale, scores_fn(scores), extras)
+    return host_partial_attention(q, k, v, mask, scale, scores_fn(scores), extras)
 
 
 def cpu_gap(k_new, cpu_len: int) -> list:
@@ -59,10 +70,6 @@ def cpu_gap(k_new, cpu_len: int) -> list:
         return []
     b, h, _, d = k_new.shape
     return [k_new.new_zeros(b, h, cpu_len, d)]
-
-
-def _threads() -> int:
-    return THREADS if THREADS is not None else max(1, (os.cpu_count() or 2) // 2)
 
 
 class _Inline:
@@ -97,7 +104,7 @@ class CpuAttention:
         if threaded if threaded is not None else self.pin:
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="kvpr-cpu-attention",
                                            initializer=torch.set_num_threads,
-                                           initargs=(_threads(),))
+                                           initargs=(worker_threads(),))
         else:
             self.pool = _Inline()
 
@@ -148,8 +155,8 @@ class CpuAttention:
                 stored.synchronize()
             k, v = store_range(store, layer, start, end)
             mask_host, scores, extras_host = scoring
-            o_cpu, lse_cpu = partial_attention(q_host, k, v, mask_host, scale, scores_fn(scores),
-                                               extras_host)
+            o_cpu, lse_cpu = host_partial_attention(q_host, k, v, mask_host, scale,
+                                                    scores_fn(scores), extras_host)
             o_host, lse_host = (host_memory.alloc(tuple(t.shape), t.dtype, self.pin, zero=False)
                                 for t in (o_cpu, lse_cpu))
             o_host.copy_(o_cpu)

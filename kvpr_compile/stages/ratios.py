@@ -89,6 +89,16 @@ def _plan_with_cpu(c: Compilation, layers: list[int]) -> None:
     c.cpu = {layer: u for layer, u in zip(layers, split.cpu_ratios) if u > 0}
     c.resident = resident_rule(c, layers)
     c.report.ratio_source, c.report.plan = split.how, split.plan
+    if split.warning:
+        rep.warn_once(split.warning)
+
+
+def _warn_threads(o, d, planned) -> None:
+    from ..plan.cpu_ratios import threads_warning
+    from ..plan.resolve import resolve_profile
+    warning = threads_warning(resolve_profile(o.profile, device=d.device), None, planned)
+    if warning:
+        rep.warn_once(warning)
 
 
 def _warn_unplanned_cpu(o, d) -> None:
@@ -117,6 +127,8 @@ def _place(c: Compilation, layers: list[int], ctx) -> None:
     c.ratios, c.resident = planned_rule(layers, planned)
     if o.cpu_ratio is None:   # the LP's own CPU share, a share of the whole past
         c.cpu = {layer: u for layer, u in zip(layers, planned.cpu_ratios) if u > 0}
+        if c.cpu:
+            _warn_threads(o, d, planned)
     elif o.cpu_ratio > 0:
         c.cpu = {layer: o.cpu_ratio for layer in layers}
     c.report.ratio_source, c.report.plan = source, planned

@@ -66,6 +66,7 @@ CPU_PASS = "kvpr_compile/passes/cpu_attention.py"
 ATTENTION = "kvpr_compile/ops/attention.py"
 CPU_TESTS = "tests/test_cpu_attention.py::"
 CPU_EXACT = CPU_TESTS + "test_custom_decoders_are_exact[fused-qkv-0.25]"
+HOST_KERNEL = "tests/test_host_attention_kernel.py::"
 RATIOS = "kvpr_compile/stages/ratios.py"
 CPU_PLANNED = "tests/test_cpu_attention_planned.py::"
 CPU_SIM = CPU_TESTS + "test_simulated_streams_are_race_free[0.25]"
@@ -757,11 +758,28 @@ BREAKAGES = (
              "the bench's physical limit counts a sliding layer's whole past"),
     # ---- CPU co-attention ------------------------------------------------------------------
     Breakage("cpu-attention-wrong-lse", CPU_RUNTIME,
-             "    return partial_attention(q, k, v, mask, scale, scores_fn(scores), extras)",
-             "    o, lse = partial_attention(q, k, v, mask, scale, scores_fn(scores), extras)\n"
+             "    return host_partial_attention(q, k, v, mask, scale, scores_fn(scores), extras)",
+             "    o, lse = host_partial_attention(q, k, v, mask, scale, scores_fn(scores), extras)\n"
              "    return o, lse + 1.0",
              (CPU_EXACT, CPU_TESTS + "test_exact_on_both_paths[cpu-0.25]"),
              "the CPU part's log-sum-exp off by one: the merge weighs it e times too much"),
+    Breakage("host-fused-no-key-lse-zero", ATTENTION,
+             "        lse = lse.masked_fill(~allowed.any(-1), NEG_INF)   # broadcast to (b, heads, n)",
+             "        pass",
+             (HOST_KERNEL + "test_fused_kernel_gives_the_float32_attention",
+              HOST_KERNEL + "test_merge_of_a_float32_device_part_and_a_fused_host_part"),
+             "the fused host kernel's log-sum-exp of a row with no key left at 0, not -inf: the "
+             "merge would weigh an empty part"),
+    Breakage("host-fused-mask-rows-misordered", ATTENTION,
+             "        return m.unsqueeze(2).expand(b, 1, group, n, c).reshape(b, 1, group * n, c)",
+             "        return m.unsqueeze(3).expand(b, 1, n, group, c).reshape(b, 1, group * n, c)",
+             (HOST_KERNEL + "test_fused_kernel_gives_the_float32_attention",),
+             "the mask's rows laid out (token, head) where the grouped query is (head, token)"),
+    Breakage("host-fused-heads-misgrouped", ATTENTION,
+             "    qg = q.reshape(b, kv_heads, heads // kv_heads * n, d)",
+             "    qg = q.transpose(1, 2).reshape(b, kv_heads, heads // kv_heads * n, d)",
+             (HOST_KERNEL + "test_fused_kernel_gives_the_float32_attention",),
+             "the query rows of a K,V head taken from the wrong heads"),
     Breakage("cpu-attention-merge-unnormalised", ATTENTION,
              "    w2 = torch.exp(lse2 - m).unsqueeze(-1)",
              "    w2 = torch.exp(lse1 - m).unsqueeze(-1)",
