@@ -9,7 +9,8 @@
 #     (set the budget to the device time left after call 1, less 20 s: the run tool's
 #     lease.budget_left_s; the steps come in the order of what matters most)
 #     install -> env -> profile -> the plan's CPU share on the GQA case (kvpr_cpu against ratio
-#     0 and the link limit) -> the throughput schedule (OPT-6.7B/13B-like, b128, weights
+#     0 and the link limit; 3 steps of each traced: the merge's cost to the compute stream) ->
+#     the throughput schedule (OPT-6.7B/13B-like, b128, weights
 #     streamed; a row that names no micro-batches is flagged) -> host rates (CPU attention over
 #     host fp16/bf16 K,V, 1..all cores, the worker's kernel and the native one, host memory
 #     bandwidth, small D2H+H2D round trip) -> the CPU share on the MHA case (8 layers) -> a
@@ -129,8 +130,9 @@ fi
 
 # call 2
 # the plan's CPU share (the profile's host attention rate) on the GQA case, against ratio 0
+# (kvpr_ratio0 and kvpr_cpu trace 3 steps after round 1's window: the compute stream's idle)
 want cpu && v2 cpu 100 --models llama-3-8b --batch 16 --prompt 1024 --layers 8 \
-    --only resident_static kvpr_ratio0 kvpr_cpu
+    --only resident_static kvpr_ratio0 kvpr_cpu --trace "$out/traces"
 tput_args=(--models opt-6.7b opt-13b --batch 128)
 [[ "$smoke" == 1 ]] && tput_args=(--cpu-smoke --models opt-6.7b)
 want throughput && run throughput 150 $py -m kvpr_compile.cli bench --schedule throughput \

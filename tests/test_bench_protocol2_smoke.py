@@ -104,3 +104,19 @@ def test_the_runs_one_profile_falls_back_when_its_file_is_missing(tmp_path, caps
     assert "no profile at" in capsys.readouterr().err
     again, same = _profile(argparse.Namespace(profile=path), torch.device("cpu"), tmp_path)
     assert again == path and same == prof          # a file is read, never re-measured
+
+
+def test_traced_steps_after_the_window(tmp_path, capsys):
+    """``--trace DIR``: a kvpr loop contender profiles its last steps once more after the timed
+    window (round 1); the row says what the trace holds (on a CPU: no GPU activity)."""
+    traces = tmp_path / "traces"
+    code, doc = _smoke(tmp_path, ["--in-process", "--models", "llama-3-8b", "--layers", "1",
+                                  "--steps", "3", "--repeats", "1", "--rounds", "1",
+                                  "--trace", str(traces), "--trace-steps", "2",
+                                  "--only", ct.KVPR_RATIO0])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    trace = doc["rows"][0]["contenders"][ct.KVPR_RATIO0]["trace"]
+    assert trace["steps"] == 2 and "no CUDA kernels" in trace["note"]
+    text = (traces / "case0-kvpr_ratio0.json").read_text()
+    assert "decode step 0" in text and "decode step 1" in text and "decode step 2" not in text
+    assert "traced 2 steps" in capsys.readouterr().out

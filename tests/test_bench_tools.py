@@ -130,6 +130,24 @@ def test_overlap_stats():
     assert timeline.overlap_stats([]) == {"events": 0}
 
 
+def test_compute_idle_is_the_busiest_streams_gaps():
+    """Four 600 us kernels 1000 us apart on stream 7: 400 us idle after each but the last; a
+    smaller stream's kernels and gaps of launch size (10 us) do not count as long ones."""
+    trace = _trace(layers=4)
+    trace["traceEvents"] += [{"ph": "X", "cat": "kernel", "name": "small", "pid": 0, "tid": 9,
+                              "ts": 100.0 + 15 * i, "dur": 5.0,
+                              "args": {"device": 0, "stream": 9}} for i in range(3)]
+    trace["traceEvents"] += [{"ph": "X", "cat": "kernel", "name": "tail", "pid": 0, "tid": 7,
+                              "ts": 3910.0, "dur": 90.0, "args": {"device": 0, "stream": 7}}]
+    idle = timeline.overlap_stats(timeline.gpu_events(trace))["compute_idle"]
+    assert idle["stream"] == "cuda:0 stream 7"
+    assert idle["span_us"] == pytest.approx(3700) and idle["busy_us"] == pytest.approx(2490)
+    assert idle["idle_us"] == pytest.approx(1210)
+    assert (idle["long_gaps"], idle["long_gap_us"]) == (3, pytest.approx(1200))
+    assert idle["max_gap_us"] == pytest.approx(400)
+    assert timeline.compute_idle([]) is None
+
+
 def test_top_kernels_rank_by_total_time():
     trace = _trace(layers=2)
     trace["traceEvents"] += [{"ph": "X", "cat": "kernel", "name": "cat", "pid": 0, "tid": 7,

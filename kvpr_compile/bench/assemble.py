@@ -134,6 +134,8 @@ def build_row(case: dict, profile: dict, collected: dict) -> dict:
             c["kv_bytes_expected_per_step"] = expected_kv_per_step(
                 name, raw[name].get("split"), dims, case["prompt"], case["steps"],
                 raw[name].get("cpu_split") or ())
+        if raw[name].get("trace"):   # a few steps profiled after the window (step_trace.py)
+            c["trace"] = trace_summary(raw[name]["trace"])
         if raw[name].get("predicted_ms"):   # the cost model's step for the split it ran
             c["predicted_ms"] = raw[name]["predicted_ms"]
             c["measured_over_predicted"] = c["median_ms"] / c["predicted_ms"]
@@ -152,6 +154,23 @@ def build_row(case: dict, profile: dict, collected: dict) -> dict:
            "contenders": contenders, "absent": absent, "orders": plan}
     row["headline"] = headline(row, resident_ms)
     return row
+
+
+def trace_summary(trace: dict) -> dict:
+    """The numbers of a contender's traced steps that go into the row: per step, the compute
+    stream's idle time and its long gaps; the share of H2D time under kernels."""
+    stats = trace.get("stats") or {}
+    idle = stats.get("compute_idle")
+    steps = trace.get("steps") or 1
+    out = {"steps": trace.get("steps"), "json": trace.get("json"), "png": trace.get("png"),
+           "h2d_overlap": stats.get("h2d_overlap"), "note": trace.get("note", "")}
+    if idle:
+        out.update(compute_idle_ms_per_step=idle["idle_us"] / steps / 1e3,
+                   compute_busy_ms_per_step=idle["busy_us"] / steps / 1e3,
+                   long_gaps_per_step=idle["long_gaps"] / steps,
+                   long_gap_ms_per_step=idle["long_gap_us"] / steps / 1e3,
+                   max_gap_ms=idle["max_gap_us"] / 1e3)
+    return out
 
 
 def _share_yardsticks(c: dict, share: float, dims: ys.Dims, past: int, rates: ys.Rates,

@@ -49,6 +49,7 @@ NAMES = (RESIDENT_STATIC, RESIDENT_DYNAMIC, HF_GENERATE, HF_LOOP, KVPR_RATIO0, K
          KVPR_GENERATE, COPY_ONLY)          # the default run
 OPT_IN = (*RESIDENT_SHARES, KVPR_CPU)        # run only when named (--only)
 COUNTED = (KVPR_RATIO0, KVPR, *RESIDENT_SHARES, KVPR_CPU)   # K,V bytes counted (protocol.py)
+TRACED = (KVPR_RATIO0, KVPR, KVPR_CPU)   # a few steps profiled with --trace (step_trace.py)
 ALL_NAMES = (*NAMES, *OPT_IN)
 RESIDENTS = (RESIDENT_STATIC, RESIDENT_DYNAMIC)
 OFFLOADED = (HF_GENERATE, HF_LOOP, KVPR_RATIO0, KVPR, KVPR_GENERATE, COPY_ONLY, KVPR_CPU)
@@ -98,8 +99,10 @@ class MarginDecoder(GreedyDecoder):
         return [int(row.nonzero()[0]) if row.any() else None for row in near]
 
 
-def loop_decode(model, forward, cache, ids, steps: int, device, tie: float | None = None
-                ) -> Decode:
+def loop_decode(model, forward, cache, ids, steps: int, device, tie: float | None = None,
+                hook=None) -> Decode:
+    """``hook(i)``, where given, is called before step i and once after the last (i = steps),
+    outside the timed spans (step_trace.StepTrace)."""
     dec = MarginDecoder(model, forward, cache, tie) if tie is not None \
         else GreedyDecoder(model, forward, cache)
     t0 = time.perf_counter()
@@ -108,10 +111,14 @@ def loop_decode(model, forward, cache, ids, steps: int, device, tie: float | Non
     prefill_ms = (time.perf_counter() - t0) * 1e3
     timer = step_timer(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for i in range(steps):
+        if hook is not None:
+            hook(i)
         timer.start()
         dec.step()
         timer.stop()
+    if hook is not None:
+        hook(steps)
     sync(device)
     wall_ms = (time.perf_counter() - t0) * 1e3
     return Decode(step_ms=timer.times_ms(), host_ms=timer.host_ms(), wall_ms=wall_ms,

@@ -17,7 +17,9 @@ measured here). The process:
 4. snapshots the counters (counters.py), runs R timed decodes, each over a fresh cache, and
    snapshots them again: any growth marks the window not clean;
 5. kvpr's loop contenders decode once more, untimed, under the traffic counter: the K,V bytes
-   the runtime loaded per step, for the check against the yardstick's bytes;
+   the runtime loaded per step, for the check against the yardstick's bytes; with a
+   ``trace_dir``, the traced ones (``contenders.TRACED``) decode once more in round 1 with their
+   last ``trace_steps`` steps under the profiler (step_trace.py);
 6. writes every raw number to OUT.json (step times per repeat, host times, wall clocks, the
    first repeat's tokens, the kvpr split, the counted bytes, the counters, versions), or
    ``status`` "absent" / "error" with the reason.
@@ -109,12 +111,12 @@ def _decoder(spec: dict, device: torch.device, dtype: torch.dtype):
                                                tie if margins and resident else None)), facts
     if name in (ct.KVPR_RATIO0, ct.KVPR):
         forward = _kvpr_forward(model, spec, 0.0 if name == ct.KVPR_RATIO0 else None)
-        return (lambda margins: ct.loop_decode(model, forward, kvpr_cache(), ids, steps,
-                                               device)), facts
+        return (lambda margins, hook=None: ct.loop_decode(model, forward, kvpr_cache(), ids,
+                                                          steps, device, hook=hook)), facts
     if name == ct.KVPR_CPU:
         forward = _kvpr_forward(model, spec, None, cpu=None)
-        return (lambda margins: ct.loop_decode(model, forward, kvpr_cache(), ids, steps,
-                                               device)), facts
+        return (lambda margins, hook=None: ct.loop_decode(model, forward, kvpr_cache(), ids,
+                                                          steps, device, hook=hook)), facts
     if name in ct.RESIDENT_SHARES:
         forward = _kvpr_forward(model, spec, 0.0, ct.RESIDENT_SHARES[name])
         return (lambda margins: ct.loop_decode(model, forward, kvpr_cache(), ids, steps,
@@ -155,6 +157,19 @@ def _counted_kv_bytes(decode) -> int:
     with traffic.counting() as counted:
         decode(False)
     return counted.by_kind["kv"]
+
+
+def _traced(decode, spec: dict, device) -> dict:
+    """The last ``trace_steps`` steps of one more, untimed decode under the profiler
+    (step_trace.py); the numbers of its timeline."""
+    from pathlib import Path
+
+    from .step_trace import StepTrace
+    count = min(int(spec.get("trace_steps") or 3), spec["steps"])
+    path = Path(spec["trace_dir"]) / f"case{spec.get('case', 0)}-{spec['contender']}.json"
+    trace = StepTrace(path, spec["steps"] - count, count, device.type == "cuda")
+    decode(False, hook=trace)
+    return trace.stats or {"note": "the trace did not finish"}
 
 
 def versions() -> dict:
@@ -198,6 +213,8 @@ def run_spec(spec: dict) -> dict:
             out.update(_split(spec, dtype))
         if name in ct.COUNTED:   # after the window: the counter's bookkeeping is not timed
             out["kv_bytes_counted_per_step"] = _counted_kv_bytes(decode) / spec["steps"]
+        if spec.get("trace_dir") and name in ct.TRACED and spec.get("round", 1) == 1:
+            out["trace"] = _traced(decode, spec, device)
     except Exception as exc:  # noqa: BLE001 - the parent records the reason
         out.update(status="error", reason=f"{type(exc).__name__}: {exc}",
                    traceback=traceback.format_exc(limit=-6))

@@ -6,7 +6,8 @@ Kineto writes each GPU activity as a complete event (``"ph": "X"``) with ``cat``
 Copies are told apart by name ("Memcpy HtoD (Pinned -> Device)", "Memcpy DtoH ...").
 
 ``overlap_stats`` says how much of the host-to-device copy time runs while some kernel runs:
-the number to look at to see whether the loads are hidden behind compute. The PNG has one row per
+the number to look at to see whether the loads are hidden behind compute; and how long the
+compute stream sits idle between kernels (``compute_idle``). The PNG has one row per
 (device, stream), bars coloured by kind. matplotlib is imported only when drawing (the ``bench``
 extra); without it the JSON trace and the numbers are still written.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOP_KERNELS = 6   # kernels by total time in overlap_stats: where the compute stream's time goes
+GAP_US = 20.0     # compute_idle: a gap longer than this is more than a kernel launch
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 COLORS = {"kernel": "tab:green", "H2D": "tab:blue", "D2H": "tab:orange", "D2D": "tab:purple",
           "copy": "tab:brown", "memset": "tab:gray"}
@@ -142,6 +144,7 @@ def overlap_stats(events: list[GpuEvent]) -> dict:
             totals[e.name][1] += 1
     top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
     return {
+        "compute_idle": compute_idle(events),
         "events": len(events),
         "span_us": max(e.end_us for e in events) - min(e.start_us for e in events),
         "kernel_busy_us": length(kernels),
@@ -151,6 +154,26 @@ def overlap_stats(events: list[GpuEvent]) -> dict:
         "streams": streams,
         "top_kernels": [{"name": name, "us": us, "count": n} for name, (us, n) in top],
     }
+
+
+def compute_idle(events: list[GpuEvent], gap_us: float = GAP_US) -> dict | None:
+    """The compute stream (the one with the most kernel time) between its first kernel's start
+    and its last kernel's end: busy and idle time, and the gaps longer than ``gap_us`` (launch
+    gaps are shorter; a host that stops queuing shows as long ones)."""
+    per_stream = defaultdict(list)
+    for e in events:
+        if e.kind == "kernel":
+            per_stream[(e.device, e.stream)].append((e.start_us, e.end_us))
+    if not per_stream:
+        return None
+    (device, stream), spans = max(per_stream.items(), key=lambda kv: length(union(kv[1])))
+    busy = union(spans)
+    gaps = [b[0] - a[1] for a, b in zip(busy, busy[1:])]
+    long = [g for g in gaps if g > gap_us]
+    span = busy[-1][1] - busy[0][0]
+    return {"stream": f"cuda:{device} stream {stream}", "span_us": span,
+            "busy_us": length(busy), "idle_us": span - length(busy), "gap_us": gap_us,
+            "long_gaps": len(long), "long_gap_us": sum(long), "max_gap_us": max(gaps, default=0.0)}
 
 
 def render_png(events: list[GpuEvent], path: str | Path, title: str = "",

@@ -124,7 +124,8 @@ def _cases(args, device, st: dict, profile_path: str) -> tuple[list[dict], list[
                               "prompt": prompt, "steps": st["steps"], "repeats": st["repeats"],
                               "dtype": st["dtype"], "device": str(device), "seed": args.seed,
                               "profile": profile_path, "inner": args.inner,
-                              "overlap": args.overlap})
+                              "overlap": args.overlap, "trace_dir": args.trace,
+                              "trace_steps": args.trace_steps})
     return cases, facts
 
 

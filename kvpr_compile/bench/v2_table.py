@@ -46,6 +46,18 @@ def markdown(doc: dict) -> str:
                 lines.append(f"- {name}: predicted {_f(c['predicted_ms'])} ms by the cost model "
                              f"for the split it ran{share}, measured / predicted "
                              f"{_f(c.get('measured_over_predicted'))}")
+            t = c.get("trace") or {}
+            if "compute_idle_ms_per_step" in t:
+                overlap = t.get("h2d_overlap")
+                lines.append(f"- {name}: traced {t['steps']} steps: compute stream busy "
+                             f"{_f(t['compute_busy_ms_per_step'])} ms and idle "
+                             f"{_f(t['compute_idle_ms_per_step'])} ms per step "
+                             f"({_f(t['long_gaps_per_step'], '.1f')} gaps > 20 us, "
+                             f"{_f(t['long_gap_ms_per_step'])} ms; longest "
+                             f"{_f(t['max_gap_ms'])} ms), H2D under kernels "
+                             f"{'-' if overlap is None else f'{overlap:.0%}'}")
+            elif t:
+                lines.append(f"- {name}: traced {t.get('steps')} steps: {t.get('note') or '-'}")
             if "resident_share" in c:
                 lines.append(f"- {name}: {c['resident_share']:.2f} of the past resident, "
                              f"{c['h2d_bytes_per_step'] / 1e6:.1f} MB per step (counted "

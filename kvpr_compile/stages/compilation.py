@@ -29,6 +29,7 @@ class Compilation:
     ratios: dict = field(default_factory=dict)   # plan: layer -> requested split ratio
     resident: dict = field(default_factory=dict)  # plan: layer -> (share, cap, of_rest)
     cpu: dict = field(default_factory=dict)       # plan: layer -> share attended on the CPU
+    latency_budget: object = None  # plan: the budget the resident rows were placed under
     compiled: object = None        # columns or lower: the callable Dynamo gets back
 
     @property

@@ -18,7 +18,8 @@ overrides it. On a CPU device nothing is resident unless a number
 or ``resident_ratio`` asks for it.
 
 The cache's capacity is read from the example call's cache (its store, through the handle); a
-graph reused by a cache of another capacity keeps the tokens computed here.
+graph reused by a cache of another capacity keeps the tokens computed here, and
+``budget_guard.py`` checks at the call that the larger working set still fits.
 """
 from __future__ import annotations
 
@@ -54,12 +55,20 @@ def auto_budget(device: torch.device) -> float | None:
     return max(0.0, free - max(AUTO_MARGIN_FRACTION * free, AUTO_MARGIN_MIN_BYTES))
 
 
-def _store_of(c: Compilation, cache_node):
-    """The example call's cache store, when its handle is a graph input."""
+def handle_index(c: Compilation, cache_node) -> int | None:
+    """Which graph input is the cache's handle (None: it is not one)."""
     handle = args_of(cache_node).handle
     placeholders = [n for n in c.graph.nodes if n.op == "placeholder"]
     if handle in placeholders and placeholders.index(handle) < len(c.example_inputs):
-        value = c.example_inputs[placeholders.index(handle)]
+        return placeholders.index(handle)
+    return None
+
+
+def _store_of(c: Compilation, cache_node):
+    """The example call's cache store, when its handle is a graph input."""
+    index = handle_index(c, cache_node)
+    if index is not None:
+        value = c.example_inputs[index]
         if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
             try:
                 return lookup(value)
@@ -88,6 +97,8 @@ class BudgetContext:
     max_seq_len: int
     per_token: int
     parts: dict
+    sizing: tuple = ()   # working_set's (batch, kv_hidden, hidden, element, recompute)
+    handle_index: int | None = None   # the graph input that is the cache's handle
 
     @property
     def need(self) -> int:
@@ -112,9 +123,11 @@ def budget_context(c: Compilation, recompute: bool) -> BudgetContext | None:
     else:
         from ..plan.cost_model import REPRESENTATIVE_SEQ_LEN
         positions = REPRESENTATIVE_SEQ_LEN
-    parts = working_set(positions + 1, b, kv_heads * d, hint(example_value(sl.x).shape[-1]),
-                        k.element_size(), recompute)
-    ctx = BudgetContext(budget, positions, 2 * b * kv_heads * d * k.element_size(), parts)
+    sizing = (b, kv_heads * d, hint(example_value(sl.x).shape[-1]), k.element_size(), recompute)
+    parts = working_set(positions + 1, *sizing)
+    ctx = BudgetContext(budget, positions, 2 * b * kv_heads * d * k.element_size(), parts, sizing,
+                        handle_index(c, node))
+    c.latency_budget = ctx
     if budget < ctx.need:
         named = ", ".join(f"{name} {n}" for name, n in parts.items())
         raise ValueError(f"kvpr: options['gpu_budget_bytes']={budget!r} is below the latency "

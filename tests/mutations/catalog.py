@@ -756,6 +756,17 @@ BREAKAGES = (
              "read = past",
              (WINDOWS + "test_decode_steps_load_only_the_window",),
              "the bench's physical limit counts a sliding layer's whole past"),
+    Breakage("budget-guard-off", "kvpr_compile/stages/inner_compile.py",
+             "        if check is not None:",
+             "        if False:",
+             ("tests/test_budget_guard.py::"
+              "test_a_larger_cache_past_the_budget_is_refused_before_anything_is_written",),
+             "a graph placed under a budget runs a larger cache whose working set exceeds it"),
+    Breakage("budget-guard-cap-ignored", "kvpr_compile/stages/budget_guard.py",
+             "        return sum(min(math.floor(share * positions), cap) if cap >= 0",
+             "        return sum(math.floor(share * positions) if cap >= 0",
+             ("tests/test_budget_guard.py::test_a_larger_cache_the_budget_still_holds_runs",),
+             "the guard counts a capped share's rows uncapped and refuses a cache that fits"),
     # ---- CPU co-attention ------------------------------------------------------------------
     Breakage("cpu-attention-wrong-lse", CPU_RUNTIME,
              "    return host_partial_attention(q, k, v, mask, scale, scores_fn(scores), extras)",
