@@ -14,6 +14,7 @@ from helpers import (CUSTOM_MODELS, SEEDED_PROMPT, check_race_free, conversation
                      decode_steps,
                      hf_build, hf_generate, hf_left_padded, sim_backend, tiny_llama,
                      worst_rel_err)
+from kvpr_compile.ops import attention
 from kvpr_compile.ops.attention import merge_partials, partial_attention
 from kvpr_compile.ops.split import cpu_start
 from kvpr_compile.runtime import cpu_attention, traffic
@@ -410,7 +411,7 @@ def test_worker_thread_attends_with_its_own_thread_count(monkeypatch):
     """The CUDA runtime's worker thread (as on a GPU, with streams that order nothing): its
     results equal the synchronous path's, and its torch thread count is its own."""
     from types import SimpleNamespace
-    monkeypatch.setattr(cpu_attention, "THREADS", 1)
+    monkeypatch.setattr(attention, "WORKER_THREADS", 1)
     cache = tiny_llama(layers=2).make_cache(2, 96)
     store = cache._store
     g = torch.Generator().manual_seed(0)

@@ -104,8 +104,8 @@ def test_a_host_rate_measured_at_other_threads_than_the_workers_is_said(monkeypa
     """The plan counts on the profile's host rate; measured at another thread count than the
     CPU worker attends with, it says so once (naming both counts and the fix); at the same count
     it says nothing."""
-    from kvpr_compile.runtime import cpu_attention
-    monkeypatch.setattr(cpu_attention, "THREADS", 2)
+    from kvpr_compile.ops import attention
+    monkeypatch.setattr(attention, "WORKER_THREADS", 2)
     threads = 5 if measured == "other" else 2
     profile = dataclasses.replace(HOST, name=f"h200-host50-{measured}-threads",
                                   cpu_attention_threads=threads)
@@ -118,4 +118,4 @@ def test_a_host_rate_measured_at_other_threads_than_the_workers_is_said(monkeypa
         assert not said
     else:
         assert len(said) == 1 and "measured at 5 torch threads" in said[0]
-        assert "attends with 2" in said[0] and "THREADS = 5" in said[0]
+        assert "attends with 2" in said[0] and "WORKER_THREADS = 5" in said[0]

@@ -29,7 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                              "without CUDA: --preset/--file, default the h200-pcie5 preset)")
     parser.add_argument("--cpu-threads", type=int, default=None, metavar="N",
                         help="--host: torch threads to measure at (default: the CPU "
-                             "worker's, kvpr_compile.runtime.cpu_attention.THREADS, else half "
+                             "worker's, kvpr_compile.ops.attention.WORKER_THREADS, else half "
                              "the cores)")
     parser.add_argument("--json", action="store_true", help="print the profile as JSON")
     parser.add_argument("-o", "--output", metavar="PATH", help="also write the profile's JSON here")

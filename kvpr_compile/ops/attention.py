@@ -18,9 +18,13 @@ become query rows of their K,V head (no copy of K,V); rows whose mask allows no 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 NEG_INF = float("-inf")
+# The torch thread count the CPU worker attends with (None: half the cores, at least one).
+WORKER_THREADS: int | None = None
 
 
 _SCORES: list = []   # the per-score programs of matmul -> softmax -> matmul attentions
@@ -63,6 +67,19 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, s
     p = torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, p)   # no key: no NaN
     out = (p.reshape(b, kv_heads, rep * n, c) @ v.float()).reshape(b, heads, n, v.shape[-1])
     return out, lse
+
+
+def worker_threads() -> int:
+    """``WORKER_THREADS``, else half the cores: what the CPU worker attends with
+    (runtime/cpu_attention.py) and ``kvpr profile --host`` measures at by default, so the plan's
+    host rate is the worker's."""
+    return WORKER_THREADS if WORKER_THREADS is not None else max(1, (os.cpu_count() or 2) // 2)
+
+
+def rows_as_heads(k_rows: torch.Tensor, v_rows: torch.Tensor):
+    """Token-major store rows (n, b, kv_heads, d) as the (b, kv_heads, n, d) views attention
+    reads (no copy)."""
+    return k_rows.permute(1, 2, 0, 3), v_rows.permute(1, 2, 0, 3)
 
 
 def host_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float,

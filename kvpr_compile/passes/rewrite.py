@@ -118,6 +118,81 @@ def _assemble_tail(keep: bool, windowed: bool, r, rule: tuple, start, cpu_len: l
     return out + cpu_len
 
 
+class _Emitter:
+    """Inserts one site's nodes, each annotated with the layer's ratio, role and shares."""
+
+    def __init__(self, graph: fx.Graph, layer: int, effective: float, resident, ratio_of_rest,
+                 windowed: bool, cpu_frac):
+        self.graph, self.layer, self.effective = graph, layer, effective
+        self.resident, self.ratio_of_rest = resident, ratio_of_rest
+        self.windowed, self.cpu_frac = windowed, cpu_frac
+
+    def annotate(self, node: fx.Node, role: str) -> None:
+        node.meta["custom"] = _annotation(self.effective, self.layer, role)
+        if self.resident is not None:
+            node.meta["custom"]["kvpr_resident"] = float(self.resident)
+            if self.ratio_of_rest:
+                node.meta["custom"]["kvpr_ratio_of_rest"] = True
+        if self.windowed:
+            node.meta["custom"]["kvpr_window"] = True
+        if self.cpu_frac is not None:
+            node.meta["custom"]["kvpr_cpu"] = float(self.cpu_frac)
+
+    def call(self, target, args, role: str) -> fx.Node:
+        node = self.graph.call_function(target, args)
+        self.annotate(node, role)
+        return node
+
+    def items(self, node: fx.Node, count: int, role: str) -> list:
+        return [self.call(operator.getitem, (node, i), role) for i in range(count)]
+
+
+def _resident_prefix(call, keep: bool, rfrac, resident_cap: int, past):
+    """(capacity rule (num, den, cap), r): the resident prefix [0, r) of the past."""
+    if not keep:
+        return (0, 1, -1), 0
+    rule = (rfrac.numerator, rfrac.denominator, resident_cap)
+    r = resident_len(past, *rule) if isinstance(past, int) else \
+        call(resident_len, (past, *rule), "split")
+    return rule, r
+
+
+def _recompute_len(call, frac, past, start, r, windowed: bool, of_rest: bool):
+    """l: the share ``frac`` of the window (past - start), of the past not resident (past - r,
+    a budget's share) or of the whole past."""
+    rest = past
+    if windowed:
+        rest = _window_length(call, past, start)
+    elif of_rest:
+        rest = past - r if isinstance(past, int) and isinstance(r, int) else \
+            call(operator.sub, (past, r), "split")
+    return split_len(rest, frac.numerator, frac.denominator) if isinstance(rest, int) else \
+        call(split_len, (rest, frac.numerator, frac.denominator), "split")
+
+
+def _record_shapes(graph: fx.Graph, sl: RecomputeSlice, is_complex: list) -> list:
+    """Each stored per-token input's record shape, as ints or size nodes (a complex input
+    stored as its real view: one more trailing dim of 2)."""
+    return [size_arg(graph, size, t, i) if i >= 0 else 2
+            for t, c, d in zip(sl.token_inputs, is_complex, sl.tdims)
+            for i, size in [*enumerate(record_shape(example_value(t), d)),
+                            *([(-1, 2)] if c else [])]]
+
+
+def _stored_inputs(call, sl: RecomputeSlice, links: tuple, is_complex: list, keep_x: bool):
+    """``store_tokens``' per-token arguments: the inputs this layer stores (a complex one as
+    its real view), their token dims, and the linked nodes an earlier layer stores for it (only
+    where there are some). A layer planned at ratio 0 never reads X: nothing is stored."""
+    if not keep_x:
+        return [], []
+    linked = {index for index, _, _ in links}
+    own = [i for i in range(len(sl.token_inputs)) if i not in linked]
+    stored = [call(torch.view_as_real, (sl.token_inputs[i],), "store") if is_complex[i]
+              else sl.token_inputs[i] for i in own]
+    shared = [n for link in links for n in link] if linked else []
+    return [stored, [sl.tdims[i] for i in own], *([shared] if shared else [])]
+
+
 def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio: float,
                  owned_loads: bool = False, links: tuple = (), resident: float = 0.0,
                  resident_cap: int = -1, ratio_of_rest: bool = False,
@@ -142,59 +217,24 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
     keep = rfrac > 0 and resident_cap != 0 and not windowed
     if isinstance(past, int) and past == 0:
         cpu_split = None   # an empty past: nothing for the CPU
-
-    def annotate(node, role):
-        node.meta["custom"] = _annotation(effective, layer, role)
-        if keep:
-            node.meta["custom"]["kvpr_resident"] = float(rfrac)
-            if ratio_of_rest:
-                node.meta["custom"]["kvpr_ratio_of_rest"] = True
-        if windowed:
-            node.meta["custom"]["kvpr_window"] = True
-        if cpu_split is not None:
-            node.meta["custom"]["kvpr_cpu"] = float(cpu_split.frac)
-
-    def call(target, args, role):
-        node = graph.call_function(target, args)
-        annotate(node, role)
-        return node
-
-    def items(node, count, role):
-        return [call(operator.getitem, (node, i), role) for i in range(count)]
+    emit = _Emitter(graph, layer, effective, rfrac if keep else None, ratio_of_rest, windowed,
+                    None if cpu_split is None else cpu_split.frac)
+    call, items = emit.call, emit.items
 
     # complex inputs (e.g. RoPE as a complex rotation) are stored as their real view
     is_complex = [example_value(t).is_complex() for t in sl.token_inputs]
     _, ranks, codes = record_specs([torch.view_as_real(example_value(t)) if c else example_value(t)
                                     for t, c in zip(sl.token_inputs, is_complex)])
-    keep_x = frac > 0   # a layer planned at ratio 0 never reads X: do not ship or keep it
-    linked = {index for index, _, _ in links} if keep_x else set()
-    own = [i for i in range(len(sl.token_inputs)) if i not in linked]
     with graph.inserting_before(cache_node):
-        stored = [call(torch.view_as_real, (sl.token_inputs[i],), "store") if is_complex[i]
-                  else sl.token_inputs[i] for i in own] if keep_x else []
-        if keep:
-            rule = (rfrac.numerator, rfrac.denominator, resident_cap)
-            r = resident_len(past, *rule) if isinstance(past, int) else \
-                call(resident_len, (past, *rule), "split")
-        else:
-            rule, r = (0, 1, -1), 0
+        stored = _stored_inputs(call, sl, links, is_complex, keep_x=frac > 0)
+        rule, r = _resident_prefix(call, keep, rfrac, resident_cap, past)
         base = start if windowed else r   # the first position the read covers past the resident
         if recompute:
-            rest = past
-            if windowed:
-                rest = _window_length(call, past, start)
-            elif keep and ratio_of_rest:
-                rest = past - r if isinstance(past, int) and isinstance(r, int) else \
-                    call(operator.sub, (past, r), "split")
-            l = split_len(rest, frac.numerator, frac.denominator) if isinstance(rest, int) else \
-                call(split_len, (rest, frac.numerator, frac.denominator), "split")
-            shapes = [size_arg(graph, size, t, i) if i >= 0 else 2   # 2: a complex's real view
-                      for t, c, d in zip(sl.token_inputs, is_complex, sl.tdims)
-                      for i, size in [*enumerate(record_shape(example_value(t), d)),
-                                      *([(-1, 2)] if c else [])]]
+            l = _recompute_len(call, frac, past, start, r, windowed, keep and ratio_of_rest)
             end = _add(call, base, l)
             loaded = items(call(ops.load_tokens.default,
-                                (handle, layer, end, shapes, ranks, codes, kv.device, owned_loads,
+                                (handle, layer, end, _record_shapes(graph, sl, is_complex),
+                                 ranks, codes, kv.device, owned_loads,
                                  *([base] if keep or windowed else [])),
                                 "load_tokens"), len(sl.token_inputs), "load_tokens")
         else:
@@ -215,11 +255,7 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
             k_rc, v_rc = (call(empty_past, (k_new,), "recompute"),
                           call(empty_past, (v_new,), "recompute"))
         call(ops.wait.default, ([k_ld, v_ld],), "wait")
-        shared = [n for link in links for n in link] if linked else []
-        call(ops.store_tokens.default,
-             (handle, layer, past, k_new, v_new, stored,
-              [sl.tdims[i] for i in own] if keep_x else [], *([shared] if shared else [])),
-             "store")
+        call(ops.store_tokens.default, (handle, layer, past, k_new, v_new, *stored), "store")
         tail = []
         if cpu_split is not None:
             tail = [past - cpu_from if isinstance(cpu_from, int) else
@@ -234,6 +270,6 @@ def rewrite_site(graph: fx.Graph, cache_node: fx.Node, sl: RecomputeSlice, ratio
         graph.erase_node(user)
     graph.erase_node(cache_node)
     if cpu_split is not None:
-        cpu_attention.apply(graph, cpu_split, handle, layer, cpu_from, past, annotate,
+        cpu_attention.apply(graph, cpu_split, handle, layer, cpu_from, past, emit.annotate,
                             first=start if windowed else 0)
     return effective

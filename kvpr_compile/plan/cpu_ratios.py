@@ -70,11 +70,11 @@ def choose_cpu_ratios(*, profile, num_layers: int, batch_size: int, hidden_size:
 def threads_warning(profile: HardwareProfile, rate: float | None, plan: Plan) -> str:
     """Said where a CPU share is planned from a host rate measured at another thread count
     than the worker attends with."""
-    from ..runtime.cpu_attention import worker_threads
+    from ..ops.attention import worker_threads
     measured, worker = profile.cpu_attention_threads, worker_threads()
     if rate is not None or measured is None or measured == worker or not any(plan.cpu_tokens):
         return ""
     return (f"kvpr: the CPU share is planned from profile {profile.name}'s host attention rate, "
             f"measured at {measured} torch threads, but the CPU worker attends with {worker} "
-            f"(set kvpr_compile.runtime.cpu_attention.THREADS = {measured}, or measure at "
+            f"(set kvpr_compile.ops.attention.WORKER_THREADS = {measured}, or measure at "
             f"{worker} with `kvpr profile --host`)")

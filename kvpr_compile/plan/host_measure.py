@@ -5,7 +5,7 @@ The timing itself is host_timing.py's, shared with the benchmark's bench/host_ra
 worker's own attention (runtime/cpu_attention.py) timed on token-major store rows, one decode
 query per sequence, GQA heads sharing a K,V head; a small D2H + H2D with the host waiting for
 each. This module picks the shapes and the thread count the CPU worker attends with
-(``runtime.cpu_attention.worker_threads``), and keeps, per dtype, the slowest of the shapes
+(``ops.attention.worker_threads``), and keeps, per dtype, the slowest of the shapes
 (bytes of K+V attended per second), so a plan never counts on the host's best case nor on a
 kernel the worker does not run.
 Without CUDA the round trip is not measured: it is recorded as None and the profile's notes say
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..runtime.cpu_attention import worker_threads
+from ..ops.attention import worker_threads
 from . import host_timing
 from .profile import DTYPE_KEYS, HardwareProfile
 

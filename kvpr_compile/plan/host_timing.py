@@ -23,8 +23,7 @@ import time
 
 import torch
 
-from ..ops.attention import host_partial_attention
-from ..runtime.cpu_attention import rows_as_heads
+from ..ops.attention import host_partial_attention, rows_as_heads
 
 KERNELS = ("runtime", "native")
 QUICK_SHAPES = ({"name": "toy MHA", "batch": 2, "heads": 4, "kv_heads": 4, "head_dim": 16,

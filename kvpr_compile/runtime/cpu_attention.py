@@ -24,35 +24,20 @@ merge; the query and the mask are held by the job until the worker saw ``q_ready
 """
 from __future__ import annotations
 
-import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..ops.attention import host_partial_attention, scores_fn
+from ..ops.attention import host_partial_attention, rows_as_heads, scores_fn, worker_threads
 from . import host_memory
 
-# Threads the worker's attention may use (None: half the cores, at least one).
-THREADS: int | None = None
 _PENDING: dict = {}   # id(out or lse tensor) -> (weakref to it, job, runtime)
 
 
 def store_range(store, layer: int, start: int, end: int):
     """The store's K, V [start, end) of ``layer`` as (b, kv_heads, n, d) views: no copy."""
     return rows_as_heads(store.k[layer][start:end], store.v[layer][start:end])
-
-
-def rows_as_heads(k_rows: torch.Tensor, v_rows: torch.Tensor):
-    """Token-major store rows (n, b, kv_heads, d) as the (b, kv_heads, n, d) views attention
-    reads."""
-    return k_rows.permute(1, 2, 0, 3), v_rows.permute(1, 2, 0, 3)
-
-
-def worker_threads() -> int:
-    """The torch thread count the worker attends with (``THREADS``, else half the cores): what
-    ``kvpr profile --host`` measures at by default, so the plan's host rate is the worker's."""
-    return THREADS if THREADS is not None else max(1, (os.cpu_count() or 2) // 2)
 
 
 def attend(store, layer: int, q, start: int, end: int, mask, scale: float, scores: int = -1,

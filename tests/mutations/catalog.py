@@ -348,7 +348,7 @@ BREAKAGES = (
              ("tests/test_shared_inputs.py::test_layers_with_their_own_side_inputs_keep_their_own_records",),
              "side inputs of the same shape shared although the graph computes them differently"),
     Breakage("shared-record-also-stored-per-layer", REWRITE,
-             "linked = {index for index, _, _ in links} if keep_x else set()",
+             "linked = {index for index, _, _ in links}",
              "linked = set()",
              ("tests/test_shared_inputs.py::test_shared_side_inputs_are_stored_once_and_exact[complex-rope-1.0]",),
              "linked layers store the shared records themselves (store not once)"),
