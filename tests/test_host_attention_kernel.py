@@ -86,6 +86,35 @@ def test_merge_of_a_float32_device_part_and_a_fused_host_part():
     assert (merged - full)[live].abs().max() <= OUT_TOL[torch.float16]
 
 
+@pytest.mark.parametrize("mask", ["none", "bool"])
+def test_an_empty_key_range_has_no_weight(monkeypatch, mask):
+    """No key at all (a CPU share of 0 positions): the composite's lse = -inf and out 0; the
+    fused kernel is not called (it kills the process with a floating-point exception)."""
+    def fused(*args, **kwargs):
+        raise AssertionError("the fused kernel was handed an empty key range")
+    monkeypatch.setattr(attention, "_FUSED", fused)
+    monkeypatch.setattr(attention, "_fused_state", [True])
+    q = torch.randn(2, 4, 1, 16).half()
+    k = torch.zeros(2, 2, 0, 16).half()
+    m = torch.ones(2, 1, 1, 0, dtype=torch.bool) if mask == "bool" else None
+    out, lse = host_partial_attention(q, k, k, m, 0.25)
+    assert torch.isneginf(lse).all() and torch.equal(out, torch.zeros(2, 4, 1, 16))
+
+
+def test_a_float32_mask_that_overflows_the_query_dtype_leaves_no_weight():
+    """An fp16 query with an additive float32 mask at float32's minimum: in fp16 the masked
+    entries are -inf, so a row masked everywhere has lse = -inf (weight 0 in the merge), where
+    the float32 composite gives it a weight of e^(-3.4e38), also 0."""
+    q, k, v, _ = _inputs(torch.float16, 8, 2, 1, 12, "none", 1)
+    m = torch.zeros(2, 1, 1, 12)
+    m[0] = torch.finfo(torch.float32).min
+    out, lse = host_partial_attention(q, k, v, m, 0.25)
+    assert torch.isneginf(lse[0]).all() and torch.isfinite(lse[1]).all()
+    dev = partial_attention(q.float(), k.float(), v.float(), None, 0.25)
+    merged = merge_partials(out, lse, *dev, torch.float32)
+    assert (merged[0] - dev[0][0]).abs().max() <= 1e-6   # the host part weighs nothing
+
+
 @pytest.mark.parametrize("case", ["float32", "per-score ops", "five-dim mask",
                                   "no kernel in this torch"])
 def test_the_composite_runs_where_the_fused_kernel_does_not_apply(monkeypatch, case):

@@ -12,9 +12,9 @@ The CPU part (runtime/cpu_attention.py) calls ``host_partial_attention``: on hal
 host K,V without per-score ops it is torch's fused CPU attention kernel, which reads K,V once
 in their own dtype and accumulates in float32 (the float32 composite would first write a
 float32 copy of the range, three times the memory traffic); the query heads of a GQA group
-become query rows of their K,V head (no copy of K,V); rows whose mask allows no key get
-``lse = -inf`` (the kernel says 0). Anything else, and a torch without the kernel, takes
-``partial_attention``.
+become query rows of their K,V head (no copy of K,V); rows whose mask, in q's dtype, allows no
+key get ``lse = -inf`` (the kernel says 0). An empty key range (the kernel dies on one),
+anything else, and a torch without the kernel take ``partial_attention``.
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def host_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     """``partial_attention``'s result (float32 ``out``, ``lse``) for host tensors, by the fused
     kernel where it applies (module docstring)."""
     if (scores_of is not None or extras or q.dtype not in _FUSED_DTYPES or q.device.type != "cpu"
-            or not (k.dtype == v.dtype == q.dtype) or not _fused_available()):
+            or not (k.dtype == v.dtype == q.dtype) or k.shape[2] == 0 or q.shape[2] == 0
+            or not _fused_available()):   # (the kernel dies on an empty key range)
         return partial_attention(q, k, v, mask, scale, scores_of, extras)
     b, heads, n, d = q.shape
     kv_heads = k.shape[1]
@@ -98,9 +99,10 @@ def host_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     out, lse = _FUSED(qg, k, v, 0.0, False, attn_mask=fused_mask, scale=scale)
     out = out.float().reshape(b, heads, n, v.shape[-1])
     lse = lse.float().reshape(b, heads, n)
-    if mask is not None:   # the kernel's lse of a row with no key is 0: make it -inf
-        allowed = mask if mask.dtype == torch.bool else mask > NEG_INF
-        lse = lse.masked_fill(~allowed.any(-1), NEG_INF)   # broadcast to (b, heads, n)
+    if fused_mask is not None:   # the kernel's lse of a row with no key is 0: make it -inf
+        dead = ~(fused_mask > NEG_INF).any(-1)   # as the kernel saw it (in q's dtype)
+        lse = lse.masked_fill(dead.expand(b, kv_heads, dead.shape[-1]).reshape(b, heads, n),
+                              NEG_INF)
     return out, lse
 
 
