@@ -48,6 +48,7 @@ class OffloadedKVCache(HasGeometry):
         self.reset_after_use = False   # reset() emptied a cache that held tokens (hf_checks.py)
         self._layer_names = tuple(str(i) for i in range(num_layers))
         self.windows = _windows(windows, num_layers)
+        self._store.windows = self.windows   # what a compile sees through the handle
 
     @property
     def k_cpu(self) -> list[torch.Tensor]:

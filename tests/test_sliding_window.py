@@ -325,3 +325,23 @@ def test_in_place_assemble_at_the_windows_rows(sim, monkeypatch):
     assert worst_rel_err(out.logits, ref.logits) <= TOL
     assert torch.equal(out.sequences, ref.sequences)
     assert starts and max(starts) == 20 + NEW - 2 - WINDOW + 1   # the last step's window
+
+
+def test_a_budget_places_resident_rows_only_in_the_full_attention_layers():
+    """Gemma3's layers 0 and 2 slide, layer 1 attends to everything: under a budget the LP puts
+    every resident row into layer 1 (a window's past moves, so a sliding layer keeps nothing
+    resident and rows planned there would go unused), and generate stays exact."""
+    model = build("gemma3_text")
+    ids = prompt(20)
+    ref = generate(model, ids)
+    row = 2 * 2 * 2 * 16 * 4   # one position's K,V of one layer: batch 2, 2 heads of 16, fp32
+    positions = 20 + NEW
+    budget = 3 * row * (positions + 1) + 2 * 2 * 64 * 4 * (positions + 1) + 3 * 12 * row
+    first = len(kvpr_compile.reports())
+    kvpr_compile.hf.compile(model, profile="h200-pcie5", gpu_budget_bytes=budget)
+    out = generate(model, ids, KVPRCache(model.config, 2, positions))
+    assert worst_rel_err(torch.stack(out.logits), torch.stack(ref.logits)) <= TOL
+    assert torch.equal(out.sequences, ref.sequences)
+    plans = [r.plan for r in kvpr_compile.reports()[first:] if r.plan is not None]
+    assert plans and all(p.resident_tokens[0] == p.resident_tokens[2] == 0 for p in plans)
+    assert all(p.resident_tokens[1] > 0 for p in plans), [p.resident_tokens for p in plans]

@@ -81,7 +81,7 @@ def plan_split(profile: HardwareProfile, *, num_layers: int, batch_size: int, se
                gpu_budget_bytes: float | None = None, new_tokens: int = 1,
                mlp_params: int | None = None, overlap: str = cm.DEFAULT_OVERLAP,
                cpu_attention_bytes_per_s: float | None = None,
-               cpu_round_trip_s: float | None = None) -> Plan:
+               cpu_round_trip_s: float | None = None, no_resident: tuple = ()) -> Plan:
     """Solve the LP above and return the integer plan (r_i floored, l_i and u_i rounded).
 
     gpu_budget_bytes: device memory for the KV path (staging slots, one assembled K,V,
@@ -91,8 +91,10 @@ def plan_split(profile: HardwareProfile, *, num_layers: int, batch_size: int, se
     (the paper's) or "stream" (deeper pipelining), see cost_model. cpu_attention_bytes_per_s:
     the host's attention rate (bytes of K,V per second; None: the profile's for ``dtype``, and
     no CPU share where it has none; 0: no CPU share); cpu_round_trip_s: the query/result round
-    trip (None: the profile's, else 0, noted in the plan). ValueError on invalid sizes or rates
-    or when the budget cannot hold the double-buffered working set.
+    trip (None: the profile's, else 0, noted in the plan). no_resident: the layers (0-based)
+    that can keep nothing resident (r_i = 0: a sliding window's past moves, a resident prefix
+    does not), so the budget goes to the others. ValueError on invalid sizes or rates or when
+    the budget cannot hold the double-buffered working set.
     """
     cm.check_overlap(overlap)
     _check_sizes(num_layers=num_layers, batch_size=batch_size, seq_len=seq_len,
@@ -104,13 +106,15 @@ def plan_split(profile: HardwareProfile, *, num_layers: int, batch_size: int, se
     fixed_ws = cm.working_set_bytes(c, x_tokens=0, new_tokens=new_tokens)
     _check_budget(gpu_budget_bytes, fixed_ws, seq_len + new_tokens, batch_size)
     started = time.perf_counter()
-    best = _solve(c, num_layers, overlap, gpu_budget_bytes, fixed_ws, cpu=False)
+    fixed = frozenset(no_resident)
+    best = _solve(c, num_layers, overlap, gpu_budget_bytes, fixed_ws, cpu=False, fixed=fixed)
     if rate:
         c = with_cpu_terms(c, profile, batch_size=batch_size, hidden_size=hidden_size,
                            kv_hidden_size=kv_hidden_size, dtype=dtype,
                            cpu_attention_bytes_per_s=rate, round_trip_s=trip,
                            new_tokens=new_tokens, mlp_params=mlp_params)
-        shared = _solve(c, num_layers, overlap, gpu_budget_bytes, fixed_ws, cpu=True)
+        shared = _solve(c, num_layers, overlap, gpu_budget_bytes, fixed_ws, cpu=True,
+                        fixed=fixed)
         if _step(c, shared, overlap) < _step(c, best, overlap) * (1 - MAKESPAN_SLACK):
             best = shared
         else:
@@ -149,10 +153,11 @@ def _host_terms(profile: HardwareProfile, dtype, rate, trip) -> tuple[float | No
 
 
 def _solve(c: cm.LayerCoefficients, num_layers: int, overlap: str, budget: float | None,
-           fixed_ws: float, cpu: bool) -> tuple[float, list[int], list[int], list[int]]:
+           fixed_ws: float, cpu: bool, fixed: frozenset = frozenset()
+           ) -> tuple[float, list[int], list[int], list[int]]:
     """(the LP's optimum in seconds, and its whole-token l_i, r_i, u_i) with or without a CPU
-    share."""
-    lp = _build_lp(c, num_layers, overlap, budget, fixed_ws, cpu)
+    share; the layers in ``fixed`` keep nothing resident."""
+    lp = _build_lp(c, num_layers, overlap, budget, fixed_ws, cpu, fixed)
     makespan = _solve_two_phases(lp)
     return (makespan * lp.unit, *_whole_tokens(lp, c, overlap, budget, fixed_ws))
 
@@ -189,7 +194,7 @@ def _check_budget(budget: float | None, fixed_ws: float, positions: int, batch_s
 
 
 def _build_lp(c: cm.LayerCoefficients, num_layers: int, overlap: str, budget: float | None,
-              fixed_ws: float, cpu: bool = False) -> _SplitLP:
+              fixed_ws: float, cpu: bool = False, fixed: frozenset = frozenset()) -> _SplitLP:
     """The variables and rows of the module docstring (the objective is set per phase)."""
     model = mip.Model(sense=mip.MINIMIZE, solver_name=mip.CBC)
     model.verbose = 0
@@ -200,7 +205,8 @@ def _build_lp(c: cm.LayerCoefficients, num_layers: int, overlap: str, budget: fl
     g_u, d_u, rest_u = c.recompute_s_per_token / unit, c.store_s / unit, c.attention_s / unit
     s, L = c.seq_len, num_layers
     ls = [model.add_var(f"l_{i}", lb=0.0, ub=s) for i in range(L)]
-    rs = [model.add_var(f"r_{i}", lb=0.0, ub=s if budget is not None else 0.0) for i in range(L)]
+    rs = [model.add_var(f"r_{i}", lb=0.0, ub=s if budget is not None and i not in fixed else 0.0)
+          for i in range(L)]
     fx, fc, fk, fa, fd = ([model.add_var(f"{kind}_{i}", lb=0.0) for i in range(L)]
                           for kind in ("x", "c", "k", "a", "d"))
     us = [model.add_var(f"u_{i}", lb=1.0, ub=s) for i in range(L)] if cpu else []

@@ -70,19 +70,22 @@ def choose_ratios(*, profile, overlap: str = cm.DEFAULT_OVERLAP, num_layers: int
 def choose_placement(*, profile, overlap: str = cm.DEFAULT_OVERLAP, num_layers: int,
                      batch_size: int, seq_len: int, hidden_size: int, kv_hidden_size: int,
                      dtype: torch.dtype | str, gpu_budget_bytes: float, device=None,
-                     cpu_attention_bytes_per_s: float | None = None) -> tuple[Plan, str]:
+                     cpu_attention_bytes_per_s: float | None = None,
+                     no_resident: tuple = ()) -> tuple[Plan, str]:
     """The backend's entry when a budget decides what is resident and the split is planned:
     the LP solved at the cache's full length ``seq_len`` under ``gpu_budget_bytes`` (device
     bytes for the load slots, X slots and resident rows), choosing r_i with l_i per layer.
     With a host attention rate (the profile's; ``cpu_attention_bytes_per_s`` overrides it, 0:
-    none) it places a CPU share u_i too. Returns the Plan and where it comes from (as
-    choose_ratios)."""
+    none) it places a CPU share u_i too; ``no_resident``: the layers (0-based, in the plan's
+    order) that keep nothing resident (sliding windows). Returns the Plan and where it comes
+    from (as choose_ratios)."""
     cm.check_overlap(overlap)
     resolved = resolve_profile(profile, device=device)
     plan = plan_split(resolved, num_layers=num_layers, batch_size=batch_size, seq_len=seq_len,
                       hidden_size=hidden_size, kv_hidden_size=kv_hidden_size, dtype=dtype,
                       gpu_budget_bytes=float(gpu_budget_bytes), overlap=overlap,
-                      cpu_attention_bytes_per_s=cpu_attention_bytes_per_s)
+                      cpu_attention_bytes_per_s=cpu_attention_bytes_per_s,
+                      no_resident=tuple(no_resident))
     label = "preset" if resolved.source.startswith("preset: ") else resolved.source
     return plan, (f"profile {resolved.name} ({label}), {overlap} overlap, placed under a "
                   f"budget of {gpu_budget_bytes / 2**20:.1f} MiB at s={seq_len}")

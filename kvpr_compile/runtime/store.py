@@ -46,6 +46,7 @@ class KVStore(HasGeometry):
         self.resident = ResidentRows(geometry.num_layers)
         self._changes = 0   # changes made outside both halves (see ``writes``)
         self.checked_write = self.checked_read = None   # geometry last accepted (checks.py)
+        self.windows: tuple = ()   # per layer, the cache's sliding window (0: none; cache.py)
         self.parts: list[KVStore] | None = None   # micro-batch stores while split
         self.part_of: tuple | None = None   # a part: (weakref to its whole store, its index)
         self.uid, self.handle = handles.register(self)   # the store keeps its handle alive

@@ -22,7 +22,7 @@ from ..ops.nodes import args_of
 from ..plan.resolve import ENV_PROFILE
 from .compilation import Compilation
 from .dims import graph_dims
-from .residency import budget_context, planned_rule, resident_rule
+from .residency import budget_context, planned_rule, resident_rule, store_of
 from .throughput_plan import plan_columns
 
 
@@ -93,6 +93,18 @@ def _plan_with_cpu(c: Compilation, layers: list[int]) -> None:
         rep.warn_once(split.warning)
 
 
+def _sliding(c: Compilation, layers: list[int]) -> tuple[int, ...]:
+    """The positions in ``layers`` of the sliding-window layers, by the graph (a read that
+    starts past 0) or by the example call's cache (its windows: a prefill's reads all start at
+    0): the rewrite keeps nothing of a window resident, so the LP must not place rows there."""
+    windowed = {args_of(node).layer for node in c.slices
+                if not (isinstance(args_of(node).start, int) and args_of(node).start == 0)}
+    store = store_of(c, next(iter(c.slices)))
+    windows = getattr(store, "windows", ()) if store is not None else ()
+    windowed |= {layer for layer, w in enumerate(windows) if w}
+    return tuple(i for i, layer in enumerate(layers) if layer in windowed)
+
+
 def _warn_threads(o, d, planned) -> None:
     from ..plan.cpu_ratios import threads_warning
     from ..plan.resolve import resolve_profile
@@ -123,7 +135,8 @@ def _place(c: Compilation, layers: list[int], ctx) -> None:
         profile=o.profile, overlap=o.overlap, num_layers=len(layers), batch_size=d.batch_size,
         seq_len=ctx.max_seq_len, hidden_size=d.hidden_size, kv_hidden_size=d.kv_hidden_size,
         dtype=d.dtype, gpu_budget_bytes=ctx.budget, device=d.device,
-        cpu_attention_bytes_per_s=None if o.cpu_ratio is None else 0.0)
+        cpu_attention_bytes_per_s=None if o.cpu_ratio is None else 0.0,
+        no_resident=_sliding(c, layers))
     c.ratios, c.resident = planned_rule(layers, planned)
     if o.cpu_ratio is None:   # the LP's own CPU share, a share of the whole past
         c.cpu = {layer: u for layer, u in zip(layers, planned.cpu_ratios) if u > 0}

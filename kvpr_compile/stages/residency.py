@@ -64,7 +64,7 @@ def handle_index(c: Compilation, cache_node) -> int | None:
     return None
 
 
-def _store_of(c: Compilation, cache_node):
+def store_of(c: Compilation, cache_node):
     """The example call's cache store, when its handle is a graph input."""
     index = handle_index(c, cache_node)
     if index is not None:
@@ -116,7 +116,7 @@ def budget_context(c: Compilation, recompute: bool) -> BudgetContext | None:
         budget = auto_budget(k.device)
     if budget is None:
         return None
-    store = _store_of(c, node)
+    store = store_of(c, node)
     b, kv_heads, _, d = (hint(s) for s in k.shape)
     if store is not None:
         positions = store.max_seq_len
