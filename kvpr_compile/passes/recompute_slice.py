@@ -169,47 +169,15 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
     if xv is None or xv.dim() != 3 or not same(xv.shape[0], b) or not same(xv.shape[1], n):
         raise Unsupported(f"projection input {x.name} is not (batch, tokens, hidden) "
                           f"(got {None if xv is None else tuple(xv.shape)})")
-    # The slice is below X and above K or V. Every path from X to K/V lies between them in graph
-    # order, so both walks stay in that range: the work per site is the size of the layer's
-    # region, not of the graph (whole-graph walks per site made compiling quadratic in layers).
     order = nxg.graph.get("order") or {nd: i for i, nd in enumerate(x.graph.nodes)}
-    lo, hi = order[x], max(order[k_new], order[v_new])
-    below_x = reachable(nxg, x, between(nxg, lo, hi), hi - lo)
-    if k_new not in below_x or v_new not in below_x:
-        raise Unsupported(f"K is not computed from the V projection's input {x.name}")
-    members = {k_new, v_new}
-    for out in (k_new, v_new):
-        members |= reachable(nxg, out, below_x.__contains__, hi - lo, reverse=True)
+    members = _members(nxg, x, k_new, v_new, order)
     nodes = sorted(members, key=order.__getitem__)
     for nd in nodes:
-        bad = (nd.op not in ("call_function", "call_method") or is_cache_update(nd) or is_sdpa(nd)
-               or (nd.op == "call_method" and nd.target.endswith("_")
-                   and not nd.target.startswith("_"))
-               or str(getattr(nd.target, "namespace", "")) == "kvpr")
-        if bad:
-            raise Unsupported(f"recompute slice contains {nd.op} {nd.target} ({nd.name})")
-        if _random(nd):
-            raise Unsupported(f"recompute slice draws random numbers ({nd.name}): recomputing "
-                              "would not reproduce the stored K/V")
-
-    sides, consts = [], []
-    for nd in nodes:
-        for inp in nd.all_input_nodes:
-            if inp in members or inp is x or inp in sides or inp in consts:
-                continue
-            if not _carries_tensor(inp) and not _is_shape_value(example_value(inp)):
-                raise Unsupported(f"recompute slice reads {inp.name}, neither a tensor nor a size")
-            (consts if inp in params or not is_tensor_node(inp) else sides).append(inp)
+        _check_member(nd)
+    sides, consts = _inputs(nodes, members, x, params)
     single = isinstance(n, int) and n == 1
     traced = token_dims([k_new, v_new], members | set(sides) | set(consts), order)
-    # A value computed from parameters alone that lines up with K's token axis is a position
-    # table sliced with Python ints (``freqs_cis[start:start + n]``): constant in this graph,
-    # per-token in the next one. Stored per token like any side input, so that every graph of
-    # the program keeps the same records (and a decode graph specialised on one position
-    # still recomputes other positions with their own values).
-    for c in [c for c in consts if c in traced and c.op != "placeholder" and is_tensor_node(c)]:
-        consts.remove(c)
-        sides.append(c)
+    _per_token_tables(sides, consts, traced)
     # Records are matched across graphs (prefill stores, decode loads) by position: order them
     # by how they are made and used, not by where the tracer happened to put them.
     sides.sort(key=lambda sd: (_signature(sd, members), order[sd]))
@@ -220,15 +188,73 @@ def extract_slice(nxg: nx.DiGraph, cache_node: fx.Node, params: set) -> Recomput
     elif isinstance(update.pos, int) and update.pos == 0:
         sl.past_note = "multi-token graph on an empty past: stores X, nothing to recompute"
     else:   # chunked prefill, speculative verification, a chat's next turn: recompute the past
-        try:
-            _batch(sl, one_token_slice(sl, n, traced, k_new, v_new))
-            check_batched(sl.module, sl, kv)
-            sl.past_note = "multi-token graph: recomputes K,V[:l] of the past"
-        except Exception as err:  # noqa: BLE001 - any failure keeps the exact whole-past load
-            sl.module, sl.narrowed = None, False
-            why = err if isinstance(err, Unsupported) else f"{type(err).__name__}: {err}"
-            sl.past_note = f"multi-token graph: stores X, loads the whole past ({why})"
+        _batch_past(sl, n, traced, k_new, v_new, kv)
     return sl
+
+
+def _members(nxg: nx.DiGraph, x: fx.Node, k_new: fx.Node, v_new: fx.Node, order: dict) -> set:
+    """The nodes below X and above K or V. Every path from X to K/V lies between them in graph
+    order, so both walks stay in that range: the work per site is the size of the layer's
+    region, not of the graph (whole-graph walks per site made compiling quadratic in layers)."""
+    lo, hi = order[x], max(order[k_new], order[v_new])
+    below_x = reachable(nxg, x, between(nxg, lo, hi), hi - lo)
+    if k_new not in below_x or v_new not in below_x:
+        raise Unsupported(f"K is not computed from the V projection's input {x.name}")
+    members = {k_new, v_new}
+    for out in (k_new, v_new):
+        members |= reachable(nxg, out, below_x.__contains__, hi - lo, reverse=True)
+    return members
+
+
+def _check_member(nd: fx.Node) -> None:
+    """Unsupported where recomputing ``nd`` would not reproduce it (or it is not an op)."""
+    bad = (nd.op not in ("call_function", "call_method") or is_cache_update(nd) or is_sdpa(nd)
+           or (nd.op == "call_method" and nd.target.endswith("_")
+               and not nd.target.startswith("_"))
+           or str(getattr(nd.target, "namespace", "")) == "kvpr")
+    if bad:
+        raise Unsupported(f"recompute slice contains {nd.op} {nd.target} ({nd.name})")
+    if _random(nd):
+        raise Unsupported(f"recompute slice draws random numbers ({nd.name}): recomputing "
+                          "would not reproduce the stored K/V")
+
+
+def _inputs(nodes: list, members: set, x: fx.Node, params: set) -> tuple[list, list]:
+    """(side inputs, constants) the slice reads besides X: parameters and non-tensors are
+    constants, other tensors are per-token side inputs (RoPE's cos/sin)."""
+    sides, consts = [], []
+    for nd in nodes:
+        for inp in nd.all_input_nodes:
+            if inp in members or inp is x or inp in sides or inp in consts:
+                continue
+            if not _carries_tensor(inp) and not _is_shape_value(example_value(inp)):
+                raise Unsupported(f"recompute slice reads {inp.name}, neither a tensor nor a size")
+            (consts if inp in params or not is_tensor_node(inp) else sides).append(inp)
+    return sides, consts
+
+
+def _per_token_tables(sides: list, consts: list, traced) -> None:
+    """A value computed from parameters alone that lines up with K's token axis is a position
+    table sliced with Python ints (``freqs_cis[start:start + n]``): constant in this graph,
+    per-token in the next one. Moved to the side inputs, stored per token like any, so that
+    every graph of the program keeps the same records (and a decode graph specialised on one
+    position still recomputes other positions with their own values)."""
+    for c in [c for c in consts if c in traced and c.op != "placeholder" and is_tensor_node(c)]:
+        consts.remove(c)
+        sides.append(c)
+
+
+def _batch_past(sl: RecomputeSlice, n, traced, k_new: fx.Node, v_new: fx.Node, kv) -> None:
+    """A graph that adds several tokens on a past: the slice specialised to one token; where
+    that fails, the exact whole-past load (``sl.module`` None) and the note says why."""
+    try:
+        _batch(sl, one_token_slice(sl, n, traced, k_new, v_new))
+        check_batched(sl.module, sl, kv)
+        sl.past_note = "multi-token graph: recomputes K,V[:l] of the past"
+    except Exception as err:  # noqa: BLE001 - any failure keeps the exact whole-past load
+        sl.module, sl.narrowed = None, False
+        why = err if isinstance(err, Unsupported) else f"{type(err).__name__}: {err}"
+        sl.past_note = f"multi-token graph: stores X, loads the whole past ({why})"
 
 
 def _batch(sl: RecomputeSlice, per_token: fx.GraphModule) -> None:
