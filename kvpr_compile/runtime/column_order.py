@@ -142,60 +142,78 @@ def segments(gm: fx.GraphModule) -> tuple[list[Segment], list[fx.Node], fx.Node,
             last_use[src] = max(last_use.get(src, -1), seg_of[node])
     for src in out_node.all_input_nodes:
         last_use[src] = len(groups)   # kept to the end
-    out = []
-    for s, group in enumerate(groups):
-        hooks_before, hooks_after, kept, released = [], [], [], False
-        for node in group:
-            if node.target in READY:
-                if released:
-                    raise Unsupported(f"{node.name}: a layer's weights are made ready after "
-                                      "another layer's release in one segment")
-                hooks_before.append(node)
-            elif node.target in RELEASE:
-                released = True
-                hooks_after.append(node)
-            else:
-                kept.append(node)
-        loads = _loads(kept, seg_of, s)
-        prefetch, pre_inputs, pre_outputs = None, [], []
-        if any(n.target is not operator.getitem for n in loads):
-            pre_graph, pre_env = fx.Graph(), {}
-            for node in kept:
-                if node not in loads:
-                    continue
-                for src in node.all_input_nodes:
-                    if src not in loads and src not in pre_env:
-                        pre_env[src] = pre_graph.placeholder(src.name)
-                        pre_inputs.append(src)
-                pre_env[node] = pre_graph.node_copy(node, lambda n: pre_env[n])
-            pre_outputs = [n for n in kept if n in loads
-                           and (last_use.get(n, -1) > s or any(u not in loads for u in n.users))]
-            pre_graph.output(tuple(pre_env[n] for n in pre_outputs))
-            prefetch = fx.GraphModule(gm, pre_graph)
-            kept = [n for n in kept if n not in loads]
-        graph, env, inputs = fx.Graph(), {}, []
-
-        def value(src):
-            if src not in env:
-                env[src] = graph.placeholder(src.name)
-                inputs.append(src)
-            return env[src]
-
-        for hook in hooks_before + hooks_after:
-            for src in hook.all_input_nodes:   # the hooks' arguments, read from micro-batch 0
-                if seg_of[src] == s:
-                    raise Unsupported(f"{hook.name} reads {src.name}, computed in its own segment")
-        for node in kept:
-            for src in node.all_input_nodes:
-                if seg_of[src] != s or src in loads:
-                    value(src)
-            env[node] = graph.node_copy(node, lambda n: env[n])
-        outputs = [n for n in kept if last_use.get(n, -1) > s]
-        graph.output(tuple(env[n] for n in outputs))
-        module = fx.GraphModule(gm, graph)
-        drop = [n for n, last in last_use.items() if last == s and seg_of[n] <= s]
-        out.append(Segment(module, inputs, outputs,
-                           [(h.target, h.args) for h in hooks_before],
-                           [(h.target, h.args) for h in hooks_after], drop,
-                           prefetch, pre_inputs, pre_outputs))
+    out = [_segment(gm, s, group, seg_of, last_use) for s, group in enumerate(groups)]
     return out, placeholders, out_node, rule
+
+
+def _hooks(group: list) -> tuple[list, list, list]:
+    """(weight-ready hooks, weight-release hooks, the rest) of one segment's nodes."""
+    hooks_before, hooks_after, kept, released = [], [], [], False
+    for node in group:
+        if node.target in READY:
+            if released:
+                raise Unsupported(f"{node.name}: a layer's weights are made ready after "
+                                  "another layer's release in one segment")
+            hooks_before.append(node)
+        elif node.target in RELEASE:
+            released = True
+            hooks_after.append(node)
+        else:
+            kept.append(node)
+    return hooks_before, hooks_after, kept
+
+
+def _prefetch(gm, kept: list, loads: list, last_use: dict, s: int):
+    """(module, inputs, outputs) of the segment's loads, run ahead for the next micro-batch
+    (None, [], [] where the segment loads nothing but getitems)."""
+    if not any(n.target is not operator.getitem for n in loads):
+        return None, [], []
+    pre_graph, pre_env, pre_inputs = fx.Graph(), {}, []
+    for node in kept:
+        if node not in loads:
+            continue
+        for src in node.all_input_nodes:
+            if src not in loads and src not in pre_env:
+                pre_env[src] = pre_graph.placeholder(src.name)
+                pre_inputs.append(src)
+        pre_env[node] = pre_graph.node_copy(node, lambda n: pre_env[n])
+    pre_outputs = [n for n in kept if n in loads
+                   and (last_use.get(n, -1) > s or any(u not in loads for u in n.users))]
+    pre_graph.output(tuple(pre_env[n] for n in pre_outputs))
+    return fx.GraphModule(gm, pre_graph), pre_inputs, pre_outputs
+
+
+def _segment(gm, s: int, group: list, seg_of: dict, last_use: dict) -> Segment:
+    """Segment ``s`` of ``group``'s nodes: its module, what it reads and keeps, its hooks, the
+    values it drops, its prefetch."""
+    hooks_before, hooks_after, kept = _hooks(group)
+    loads = _loads(kept, seg_of, s)
+    prefetch, pre_inputs, pre_outputs = _prefetch(gm, kept, loads, last_use, s)
+    if prefetch is not None:
+        kept = [n for n in kept if n not in loads]
+    graph, env, inputs = fx.Graph(), {}, []
+
+    def value(src):
+        if src not in env:
+            env[src] = graph.placeholder(src.name)
+            inputs.append(src)
+        return env[src]
+
+    for hook in hooks_before + hooks_after:
+        for src in hook.all_input_nodes:   # the hooks' arguments, read from micro-batch 0
+            if seg_of[src] == s:
+                raise Unsupported(f"{hook.name} reads {src.name}, computed in its own segment")
+    for node in kept:
+        for src in node.all_input_nodes:
+            if seg_of[src] != s or src in loads:
+                value(src)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    outputs = [n for n in kept if last_use.get(n, -1) > s]
+    graph.output(tuple(env[n] for n in outputs))
+    module = fx.GraphModule(gm, graph)
+    drop = [n for n, last in last_use.items() if last == s and seg_of[n] <= s]
+    return Segment(module, inputs, outputs,
+                   [(h.target, h.args) for h in hooks_before],
+                   [(h.target, h.args) for h in hooks_after], drop,
+                   prefetch, pre_inputs, pre_outputs)
+
