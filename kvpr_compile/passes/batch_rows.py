@@ -138,6 +138,22 @@ def _writes_shared_input(node: fx.Node, roles: dict) -> bool:
 def analyse(graph: fx.Graph) -> BatchRows:
     """The roles of ``graph``'s inputs and outputs under the throughput schedule (see the module
     docstring), or ``Unsupported`` with the reason."""
+    sym, batch = _batch_symbol(graph)
+    roles = _input_roles(graph, sym)
+    inputs = list(roles.values())
+    if "rows" not in inputs and "batch" not in inputs:
+        raise Unsupported("no input carries the batch")
+    numbered = _check_ops(graph, sym, roles)
+    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outputs = [_output_role(leaf, sym, numbered)
+               for leaf in torch.utils._pytree.tree_leaves(out_node.args[0])
+               if isinstance(leaf, fx.Node)]
+    return BatchRows(sym, inputs, outputs, int(batch.node.hint))
+
+
+def _batch_symbol(graph: fx.Graph):
+    """(Dynamo's symbol of the batch, the batch SymInt) every cache read agrees on; the batch
+    must be dynamic and its own symbol."""
     sites = [n for n in graph.nodes if is_cache_update(n)]
     if not sites:
         raise Unsupported("no cache read to split by rows")
@@ -156,8 +172,13 @@ def analyse(graph: fx.Graph) -> BatchRows:
         if sym in _symbols(args_of(n).pos):
             raise Unsupported(f"the batch size and the cached length share Dynamo's symbol {sym} "
                               "(duck sizing: equal example values); rows cannot be told apart")
+    return sym, batch
+
+
+def _input_roles(graph: fx.Graph, sym) -> dict:
+    """placeholder -> "batch" (the batch size itself), "rows" (the batch alone on dim 0) or
+    "shared"."""
     roles: dict = {}
-    inputs = []
     for node in graph.nodes:
         if node.op != "placeholder":
             continue
@@ -175,10 +196,13 @@ def analyse(graph: fx.Graph) -> BatchRows:
         else:
             role = "shared"
         roles[node] = role
-        inputs.append(role)
-    if "rows" not in inputs and "batch" not in inputs:
-        raise Unsupported("no input carries the batch")
-    numbered: set = set()   # row-number tensors (row_numbers.py)
+    return roles
+
+
+def _check_ops(graph: fx.Graph, sym, roles: dict) -> set:
+    """Unsupported where an op mixes rows or writes a shared input; returns the row-number
+    tensors (row_numbers.py)."""
+    numbered: set = set()
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
@@ -190,23 +214,22 @@ def analyse(graph: fx.Graph) -> BatchRows:
         why = batch_values.check(node, sym) or _mixes_rows(node, sym)
         if why:
             raise Unsupported(f"{node.name} ({_name(node)}) {why}")
-    outputs = []
-    out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
-    for leaf in torch.utils._pytree.tree_leaves(out_node.args[0]):
-        if not isinstance(leaf, fx.Node):
-            continue
-        if leaf in numbered:
-            raise Unsupported(f"output {leaf.name} is the row numbers arange(batch): a "
-                              "micro-batch numbers its rows from 0")
-        value = example_value(leaf)
-        dims = _shape_symbols(value)
-        if isinstance(value, torch.Tensor) and any(sym in s for s in dims):
-            if any(sym in s for s in dims[1:]) or value.shape[0].node.expr != sym:
-                raise Unsupported(f"output {leaf.name} {tuple(value.shape)} has the batch "
-                                  "elsewhere than alone on dim 0")
-            outputs.append("rows")
-        elif sym in _symbols(value):
-            raise Unsupported(f"output {leaf.name} is computed from the batch size ({value})")
-        else:
-            outputs.append("shared")
-    return BatchRows(sym, inputs, outputs, int(batch.node.hint))
+    return numbered
+
+
+def _output_role(leaf: fx.Node, sym, numbered: set) -> str:
+    """"rows" (the batch alone on dim 0) or "shared", for one output of the graph."""
+    if leaf in numbered:
+        raise Unsupported(f"output {leaf.name} is the row numbers arange(batch): a "
+                          "micro-batch numbers its rows from 0")
+    value = example_value(leaf)
+    dims = _shape_symbols(value)
+    if isinstance(value, torch.Tensor) and any(sym in s for s in dims):
+        if any(sym in s for s in dims[1:]) or value.shape[0].node.expr != sym:
+            raise Unsupported(f"output {leaf.name} {tuple(value.shape)} has the batch "
+                              "elsewhere than alone on dim 0")
+        return "rows"
+    if sym in _symbols(value):
+        raise Unsupported(f"output {leaf.name} is computed from the batch size ({value})")
+    return "shared"
+
