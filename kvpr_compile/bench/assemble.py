@@ -88,20 +88,7 @@ def build_row(case: dict, profile: dict, collected: dict) -> dict:
     past = ys.median_past(case["prompt"], case["steps"])
     kv_link = ys.kv_link_ms(dims, past, rates)
     hf_bound = ys.hf_bound_ms(dims, past, rates)
-    contenders, absent, raw = {}, {}, {}
-    for name, runs in results.items():
-        stats = summarize(runs)
-        if stats is None:
-            absent[name] = "; ".join(sorted({r.get("reason", "") for r in runs})) or "no result"
-            continue
-        first = next(r for r in runs if r.get("status") == "ok")
-        raw[name] = first
-        stats["order"] = plan[0].index(name) + 1 if name in plan[0] else 0
-        stats["rounds"] = [{"round": r.get("round"), "order": r.get("order"),
-                            "status": r.get("status"), "pid": r.get("pid"),
-                            "counters_grown": r.get("counters", {}).get("grown", [])}
-                           for r in runs]
-        contenders[name] = stats
+    contenders, absent, raw = _collect(results, plan)
     ref_name = next((n for n in ct.RESIDENTS if n in raw and raw[n].get("tokens")), None)
     ref = raw[ref_name] if ref_name else None
     explained = fl.explained_agreement(ref.get("first_ties") or [], len(ref["tokens"][0])) \
@@ -116,17 +103,7 @@ def build_row(case: dict, profile: dict, collected: dict) -> dict:
         c["token_agreement"] = agreement(tokens, ref["tokens"]) if ref else None
         c["explained_agreement"] = explained
         if name in ct.OFFLOADED:
-            own = raw[name].get("split") if name in (ct.KVPR, ct.KVPR_GENERATE, ct.KVPR_CPU) \
-                else None
-            moved = step_h2d_bytes(own, past, batch=dims.batch, hidden=dims.hidden,
-                                   kv_hidden=dims.kv_hidden, elem_bytes=dims.elem_bytes,
-                                   cpu_ratios=raw[name].get("cpu_split") or ()) \
-                if own else full_kv
-            c["h2d_bytes_per_step"] = moved
-            c["floor_ms"] = ys.floor_ms(moved, rates)
-            if own:   # the split this contender ran (and its CPU share, where it had one)
-                c["split"] = list(own)
-                c["cpu_split"] = list(raw[name].get("cpu_split") or [])
+            _offloaded_bytes(c, name, raw[name], dims, past, rates, full_kv)
         if name in ct.RESIDENT_SHARES:
             _share_yardsticks(c, ct.RESIDENT_SHARES[name], dims, past, rates, resident_ms)
         if name in ct.COUNTED:
@@ -154,6 +131,40 @@ def build_row(case: dict, profile: dict, collected: dict) -> dict:
            "contenders": contenders, "absent": absent, "orders": plan}
     row["headline"] = headline(row, resident_ms)
     return row
+
+
+def _collect(results: dict, plan: list) -> tuple[dict, dict, dict]:
+    """(contender -> its summarised numbers with order and rounds, absent -> why, contender ->
+    its first good raw result) of one case's runs."""
+    contenders, absent, raw = {}, {}, {}
+    for name, runs in results.items():
+        stats = summarize(runs)
+        if stats is None:
+            absent[name] = "; ".join(sorted({r.get("reason", "") for r in runs})) or "no result"
+            continue
+        raw[name] = next(r for r in runs if r.get("status") == "ok")
+        stats["order"] = plan[0].index(name) + 1 if name in plan[0] else 0
+        stats["rounds"] = [{"round": r.get("round"), "order": r.get("order"),
+                            "status": r.get("status"), "pid": r.get("pid"),
+                            "counters_grown": r.get("counters", {}).get("grown", [])}
+                           for r in runs]
+        contenders[name] = stats
+    return contenders, absent, raw
+
+
+def _offloaded_bytes(c: dict, name: str, raw: dict, dims: ys.Dims, past: int, rates: ys.Rates,
+                     full_kv: float) -> None:
+    """An offloaded contender's H2D bytes per step and their floor over the measured link: the
+    split it ran (its CPU share's rows left out) for kvpr, the full K,V for the others."""
+    own = raw.get("split") if name in (ct.KVPR, ct.KVPR_GENERATE, ct.KVPR_CPU) else None
+    moved = step_h2d_bytes(own, past, batch=dims.batch, hidden=dims.hidden,
+                           kv_hidden=dims.kv_hidden, elem_bytes=dims.elem_bytes,
+                           cpu_ratios=raw.get("cpu_split") or ()) if own else full_kv
+    c["h2d_bytes_per_step"] = moved
+    c["floor_ms"] = ys.floor_ms(moved, rates)
+    if own:   # the split this contender ran (and its CPU share, where it had one)
+        c["split"] = list(own)
+        c["cpu_split"] = list(raw.get("cpu_split") or [])
 
 
 def trace_summary(trace: dict) -> dict:
