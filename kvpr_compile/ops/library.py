@@ -131,15 +131,18 @@ def prefetch_next(handle: Tensor, layer: int, past: int, new: int, num: int, den
                   shapes: list[int], ranks: list[int], dtypes: list[int], batch: int, heads: int,
                   head_dim: int, dtype: torch.dtype, device: torch.device, resident_num: int = 0,
                   resident_den: int = 1, resident_cap: int = -1,
-                  ratio_of_rest: bool = False) -> None:
+                  ratio_of_rest: bool = False, cpu_num: int = 0, cpu_den: int = 1) -> None:
     """The resident rule (``resident_num/den``, ``cap``) and ``ratio_of_rest`` as the layer's
-    assemble and loads have them: the next call's loads start after its resident prefix."""
+    assemble and loads have them: the next call's loads start after its resident prefix; the
+    CPU share ``cpu_num/cpu_den`` (0: none) as its loads have it: they stop where the CPU's
+    range starts."""
     _unimplemented("prefetch_next")
 
 
 @prefetch_next.register_fake
 def _(handle, layer, past, new, num, den, shapes, ranks, dtypes, batch, heads, head_dim, dtype,
-      device, resident_num=0, resident_den=1, resident_cap=-1, ratio_of_rest=False):
+      device, resident_num=0, resident_den=1, resident_cap=-1, ratio_of_rest=False, cpu_num=0,
+      cpu_den=1):
     return None
 
 

@@ -109,6 +109,8 @@ class PrefetchNext(NamedTuple):
     resident_den: Any = 1
     resident_cap: Any = -1
     ratio_of_rest: Any = False
+    cpu_num: Any = 0
+    cpu_den: Any = 1
 
     def residency(self) -> tuple:
         """(num, den, cap, of_rest): the resident rule of the next call's first layer."""

@@ -17,17 +17,18 @@ move; a load group whose inputs are not all defined before the new position stay
 site's assemble, by one ``kvpr.prefetch_next`` with the first site's own load arguments; the
 runtime decides whether the next call uses them (runtime/next_call.py). Latency schedule only
 (the column runner issues its loads itself), not for loads into owned tensors (inductor), and not
-for a graph whose first site reads a sliding window or has a CPU share (``prefetch_next`` knows
-no window start and no CPU range). A first site with a resident prefix passes its rule (the
-assemble's, and ``kvpr_ratio_of_rest`` from the loads): the next call's loads start after that
-call's resident prefix.
+for a graph whose first site reads a sliding window (``prefetch_next`` knows no window start). A
+first site with a resident prefix passes its rule (the assemble's, and ``kvpr_ratio_of_rest``
+from the loads): the next call's loads start after that call's resident prefix. A first site
+with a CPU share passes it (from its K,V load's end, a ``cpu_start`` of the past): the next
+call's K,V load stops where that call's CPU range starts.
 """
 from __future__ import annotations
 
 from torch import fx
 
 from ..ops.nodes import ASSEMBLE, LOAD_KV, LOAD_ROLES, LOAD_TOKENS, PREFETCH_NEXT, args_of
-from ..ops.split import ratio_fraction, split_len
+from ..ops.split import cpu_start, ratio_fraction, split_len
 from .graph_utils import example_value, size_arg
 
 
@@ -86,6 +87,18 @@ def hoist_loads(graph: fx.Graph, distance: int = 1) -> int:
     return moved
 
 
+def _cpu_rule(kv_end, assemble, share: float) -> tuple:
+    """(the site's past, (num, den) of its CPU share) from its K,V load's end: a ``cpu_start``
+    node (past, num, den, taken, first) on a symbolic past, else the ints end and the assemble's
+    ``cpu_len``; (None, ()) where neither is there."""
+    if isinstance(kv_end, fx.Node) and kv_end.target is cpu_start and kv_end.args[4] == 0:
+        return kv_end.args[0], (kv_end.args[1], kv_end.args[2])
+    if isinstance(kv_end, int) and isinstance(assemble.cpu_len, int):
+        frac = ratio_fraction(share)
+        return kv_end + assemble.cpu_len, (frac.numerator, frac.denominator)
+    return None, ()
+
+
 def prefetch_next_call(graph: fx.Graph) -> bool:
     """Ask for the first site's loads of the next call after the last site's assemble (see the
     module docstring). Returns whether the step was added; idempotent; leaves the graph linted."""
@@ -98,17 +111,22 @@ def prefetch_next_call(graph: fx.Graph) -> bool:
     load = None if kv is None else args_of(kv)
     if load is None or load.owned:   # owned loads: inductor runs the graph
         return False
-    if _custom(kv).get("kvpr_window") or _custom(kv).get("kvpr_cpu"):
-        return False   # prefetch_next knows no window start and no CPU range
+    if _custom(kv).get("kvpr_window"):
+        return False   # prefetch_next knows no window start
     handle, layer, l, past = load.handle, load.layer, load.start, load.end
     resident = args_of(first)
+    cpu = ()
+    if _custom(kv).get("kvpr_cpu"):   # the loads stop where the CPU's range starts
+        past, cpu = _cpu_rule(load.end, resident, _custom(kv)["kvpr_cpu"])
+        if past is None:
+            return False
     residency = ((resident.resident_num, resident.resident_den, resident.resident_cap,
                   bool(_custom(kv).get("kvpr_ratio_of_rest")))
-                 if resident.resident_num else ())
+                 if resident.resident_num else (0, 1, -1, False) if cpu else ())
     if tokens is None:
         num, den, specs = 0, 1, ([], [], [])
     else:
-        if isinstance(l, fx.Node) and l.target is split_len and not residency:
+        if isinstance(l, fx.Node) and l.target is split_len and not resident.resident_num:
             num, den = l.args[1], l.args[2]
         else:   # a static past: l is an int, the ratio is the site's
             frac = ratio_fraction(_custom(kv)["kvpr_ratio"])
@@ -120,7 +138,8 @@ def prefetch_next_call(graph: fx.Graph) -> bool:
         new = size_arg(graph, example_value(k_new).shape[2], k_new, 2)
         node = graph.call_function(PREFETCH_NEXT, (handle, layer, past, new, num, den, *specs,
                                                    load.batch, load.heads, load.head_dim,
-                                                   load.dtype, load.device, *residency))
+                                                   load.dtype, load.device, *residency,
+                                                   *cpu))
     node.meta["custom"] = {**_custom(kv), "kvpr_role": "prefetch_next"}
     graph.lint()
     return True

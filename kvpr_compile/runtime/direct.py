@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.split import resident_len, split_len
+from ..ops.split import cpu_start, resident_len, split_len
 from . import cpu_attention, cuda_runtime
 from .checks import check_read, check_token_read, check_write
 from .cpu_attention import cpu_gap
@@ -196,17 +196,21 @@ def stream_assemble(store: KVStore, layer: int, k_rec, v_rec, k_load, v_load, k_
 
 def stream_prefetch_next(store: KVStore, layer: int, past: int, new: int, num: int, den: int, specs,
                          batch: int, heads: int, head_dim: int, dtype, device,
-                         residency=(0, 1, -1, False)) -> None:
+                         residency=(0, 1, -1, False), cpu=(0, 1)) -> None:
     """The next call's loads of ``layer``: its past is this one's plus the ``new`` tokens, split at
     ``num/den`` as the rewrite splits it (``num`` 0: no records loaded) after the resident prefix
-    of ``residency`` = (num, den, cap, ratio_of_rest) (``num`` 0: none). The CPU has nothing to
+    of ``residency`` = (num, den, cap, ratio_of_rest) (``num`` 0: none), its K,V load ending
+    where the CPU share ``cpu`` = (num, den) starts (``num`` 0: none). The CPU has nothing to
     prefetch (its loads are views)."""
     end = past + new
+    if end > store.max_seq_len:
+        return   # a call the cache refuses: nothing to load for it
     rnum, rden, rcap, of_rest = residency
     r = resident_len(end, rnum, rden, rcap) if rnum else 0
     l = split_len(end - r if of_rest else end, num, den)
+    kv_end = cpu_start(end, cpu[0], cpu[1], r + l) if cpu[0] else end
     cuda_runtime.runtime(store, device).prefetch_next(
-        store, layer, l, end, specs if num else None, batch, heads, head_dim, dtype, start=r)
+        store, layer, l, kv_end, specs if num else None, batch, heads, head_dim, dtype, start=r)
 
 
 def stream_cache_update(store: KVStore, k, v, layer: int, pos: int, start: int = 0):

@@ -82,12 +82,13 @@ def store_tokens(handle, layer, pos, k, v, inputs, tdims, shared=None):
 @_kernel_of(library.prefetch_next)
 def prefetch_next(handle, layer, past, new, num, den, shapes, ranks, dtypes, batch, heads,
                   head_dim, dtype, device, resident_num=0, resident_den=1, resident_cap=-1,
-                  ratio_of_rest=False):
+                  ratio_of_rest=False, cpu_num=0, cpu_den=1):
     if cuda_runtime.handles(device):
         direct.stream_prefetch_next(lookup(handle), layer, past, new, num, den,
                                     split_specs(shapes, ranks, dtypes), batch, heads, head_dim,
                                     dtype, device,
-                                    (resident_num, resident_den, resident_cap, ratio_of_rest))
+                                    (resident_num, resident_den, resident_cap, ratio_of_rest),
+                                    (cpu_num, cpu_den))
 
 
 @_kernel_of(library.assemble)

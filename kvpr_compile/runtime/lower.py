@@ -220,7 +220,8 @@ class _Steps:
         specs = self.specs(node, a.shapes, a.ranks, a.dtypes)
         self.replace(node, direct.stream_prefetch_next,
                      (self.store_of(a.handle), a.layer, a.past, a.new, a.num, a.den, specs,
-                      a.batch, a.heads, a.head_dim, a.dtype, a.device, a.residency()))
+                      a.batch, a.heads, a.head_dim, a.dtype, a.device, a.residency(),
+                      (a.cpu_num, a.cpu_den)))
 
     def cpu_attend(self, node, on_stream: bool, folded: bool) -> None:
         a = args_of(node)
