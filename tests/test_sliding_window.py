@@ -277,9 +277,9 @@ def test_decode_steps_load_only_the_window():
             per_step.append(dict(counted.by_kind))
     row = 2 * 1 * 16 * 4   # K and V of one position: batch 1, 1 KV head, head_dim 16, fp32
     assert per_step == [{"kv": 2 * (WINDOW - 1) * row}] * 4
-    # no cross-call prefetch of a windowed first layer: it would split the next past from 0
+    # the windowed graphs prefetch their next call's window (the runtime knows the window)
     graphs = [r.graph_module for r in kvpr_compile.reports()[first:] if windowed_layers([r])]
-    assert graphs and not any(n.target is PREFETCH_NEXT for g in graphs for n in g.graph.nodes)
+    assert graphs and all(any(n.target is PREFETCH_NEXT for n in g.graph.nodes) for g in graphs)
     assert step_h2d_bytes([0.0, 0.0], 27, batch=1, hidden=64, kv_hidden=16, elem_bytes=4,
                           windows=[WINDOW, WINDOW]) == 2 * (WINDOW - 1) * row
 
@@ -345,3 +345,25 @@ def test_a_budget_places_resident_rows_only_in_the_full_attention_layers():
     plans = [r.plan for r in kvpr_compile.reports()[first:] if r.plan is not None]
     assert plans and all(p.resident_tokens[0] == p.resident_tokens[2] == 0 for p in plans)
     assert all(p.resident_tokens[1] > 0 for p in plans), [p.resident_tokens for p in plans]
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_each_step_uses_the_prefetch_of_the_step_before(sim, arch):
+    """A sliding first layer (Mistral: every layer; Gemma2: layer 0) still gets the cross-call
+    prefetch: the runtime starts the next call's loads at that call's window (the store's
+    windows), before and after the past reaches it, so on simulated streams every decode step
+    is served by its predecessor's prefetch, exact and race-free."""
+    from helpers import sim_backend
+    from kvpr_compile.runtime import cuda_runtime
+    model = build(arch)
+    ids = prompt(4)   # the past reaches the window while decoding
+    ref = generate(model, ids)
+    api = sim()
+    model.forward = torch.compile(model.forward, backend=sim_backend(), options={"ratio": 0.0})
+    cache = KVPRCache(model.config, 2, 64)
+    out = generate(model, ids, cache)
+    assert worst_rel_err(torch.stack(out.logits), torch.stack(ref.logits)) <= TOL
+    assert torch.equal(out.sequences, ref.sequences)
+    assert api.races.found == []
+    rt = cuda_runtime.runtime(cache.offloaded._store, "cpu")
+    assert rt.next_call_used == NEW - 1 and rt.next_call_dropped == 0

@@ -16,8 +16,9 @@ move; a load group whose inputs are not all defined before the new position stay
 (its past is this call's past plus this call's new tokens) are asked for right after the last
 site's assemble, by one ``kvpr.prefetch_next`` with the first site's own load arguments; the
 runtime decides whether the next call uses them (runtime/next_call.py). Latency schedule only
-(the column runner issues its loads itself), not for loads into owned tensors (inductor), and not
-for a graph whose first site reads a sliding window (``prefetch_next`` knows no window start). A
+(the column runner issues its loads itself), not for loads into owned tensors (inductor). The
+window of a sliding first layer is the store's (``windows``, from the cache): the runtime starts
+the next call's loads at that call's window, whether or not this call's past reached it. A
 first site with a resident prefix passes its rule (the assemble's, and ``kvpr_ratio_of_rest``
 from the loads): the next call's loads start after that call's resident prefix. A first site
 with a CPU share passes it (from its K,V load's end, a ``cpu_start`` of the past): the next
@@ -90,8 +91,9 @@ def hoist_loads(graph: fx.Graph, distance: int = 1) -> int:
 def _cpu_rule(kv_end, assemble, share: float) -> tuple:
     """(the site's past, (num, den) of its CPU share) from its K,V load's end: a ``cpu_start``
     node (past, num, den, taken, first) on a symbolic past, else the ints end and the assemble's
-    ``cpu_len``; (None, ()) where neither is there."""
-    if isinstance(kv_end, fx.Node) and kv_end.target is cpu_start and kv_end.args[4] == 0:
+    ``cpu_len``; (None, ()) where neither is there. (On a sliding layer the runtime finds the
+    window's first position itself.)"""
+    if isinstance(kv_end, fx.Node) and kv_end.target is cpu_start:
         return kv_end.args[0], (kv_end.args[1], kv_end.args[2])
     if isinstance(kv_end, int) and isinstance(assemble.cpu_len, int):
         frac = ratio_fraction(share)
@@ -111,8 +113,6 @@ def prefetch_next_call(graph: fx.Graph) -> bool:
     load = None if kv is None else args_of(kv)
     if load is None or load.owned:   # owned loads: inductor runs the graph
         return False
-    if _custom(kv).get("kvpr_window"):
-        return False   # prefetch_next knows no window start
     handle, layer, l, past = load.handle, load.layer, load.start, load.end
     resident = args_of(first)
     cpu = ()

@@ -200,15 +200,23 @@ def stream_prefetch_next(store: KVStore, layer: int, past: int, new: int, num: i
     """The next call's loads of ``layer``: its past is this one's plus the ``new`` tokens, split at
     ``num/den`` as the rewrite splits it (``num`` 0: no records loaded) after the resident prefix
     of ``residency`` = (num, den, cap, ratio_of_rest) (``num`` 0: none), its K,V load ending
-    where the CPU share ``cpu`` = (num, den) starts (``num`` 0: none). The CPU has nothing to
+    where the CPU share ``cpu`` = (num, den) starts (``num`` 0: none). A sliding layer (the
+    store's ``windows``) reads its window, as the cache asks it (cache.py): from
+    ``past - w + 1`` once the past reaches ``w``, with nothing resident (before that, as any
+    layer). The CPU has nothing to
     prefetch (its loads are views)."""
     end = past + new
     if end > store.max_seq_len:
         return   # a call the cache refuses: nothing to load for it
+    w = store.windows[layer] if store.windows else 0
     rnum, rden, rcap, of_rest = residency
-    r = resident_len(end, rnum, rden, rcap) if rnum else 0
-    l = split_len(end - r if of_rest else end, num, den)
-    kv_end = cpu_start(end, cpu[0], cpu[1], r + l) if cpu[0] else end
+    if w and end >= w:   # the next call reads its window [first, end)
+        first = r = end - w + 1
+        l = split_len(end - first, num, den)
+    else:
+        first, r = 0, resident_len(end, rnum, rden, rcap) if rnum else 0
+        l = split_len(end - r if of_rest else end, num, den)
+    kv_end = cpu_start(end, cpu[0], cpu[1], r + l, first) if cpu[0] else end
     cuda_runtime.runtime(store, device).prefetch_next(
         store, layer, l, kv_end, specs if num else None, batch, heads, head_dim, dtype, start=r)
 
