@@ -407,18 +407,20 @@ class _NoStreams:
         dst.copy_(src)
 
 
-def test_worker_thread_attends_with_its_own_thread_count(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_worker_thread_attends_with_its_own_thread_count(monkeypatch, dtype):
     """The CUDA runtime's worker thread (as on a GPU, with streams that order nothing): its
-    results equal the synchronous path's, and its torch thread count is its own."""
+    results equal the synchronous path's (bf16: by the fused host kernel), and its torch thread
+    count is its own."""
     from types import SimpleNamespace
     monkeypatch.setattr(attention, "WORKER_THREADS", 1)
-    cache = tiny_llama(layers=2).make_cache(2, 96)
+    cache = tiny_llama(layers=2).make_cache(2, 96, dtype=dtype)
     store = cache._store
     g = torch.Generator().manual_seed(0)
     for layer in range(2):
         store.k[layer][:20].copy_(torch.randn(20, 2, 4, 16, generator=g))
         store.v[layer][:20].copy_(torch.randn(20, 2, 4, 16, generator=g))
-    q = torch.randn(2, 4, 1, 16, generator=g)
+    q = torch.randn(2, 4, 1, 16, generator=g).to(dtype)
     mask = torch.rand(2, 1, 1, 8, generator=g) > 0.2
     main_threads = torch.get_num_threads()
     worker = cpu_attention.CpuAttention(_NoStreams(), torch.device("cpu"), threaded=True)
