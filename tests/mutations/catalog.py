@@ -710,8 +710,8 @@ BREAKAGES = (
              "the next call's split taken of the whole past where the budget's ratio is of the rest"),
     # ---- sliding windows -------------------------------------------------------------------
     Breakage("window-none-from-the-config", HF,
-             "windows=sliding_windows(config))",
-             "windows=None)",
+             "        windows = sliding_windows(config)\n",
+             "        windows = [0] * num_layers\n",
              (WINDOWS + "test_keys_before_the_window_are_never_read[0.0]",
               WINDOWS + "test_prompt_longer_than_the_window_matches_eager[gemma2-0.5]"),
              "KVPRCache reads the whole past of every layer (as before sliding windows)"),
