@@ -142,24 +142,27 @@ def _generate(model, ids, cache=None, poison=False):
     return out
 
 
-def _layers_rewritten(reports, num_layers: int) -> tuple[bool, list[str]]:
-    """Whether the decode graphs rewrote every layer at ratio 1 with nothing skipped, and the
-    reasons where not (skipped nodes, notes, layers missing)."""
+def _layers_rewritten(reports, layers: list[int]) -> tuple[bool, list[str]]:
+    """Whether the decode graphs rewrote every layer of ``layers`` (those that stored K/V) at
+    ratio 1 with nothing skipped, and the reasons where not (skipped nodes, layers below ratio 1
+    or missing). Graph notes (a fragment without attention, a graph holding some of the layers)
+    are not reasons: the record keeps them apart."""
     reasons, at_one = [], set()
     for rep in reports:
         reasons += [f"skipped {name}: {why}" for name, why in rep.skipped]
-        reasons += [f"note: {n}" for n in rep.notes]
         if any(e.note.startswith("multi-token") for e in rep.layers):
             continue
         at_one |= {e.layer for e in rep.layers if e.ratio == 1.0}
         reasons += [f"layer {e.layer} at ratio {e.ratio}" + (f" ({e.note})" if e.note else "")
                     for e in rep.layers if e.ratio != 1.0]
-    missing = sorted(set(range(num_layers)) - at_one)
+    missing = sorted(set(layers) - at_one)
+    if not layers:
+        reasons.append("no layer stored K/V in the cache")
     if not reports:
         reasons.append("no graph compiled by kvpr")
     elif missing:
         reasons.append(f"layers {missing} not rewritten in any decode graph")
-    return not reasons, reasons
+    return not reasons, list(dict.fromkeys(reasons))
 
 
 def run_one(model_type: str, save=lambda r: None) -> dict:
@@ -169,17 +172,17 @@ def run_one(model_type: str, save=lambda r: None) -> dict:
     save(r)
     try:
         import torch
-        import transformers
-
         import kvpr_compile
         import kvpr_compile.hf
-        from benchmarks.sweep_configs import tiny_config
+        from benchmarks.sweep_configs import build_model, tiny_config
         from kvpr_compile.hf import KVPRCache
         cfg = tiny_config(model_type)
         r["stage"] = "build"
         save(r)
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+        model = build_model(model_type, cfg).float().eval()
+        if hasattr(model, "set_default_language") and getattr(cfg, "languages", None):
+            model.set_default_language(list(cfg.languages)[0])   # X-MOD's adapters
         r["model_class"] = type(model).__name__
         model.generation_config.pad_token_id = 0
         model.generation_config.eos_token_id = None
@@ -220,11 +223,15 @@ def run_one(model_type: str, save=lambda r: None) -> dict:
         kvpr_compile.hf.compile(model, ratio=1.0)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            poisoned = _generate(model, ids, KVPRCache(model.config, BATCH, CACHE_LEN), True)
-            r["poisoned"] = compare(poisoned, ref)
+            cache = KVPRCache(model.config, BATCH, CACHE_LEN)
+            r["poisoned"] = compare(_generate(model, ids, cache, True), ref)
             mine = kvpr_compile.reports()[first:]
             r["graphs"] = len(mine)
-            r["all_rewritten"], reasons = _layers_rewritten(mine, num_layers)
+            stored = [i for i in range(num_layers) if cache.offloaded.seq_len(i)]
+            if len(stored) < num_layers:   # e.g. Gemma-3n's layers that reuse others' K/V
+                r["layers_without_cache"] = sorted(set(range(num_layers)) - set(stored))
+            r["all_rewritten"], reasons = _layers_rewritten(mine, stored)
+            r["notes"] = sorted({n for rep in mine for n in rep.notes})
             if not (exact(r["poisoned"]) and r["all_rewritten"]):
                 r["stage"] = "compiled generate (clean)"
                 save(r)

@@ -51,6 +51,18 @@ OVERRIDES = {
     "prophetnet": dict(num_hidden_layers=None, num_encoder_layers=2, num_decoder_layers=2),
     "gemma4_assistant": dict(hidden_size_per_layer_input=0),
     "codegen": dict(rotary_dim=8),
+    "dbrx": dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
+                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                 ffn_config={"ffn_hidden_size": 128, "moe_num_experts": 2, "moe_top_k": 1}),
+    "dots3_note_text": dict(num_key_value_heads=4),
+    "dots3_note.text_config": dict(num_key_value_heads=4),
+    "zaya": dict(num_experts_per_tok=1),
+    # Gemma-3n: its last layers reuse the K/V of earlier ones (four layers, two of them sharing)
+    "gemma3n_text": dict(num_hidden_layers=4, num_kv_shared_layers=2,
+                         layer_types=["sliding_attention", "full_attention"] * 2,
+                         activation_sparsity_pattern=[0.0] * 4, laurel_rank=8,
+                         hidden_size_per_layer_input=16),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "reformer": dict(axial_pos_embds_dim=[32, 32]),
     # layer patterns that leave two layers without attention (then nothing for kvpr to see)
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
@@ -88,7 +100,10 @@ def _shrunk(cfg, sizes: dict) -> dict:
 def tiny_kwargs(model_type: str) -> dict:
     """The keywords ``tiny_config`` passes to ``AutoConfig.for_model(model_type, ...)``."""
     from transformers import AutoConfig
-    default = AutoConfig.for_model(model_type)
+    try:
+        default = AutoConfig.for_model(model_type)
+    except Exception:  # noqa: BLE001 -- a default its own validators refuse: the overrides fix it
+        default = AutoConfig.for_model(model_type, **OVERRIDES.get(model_type, {}))
     kwargs = {**TOKENS, "is_decoder": True}
     subs = getattr(default, "sub_configs", None) or {}
     for key in subs:
@@ -98,6 +113,7 @@ def tiny_kwargs(model_type: str) -> dict:
         text = "text" in key or "decoder" in key
         small = {**TOKENS, **_shrunk(sub, TEXT if text else TOWER)} if text else \
             _shrunk(sub, TOWER)
+        small.update(OVERRIDES.get(f"{model_type}.{key}", {}))
         kwargs[key] = type(sub)(**small)
     kwargs.update(_shrunk(default, TEXT))
     kwargs.update(OVERRIDES.get(model_type, {}))
@@ -105,6 +121,27 @@ def tiny_kwargs(model_type: str) -> dict:
 
 
 def tiny_config(model_type: str):
-    """A small config of ``model_type`` (see the module docstring)."""
+    """A small config of ``model_type`` (see the module docstring); where the type's causal-LM
+    class takes one of its sub-configs (MusicGen's decoder), that sub-config."""
+    import transformers
     from transformers import AutoConfig
-    return AutoConfig.for_model(model_type, **tiny_kwargs(model_type))
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    cfg = AutoConfig.for_model(model_type, **tiny_kwargs(model_type))
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""), None)
+    wanted = getattr(cls, "config_class", None)
+    if wanted is not None and not isinstance(cfg, wanted):
+        for key in getattr(cfg, "sub_configs", None) or {}:
+            if isinstance(getattr(cfg, key, None), wanted):
+                return getattr(cfg, key)
+    return cfg
+
+
+def build_model(model_type: str, cfg):
+    """The type's causal-LM model of ``cfg`` (its own class where ``tiny_config`` gave a
+    sub-config, which the auto mapping does not list)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""), None)
+    if cls is not None and type(cfg) is cls.config_class:
+        return cls._from_config(cfg)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
