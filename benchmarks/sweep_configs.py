@@ -57,6 +57,9 @@ OVERRIDES = {
     "dots3_note_text": dict(num_key_value_heads=4),
     "dots3_note.text_config": dict(num_key_value_heads=4),
     "zaya": dict(num_experts_per_tok=1),
+    "dory": dict(sliding_window=1024),   # its eager masks mis-size below the prompt length
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default",
+                                                                    "rope_theta": 10000.0}}),
     # Gemma-3n: its last layers reuse the K/V of earlier ones (four layers, two of them sharing)
     "gemma3n_text": dict(num_hidden_layers=4, num_kv_shared_layers=2,
                          layer_types=["sliding_attention", "full_attention"] * 2,

@@ -15,10 +15,11 @@ model runs (nothing is written):
   A fresh cache is not checked (a caller may start at an offset on purpose).
 
 Within a checked ``generate()`` call, each forward after the first adds one token to the
-sequence, so the cache may grow by one per forward (``_check_growth``): a model whose generate()
-feeds the whole sequence again and whose attention stores it all (transformers' MPT, with any
-cache) would store and attend its past twice; the next forward, or generate() itself after the
-last one, raises ``NotImplementedError`` instead of returning its tokens. A generate() with a
+sequence, so the cache may grow by what the prefill stored per token (``_check_growth``): a
+model whose generate() feeds the whole sequence again and whose attention stores it all
+(transformers' MPT, with any cache) would store and attend its past twice; the next forward, or
+generate() itself after the last one, raises ``NotImplementedError`` instead of returning its
+tokens. A generate() with a
 chunked prefill (``prefill_chunk_size``) is not counted.
 
 The checks run outside the compiled forward (a module pre-hook), so Dynamo never guards on them.
@@ -75,7 +76,7 @@ def check_cache_matches_mask(module: nn.Module, args, kwargs, cache_type: type) 
     if new is None:
         return
     past = cache.get_seq_length()
-    _check_not_fed_again(cache, past)
+    _check_not_fed_again(cache, past, new)
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         if mask.shape[1] != past + new:
             raise ValueError(f"KVPRCache: the attention mask covers {mask.shape[1]} tokens but "
@@ -91,27 +92,33 @@ def check_cache_matches_mask(module: nn.Module, args, kwargs, cache_type: type) 
 
 def _check_growth(feed: list, past: int) -> None:
     """``feed`` = [forwards so far in this generate() call, the cache's length before the last
-    one]. A forward after the first adds one generated token to the sequence, so the cache may
-    grow by one: more means the model fed again tokens the cache already holds (its generate()
-    does not cut input_ids to the new tokens and its attention stores them all), which are then
-    stored and attended twice. Models that take the whole sequence and store only its new
-    tokens (CPM-Ant) grow by one and pass."""
-    if feed[0] >= 2 and past - feed[1] > 1:
+    one, the first forward's tokens, the cache's growth per token of that forward]. A forward
+    after the first adds one generated token to the sequence, so the cache may grow by what the
+    prefill stored per token (one for most models; Dory's loops store two, CPM-Ant's prefix
+    more): more means the model fed again tokens the cache already holds (its generate() does
+    not cut input_ids to the new tokens and its attention stores them all), which are then
+    stored and attended twice."""
+    grown = past - feed[1]
+    if feed[0] == 1:   # the prefill: its growth per token
+        feed[3] = -(-grown // feed[2]) if feed[2] else None
+    elif feed[0] >= 2 and feed[3] is not None and grown > feed[3]:
         raise NotImplementedError(
-            f"KVPRCache: generate() step {feed[0]} grew the cache by {past - feed[1]} tokens "
-            "for one new token: this model feeds again tokens the cache already holds (its "
-            "generate() does not cut input_ids to the new tokens), so they are stored and "
-            "attended twice; models whose generate() re-feeds the past are not supported. The "
-            "generation is stopped and its result discarded")
+            f"KVPRCache: generate() step {feed[0]} grew the cache by {grown} tokens for one new "
+            f"token (the prefill stored {feed[3]} per token): this model feeds again tokens "
+            "the cache already holds (its generate() does not cut input_ids to the new "
+            "tokens), so they are stored and attended twice; models whose generate() re-feeds "
+            "the past are not supported. The generation is stopped and its result discarded")
 
 
-def _check_not_fed_again(cache, past: int) -> None:
+def _check_not_fed_again(cache, past: int, new: int) -> None:
     """Within a checked ``generate()`` call: the growth of the cache by the last forward
     (``_check_growth``), then this forward counted."""
     feed = getattr(cache, _IN_GENERATE, None)
     if feed is None:
         return
     _check_growth(feed, past)
+    if feed[0] == 0:
+        feed[2] = new
     feed[0], feed[1] = feed[0] + 1, past
 
 
@@ -181,7 +188,7 @@ def _checked_generate(model: nn.Module, cache_type: type):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if not isinstance(cache, cache_type) or _setting(model, kwargs, "prefill_chunk_size"):
             return generate(*args, **kwargs)   # a chunked prefill grows by more than one
-        feed = [0, 0]
+        feed = [0, 0, 0, None]
         object.__setattr__(cache, _IN_GENERATE, feed)
         try:
             out = generate(*args, **kwargs)

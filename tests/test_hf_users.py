@@ -289,8 +289,9 @@ def test_a_model_whose_generate_re_feeds_the_past_is_refused_not_wrong(new):
     model = _tiny(transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128,
                                          expansion_ratio=2))
     with pytest.raises(NotImplementedError, match=r"^KVPRCache: generate\(\) step 2 grew the "
-                                                  r"cache by 8 tokens for one new token.*"
-                                                  r"re-feeds the past are not supported"):
+                                                  r"cache by 8 tokens for one new token \(the "
+                                                  r"prefill stored 1 per token\).*re-feeds the "
+                                                  r"past are not supported"):
         _generate(model, KVPRCache(model.config, 2, 64), max_new_tokens=new)
 
 
