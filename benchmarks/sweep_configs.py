@@ -57,6 +57,7 @@ OVERRIDES = {
     "dots3_note_text": dict(num_key_value_heads=4),
     "dots3_note.text_config": dict(num_key_value_heads=4),
     "zaya": dict(num_experts_per_tok=1),
+    "mamba2": dict(num_heads=8),   # hidden * expand = num_heads * head_dim
     "dory": dict(sliding_window=1024),   # its eager masks mis-size below the prompt length
     "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default",
                                                                     "rope_theta": 10000.0}}),
