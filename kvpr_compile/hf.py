@@ -33,7 +33,8 @@ construction, naming what does not fit: encoder-decoder models (cross-attention 
 the self-attention store), multi-head latent attention (a latent and a rope key of two widths),
 hybrid and state-space models (layers with a recurrent state instead of K/V), per-layer K/V
 geometry (head dims or K/V head counts that differ between layers), V of another width than K,
-and decoders with cross-attention layers.
+and decoders with cross-attention layers. Models whose forward takes no cache at all are refused
+by ``cache_kwargs``, and models whose generate() feeds the past again by its check (hf_checks.py).
 """
 from __future__ import annotations
 
@@ -104,17 +105,26 @@ class KVPRLayer(CacheLayerMixin):
 
 
 def _dims(config):
-    """(layers, kv heads, head dim, text config) as the model's attention stores K/V. Per-layer
-    configs (``per_layer_config``) are read through their first layer: ``check_supported`` has
-    refused those whose layers differ, and their global view raises on per-layer names."""
+    """(layers, kv heads, head dim, text config) as the model's attention stores K/V: a
+    decoder's own layer and head counts where the config names them apart from the encoder's
+    (``decoder_layers``, ``decoder_attention_heads``: the decoder of Whisper, BART, ... run as
+    a causal LM, whose ``num_hidden_layers`` and ``num_attention_heads`` are the encoder's).
+    Per-layer configs (``per_layer_config``) are read through their first layer:
+    ``check_supported`` has refused those whose layers differ, and their global view raises on
+    per-layer names."""
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = _per_layer(cfg)
     one = layers[0] if layers else cfg
+    decoder_heads = _attr(cfg, "decoder_attention_heads")   # the decoder of an encoder-decoder
+    if decoder_heads:   # config (Whisper, BART, ...: their num_attention_heads is the encoder's)
+        return (_attr(cfg, "decoder_layers") or cfg.num_hidden_layers, decoder_heads,
+                _attr(cfg, "head_dim") or cfg.hidden_size // decoder_heads, cfg)
     heads = _attr(one, "num_attention_heads") or cfg.num_attention_heads
     kv_heads = _attr(one, "num_key_value_heads") or _attr(one, "num_kv_heads") or heads
     if _attr(cfg, "multi_query") and not getattr(cfg, "new_decoder_architecture", True):
         kv_heads = 1  # Falcon-7B style multi-query attention
-    head_dim = _attr(one, "head_dim") or cfg.hidden_size // heads
+    head_dim = (_attr(one, "head_dim") or _attr(one, "dim_head")   # CPM-Ant names it dim_head
+                or cfg.hidden_size // heads)
     return cfg.num_hidden_layers, kv_heads, head_dim, cfg
 
 
@@ -279,9 +289,12 @@ class KVPRCache(Cache):
         if dtype is None:
             dtype = getattr(cfg, "dtype", None) or torch.float32
             dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        windows = sliding_windows(config)
+        if len(windows) != num_layers and not any(windows):   # counted over the encoder's
+            windows = [0] * num_layers                         # layers (see _dims)
         self.offloaded = OffloadedKVCache(num_layers, batch_size, max_seq_len, kv_heads, head_dim,
                                           dtype=dtype, device=device or "cpu",
-                                          windows=sliding_windows(config))
+                                          windows=windows)
         self._warn_uncompiled = warn_uncompiled
         on_uncompiled = self._uncompiled_update if warn_uncompiled else None
         super().__init__(layers=[KVPRLayer(self.offloaded, i, on_uncompiled)
@@ -332,8 +345,15 @@ def compile(model, *, dynamic: bool | None = None, **options):
 
 
 def cache_keyword(model) -> str:
-    """``"cache"`` if ``model``'s forward takes a ``cache`` argument, else ``"past_key_values"``."""
+    """``"cache"`` if ``model``'s forward takes a ``cache`` argument, else ``"past_key_values"``;
+    ``NotImplementedError`` if it takes neither (a model without a transformers cache, e.g.
+    OpenAI GPT: generate() would reject the keyword, a plain call would drop it)."""
     params = inspect.signature(type(model).forward).parameters
+    if "cache" not in params and "past_key_values" not in params:
+        raise NotImplementedError(
+            f"KVPRCache: {type(model).__name__}.forward takes no cache (neither cache= nor "
+            "past_key_values=): it recomputes the whole sequence at every step, so there is no "
+            "K/V to offload; models without a transformers cache are not supported")
     return "cache" if "cache" in params else "past_key_values"
 
 

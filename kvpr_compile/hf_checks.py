@@ -14,7 +14,15 @@ model runs (nothing is written):
   ``cache_position``). Read only while the cache is empty: one small device read per generation.
   A fresh cache is not checked (a caller may start at an offset on purpose).
 
-The check runs outside the compiled forward (a module pre-hook), so Dynamo never guards on it.
+Within a checked ``generate()`` call, each forward after the first adds one token to the
+sequence, so the cache may grow by what the prefill stored per token (``_check_growth``): a
+model whose generate() feeds the whole sequence again and whose attention stores it all
+(transformers' MPT, with any cache) would store and attend its past twice; the next forward, or
+generate() itself after the last one, raises ``NotImplementedError`` instead of returning its
+tokens. A generate() with a
+chunked prefill (``prefill_chunk_size``) is not counted.
+
+The checks run outside the compiled forward (a module pre-hook), so Dynamo never guards on them.
 
 Before a ``generate()`` call's first token, what the call and its generation config say is
 checked against the cache (``check_generate``), so a misfit raises before the prefill, in
@@ -34,6 +42,7 @@ from torch import nn
 
 _HOOKED = "_kvpr_cache_check_hook"
 _GENERATE_CHECKED = "_kvpr_generate_checked"
+_IN_GENERATE = "_kvpr_in_generate"   # on a cache while a checked generate() runs on it
 _RESET_HINT = (" -- was cache.reset() called in the middle of a generation? Reset between "
                "generations, and start the next one from its prompt")
 
@@ -67,6 +76,7 @@ def check_cache_matches_mask(module: nn.Module, args, kwargs, cache_type: type) 
     if new is None:
         return
     past = cache.get_seq_length()
+    _check_not_fed_again(cache, past, new)
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         if mask.shape[1] != past + new:
             raise ValueError(f"KVPRCache: the attention mask covers {mask.shape[1]} tokens but "
@@ -78,6 +88,38 @@ def check_cache_matches_mask(module: nn.Module, args, kwargs, cache_type: type) 
         if first is not None and first > 0:
             raise ValueError(f"KVPRCache: the cache was reset and is empty, but this call "
                              f"continues at position {first}{_RESET_HINT}; nothing was written")
+
+
+def _check_growth(feed: list, past: int) -> None:
+    """``feed`` = [forwards so far in this generate() call, the cache's length before the last
+    one, the first forward's tokens, the cache's growth per token of that forward]. A forward
+    after the first adds one generated token to the sequence, so the cache may grow by what the
+    prefill stored per token (one for most models; Dory's loops store two, CPM-Ant's prefix
+    more): more means the model fed again tokens the cache already holds (its generate() does
+    not cut input_ids to the new tokens and its attention stores them all), which are then
+    stored and attended twice."""
+    grown = past - feed[1]
+    if feed[0] == 1:   # the prefill: its growth per token
+        feed[3] = -(-grown // feed[2]) if feed[2] else None
+    elif feed[0] >= 2 and feed[3] is not None and grown > feed[3]:
+        raise NotImplementedError(
+            f"KVPRCache: generate() step {feed[0]} grew the cache by {grown} tokens for one new "
+            f"token (the prefill stored {feed[3]} per token): this model feeds again tokens "
+            "the cache already holds (its generate() does not cut input_ids to the new "
+            "tokens), so they are stored and attended twice; models whose generate() re-feeds "
+            "the past are not supported. The generation is stopped and its result discarded")
+
+
+def _check_not_fed_again(cache, past: int, new: int) -> None:
+    """Within a checked ``generate()`` call: the growth of the cache by the last forward
+    (``_check_growth``), then this forward counted."""
+    feed = getattr(cache, _IN_GENERATE, None)
+    if feed is None:
+        return
+    _check_growth(feed, past)
+    if feed[0] == 0:
+        feed[2] = new
+    feed[0], feed[1] = feed[0] + 1, past
 
 
 def _setting(model, kwargs, name):
@@ -143,7 +185,17 @@ def _checked_generate(model: nn.Module, cache_type: type):
     @functools.wraps(generate)
     def generate_checked(*args, **kwargs):
         check_generate(model, args, kwargs, cache_type)
-        return generate(*args, **kwargs)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if not isinstance(cache, cache_type) or _setting(model, kwargs, "prefill_chunk_size"):
+            return generate(*args, **kwargs)   # a chunked prefill grows by more than one
+        feed = [0, 0, 0, None]
+        object.__setattr__(cache, _IN_GENERATE, feed)
+        try:
+            out = generate(*args, **kwargs)
+        finally:
+            object.__setattr__(cache, _IN_GENERATE, None)
+        _check_growth(feed, cache.get_seq_length())   # the last forward's growth
+        return out
     return generate_checked
 
 

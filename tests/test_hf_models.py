@@ -97,6 +97,9 @@ EXTRA = {
     "gptj": dict(n_embd=64, n_head=4, rotary_dim=8),
     "bloom": dict(hidden_size=64, n_head=4),
     "gpt_bigcode": dict(n_embd=64, n_head=4, multi_query=True),
+    # interleaved RoPE whose rotate-half is stack(...).reshape_as(k)
+    "roformer": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                     is_decoder=True),
 }
 
 

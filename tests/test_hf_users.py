@@ -43,7 +43,7 @@ def generate_poisoned(model, ids=IDS, new=16):
     poisoned = []
 
     def poison_after_prefill(module, args, kwargs):
-        if cache.get_seq_length() == ids.shape[1] and not poisoned:
+        if cache.get_seq_length() > 0 and not poisoned:   # after the prefill (its prefix too)
             poisoned.append(True)
             for t in cache.offloaded.k_cpu + cache.offloaded.v_cpu:
                 t.fill_(float("nan"))
@@ -253,4 +253,70 @@ def test_jetmoe_recomputes_exactly_once_the_limit_is_raised_as_the_warning_says(
     with torch._dynamo.config.patch(recompile_limit=64):
         out, record = generate_poisoned(model)
     assert not [w for w in _kvpr_warnings(record) if "stopped compiling" in w]
+    assert_full_recompute_matches(out, ref, kvpr_compile.reports()[first:])
+
+
+def _tiny(config):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def test_cpm_ant_head_width_from_dim_head_recomputes_exactly():
+    """CPM-Ant names its head width ``dim_head`` (here not hidden / heads): the store is made
+    that wide, and every layer recomputes exactly (CPM-Ant takes the whole sequence at every
+    step and stores only its new token, which the re-fed check lets pass)."""
+    model = _tiny(transformers.CpmAntConfig(vocab_size=128, hidden_size=64,
+                                            num_attention_heads=4, dim_head=32, dim_ff=128,
+                                            num_hidden_layers=2))
+    assert KVPRCache(model.config, 2, 64).offloaded.k_cpu[0].shape[-1] == 32
+    ref = hf_generate(model, IDS)
+    first = len(kvpr_compile.reports())
+    kvpr_compile.hf.compile(model, ratio=1.0)
+    out, _ = generate_poisoned(model, new=6)
+    ref.logits = ref.logits[:6]
+    ref.sequences = ref.sequences[:, :IDS.shape[1] + 6]
+    assert_full_recompute_matches(out, ref, kvpr_compile.reports()[first:])
+
+
+@pytest.mark.parametrize("new", [2, 6])
+def test_a_model_whose_generate_re_feeds_the_past_is_refused_not_wrong(new):
+    """transformers' MPT is given the whole sequence at every step and stores it all again:
+    with any cache passed (its own DynamicCache too) the logits are wrong from the first decode
+    step. Through a KVPRCache generate() raises instead, at the next step or, for the last one,
+    before it returns."""
+    model = _tiny(transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128,
+                                         expansion_ratio=2))
+    with pytest.raises(NotImplementedError, match=r"^KVPRCache: generate\(\) step 2 grew the "
+                                                  r"cache by 8 tokens for one new token \(the "
+                                                  r"prefill stored 1 per token\).*re-feeds the "
+                                                  r"past are not supported"):
+        _generate(model, KVPRCache(model.config, 2, 64), max_new_tokens=new)
+
+
+def test_a_model_without_a_cache_argument_is_refused_in_words():
+    """OpenAI GPT's forward takes no cache: generate() would reject the keyword in its own words
+    and a plain call would drop it; ``cache_kwargs`` refuses, naming the model."""
+    model = _tiny(transformers.OpenAIGPTConfig(n_embd=32, n_head=2, n_layer=1, vocab_size=64))
+    with pytest.raises(NotImplementedError, match=r"^KVPRCache: OpenAIGPTLMHeadModel\.forward "
+                                                  r"takes no cache \(neither cache= nor "
+                                                  r"past_key_values=\)"):
+        cache_kwargs(model, KVPRCache(model.config, 1, 16))
+
+
+def test_whisper_decoder_as_a_causal_lm_stores_the_decoders_geometry():
+    """WhisperForCausalLM (the decoder alone, as in speculative decoding): the config's
+    ``num_attention_heads`` and ``num_hidden_layers`` are the encoder's; the store takes the
+    decoder's heads and layers and every layer recomputes exactly."""
+    model = _tiny(transformers.WhisperConfig(
+        d_model=64, encoder_layers=1, encoder_attention_heads=2, decoder_layers=2,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=128,
+        max_target_positions=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1))
+    assert tuple(KVPRCache(model.config, 2, 64).offloaded.k_cpu[1].shape) == (64, 2, 4, 16)
+    ref = hf_generate(model, IDS)
+    first = len(kvpr_compile.reports())
+    kvpr_compile.hf.compile(model, ratio=1.0)
+    out, _ = generate_poisoned(model)
     assert_full_recompute_matches(out, ref, kvpr_compile.reports()[first:])

@@ -198,6 +198,18 @@ class _Batcher:
         return self._emit("call_method", "reshape",
                           (self._m(args[0]), self.L, *self._m(list(shape))))
 
+    def _reshape_as(self, nd, args, kwargs):
+        """``x.reshape_as(other)`` (RoFormer's rotate-half): as is when both carry the token
+        axis, else a reshape to the token axis and ``other``'s sizes."""
+        x, other = args[0], args[1]
+        if not self._is_b(x):
+            raise Unsupported(f"reshape_as of a tensor shared by the tokens ({nd.name})")
+        if self._is_b(other):
+            return self._emit("call_method", "reshape_as", (self._m(x), self._m(other)))
+        sizes = [self._emit("call_method", "size", (self._m(other), i))
+                 for i in range(_rank(other))]
+        return self._emit("call_method", "reshape", (self._m(x), self.L, *sizes))
+
     def _transpose(self, nd, args, kwargs):
         return self._emit("call_method", "transpose",
                           (self._m(args[0]), _shift(args[1]), _shift(args[2])))
@@ -308,6 +320,7 @@ def _rule_table() -> dict:
     add(True, ("matmul", "mm"), b._matmul)
     add(True, ("view", "reshape"), b._reshape)
     add(False, (torch.reshape,), b._reshape)
+    add(True, ("reshape_as",), b._reshape_as)
     add(True, ("transpose",), b._transpose)
     add(False, (torch.transpose,), b._transpose)
     add(True, ("permute",), b._permute)
