@@ -7,7 +7,7 @@ value, in the names that config uses (``hidden_size`` / ``n_embd`` / ``d_model``
 the default config does not name is not passed, so no stray attribute reaches the model. Composite
 configs (a text model with a vision or audio tower) get each sub-config shrunk too, the text one
 like a decoder, the others to a one-layer tower. ``OVERRIDES`` holds what a type needs beyond that:
-the layouts tests/test_hf_models.py's ``EXTRA`` picks (multi-query Falcon, GPT-J's rotary dim,
+some of the ``LAYOUTS`` tests/test_hf_models.py builds (multi-query Falcon, GPT-J's rotary dim,
 ...) and configs whose validators tie sizes together in ways the generic shrink cannot know.
 Token ids are set inside the small vocabulary (an embedding's ``padding_idx`` must fit it).
 """
@@ -35,16 +35,27 @@ SLIDING_WINDOW = 4   # below prompt + new tokens, so that sliding layers slide w
 TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 GQA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-OVERRIDES = {
-    # the layouts tests/test_hf_models.py EXTRA builds
+# layouts worth a config of their own (tests/test_hf_models.py builds each): q/k norms,
+# interleaved fused QKV, multi-query, partial/interleaved RoPE, ALiBi
+LAYOUTS = {
     "qwen3": dict(GQA, head_dim=16),
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4),
     "falcon": dict(hidden_size=64, num_attention_heads=4, multi_query=True,
                    new_decoder_architecture=False),
     "gemma2": dict(GQA, head_dim=16),
+    "stablelm": GQA,
+    "cohere": GQA,
+    "olmo2": GQA,
     "gptj": dict(n_embd=64, n_head=4, rotary_dim=8),
     "bloom": dict(hidden_size=64, n_head=4),
     "gpt_bigcode": dict(n_embd=64, n_head=4, multi_query=True),
+    # interleaved RoPE whose rotate-half is stack(...).reshape_as(k)
+    "roformer": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                     is_decoder=True),
+}
+OVERRIDES = {
+    **{name: LAYOUTS[name] for name in ("qwen3", "gpt_neox", "falcon", "gemma2", "gptj",
+                                        "bloom", "gpt_bigcode")},
     # validators that tie sizes together
     "gpt_neo": dict(num_layers=2, attention_types=[[["global", "local"], 1]], window_size=4),
     "xlnet": dict(d_head=16),

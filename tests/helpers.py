@@ -344,3 +344,19 @@ def kvpr_cli(argv: list[str]) -> int:
     profile_cmd.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
+
+
+def prefetch_served(sim, options, steps=10, layers=2):
+    """The built-in Llama compiled with ``options`` on simulated streams (``sim``), checked
+    exact against eager and race-free over ``steps`` decode steps; returns the cache's runtime,
+    whose ``next_call_used`` / ``next_call_dropped`` count the cross-call prefetches."""
+    import torch
+    from kvpr_compile.runtime import cuda_runtime
+    model = tiny_llama(layers=layers)
+    ref = decode_seeded(model, model.make_cache(2, 96), steps)
+    api = sim()
+    compiled = torch.compile(model, backend=sim_backend(), options=options)
+    cache = model.make_cache(2, 96)
+    check_race_free(api, ref, decode_seeded(model, cache, steps, compiled))
+    return cuda_runtime.runtime(cache._store, "cpu")
+

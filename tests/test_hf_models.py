@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import kvpr_compile  # noqa: E402
+from benchmarks.sweep_configs import LAYOUTS  # noqa: E402
 from kvpr_compile.hf import KVPRCache, cache_kwargs  # noqa: E402
 from helpers import (HF_SMALL, hf_build, hf_configs, hf_generate, hf_left_padded,  # noqa: E402
                      max_rel_err, worst_rel_err)
@@ -83,24 +84,7 @@ def test_kvpr_cache_storage_follows_the_config():
         cache.reorder_cache(torch.tensor([0, 1, 2]))
 
 
-GQA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-# more layouts: q/k norms, interleaved fused QKV, multi-query, partial/interleaved RoPE, ALiBi
-EXTRA = {
-    "qwen3": dict(GQA, head_dim=16),
-    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4),
-    "falcon": dict(hidden_size=64, num_attention_heads=4, multi_query=True,
-                   new_decoder_architecture=False),
-    "gemma2": dict(GQA, head_dim=16),
-    "stablelm": GQA,
-    "cohere": GQA,
-    "olmo2": GQA,
-    "gptj": dict(n_embd=64, n_head=4, rotary_dim=8),
-    "bloom": dict(hidden_size=64, n_head=4),
-    "gpt_bigcode": dict(n_embd=64, n_head=4, multi_query=True),
-    # interleaved RoPE whose rotate-half is stack(...).reshape_as(k)
-    "roformer": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                     is_decoder=True),
-}
+EXTRA = LAYOUTS   # more layouts (benchmarks/sweep_configs.py)
 
 
 @pytest.mark.parametrize("arch", sorted(EXTRA))

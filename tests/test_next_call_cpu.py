@@ -6,10 +6,8 @@ CPU share: its prefetch of the whole past is dropped by the first decode step)."
 from __future__ import annotations
 
 import pytest
-import torch
 
-from helpers import check_race_free, decode_seeded, sim_backend, tiny_llama
-from kvpr_compile.runtime import cuda_runtime
+from helpers import prefetch_served
 
 STEPS = 10
 CASES = {
@@ -23,13 +21,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_step_uses_the_prefetch_of_the_step_before(sim, case):
     options = CASES[case]
-    model = tiny_llama(layers=2)
-    ref = decode_seeded(model, model.make_cache(2, 96), STEPS)
-    api = sim()
-    compiled = torch.compile(model, backend=sim_backend(), options=options)
-    cache = model.make_cache(2, 96)
-    check_race_free(api, ref, decode_seeded(model, cache, STEPS, compiled))
-    rt = cuda_runtime.runtime(cache._store, "cpu")
+    rt = prefetch_served(sim, options, STEPS)
     parts = 1 if options["ratio"] == 0.0 else 2   # K,V, or X and K,V
     assert rt.next_call_used == parts * (STEPS - 1) and rt.next_call_dropped == 1
     assert len(rt.slots.slots) == 2

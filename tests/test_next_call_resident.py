@@ -6,10 +6,8 @@ ratio then a share of the part not resident)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from helpers import check_race_free, decode_seeded, sim_backend, tiny_llama
-from kvpr_compile.runtime import cuda_runtime
+from helpers import prefetch_served
 
 STEPS = 10
 ROW = 2 * 2 * 4 * 16 * 4            # one position's K and V in one layer (batch 2, fp32)
@@ -29,13 +27,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_step_uses_the_prefetch_of_the_step_before(sim, case):
     options = CASES[case]
-    model = tiny_llama(layers=2)
-    ref = decode_seeded(model, model.make_cache(2, 96), STEPS)
-    api = sim()
-    compiled = torch.compile(model, backend=sim_backend(), options=options)
-    cache = model.make_cache(2, 96)
-    check_race_free(api, ref, decode_seeded(model, cache, STEPS, compiled))
-    rt = cuda_runtime.runtime(cache._store, "cpu")
+    rt = prefetch_served(sim, options, STEPS)
     if options["ratio"] == 0.0:   # K,V only: the prefill's prefetch serves the first step too
         assert rt.next_call_used == STEPS and rt.next_call_dropped == 0
     else:   # the prefill's (K,V only) is dropped by a step that recomputes; then X and K,V
