@@ -3,6 +3,7 @@ measures, decode drivers, the seeded model builders, and the backends and checks
 simulated streams. Test modules import from here, never from one another."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import custom_models
@@ -11,6 +12,20 @@ from kvpr_compile.models import TinyLlamaConfig, build_tiny_llama
 from kvpr_compile.passes.prefetch import hoist_loads
 from kvpr_compile.runtime import cuda_runtime
 from kvpr_compile.runtime.lower import lower
+
+# -- parametrizing -------------------------------------------------------------------------------
+
+PATHS = ("cpu", "runtime-sim")   # the ``path`` fixture's op paths (conftest.py)
+
+
+def on_paths(cases, slow_on_sim=()):
+    """Rows for ``parametrize("path,a,b", on_paths(...), indirect=["path"])``: every case (a
+    tuple) on both op paths, except that those in ``slow_on_sim`` run on simulated streams only
+    with --run-slow (repeats there of what the other cases already check on both paths)."""
+    return [pytest.param(path, *case, marks=pytest.mark.slow)
+            if path == "runtime-sim" and case in slow_on_sim else (path, *case)
+            for path in PATHS for case in cases]
+
 
 # -- error measures -------------------------------------------------------------------------------
 

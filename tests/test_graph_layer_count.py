@@ -95,7 +95,7 @@ def compiled_run(model, ratio, **compile_kw):
     return split, kvpr_compile.reports()[first:]
 
 
-@pytest.mark.parametrize("ratio", [0.5, 1.0])
+@pytest.mark.parametrize("ratio", [0.5, pytest.param(1.0, marks=pytest.mark.slow)])
 def test_one_layer_graphs_from_a_symbolic_causal_flag_warn_once_with_the_reason(ratio):
     split, reports = compiled_run(causal_flag_llama(), ratio, dynamic=True)
     held = [sorted(e.layer for e in r.layers) for r in reports if r.layers]

@@ -43,13 +43,22 @@ def check(arch, ratio, inner):
                                  for r in decode_graphs)
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.37, 1.0])
-@pytest.mark.parametrize("arch", sorted(hf_configs()))
+# Every architecture at the fractional ratio (recompute, loads and the assemble between them);
+# ratios 0 and 1 on GQA Llama by default (ratio 1 on ten more layouts:
+# test_more_architectures_full_recompute), on every architecture with --run-slow.
+ALL_RATIOS = {"llama-gqa"}
+
+
+@pytest.mark.parametrize("arch,ratio", [
+    (arch, ratio) if ratio == 0.37 or arch in ALL_RATIOS
+    else pytest.param(arch, ratio, marks=pytest.mark.slow)
+    for arch in sorted(hf_configs()) for ratio in (0.0, 0.37, 1.0)])
 def test_hf_compiled_matches_eager(arch, ratio):
     check(arch, ratio, "eager")
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
+# inductor compiles C++ on a CPU: GPT-2 by default, GQA Llama (RoPE) with --run-slow
+@pytest.mark.parametrize("arch", [pytest.param("llama-gqa", marks=pytest.mark.slow), "gpt2"])
 def test_hf_compiled_matches_eager_inductor(arch):
     check(arch, 0.37, "inductor")
 

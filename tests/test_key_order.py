@@ -98,7 +98,9 @@ HF = {
 }
 
 
-@pytest.mark.parametrize("arch,ratio", [("bloom", 0.37), ("bloom", 0.5), ("llama", 0.37)])
+@pytest.mark.parametrize("arch,ratio", [("bloom", 0.37),
+                                        pytest.param("bloom", 0.5, marks=pytest.mark.slow),
+                                        ("llama", 0.37)])   # 0.5: a second fractional ratio
 def test_hf_left_padded_fractional_ratio(arch, ratio):
     model = HF[arch]()
     ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(5))

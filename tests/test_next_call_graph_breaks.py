@@ -56,7 +56,9 @@ def decode(run, cache):
     return decode_steps(run, PROMPT, cache, STEPS)[1:]
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+# 0.5 prefetches both K,V and X; 0 (K,V only) and 1 (X only) with --run-slow
+@pytest.mark.parametrize("ratio", [pytest.param(0.0, marks=pytest.mark.slow), 0.5,
+                                   pytest.param(1.0, marks=pytest.mark.slow)])
 def test_each_graphs_prefetch_serves_only_its_own_first_layer(sim_api, ratio):
     """Prefill and decode steps through the two graphs: exact against eager, race-free, with
     the prefetches issued (each graph's, at the end of its last layer)."""

@@ -58,7 +58,9 @@ def check_placement(graph, distance=1):
             assert pos[wait] > pos[assembles[earlier]]
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+# 0.5 loads both K,V and X; 0 (K,V only) and 1 (X only) with --run-slow
+@pytest.mark.parametrize("ratio", [pytest.param(0.0, marks=pytest.mark.slow), 0.5,
+                                   pytest.param(1.0, marks=pytest.mark.slow)])
 def test_next_layer_loads_precede_this_layers_assemble(ratio):
     model = tiny_llama()
     ref_tokens, ref_logits = reference(model)

@@ -8,13 +8,16 @@ import pytest
 import torch
 
 from helpers import (check_race_free, decode_seeded, hf_build, hf_generate, hf_left_padded,
-                     sim_backend, tiny_llama, worst_rel_err)
+                     on_paths, sim_backend, tiny_llama, worst_rel_err)
 from kvpr_compile.runtime import cuda_runtime, traffic
 from kvpr_compile.runtime.resident import ResidentRows
 
 TOL = 1e-5
 STEPS = 10
 SPLITS = [(0.0, 0.0), (0.0, 0.5), (0.0, 1.0), (0.5, 0.5), (0.5, 0.0), (0.25, 0.5)]
+# on simulated streams by default: a share alone, the whole past resident, and a share with a
+# recompute (no share: what test_runtime_sim.py runs; a second fractional split: a repeat)
+SIM_SLOW = {(0.0, 0.0), (0.5, 0.0), (0.25, 0.5)}
 
 
 def _run(model, options, steps=STEPS, backend="kvpr", poison=None, cache=None):
@@ -34,7 +37,7 @@ def _run(model, options, steps=STEPS, backend="kvpr", poison=None, cache=None):
     return cache, (logits, None)
 
 
-@pytest.mark.parametrize("ratio,share", SPLITS)
+@pytest.mark.parametrize("path,ratio,share", on_paths(SPLITS, SIM_SLOW), indirect=["path"])
 def test_resident_share_is_exact(path, ratio, share):
     model = tiny_llama()
     ref = decode_seeded(model, model.make_cache(2, 96), STEPS)
@@ -59,7 +62,9 @@ def _poison_store_rows(end):
     return poison
 
 
-@pytest.mark.parametrize("ratio,share,rows", [(0.0, 1.0, 6), (0.0, 0.5, 3), (0.5, 0.5, 3)])
+@pytest.mark.parametrize("path,ratio,share,rows", on_paths(
+    [(0.0, 1.0, 6), (0.0, 0.5, 3), (0.5, 0.5, 3)], slow_on_sim={(0.0, 1.0, 6), (0.0, 0.5, 3)}),
+    indirect=["path"])
 def test_attention_reads_the_device_rows(path, ratio, share, rows):
     """The store's rows under the resident prefix are NaN after the prefill; decode stays exact,
     so attention read the device rows there."""
@@ -187,7 +192,9 @@ def test_layer_ahead_loads_with_a_resident_share(sim):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("ratio,share", [(0.0, 0.5), (0.0, 1.0), (0.5, 0.5)])
+@pytest.mark.parametrize("ratio,share", [pytest.param(0.0, 0.5, marks=pytest.mark.slow),
+                                         pytest.param(0.0, 1.0, marks=pytest.mark.slow),
+                                         (0.5, 0.5)])   # the splits: test_resident_share_is_exact
 def test_hf_generate_with_a_resident_share(arch, ratio, share):
     model = hf_build(arch)
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -283,7 +290,8 @@ def test_the_report_names_the_resident_tokens_and_device_bytes():
                      f"({12 * ROW} bytes); the ratio applies to the rest"] * 4
 
 
-@pytest.mark.parametrize("ratio,share", [(0.0, 0.5), (0.5, 0.5)])
+@pytest.mark.parametrize("path,ratio,share", on_paths([(0.0, 0.5), (0.5, 0.5)],
+                                                      slow_on_sim={(0.0, 0.5)}), indirect=["path"])
 def test_multi_token_steps_with_a_resident_share(path, ratio, share):
     """Chunks of 3 and 5 on a past, decode steps and a next turn: each graph appends as many
     new tokens as fit and reads its resident prefix; the store's rows under the prefix

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import decode_seeded, hf_build, hf_generate, tiny_llama, worst_rel_err
+from helpers import decode_seeded, hf_build, hf_generate, on_paths, tiny_llama, worst_rel_err
 from kvpr_compile.ops.split import recompute_tokens
 from kvpr_compile.runtime import traffic
 
@@ -48,9 +48,12 @@ def _step_bytes(plan, past, kv_row, x_row):
     return total
 
 
-@pytest.mark.parametrize("kv_heads,extra_tokens,steps", [
-    (1, 200, STEPS), pytest.param(1, 48, STEPS, marks=pytest.mark.slow), (4, 48, STEPS),
-    (4, 200, 40)])
+# on simulated streams by default: MHA past its caps (40 steps), the other two with --run-slow
+@pytest.mark.parametrize("path,kv_heads,extra_tokens,steps", [
+    *on_paths([(1, 200, STEPS), (4, 48, STEPS), (4, 200, 40)],
+              slow_on_sim={(1, 200, STEPS), (4, 48, STEPS)}),
+    *(pytest.param(path, 1, 48, STEPS, marks=pytest.mark.slow) for path in ("cpu", "runtime-sim"))],
+    indirect=["path"])
 def test_the_runtime_keeps_the_lps_resident_rows_per_layer(path, kv_heads, extra_tokens, steps):
     """GQA (1 KV head of 4) and MHA: exact, each layer's device rows sized to its own r_i, and
     (CPU path) a step moves exactly the bytes the plan's rule says. MHA with room for 200
