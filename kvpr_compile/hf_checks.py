@@ -36,6 +36,7 @@ model, naming the cache class it checks (``KVPRCache``), so this module does not
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -90,24 +91,33 @@ def check_cache_matches_mask(module: nn.Module, args, kwargs, cache_type: type) 
                              f"continues at position {first}{_RESET_HINT}; nothing was written")
 
 
-def _check_growth(feed: list, past: int) -> None:
-    """``feed`` = [forwards so far in this generate() call, the cache's length before the last
-    one, the first forward's tokens, the cache's growth per token of that forward]. A forward
-    after the first adds one generated token to the sequence, so the cache may grow by what the
-    prefill stored per token (one for most models; Dory's loops store two, CPM-Ant's prefix
-    more): more means the model fed again tokens the cache already holds (its generate() does
-    not cut input_ids to the new tokens and its attention stores them all), which are then
+@dataclass
+class _Feed:
+    """What one checked generate() call has fed its cache so far."""
+
+    forwards: int = 0           # forwards so far
+    past: int = 0               # the cache's length before the last one
+    first_tokens: int = 0       # the first forward's new tokens
+    per_token: int | None = None   # the cache's growth per token of that forward
+
+
+def _check_growth(feed: _Feed, past: int) -> None:
+    """A forward after the first adds one generated token to the sequence, so the cache may grow
+    by what the prefill stored per token (one for most models; Dory's loops store two, CPM-Ant's
+    prefix more): more means the model fed again tokens the cache already holds (its generate()
+    does not cut input_ids to the new tokens and its attention stores them all), which are then
     stored and attended twice."""
-    grown = past - feed[1]
-    if feed[0] == 1:   # the prefill: its growth per token
-        feed[3] = -(-grown // feed[2]) if feed[2] else None
-    elif feed[0] >= 2 and feed[3] is not None and grown > feed[3]:
+    grown = past - feed.past
+    if feed.forwards == 1:   # the prefill: its growth per token
+        feed.per_token = -(-grown // feed.first_tokens) if feed.first_tokens else None
+    elif feed.forwards >= 2 and feed.per_token is not None and grown > feed.per_token:
         raise NotImplementedError(
-            f"KVPRCache: generate() step {feed[0]} grew the cache by {grown} tokens for one new "
-            f"token (the prefill stored {feed[3]} per token): this model feeds again tokens "
-            "the cache already holds (its generate() does not cut input_ids to the new "
-            "tokens), so they are stored and attended twice; models whose generate() re-feeds "
-            "the past are not supported. The generation is stopped and its result discarded")
+            f"KVPRCache: generate() step {feed.forwards} grew the cache by {grown} tokens for "
+            f"one new token (the prefill stored {feed.per_token} per token): this model feeds "
+            "again tokens the cache already holds (its generate() does not cut input_ids to "
+            "the new tokens), so they are stored and attended twice; models whose generate() "
+            "re-feeds the past are not supported. The generation is stopped and its result "
+            "discarded")
 
 
 def _check_not_fed_again(cache, past: int, new: int) -> None:
@@ -117,9 +127,9 @@ def _check_not_fed_again(cache, past: int, new: int) -> None:
     if feed is None:
         return
     _check_growth(feed, past)
-    if feed[0] == 0:
-        feed[2] = new
-    feed[0], feed[1] = feed[0] + 1, past
+    if feed.forwards == 0:
+        feed.first_tokens = new
+    feed.forwards, feed.past = feed.forwards + 1, past
 
 
 def _setting(model, kwargs, name):
@@ -188,7 +198,7 @@ def _checked_generate(model: nn.Module, cache_type: type):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if not isinstance(cache, cache_type) or _setting(model, kwargs, "prefill_chunk_size"):
             return generate(*args, **kwargs)   # a chunked prefill grows by more than one
-        feed = [0, 0, 0, None]
+        feed = _Feed()
         object.__setattr__(cache, _IN_GENERATE, feed)
         try:
             out = generate(*args, **kwargs)

@@ -122,7 +122,7 @@ def prefetch_next_call(graph: fx.Graph) -> bool:
             return False
     residency = ((resident.resident_num, resident.resident_den, resident.resident_cap,
                   bool(_custom(kv).get("kvpr_ratio_of_rest")))
-                 if resident.resident_num else (0, 1, -1, False) if cpu else ())
+                 if resident.resident_num or cpu else ())   # num 0: nothing resident
     if tokens is None:
         num, den, specs = 0, 1, ([], [], [])
     else:

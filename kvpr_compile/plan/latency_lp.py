@@ -106,15 +106,16 @@ def plan_split(profile: HardwareProfile, *, num_layers: int, batch_size: int, se
     fixed_ws = cm.working_set_bytes(c, x_tokens=0, new_tokens=new_tokens)
     _check_budget(gpu_budget_bytes, fixed_ws, seq_len + new_tokens, batch_size)
     started = time.perf_counter()
-    fixed = frozenset(no_resident)
-    best = _solve(c, num_layers, overlap, gpu_budget_bytes, fixed_ws, cpu=False, fixed=fixed)
+    no_resident = frozenset(no_resident)
+    best = _solve(c, num_layers, overlap, gpu_budget_bytes, fixed_ws, cpu=False,
+                  no_resident=no_resident)
     if rate:
         c = with_cpu_terms(c, profile, batch_size=batch_size, hidden_size=hidden_size,
                            kv_hidden_size=kv_hidden_size, dtype=dtype,
                            cpu_attention_bytes_per_s=rate, round_trip_s=trip,
                            new_tokens=new_tokens, mlp_params=mlp_params)
         shared = _solve(c, num_layers, overlap, gpu_budget_bytes, fixed_ws, cpu=True,
-                        fixed=fixed)
+                        no_resident=no_resident)
         if _step(c, shared, overlap) < _step(c, best, overlap) * (1 - MAKESPAN_SLACK):
             best = shared
         else:
@@ -153,11 +154,11 @@ def _host_terms(profile: HardwareProfile, dtype, rate, trip) -> tuple[float | No
 
 
 def _solve(c: cm.LayerCoefficients, num_layers: int, overlap: str, budget: float | None,
-           fixed_ws: float, cpu: bool, fixed: frozenset = frozenset()
+           fixed_ws: float, cpu: bool, no_resident: frozenset = frozenset()
            ) -> tuple[float, list[int], list[int], list[int]]:
     """(the LP's optimum in seconds, and its whole-token l_i, r_i, u_i) with or without a CPU
-    share; the layers in ``fixed`` keep nothing resident."""
-    lp = _build_lp(c, num_layers, overlap, budget, fixed_ws, cpu, fixed)
+    share; the layers in ``no_resident`` keep nothing resident."""
+    lp = _build_lp(c, num_layers, overlap, budget, fixed_ws, cpu, no_resident)
     makespan = _solve_two_phases(lp)
     return (makespan * lp.unit, *_whole_tokens(lp, c, overlap, budget, fixed_ws))
 
@@ -194,7 +195,8 @@ def _check_budget(budget: float | None, fixed_ws: float, positions: int, batch_s
 
 
 def _build_lp(c: cm.LayerCoefficients, num_layers: int, overlap: str, budget: float | None,
-              fixed_ws: float, cpu: bool = False, fixed: frozenset = frozenset()) -> _SplitLP:
+              fixed_ws: float, cpu: bool = False,
+              no_resident: frozenset = frozenset()) -> _SplitLP:
     """The variables and rows of the module docstring (the objective is set per phase)."""
     model = mip.Model(sense=mip.MINIMIZE, solver_name=mip.CBC)
     model.verbose = 0
@@ -205,7 +207,8 @@ def _build_lp(c: cm.LayerCoefficients, num_layers: int, overlap: str, budget: fl
     g_u, d_u, rest_u = c.recompute_s_per_token / unit, c.store_s / unit, c.attention_s / unit
     s, L = c.seq_len, num_layers
     ls = [model.add_var(f"l_{i}", lb=0.0, ub=s) for i in range(L)]
-    rs = [model.add_var(f"r_{i}", lb=0.0, ub=s if budget is not None and i not in fixed else 0.0)
+    rs = [model.add_var(f"r_{i}", lb=0.0,
+                        ub=s if budget is not None and i not in no_resident else 0.0)
           for i in range(L)]
     fx, fc, fk, fa, fd = ([model.add_var(f"{kind}_{i}", lb=0.0) for i in range(L)]
                           for kind in ("x", "c", "k", "a", "d"))

@@ -203,8 +203,7 @@ def stream_prefetch_next(store: KVStore, layer: int, past: int, new: int, num: i
     where the CPU share ``cpu`` = (num, den) starts (``num`` 0: none). A sliding layer (the
     store's ``windows``) reads its window, as the cache asks it (cache.py): from
     ``past - w + 1`` once the past reaches ``w``, with nothing resident (before that, as any
-    layer). The CPU has nothing to
-    prefetch (its loads are views)."""
+    layer). The CPU has nothing to prefetch (its loads are views)."""
     end = past + new
     if end > store.max_seq_len:
         return   # a call the cache refuses: nothing to load for it

@@ -12,8 +12,7 @@ caches no larger than the placed one pass without a check.
 """
 from __future__ import annotations
 
-import math
-
+from ..ops.split import ratio_fraction, resident_capacity
 from ..runtime.handles import lookup
 from .compilation import Compilation
 from .residency import working_set
@@ -28,13 +27,13 @@ def budget_guard(c: Compilation):
     index = ctx.handle_index
     recompute = any(r > 0 for r in c.ratios.values())
     sizing = ctx.sizing[:4] + (recompute,)
-    rules = list(c.resident.values())
+    rules = [(ratio_fraction(share), cap) for share, cap, _ in c.resident.values()]
     passed = set()
     last = []   # the handle of the last cache that passed: the steady state checks only that
 
-    def resident_tokens(positions: int) -> int:   # ops/split.py resident_capacity, per layer
-        return sum(min(math.floor(share * positions), cap) if cap >= 0
-                   else math.floor(share * positions) for share, cap, _ in rules)
+    def resident_tokens(positions: int) -> int:   # the rows the runtime allocates per layer
+        return sum(resident_capacity(positions, f.numerator, f.denominator, cap)
+                   for f, cap in rules)
 
     def check(args) -> None:
         h = args[index]
