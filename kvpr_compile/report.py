@@ -144,9 +144,16 @@ def graph_holds_some_layers(report: Report, layers: list[int], num_layers: int,
               key=f"graph holds {len(layers)} of {num_layers} layers")
 
 
-def cpu_share_words(share: float) -> str:
-    """A layer's note when the CPU attends to its share of the past."""
-    return f"cpu: the last floor({share:g} * past) tokens attended on the CPU, merged by LSE"
+def cpu_share_words(share: float, device_fused: str | None = None) -> str:
+    """A layer's note when the CPU attends to its share of the past; ``device_fused``: "" where
+    the device part runs a fused kernel, why not where it does not, None where the device part
+    is the graph's own ops."""
+    words = f"cpu: the last floor({share:g} * past) tokens attended on the CPU, merged by LSE"
+    if device_fused == "":
+        return words + " (device part: fused kernel)"
+    if device_fused:
+        return words + f" (device part: float32 composite, {device_fused})"
+    return words
 
 
 def cpu_share_refused(share: float, reason: str) -> str:

@@ -276,4 +276,45 @@ def test_cpu_attention_on_cuda(name, dtype):
     fn = torch.compile(model, backend=hoisting_backend([]),
                        options={"ratio": 0.25, "cpu_ratio": 0.5, "resident_ratio": 0.0})
     check_close(model, new_cache, fn, dtype)
-    assert all(e.cpu == 0.5 for e in kvpr_compile.last_report().layers)
+    layers = kvpr_compile.last_report().layers
+    assert all(e.cpu == 0.5 for e in layers)
+    # an SDPA layer's device part is the GPU's fused kernel (its probe passed on this card)
+    assert all("device part: fused kernel" in e.note for e in layers
+               if name.startswith("llama") or "device part" in e.note), layers[0].note
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("heads,kv_heads,n,keys,mask", [
+    (32, 8, 1, 1000, "left-padded"),   # Llama-3-like GQA decode, keys no multiple of 8
+    (32, 8, 1, 1024, "keep"),          # the device part's own mask where the model has none
+    (8, 8, 3, 77, "additive-per-head"),
+])
+def test_fused_device_kernel_matches_the_composite_on_cuda(dtype, heads, kv_heads, n, keys,
+                                                           mask):
+    """ops.fused_attention on the GPU (the memory-efficient kernel with its LSE) against the
+    float32 composite on the same rounded inputs, at decode shapes."""
+    from kvpr_compile.ops import fused_attention as fa
+    from kvpr_compile.ops.device_kernel import device_kernel
+    from kvpr_compile.ops.attention import partial_attention
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, heads, n, 128, generator=g).to(dtype).to(DEV)
+    k, v = (torch.randn(4, kv_heads, keys, 128, generator=g).to(dtype).to(DEV) for _ in "kv")
+    if mask == "left-padded":
+        m = torch.ones(4, 1, n, keys, dtype=torch.bool)
+        m[1, ..., :300] = False
+        m[2] = False                      # a row with no key at all: lse -inf
+    elif mask == "keep":
+        m = torch.arange(keys) < keys - 256
+    else:
+        m = torch.randn(4, heads, n, keys, generator=g).to(dtype)
+    m = m.to(DEV)
+    mask_shape = tuple(m.shape)
+    assert device_kernel(q, k, v, mask_shape) == ""
+    out, lse = fa.fused_attention(q, k, v, m, 0.088)
+    want_out, want_lse = partial_attention(q.float(), k.float(), v.float(), m, 0.088)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    live = torch.isfinite(want_lse)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 2e-4}[dtype]
+    assert torch.isfinite(out[live]).all()
+    assert (out - want_out)[live].abs().max() <= tol
+    assert (lse - want_lse)[live].abs().max() <= 2e-4

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvpr_compile.ops import attention
+from kvpr_compile.ops import attention, fused_attention
 from kvpr_compile.ops.attention import host_partial_attention, merge_partials, partial_attention
 
 pytestmark = pytest.mark.quick
@@ -57,8 +57,9 @@ def _assert_matches_float32(got, q, k, v, m, dtype):
 def test_fused_kernel_gives_the_float32_attention(monkeypatch, dtype, heads, kv_heads, n, mask,
                                                   mask_heads):
     calls = []
-    fused = attention._FUSED
-    monkeypatch.setattr(attention, "_FUSED", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    fused = fused_attention.KERNELS["cpu"]
+    monkeypatch.setitem(fused_attention.KERNELS, "cpu",
+                        lambda *a, **kw: calls.append(1) or fused(*a, **kw))
     q, k, v, m = _inputs(dtype, heads, kv_heads, n, 24, mask,
                          heads if mask_heads == "all" else mask_heads)
     _assert_matches_float32(host_partial_attention(q, k, v, m, 0.25), q, k, v, m, dtype)
@@ -92,7 +93,7 @@ def test_an_empty_key_range_has_no_weight(monkeypatch, mask):
     fused kernel is not called (it kills the process with a floating-point exception)."""
     def fused(*args, **kwargs):
         raise AssertionError("the fused kernel was handed an empty key range")
-    monkeypatch.setattr(attention, "_FUSED", fused)
+    monkeypatch.setitem(fused_attention.KERNELS, "cpu", fused)
     monkeypatch.setattr(attention, "_fused_state", [True])
     q = torch.randn(2, 4, 1, 16).half()
     k = torch.zeros(2, 2, 0, 16).half()
@@ -121,10 +122,10 @@ def test_the_composite_runs_where_the_fused_kernel_does_not_apply(monkeypatch, c
     def fused(*args, **kwargs):
         raise AssertionError("the fused kernel was called")
     if case == "no kernel in this torch":
-        monkeypatch.setattr(attention, "_FUSED", None)
+        monkeypatch.setitem(fused_attention.KERNELS, "cpu", None)
         monkeypatch.setattr(attention, "_fused_state", [])   # probed again: absent
     else:
-        monkeypatch.setattr(attention, "_FUSED", fused)
+        monkeypatch.setitem(fused_attention.KERNELS, "cpu", fused)
         monkeypatch.setattr(attention, "_fused_state", [True])
     dtype = torch.float32 if case == "float32" else torch.float16
     q, k, v, m = _inputs(dtype, 8, 2, 1, 12, "bool", 1)
@@ -143,8 +144,9 @@ def test_a_bf16_decoder_attends_half_its_past_with_the_fused_kernel(monkeypatch)
     import kvpr_compile
     from helpers import decode_seeded, tiny_llama, worst_rel_err
     calls = []
-    fused = attention._FUSED
-    monkeypatch.setattr(attention, "_FUSED", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    fused = fused_attention.KERNELS["cpu"]
+    monkeypatch.setitem(fused_attention.KERNELS, "cpu",
+                        lambda *a, **kw: calls.append(1) or fused(*a, **kw))
     model = tiny_llama(layers=2, kv_heads=2).to(torch.bfloat16)
     ref = decode_seeded(model, model.make_cache(2, 96), 4)
     compiled = torch.compile(model, backend="kvpr", options={"ratio": 0.0, "cpu_ratio": 0.5})

@@ -13,14 +13,18 @@ host K,V without per-score ops it is torch's fused CPU attention kernel, which r
 in their own dtype and accumulates in float32 (the float32 composite would first write a
 float32 copy of the range, three times the memory traffic); the query heads of a GQA group
 become query rows of their K,V head (no copy of K,V); rows whose mask, in q's dtype, allows no
-key get ``lse = -inf`` (the kernel says 0). An empty key range (the kernel dies on one),
-anything else, and a torch without the kernel take ``partial_attention``.
+key get ``lse = -inf`` (the kernel says 0; ops/fused_attention.py). An empty key range (the
+kernel dies on one), anything else, and a torch without the kernel take ``partial_attention``.
+The device part of an SDPA layer runs its device's fused kernel (``fused_attention``) where
+passes/cpu_attention.py found that one applies, else ``partial_attention``.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+
+from .fused_attention import DTYPES, KERNELS, fused_attention, mask_heads_fit
 
 NEG_INF = float("-inf")
 # The torch thread count the CPU worker attends with (None: half the cores, at least one).
@@ -86,65 +90,32 @@ def host_partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
                            scores_of=None, extras=()):
     """``partial_attention``'s result (float32 ``out``, ``lse``) for host tensors, by the fused
     kernel where it applies (module docstring)."""
-    if (scores_of is not None or extras or q.dtype not in _FUSED_DTYPES or q.device.type != "cpu"
+    if (scores_of is not None or extras or q.dtype not in DTYPES["cpu"] or q.device.type != "cpu"
             or not (k.dtype == v.dtype == q.dtype) or k.shape[2] == 0 or q.shape[2] == 0
             or not _fused_available()):   # (the kernel dies on an empty key range)
         return partial_attention(q, k, v, mask, scale, scores_of, extras)
-    b, heads, n, d = q.shape
-    kv_heads = k.shape[1]
-    fused_mask = _grouped_mask(mask, b, heads, kv_heads, n, k.shape[2], q.dtype)
-    if fused_mask is _UNFIT:
+    if mask is not None and not mask_heads_fit(mask.shape, q.shape[1]):
         return partial_attention(q, k, v, mask, scale, scores_of, extras)
-    qg = q.reshape(b, kv_heads, heads // kv_heads * n, d)   # a group's heads as query rows
-    out, lse = _FUSED(qg, k, v, 0.0, False, attn_mask=fused_mask, scale=scale)
-    out = out.float().reshape(b, heads, n, v.shape[-1])
-    lse = lse.float().reshape(b, heads, n)
-    if fused_mask is not None:   # the kernel's lse of a row with no key is 0: make it -inf
-        dead = ~(fused_mask > NEG_INF).any(-1)   # as the kernel saw it (in q's dtype)
-        lse = lse.masked_fill(dead.expand(b, kv_heads, dead.shape[-1]).reshape(b, heads, n),
-                              NEG_INF)
-    return out, lse
+    return fused_attention(q, k, v, mask, scale)
 
 
-_FUSED_DTYPES = (torch.float16, torch.bfloat16)
-_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_UNFIT = object()
 _fused_state: list = []   # [bool] once probed
 
 
 def _fused_available() -> bool:
     """Whether this torch's fused CPU kernel takes the call as used here (probed once)."""
     if not _fused_state:
-        ok = _FUSED is not None
+        ok = KERNELS["cpu"] is not None
         if ok:
             try:
                 t = torch.zeros(1, 1, 2, 8, dtype=torch.bfloat16)
-                out, lse = _FUSED(t, t, t, 0.0, False, attn_mask=t[..., :2, :2], scale=1.0)
+                out, lse = KERNELS["cpu"](t, t, t, 0.0, False, attn_mask=t[..., :2, :2],
+                                          scale=1.0)
                 ok = out.shape == t.shape and lse.shape == (1, 1, 2)
             except (RuntimeError, TypeError):
                 ok = False
         _fused_state.append(ok)
     return _fused_state[0]
-
-
-def _grouped_mask(mask, b: int, heads: int, kv_heads: int, n: int, c: int, dtype):
-    """``mask`` (None, bool or additive, broadcastable to (b, heads, n, c)) for query rows laid
-    out per K,V head as (group head, token): additive, in ``dtype``; ``_UNFIT`` where its
-    head dim is neither 1 nor ``heads``."""
-    if mask is None:
-        return None
-    if mask.dim() > 4:
-        return _UNFIT
-    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))   # broadcast's leading 1s
-    if mask.shape[1] not in (1, heads):
-        return _UNFIT
-    group = heads // kv_heads
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, NEG_INF)
-    m = mask.to(dtype).expand(b, mask.shape[1], n, c)
-    if mask.shape[1] == 1:
-        return m.unsqueeze(2).expand(b, 1, group, n, c).reshape(b, 1, group * n, c)
-    return m.reshape(b, kv_heads, group * n, c)
 
 
 def merge_partials(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor,

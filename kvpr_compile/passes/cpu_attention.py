@@ -11,6 +11,7 @@ assemble holds zeros in [start, past), so every layout op after it sees the leng
 
     o_c, lse_c = kvpr.cpu_attend(handle, layer, q, start, past, mask[..., start:past], s)
     o_d, lse_d = partial_attention(q, chain(k_all), chain(v_all), mask_out(mask, [start, past)), s)
+                 # (or fused_attention, the device's fused kernel, where one applies)
     kvpr.wait([o_c, lse_c])
     out = merge_partials(o_d, lse_d, o_c, lse_c, q.dtype)          (ops/attention.py)
 
@@ -40,6 +41,8 @@ import torch
 from torch import fx
 
 from ..ops.attention import mask_out, mask_range, merge_partials, partial_attention
+from ..ops.device_kernel import device_kernel
+from ..ops.fused_attention import fused_attention
 from ..ops.errors import Unsupported
 from ..ops.split import cpu_start, ratio_fraction
 from .attention_chain import chain_from, probe_layout
@@ -60,6 +63,7 @@ class CpuSplit:
     scale: float
     dtype: torch.dtype
     manual: ManualParts | None = None   # a matmul -> softmax -> matmul attention's parts
+    device_fused: str | None = None   # SDPA: "" if the device part runs the fused kernel, else why
 
     def start(self, call, past, taken, first=0):
         """The CPU range's first position (a graph node of role ``split`` on a symbolic past);
@@ -162,7 +166,9 @@ def plan_split(cache_node: fx.Node, cpu_ratio: float) -> CpuSplit:
     probe_layout(chain_from(value, v_get), v_get, example_value(v_get), "V")
     if scale is None:
         scale = 1.0 / math.sqrt(hint(qv.shape[-1]))
-    return CpuSplit(frac, att, float(scale), qv.dtype)
+    mask_shape = tuple(hint(s) for s in (mv.shape if mask is not None else kv.shape[2:3]))
+    return CpuSplit(frac, att, float(scale), qv.dtype,
+                    device_fused=device_kernel(qv, kv, example_value(v_get), mask_shape))
 
 
 def apply(graph: fx.Graph, split: CpuSplit, handle, layer: int, start, past, annotate,
@@ -200,7 +206,8 @@ def apply(graph: fx.Graph, split: CpuSplit, handle, layer: int, start, past, ann
         o_c, lse_c = (call(operator.getitem, (cpu, i), "cpu_attention") for i in (0, 1))
         (k_dev, k_layout), (v_dev, v_layout) = _assembled(key), _assembled(value)
         dev_mask = call(mask_out, (mask, k_dev, *columns), "attention")
-        dev = call(partial_attention, (q, k_dev, v_dev, dev_mask, split.scale), "attention")
+        device_part = fused_attention if split.device_fused == "" else partial_attention
+        dev = call(device_part, (q, k_dev, v_dev, dev_mask, split.scale), "attention")
         o_d, lse_d = (call(operator.getitem, (dev, i), "attention") for i in (0, 1))
         call(ops.wait.default, ([o_c, lse_c],), "wait")
         out = call(merge_partials, (o_d, lse_d, o_c, lse_c, split.dtype), "attention")

@@ -56,7 +56,7 @@ def _cpu_split(node, share: float):
         split = plan_split(node, share)
     except Unsupported as e:
         return None, rep.cpu_share_refused(share, str(e))
-    return split, rep.cpu_share_words(share)
+    return split, rep.cpu_share_words(share, split.device_fused)
 
 
 def record(c: Compilation) -> None:

@@ -64,9 +64,12 @@ WINDOWS = "tests/test_sliding_window.py::"
 CPU_RUNTIME = "kvpr_compile/runtime/cpu_attention.py"
 CPU_PASS = "kvpr_compile/passes/cpu_attention.py"
 ATTENTION = "kvpr_compile/ops/attention.py"
+FUSED = "kvpr_compile/ops/fused_attention.py"
+DEVICE_CHOICE = "kvpr_compile/ops/device_kernel.py"
 CPU_TESTS = "tests/test_cpu_attention.py::"
 CPU_EXACT = CPU_TESTS + "test_custom_decoders_are_exact[fused-qkv-0.25]"
 HOST_KERNEL = "tests/test_host_attention_kernel.py::"
+DEVICE_KERNEL = "tests/test_device_attention_kernel.py::"
 RATIOS = "kvpr_compile/stages/ratios.py"
 CPU_PLANNED = "tests/test_cpu_attention_planned.py::"
 CPU_SIM = CPU_TESTS + "test_simulated_streams_are_race_free[0.25]"
@@ -820,9 +823,9 @@ BREAKAGES = (
              "    return o, lse + 1.0",
              (CPU_EXACT, CPU_TESTS + "test_exact_on_both_paths[cpu-0.25]"),
              "the CPU part's log-sum-exp off by one: the merge weighs it e times too much"),
-    Breakage("host-fused-no-key-lse-zero", ATTENTION,
-             "        dead = ~(fused_mask > NEG_INF).any(-1)   # as the kernel saw it (in q's dtype)",
-             "        dead = fused_mask.new_zeros(fused_mask.shape[:-1], dtype=torch.bool)",
+    Breakage("host-fused-no-key-lse-zero", FUSED,
+             "        dead = ~(bias > NEG_INF).any(-1)   # as the kernel saw it (in q's dtype)",
+             "        dead = bias.new_zeros(bias.shape[:-1], dtype=torch.bool)",
              (HOST_KERNEL + "test_fused_kernel_gives_the_float32_attention",
               HOST_KERNEL + "test_merge_of_a_float32_device_part_and_a_fused_host_part"),
              "the fused host kernel's log-sum-exp of a row with no key left at 0, not -inf: the "
@@ -832,23 +835,50 @@ BREAKAGES = (
              " or q.shape[2] == 0",
              (HOST_KERNEL + "test_an_empty_key_range_has_no_weight",),
              "the fused host kernel handed a range of no keys (it kills the process)"),
-    Breakage("host-fused-dead-rows-from-the-float32-mask", ATTENTION,
-             "        dead = ~(fused_mask > NEG_INF).any(-1)   # as the kernel saw it (in q's dtype)",
+    Breakage("host-fused-dead-rows-from-the-float32-mask", FUSED,
+             "        dead = ~(bias > NEG_INF).any(-1)   # as the kernel saw it (in q's dtype)",
              "        dead = ~(mask > NEG_INF).any(-1).expand(b, 1, n).repeat_interleave("
              "heads // kv_heads, 1)[:, :kv_heads].reshape(b, kv_heads, -1)[..., :n]"
-             " if mask.dtype != torch.bool else ~(fused_mask > NEG_INF).any(-1)",
+             " if mask.dtype != torch.bool else ~(bias > NEG_INF).any(-1)",
              (HOST_KERNEL + "test_a_float32_mask_that_overflows_the_query_dtype_leaves_no_weight",),
              "rows without a key judged on the caller's float32 mask, not on what the kernel saw"),
-    Breakage("host-fused-mask-rows-misordered", ATTENTION,
-             "        return m.unsqueeze(2).expand(b, 1, group, n, c).reshape(b, 1, group * n, c)",
-             "        return m.unsqueeze(3).expand(b, 1, n, group, c).reshape(b, 1, group * n, c)",
+    Breakage("host-fused-mask-rows-misordered", FUSED,
+             "        return m.unsqueeze(2).expand(b, 1, group, n, keys).reshape(b, 1, group * n, keys)",
+             "        return m.unsqueeze(3).expand(b, 1, n, group, keys).reshape(b, 1, group * n, keys)",
              (HOST_KERNEL + "test_fused_kernel_gives_the_float32_attention",),
              "the mask's rows laid out (token, head) where the grouped query is (head, token)"),
-    Breakage("host-fused-heads-misgrouped", ATTENTION,
+    Breakage("host-fused-heads-misgrouped", FUSED,
              "    qg = q.reshape(b, kv_heads, heads // kv_heads * n, d)",
              "    qg = q.transpose(1, 2).reshape(b, kv_heads, heads // kv_heads * n, d)",
              (HOST_KERNEL + "test_fused_kernel_gives_the_float32_attention",),
              "the query rows of a K,V head taken from the wrong heads"),
+    Breakage("device-fused-bias-unaligned", FUSED,
+             "        bias = torch.nn.functional.pad(bias, (0, (-keys) % _BIAS_ALIGN))[..., :keys]",
+             "        bias = bias.contiguous()",
+             (DEVICE_KERNEL + "test_the_cuda_wrapper_meets_the_kernels_conventions"
+              "[bool-1-13-8-2-fp16]",
+              DEVICE_KERNEL + "test_the_cuda_wrapper_meets_the_kernels_conventions"
+              "[keep-1-13-8-2-fp16]"),
+             "the CUDA kernel handed a bias whose rows are not aligned to 8 elements"),
+    Breakage("device-fused-lse-padding-read", FUSED,
+             "    return out, lse[..., :rows]",
+             "    return out, lse[..., -rows:]",
+             (DEVICE_KERNEL + "test_the_cuda_wrapper_meets_the_kernels_conventions"
+              "[none-1-13-8-2-fp16]",),
+             "the CUDA kernel's LSE read from its padding rows"),
+    Breakage("device-part-never-fused", CPU_PASS,
+             '        device_part = fused_attention if split.device_fused == "" else partial_attention',
+             "        device_part = partial_attention",
+             (DEVICE_KERNEL + "test_a_bf16_decoders_device_part_runs_the_kernel_the_probe_allows"
+              "[passes]",),
+             "the device part keeps the float32 composite where the fused kernel applies"),
+    Breakage("device-fused-probe-ignored", DEVICE_CHOICE,
+             "    return _PROBED[key]",
+             '    return ""',
+             (DEVICE_KERNEL + "test_a_probe_that_fails_keeps_the_composite_and_warns_once[wrong lse]",
+              DEVICE_KERNEL + "test_a_bf16_decoders_device_part_runs_the_kernel_the_probe_allows"
+              "[refuses]"),
+             "a kernel whose probe disagreed with the composite put in the graph all the same"),
     Breakage("cpu-attention-merge-unnormalised", ATTENTION,
              "    w2 = torch.exp(lse2 - m).unsqueeze(-1)",
              "    w2 = torch.exp(lse1 - m).unsqueeze(-1)",
