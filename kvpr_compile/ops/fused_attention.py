@@ -28,14 +28,12 @@ from __future__ import annotations
 import torch
 
 NEG_INF = float("-inf")
-UNFIT = object()   # a mask the kernels cannot take (its head dim is neither 1 nor heads)
 
 KERNELS = {"cpu": getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None),
            "cuda": getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)}
 DTYPES = {"cpu": (torch.float16, torch.bfloat16),
           "cuda": (torch.float16, torch.bfloat16, torch.float32)}
 _BIAS_ALIGN = 8   # elements: the CUDA kernel's alignment of a bias's strides
-_LSE_ALIGN = 32   # the CUDA kernel pads its LSE rows to a multiple of this
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float):
@@ -52,7 +50,7 @@ def grouped_call(q, k, v, mask, scale: float, runner):
     kv_heads, keys = k.shape[1], k.shape[2]
     rows = heads // kv_heads * n
     bias = grouped_mask(mask, b, heads, kv_heads, n, keys, q.dtype)
-    qg = q.reshape(b, kv_heads, heads // kv_heads * n, d)   # a group's heads as query rows
+    qg = q.reshape(b, kv_heads, rows, d)   # a group's heads as query rows
     out, lse = runner(qg, k, v, bias, scale)
     out = out.float().reshape(b, heads, n, v.shape[-1])
     lse = lse.float().reshape(b, heads, n)
@@ -85,16 +83,12 @@ _RUNNERS = {"cpu": _cpu_kernel, "cuda": _cuda_kernel}
 
 
 def grouped_mask(mask, b: int, heads: int, kv_heads: int, n: int, keys: int, dtype):
-    """``mask`` (None, bool or additive, broadcastable to (b, heads, n, keys)) for query rows
-    laid out per K,V head as (group head, token): additive, in ``dtype``; UNFIT where its head
-    dim is neither 1 nor ``heads``."""
+    """``mask`` (None, bool or additive, broadcastable to (b, heads, n, keys), with a head dim
+    of 1 or ``heads``: ``mask_heads_fit``) for query rows laid out per K,V head as
+    (group head, token): additive, in ``dtype``."""
     if mask is None:
         return None
-    if mask.dim() > 4:
-        return UNFIT
     mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))   # broadcast's leading 1s
-    if mask.shape[1] not in (1, heads):
-        return UNFIT
     group = heads // kv_heads
     if mask.dtype == torch.bool:
         mask = torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, NEG_INF)
@@ -105,7 +99,8 @@ def grouped_mask(mask, b: int, heads: int, kv_heads: int, n: int, keys: int, dty
 
 
 def mask_heads_fit(mask_shape, heads: int) -> bool:
-    """Whether a mask of this shape can be laid out per K,V head (``grouped_mask``)."""
+    """Whether a mask of this shape can be laid out per K,V head (``grouped_mask``): at most 4
+    dims, a head dim of 1 or ``heads``."""
     if len(mask_shape) > 4:
         return False
     shape = (1,) * (4 - len(mask_shape)) + tuple(mask_shape)
